@@ -1,0 +1,199 @@
+"""``digiq``: one command line for the whole pipeline.
+
+Every command is a config dataclass plus a ``run(cfg)`` function (one recipe per stage, torchtune style)::
+
+    digiq <command> [--config FILE.yaml] [--resume] [--print-config] [key=value | section.key=value ...]
+
+Values after ``=`` are read as YAML scalars (``3e-4``, ``true``, ``[1, 4, 8]``). ``digiq <command> --help``
+lists every config field with its default and explanation. Distributed: ``accelerate launch -m digiq ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import os
+import re
+import sys
+import textwrap
+import typing
+from collections.abc import Sequence
+
+# name -> (module, one-line help). Modules define ``Config`` (a dataclass) and ``run(cfg)``; a module may set
+# ``POSITIONAL = "<field>"`` to accept one bare word (``digiq theory q-learning``).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "import": ("digiq.data.importer", "import official Digi-Q / DigiRL .pt trajectory files into a dataset"),
+    "sim collect": (
+        "digiq.sim.collect",
+        "collect trajectories on the simulated device with the behaviour policy",
+    ),
+    "sim rollout": ("digiq.sim.rollout", "roll a policy out on the simulated device and report success"),
+    "finetune-vlm": ("digiq.stages.finetune_vlm", "Stage 1: fine-tune a VLM on the screen-change label"),
+    "train-bc": ("digiq.stages.train_bc", "behaviour-clone a generative VLM policy (pi_beta)"),
+    "candidates": (
+        "digiq.stages.candidates",
+        "sample N-1 candidate actions per state (index 0 = dataset action)",
+    ),
+    "cache-features": ("digiq.stages.cache_features", "Stage 2: cache frozen VLM features f(s), f(s, a_i)"),
+    "train-critic": (
+        "digiq.stages.train_critic",
+        "Stage 2: train twin Q/V heads (TD or MC) on cached features",
+    ),
+    "extract-policy": ("digiq.stages.extract_policy", "Stage 3: Best-of-N policy extraction"),
+    "act": ("digiq.stages.act", "load an exported policy and print the action for a screenshot + goal"),
+    "evaluate": ("digiq.stages.evaluate", "evaluate a policy (simulated device) or write an offline report"),
+    "pipeline": ("digiq.stages.pipeline", "run every stage end to end on the simulated device (resumable)"),
+    "report": ("digiq.stages.report", "write a static HTML Q-value viewer for a dataset + critic"),
+    "theory": ("digiq.theory.cli", "reproduce the Q-learning theory experiments (plots + CSV)"),
+}
+GROUPS = {"sim"}
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The ``#`` comment lines right above / beside each field in a dataclass's source (for --help)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    pending: list[str] = []
+    for line in lines:
+        s = line.strip()
+        if s.startswith("#"):
+            pending.append(s.lstrip("# ").rstrip())
+            continue
+        m = re.match(r"(\w+)\s*:\s*[^=]+(?:=.*?)?(?:#\s*(.*))?$", s)
+        if m and not s.startswith(("def ", "class ", "@", "return")):
+            text = " ".join(pending + ([m.group(2)] if m.group(2) else []))
+            if text:
+                out[m.group(1)] = text
+        pending = []
+    return out
+
+
+def describe_config(cls: type, prefix: str = "") -> list[str]:
+    """Human-readable lines ``key = default  # comment`` for every (nested) field of a config class."""
+    from digiq.config import to_dict
+
+    lines: list[str] = []
+    comments = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            lines.append(f"  [{name}]" + (f"  # {comments[f.name]}" if f.name in comments else ""))
+            lines.extend(describe_config(type(value), prefix=f"{name}."))
+            continue
+        tp = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        shown = to_dict(value) if isinstance(value, (tuple, list)) else value
+        lines.append(f"  {name} = {shown!r}  ({tp})")
+        if f.name in comments:
+            lines.extend("      " + w for w in textwrap.wrap(comments[f.name], 96))
+    return lines
+
+
+def _usage() -> str:
+    width = max(len(k) for k in COMMANDS)
+    rows = "\n".join(f"  {k.ljust(width)}  {v[1]}" for k, v in COMMANDS.items())
+    return (
+        "usage: digiq <command> [--config FILE.yaml] [--resume] [--print-config] [key=value ...]\n\n"
+        f"commands:\n{rows}\n\n"
+        "Run `digiq <command> --help` for the command's config fields. Overrides use dotted keys, e.g.\n"
+        "  digiq train-critic --config configs/train_critic/td.yaml critic.loss=mc output_dir=runs/mc\n"
+    )
+
+
+def _resolve(argv: list[str]) -> tuple[str | None, list[str]]:
+    if not argv:
+        return None, argv
+    if argv[0] in GROUPS and len(argv) > 1 and f"{argv[0]} {argv[1]}" in COMMANDS:
+        return f"{argv[0]} {argv[1]}", argv[2:]
+    if argv[0] in COMMANDS:
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from digiq.config import ConfigError, load_config, to_dict
+    from digiq.errors import DigiqError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--version", "-V"):
+        from digiq import __version__
+
+        print(f"digiq {__version__}")
+        return 0
+    name, rest = _resolve(argv)
+    if name is None:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"digiq: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
+            print(_usage(), file=sys.stderr)
+            return 2
+        print(_usage())
+        return 0
+
+    module_name, help_line = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    config_cls = module.Config
+    positional = getattr(module, "POSITIONAL", None)
+
+    parser = argparse.ArgumentParser(
+        prog=f"digiq {name}",
+        description=(module.__doc__ or help_line).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (override with key=value):\n" + "\n".join(describe_config(config_cls)),
+    )
+    parser.add_argument(
+        "--config", "-c", help="YAML config file (see configs/); overrides still apply on top"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its last checkpoint"
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields")
+    args, unknown = parser.parse_known_args(rest)
+    overrides = [*args.overrides]
+    for u in unknown:  # allow --key=value as well as key=value
+        if u.startswith("--") and "=" in u:
+            overrides.append(u[2:])
+        else:
+            parser.error(f"unrecognised argument {u!r} (overrides look like key=value)")
+    bare = [o for o in overrides if "=" not in o]
+    if bare:
+        if positional and len(bare) == 1:
+            overrides = [o for o in overrides if "=" in o] + [f"{positional}={bare[0]}"]
+        else:
+            parser.error(f"unrecognised argument {bare[0]!r} (overrides look like key=value)")
+    if args.resume:
+        if not any(f.name == "resume" for f in dataclasses.fields(config_cls)):
+            parser.error(f"'digiq {name}' has nothing to resume")
+        overrides.append("resume=true")
+
+    debug = os.environ.get("DIGIQ_DEBUG", "") not in ("", "0")
+    try:
+        cfg = load_config(config_cls, args.config, overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        result = module.run(cfg)
+    except ConfigError as e:
+        if debug:
+            raise
+        print(f"digiq {name}: config error: {e}", file=sys.stderr)
+        return 2
+    except (DigiqError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        if debug:
+            raise
+        print(f"digiq {name}: error: {e}", file=sys.stderr)
+        return 1
+    return int(result) if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,316 @@
+"""Nested dataclass configs, YAML files and dotted CLI overrides.
+
+Every stage owns one top-level dataclass (defined next to its recipe in ``digiq/stages``); the shared
+pieces (optimiser, LoRA, wandb, model) live here. A config is resolved in three layers, later wins:
+
+1. the dataclass defaults,
+2. a YAML file (``--config configs/train_critic/td.yaml``),
+3. dotted overrides on the command line (``critic.lr=3e-4 output_dir=runs/x``).
+
+Unknown keys and wrong types fail *before* any work starts, with the file or flag that caused them and a
+"did you mean" hint (lerobot validates the same way, ``cfg.validate()`` before distributed init). The
+resolved config is written next to every output (:func:`save_config`) so a run can be re-created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+CONFIG_FILENAME = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: unknown key, wrong type, or a value that fails validation."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared sub-configs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    # 'offline' writes runs under <output_dir>/wandb (sync later with `wandb sync`); 'online' needs a key;
+    # 'disabled' skips wandb entirely. Never defaults to online: without an API key wandb.init fails at once.
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "digiq"
+    entity: str | None = None
+    # Run name; defaults to the output directory's name.
+    name: str | None = None
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    # Linear warm-up as a fraction of the total optimiser steps (the official LLaVA SFT uses 0.03).
+    warmup_ratio: float = 0.03
+    scheduler: Literal["cosine", "constant", "linear"] = "cosine"
+    max_grad_norm: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def validate(self, where: str = "optim") -> None:
+        check(self.lr > 0, f"{where}.lr must be > 0, got {self.lr}")
+        check(0 <= self.warmup_ratio < 1, f"{where}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check(self.max_grad_norm >= 0, f"{where}.max_grad_norm must be >= 0 (0 disables clipping)")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    # Off: full fine-tuning (the right choice for the tiny random models of the simulated device; the
+    # official Stage 1 also fine-tunes LLaVA fully, finetune.sh). On: peft LoRA on the language model.
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Regex over module names; covers LLaVA/Qwen/PaliGemma (language_model) and Idefics3/SmolVLM (text_model).
+    target_modules: str = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj)"
+
+    def validate(self, where: str = "lora") -> None:
+        check(self.r > 0, f"{where}.r must be > 0")
+        check(0 <= self.dropout < 1, f"{where}.dropout must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    # A hub id (e.g. llava-hf/llava-1.5-7b-hf), a local save_pretrained folder, or 'tiny:<family>' for a
+    # random tiny model built from a config object (families: llava, qwen2-vl, qwen2.5-vl, idefics3,
+    # smolvlm, paligemma). Nothing is downloaded when HF_HUB_OFFLINE=1 or the path is local.
+    name_or_path: str = "tiny:llava"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = "sdpa"
+    # Seed for the random weights of 'tiny:' models.
+    tiny_seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Machinery
+# --------------------------------------------------------------------------------------------------
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def _suggest(key: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise a ConfigError naming ``where``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not one of {[m.value for m in tp]}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a (possibly partial) nested dict; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        name = f"{where}.{k}" if where else k
+        raise ConfigError(
+            f"unknown config key '{name}'{_suggest(k, fields)}; valid keys here: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict (tuples as lists, enums as values) that YAML can write and from_dict can read."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return plain(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """``["a.b=3", "--c=x"]`` -> ``{"a": {"b": 3}, "c": "x"}``; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. critic.lr=3e-4)")
+        key, raw = text.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def load_config(
+    cls: type[T], config_path: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> T:
+    """Defaults <- YAML file <- dotted overrides, then ``validate()``; errors name the file or flag."""
+    data: dict[str, Any] = {}
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        try:
+            from_dict(cls, loaded)  # surface unknown keys against the file, not the merged dict
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        data = loaded
+    if overrides:
+        try:
+            data = _merge(data, parse_overrides(overrides))
+            cfg = from_dict(cls, data)
+        except ConfigError as e:
+            raise ConfigError(f"command-line override: {e}") from None
+    else:
+        cfg = from_dict(cls, data)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
+
+
+def save_config(cfg: Any, out_dir: str | Path, filename: str = CONFIG_FILENAME) -> Path:
+    """Write the resolved config as YAML next to a stage's outputs (atomically)."""
+    from digiq.utils.io import atomic_write_text
+
+    path = Path(out_dir) / filename
+    text = f"# resolved {type(cfg).__name__}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write_text(path, text)
+    return path
+
+
+def read_config(cls: type[T], path: str | Path) -> T:
+    """Load a resolved config written by :func:`save_config` (e.g. to learn a checkpoint's settings)."""
+    return load_config(cls, path)

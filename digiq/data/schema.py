@@ -1,0 +1,181 @@
+"""The one trajectory schema: HF ``datasets`` Features shared by simulated and imported data.
+
+One row per step. Stages hand off through ``save_to_disk`` folders (Arrow), never pickles. Rows of a
+trajectory are contiguous and ordered by ``step_id``; ``traj_id`` is unique per trajectory.
+
+| column | type | meaning |
+|---|---|---|
+| ``traj_id`` | int64 | trajectory id |
+| ``step_id`` | int32 | 0-based step within the trajectory |
+| ``task`` | string | the natural-language goal |
+| ``observation`` | string | AutoUI prompt ``Previous Actions: <last> Goal: <task></s>`` |
+| ``screenshot`` | Image | s_t |
+| ``next_screenshot`` | Image | s_{t+1} (the screen after the action) |
+| ``action`` | string | the AutoUI action string taken (dataset action) |
+| ``reward`` | float32 | r_t (0/1 in AitW and the simulator) |
+| ``done`` | bool | terminal after this step (success, STATUS action, or horizon) |
+| ``mc_return`` | float32 | sum_k gamma^(k-t) r_k to the end of the trajectory |
+| ``candidates`` | list[string] | candidate actions; index 0 is the dataset action; empty until ``digiq candidates`` |
+| ``state_key`` | string | simulated-device state id (exact Q* lookup); "" for imported data |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, Features, Image, List, Value, load_from_disk
+
+from digiq.errors import DataError
+from digiq.utils.io import is_complete, staged_dir
+
+FEATURES = Features(
+    {
+        "traj_id": Value("int64"),
+        "step_id": Value("int32"),
+        "task": Value("string"),
+        "observation": Value("string"),
+        "screenshot": Image(),
+        "next_screenshot": Image(),
+        "action": Value("string"),
+        "reward": Value("float32"),
+        "done": Value("bool"),
+        "mc_return": Value("float32"),
+        "candidates": List(Value("string")),
+        "state_key": Value("string"),
+    }
+)
+COLUMNS = tuple(FEATURES.keys())
+# Written by `digiq import` / `digiq sim collect` into the dataset folder next to the Arrow files.
+INFO_FILE = "digiq_dataset.json"
+
+
+def discounted_returns(rewards: Sequence[float], gamma: float) -> np.ndarray:
+    """mc_t = sum_{k>=t} gamma^(k-t) r_k for one trajectory (the official ``add_mc_return``)."""
+    out = np.zeros(len(rewards), dtype=np.float64)
+    acc = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        acc = float(rewards[t]) + gamma * acc
+        out[t] = acc
+    return out.astype(np.float32)
+
+
+def recompute_mc_returns(ds: Dataset, gamma: float) -> Dataset:
+    """Recompute ``mc_return`` per trajectory with ``gamma`` (the official loader does this too)."""
+    traj = np.asarray(ds["traj_id"])
+    rewards = np.asarray(ds["reward"], dtype=np.float64)
+    mc = np.zeros(len(ds), dtype=np.float32)
+    starts = np.flatnonzero(np.r_[True, traj[1:] != traj[:-1]])
+    ends = np.r_[starts[1:], len(ds)]
+    for s, e in zip(starts, ends):
+        mc[s:e] = discounted_returns(rewards[s:e], gamma)
+    return ds.remove_columns("mc_return").add_column("mc_return", mc.tolist(), feature=Value("float32"))
+
+
+def validate_dataset(ds: Dataset, source: str = "dataset") -> None:
+    """Schema and value checks; raises a DataError that names the trajectory and step."""
+    missing = [c for c in COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {missing}; expected the digiq schema {list(COLUMNS)}")
+    if len(ds) == 0:
+        raise DataError(f"{source}: the dataset is empty")
+    for name in ("reward", "mc_return"):
+        values = np.asarray(ds[name], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(
+                f"{source}: trajectory {ds[i]['traj_id']}, step {ds[i]['step_id']}: {name} is {values[i]} "
+                f"({len(bad)} non-finite value(s) in all)"
+            )
+    traj = np.asarray(ds["traj_id"])
+    step = np.asarray(ds["step_id"])
+    starts = np.r_[True, traj[1:] != traj[:-1]]
+    expected = np.zeros(len(ds), dtype=np.int64)
+    counter = 0
+    for i, s in enumerate(starts):
+        counter = 0 if s else counter + 1
+        expected[i] = counter
+    bad = np.flatnonzero(step != expected)
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(
+            f"{source}: trajectory {traj[i]}, row {i}: step_id {step[i]} where {expected[i]} was expected "
+            "(rows of a trajectory must be contiguous and ordered by step_id from 0)"
+        )
+    if len(np.unique(traj[starts])) != int(starts.sum()):
+        raise DataError(f"{source}: a traj_id appears in two separate runs of rows; traj_ids must be unique")
+
+
+def save_dataset(ds: Dataset, path: str | Path, info: dict | None = None, overwrite: bool = True) -> Path:
+    """``save_to_disk`` into a staged folder, renamed into place with a completion marker."""
+    from digiq.utils.io import atomic_write_json
+
+    path = Path(path)
+    with staged_dir(path, overwrite=overwrite) as tmp:
+        ds.save_to_disk(str(tmp))
+        atomic_write_json(tmp / INFO_FILE, info or {})
+    return path
+
+
+def load_dataset(path: str | Path, validate: bool = True) -> Dataset:
+    """Load a dataset written by :func:`save_dataset`; refuses folders whose writer did not finish."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"dataset not found: {path}")
+    if not is_complete(path):
+        raise DataError(f"dataset at {path} is incomplete (no _COMPLETE marker): re-run the stage that wrote it")
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for a broken folder
+        raise DataError(f"{path}: not a readable datasets folder: {e}") from e
+    if validate:
+        validate_dataset(ds, str(path))
+    return ds
+
+
+def dataset_info(path: str | Path) -> dict:
+    import json
+
+    p = Path(path) / INFO_FILE
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def trajectory_bounds(ds: Dataset) -> list[tuple[int, int]]:
+    """[(start_row, end_row_exclusive)] per trajectory, in dataset order."""
+    traj = np.asarray(ds["traj_id"])
+    if len(traj) == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, traj[1:] != traj[:-1]])
+    ends = np.r_[starts[1:], len(traj)]
+    return [(int(s), int(e)) for s, e in zip(starts, ends)]
+
+
+def split_by_trajectory(ds: Dataset, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, val): the first ``1 - val_fraction`` of trajectories train, the rest validate.
+
+    Same rule as the official loader (first 80% / last 20%, no shuffle: offpolicy_train_loop.py:111).
+    """
+    bounds = trajectory_bounds(ds)
+    n_val = int(math.floor(len(bounds) * val_fraction)) if val_fraction > 0 else 0
+    if val_fraction > 0 and n_val == 0 and len(bounds) > 1:
+        n_val = 1
+    cut = len(bounds) - n_val
+    train = np.concatenate([np.arange(s, e) for s, e in bounds[:cut]]) if cut else np.zeros(0, np.int64)
+    val = np.concatenate([np.arange(s, e) for s, e in bounds[cut:]]) if n_val else np.zeros(0, np.int64)
+    return train.astype(np.int64), val.astype(np.int64)
+
+
+def next_row_index(ds: Dataset) -> np.ndarray:
+    """For each row, the row of s_{t+1} in the same trajectory, or -1 after the last step."""
+    traj = np.asarray(ds["traj_id"])
+    nxt = np.arange(1, len(traj) + 1)
+    same = np.r_[traj[1:] == traj[:-1], False]
+    return np.where(same, nxt, -1).astype(np.int64)
+
+
+def empty_row() -> dict:
+    """Defaults for optional columns when building rows by hand."""
+    return {"candidates": [], "state_key": "", "mc_return": 0.0}

@@ -1,0 +1,95 @@
+"""Metrics logging: a JSONL file always, wandb when asked (offline by default), main process only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from digiq.config import WandbConfig
+
+_FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger that prints to stderr once per process (only rank 0 logs INFO in distributed runs)."""
+    root = logging.getLogger("digiq")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_FMT, "%H:%M:%S"))
+        root.addHandler(handler)
+        rank = int(os.environ.get("RANK", "0"))
+        root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        root.propagate = False
+    return logging.getLogger(name if name.startswith("digiq") else f"digiq.{name}")
+
+
+class MetricsLogger:
+    """Appends ``{"step": .., **metrics}`` lines to ``<run_dir>/metrics.jsonl`` and mirrors them to wandb.
+
+    Construct it on every process; only the main process writes (``enabled=False`` elsewhere).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        wandb_cfg: WandbConfig | None = None,
+        config: dict[str, Any] | None = None,
+        enabled: bool = True,
+        resume: bool = False,
+    ) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            import wandb
+
+            run_id_file = Path(run_dir) / "wandb_run_id.txt"
+            run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
+            self._wandb = wandb.init(
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                name=wandb_cfg.name or Path(run_dir).name,
+                mode=wandb_cfg.mode,
+                dir=str(run_dir),
+                config=config,
+                id=run_id,
+                resume="allow" if run_id else None,
+            )
+            # Stored so that --resume continues the same wandb run (lerobot #1033).
+            run_id_file.write_text(self._wandb.id)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update(
+            {
+                k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (str, bool)) else v)
+                for k, v in metrics.items()
+            }
+        )
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
