@@ -60,8 +60,9 @@ class Action:
     touch: Point | None = None
     lift: Point | None = None
     text: str = ""
-    # The "Action Plan" (upcoming action types) that AutoUI prints before its decision; informational.
-    plan: tuple[str, ...] = ()
+    # The "Action Plan" (upcoming action types) that AutoUI prints before its decision; informational, so
+    # it takes no part in equality: ``parse_action(a.render()) == a`` although render adds a default plan.
+    plan: tuple[str, ...] = dataclasses.field(default=(), compare=False)
     # The string an INVALID action was parsed from, and why it is invalid.
     raw: str = ""
     error: str = ""
@@ -83,7 +84,11 @@ class Action:
 
     @classmethod
     def key(cls, kind: ActionType | str) -> Action:
-        return cls(ActionType(kind))
+        """A key or status action (PRESS_* / STATUS_*); pointer, TYPE and INVALID need other constructors."""
+        atype = ActionType(kind)
+        if atype in (ActionType.DUAL_POINT, ActionType.TYPE, ActionType.INVALID):
+            raise ValueError(f"Action.key takes a key or status action type, not {atype.value}")
+        return cls(atype)
 
     @classmethod
     def invalid(cls, raw: str, error: str) -> Action:
@@ -149,6 +154,10 @@ _POINT_RE = {
     for key in ("touch_point", "lift_point")
 }
 _TEXT_RE = re.compile(r'"typed_text"\s*:\s*"(.*)"\s*$', re.DOTALL)
+# Fallback when something follows the closing quote (e.g. an unstripped "<pad>"): run to the last quote.
+_TEXT_LOOSE_RE = re.compile(r'"typed_text"\s*:\s*"(.*)"', re.DOTALL)
+# End-of-sequence tokens a decoder may leave at the end of a generation (T5 / LLaMA style).
+_EOS_SUFFIXES = ("</s>", "<eos>", "<|endoftext|>", "<|im_end|>")
 _PLAN_RE = re.compile(r"Action Plan\s*:\s*\[([^\]]*)\]")
 _ALIASES = {"TASK_IMPOSSIBLE": "STATUS_TASK_IMPOSSIBLE", "TASK_COMPLETE": "STATUS_TASK_COMPLETE"}
 
@@ -158,6 +167,7 @@ def parse_action(text: str | None) -> Action:
     if not isinstance(text, str):
         return Action.invalid(repr(text), f"expected a string, got {type(text).__name__}")
     raw = text
+    text = _strip_eos(text)
     decision = text.split("Action Decision:", 1)[1] if "Action Decision:" in text else text
     plan_match = _PLAN_RE.search(text.split("Action Decision:", 1)[0]) if "Action Decision:" in text else None
     plan = tuple(p.strip() for p in plan_match.group(1).split(",") if p.strip()) if plan_match else ()
@@ -185,13 +195,25 @@ def parse_action(text: str | None) -> Action:
             points.append((y, x))
         return Action(atype, points[0], points[1], plan=plan)
 
-    typed = ""
-    tm = _TEXT_RE.search(decision)
-    if tm is not None:
-        typed = tm.group(1)
     if atype is ActionType.TYPE:
-        return Action(atype, text=typed, plan=plan)
+        tm = _TEXT_RE.search(decision) or _TEXT_LOOSE_RE.search(decision)
+        if tm is None:
+            return Action.invalid(raw, "TYPE without a typed_text field")
+        return Action(atype, text=tm.group(1), plan=plan)
+    # Key and status actions ignore their (dummy) points and text, as the official executor does.
     return Action(atype, plan=plan)
+
+
+def _strip_eos(text: str) -> str:
+    stripped = text.rstrip()
+    changed = True
+    while changed:
+        changed = False
+        for suffix in _EOS_SUFFIXES:
+            if stripped.endswith(suffix):
+                stripped = stripped[: -len(suffix)].rstrip()
+                changed = True
+    return stripped
 
 
 def render_action(action: Action, precision: int = 4) -> str:
