@@ -1,0 +1,706 @@
+"""``digiq import``: official Digi-Q / DigiRL ``.pt`` trajectory files -> a digiq dataset (+ feature cache).
+
+An official file is a ``list`` of trajectories, each a ``list`` of step ``dict`` s (digiq_official.md
+section 1, digirl_aitw.md section 1). We read it with ``torch.load(weights_only=True)`` and an allow-list of
+numpy globals (the official loader uses ``weights_only=False``, offpolicy_train_loop.py:106, which runs any
+pickled code); arbitrary pickles load only with ``trust_pickle=true``.
+
+Quirks handled (each is tested in tests/test_importer.py):
+
+* ``action_list``: a list, or one ``"<split>"``-joined string (generate_more_click_images_batched.py:107);
+  index 0 is the dataset action and becomes ``candidates``. A doubly-joined list (merge_slices.py:26, bug 3
+  in digiq_official.md section 7) is detected and refused.
+* ``q_rep_out_list``: an ``(N, D)`` array (vLLM path) or a Python list of ``(D,)`` arrays (gradio path,
+  client.py:103); only read when ``features_output`` is set.
+* ``image_path``: the NEXT screenshot in raw collections (``{id}_{t+1}.png``, s_0 is ``{id}_0.png``), the
+  current one after ``nv2v.py`` (which adds ``next_image_path``); see ``image_path_mode``.
+* a literal ``<path_to_images>`` prefix (vis/view_trajs.py:113) is replaced by ``image_root``.
+* ``reward`` / ``done`` as python or 0-d numpy values; ``mc_return`` recomputed with ``gamma``
+  (the official loader recomputes it too, offpolicy_train_loop.py:110).
+* released files lack ``traj_id`` / ``step_id`` (Digi-Q issue #14): derived from position.
+
+Usage::
+
+    digiq import general-1008trajs.pt output=data/general image_root=/data/digiq-images
+    digiq import a.pt output=data/a features_output=features/a   # also cache the released LLaVA features
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from digiq.config import check
+from digiq.errors import DataError, where
+from digiq.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+POSITIONAL = "inputs"
+PATH_PLACEHOLDER = "<path_to_images>"
+SPLIT_TOKEN = "<split>"
+FEATURES_FORMAT = "digiq-features-v1"
+_REQUIRED_KEYS = ("observation", "action", "reward", "done", "image_path")
+
+
+@dataclasses.dataclass
+class Config:
+    # Official .pt trajectory file(s) (a list of trajectories, each a list of step dicts). Several files
+    # are concatenated in order. A bare word on the command line sets this.
+    inputs: tuple[str, ...] = ()
+    # Output dataset folder (digiq schema, Arrow; written atomically with a _COMPLETE marker).
+    output: str = ""
+    # Replace an existing finished output. A failed import never damages the existing one.
+    overwrite: bool = False
+    # Folder of the screenshots: substitutes the literal '<path_to_images>' prefix of released files;
+    # relative image paths are resolved against it (then against the .pt file's folder); absolute paths
+    # that do not exist are retried under it by their trailing components (authors' machines' paths).
+    image_root: str = ""
+    # What a step's image_path names: 'current' = s_t (after nv2v.py; next_image_path = s_{t+1});
+    # 'next' = s_{t+1} (raw collection: {id}_{t+1}.png, s_0 = {id}_0.png); 'auto' = 'current' for a
+    # trajectory whose steps have next_image_path, else 'next'.
+    image_path_mode: Literal["auto", "current", "next"] = "auto"
+    # Discount used to recompute mc_return (DigiRL collected with 0.95, digirl_aitw.md section 1).
+    gamma: float = 0.95
+    # Load with full pickle (runs code from the file). Only for files from a source you trust.
+    trust_pickle: bool = False
+    # Also write the released per-candidate LLaVA features (q_rep_out_list) as a digiq feature cache here,
+    # so train-critic can run without re-extracting. Empty: skip.
+    features_output: str = ""
+    # dtype of the written feature cache.
+    features_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Rows per feature shard.
+    features_shard_rows: int = 1024
+    # Import only the first this-many trajectories (all files together); null: all.
+    max_trajectories: int | None = None
+
+    def validate(self) -> None:
+        check(len(self.inputs) > 0, "inputs: give at least one .pt file (digiq import FILE.pt output=DIR)")
+        check(bool(self.output), "output: set the output dataset folder (output=DIR)")
+        check(0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}")
+        check(self.features_shard_rows > 0, "features_shard_rows must be > 0")
+        check(
+            self.max_trajectories is None or self.max_trajectories > 0,
+            "max_trajectories must be > 0 (or null for all)",
+        )
+        check(
+            not self.features_output or Path(self.features_output).resolve() != Path(self.output).resolve(),
+            "features_output must differ from output",
+        )
+
+
+@dataclasses.dataclass
+class ImportSummary:
+    trajectories: int
+    steps: int
+    success_rate: float
+    candidates_min: int
+    candidates_mean: float
+    candidates_max: int
+    invalid_actions: int
+    traj_ids: str
+    output: str
+    features_output: str = ""
+
+    def lines(self) -> list[str]:
+        out = [
+            f"imported {self.trajectories} trajectories, {self.steps} steps -> {self.output}",
+            f"success rate (trajectories with a positive reward): {self.success_rate:.3f}",
+            f"candidates per step: min {self.candidates_min}, mean {self.candidates_mean:.2f}, "
+            f"max {self.candidates_max}",
+            f"dataset actions that do not parse: {self.invalid_actions}",
+            f"traj_id from: {self.traj_ids}",
+        ]
+        if self.features_output:
+            out.append(f"features -> {self.features_output}")
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def numpy_safe_globals() -> list[Any]:
+    """The numpy globals a ``torch.save`` of numpy arrays/scalars needs under ``weights_only=True``.
+
+    Found by experiment (numpy 2.4, torch 2.13; ``torch.serialization.get_unsafe_globals_in_checkpoint``):
+    ``_reconstruct``, ``ndarray``, ``dtype``, ``scalar`` and the per-dtype ``numpy.dtypes.*DType`` classes
+    (numpy 2 pickles a dtype through its class). Files written under numpy 1.x name the first two
+    ``numpy.core.multiarray.*``; we allow those names as aliases. Object arrays stay safe: their items go
+    through the same restricted unpickler.
+    """
+    import numpy.dtypes
+    from numpy._core.multiarray import _reconstruct, scalar
+
+    allowed: list[Any] = [np.ndarray, np.dtype, _reconstruct, scalar]
+    allowed += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
+    allowed += [
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        (scalar, "numpy.core.multiarray.scalar"),
+    ]
+    return allowed
+
+
+def load_pt(path: str | Path, trust_pickle: bool = False) -> Any:
+    """``torch.load`` an official trajectory file; refuses pickled code unless ``trust_pickle``."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes)")
+    if trust_pickle:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a broken pickle raises anything
+            raise DataError(f"{path}: cannot be read as a torch/pickle file: {type(e).__name__}: {e}") from e
+    try:
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        m = re.search(r"(?:Unsupported global: GLOBAL|but got) ([^\s]+)", text)
+        if "Weights only load failed" in text or m:
+            what = m.group(1) if m else "a global that is not allow-listed"
+            raise DataError(
+                f"{path}: refused to unpickle {what}: the file holds Python objects beyond lists, dicts, "
+                "strings, numbers, numpy arrays and tensors, and unpickling them can run arbitrary code. "
+                "If you trust the file's source, re-run with trust_pickle=true"
+            ) from e
+        raise DataError(f"{path}: not a readable torch file: {e}") from e
+    except Exception as e:  # noqa: BLE001 - zip/EOF/format errors come as many types
+        raise DataError(f"{path}: not a readable torch file: {type(e).__name__}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# Field conversion
+# --------------------------------------------------------------------------------------------------
+
+
+def _scalar(value: Any, loc: str, key: str) -> float:
+    """A python/numpy/0-d (or 1-element) array/tensor number as float; DataError otherwise."""
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise DataError(f"{loc}, key {key!r}: expected a scalar, got an array of shape {value.shape}")
+        value = value.reshape(()).item()
+    if isinstance(value, (bool, np.bool_)):
+        return float(bool(value))
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    raise DataError(f"{loc}, key {key!r}: expected a number, got {type(value).__name__} {value!r:.60}")
+
+
+def _reward(step: dict, loc: str) -> float:
+    r = _scalar(step["reward"], loc, "reward")
+    if not math.isfinite(r):
+        raise DataError(f"{loc}, key 'reward': non-finite reward {r}")
+    return r
+
+
+def _done(step: dict, loc: str) -> bool:
+    d = _scalar(step["done"], loc, "done")
+    if d not in (0.0, 1.0):
+        raise DataError(f"{loc}, key 'done': expected a bool or 0/1, got {d}")
+    return bool(d)
+
+
+def _string(step: dict, key: str, loc: str) -> str:
+    value = step[key]
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if not isinstance(value, str):
+        raise DataError(f"{loc}, key {key!r}: expected a string, got {type(value).__name__}")
+    return str(value)
+
+
+def candidates_from(value: Any, action: str, loc: str) -> list[str]:
+    """``action_list`` (list / array / ``"<split>"``-joined string) -> candidates, index 0 = dataset action."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items = value.split(SPLIT_TOKEN)
+        # merge_slices.py:26 joins an already-joined string again: "<split>" between single characters.
+        if len(items) > 4 and sum(len(s) <= 1 for s in items) > 0.8 * len(items):
+            raise DataError(
+                f"{loc}, key 'action_list': looks joined twice with '<split>' (single characters between "
+                "separators; the official merge_slices.py bug): regenerate the candidates"
+            )
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        items = list(np.asarray(value, dtype=object).reshape(-1)) if isinstance(value, np.ndarray) else value
+    else:
+        raise DataError(
+            f"{loc}, key 'action_list': expected a list or a '<split>'-joined string, got {type(value).__name__}"
+        )
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise DataError(f"{loc}, key 'action_list': item {i} is {type(item).__name__}, not a string")
+        out.append(str(item))
+    if not out:
+        return []
+    if out[0].strip() != action.strip():
+        raise DataError(
+            f"{loc}, key 'action_list': item 0 must be the dataset action (official convention), got "
+            f"{out[0]!r:.80} vs action {action!r:.80}"
+        )
+    out[0] = action
+    return out
+
+
+def _as_array(value: Any, loc: str, key: str) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().float().numpy()
+    if isinstance(value, (list, tuple)):
+        parts = [_as_array(v, loc, key) for v in value]
+        shapes = {p.shape for p in parts}
+        if len(shapes) > 1:
+            raise DataError(f"{loc}, key {key!r}: list items have different shapes {sorted(shapes)}")
+        if not parts:
+            raise DataError(f"{loc}, key {key!r}: empty list")
+        value = np.stack(parts)
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
+        raise DataError(f"{loc}, key {key!r}: expected a numeric array, got {type(value).__name__}")
+    arr = np.asarray(value, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise DataError(f"{loc}, key {key!r}: holds NaN or inf")
+    return arr
+
+
+# --------------------------------------------------------------------------------------------------
+# Image paths
+# --------------------------------------------------------------------------------------------------
+
+_INDEX_RE = re.compile(r"^(.*_)(\d+)(\.[A-Za-z0-9]+)$")
+
+
+def _previous_index_path(path: str, loc: str) -> str:
+    """``{id}_{k}.png`` -> ``{id}_{k-1}.png`` (nv2v.py:16-20 does ``_1.png`` -> ``_0.png`` for step 0)."""
+    m = _INDEX_RE.match(path)
+    if m is None or int(m.group(2)) == 0:
+        raise DataError(
+            f"{loc}, key 'image_path': image_path_mode is 'next' (image_path names s_(t+1)) but {path!r} "
+            "does not end in _<k>.png with k >= 1, so s_0 cannot be derived; try image_path_mode=current"
+        )
+    return f"{m.group(1)}{int(m.group(2)) - 1}{m.group(3)}"
+
+
+class _ImageResolver:
+    """Turns a stored path into an existing file and returns its verified bytes (cached per path)."""
+
+    def __init__(self, image_root: str, pt_dir: Path) -> None:
+        self.root = Path(image_root).expanduser() if image_root else None
+        self.pt_dir = pt_dir
+        self._cache: dict[str, bytes] = {}
+
+    def resolve(self, stored: str, loc: str) -> Path:
+        text = stored
+        if text.startswith(PATH_PLACEHOLDER):
+            if self.root is None:
+                raise DataError(
+                    f"{loc}: image path {stored!r} starts with the placeholder {PATH_PLACEHOLDER}; "
+                    "set image_root=<folder of the released images>"
+                )
+            return self.root / text[len(PATH_PLACEHOLDER) :].lstrip("/\\")
+        p = Path(text).expanduser()
+        if not p.is_absolute():
+            # image_root first; the .pt file's folder as a fallback (post-processed files keep paths
+            # relative to where they were written)
+            options = [self.root / p] if self.root is not None else []
+            options.append(self.pt_dir / p)
+            return next((o for o in options if o.exists()), options[0])
+        if p.exists() or self.root is None:
+            return p
+        # An absolute path from the authors' machine: look for its trailing components under image_root.
+        parts = p.parts[1:]
+        for k in range(len(parts), 0, -1):
+            candidate = self.root.joinpath(*parts[-k:])
+            if candidate.exists():
+                return candidate
+        return p
+
+    def read(self, stored: str, loc: str) -> bytes:
+        if stored in self._cache:
+            return self._cache[stored]
+        path = self.resolve(stored, loc)
+        if not path.is_file():
+            raise DataError(f"{loc}: image {stored!r} not found (looked at {path}); check image_root")
+        data = path.read_bytes()
+        _verify_image(data, f"{loc}: image {stored!r} ({path})")
+        if len(self._cache) > 64:  # only neighbouring steps share images
+            self._cache.clear()
+        self._cache[stored] = data
+        return data
+
+
+def _verify_image(data: bytes, loc: str) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # checksums (PNG CRCs)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # a full decode catches truncation
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        raise DataError(f"{loc} does not decode: {type(e).__name__}: {e}") from e
+
+
+def _screen_paths(traj: list[dict], mode: str, locs: list[str]) -> list[tuple[str, str]]:
+    """(stored path of s_t, stored path of s_{t+1}) for every step of one trajectory."""
+    if mode == "auto":
+        mode = "current" if all("next_image_path" in s for s in traj) else "next"
+    stored = []
+    for step, loc in zip(traj, locs):
+        if not isinstance(step["image_path"], str) or not step["image_path"]:
+            raise DataError(
+                f"{loc}, key 'image_path': expected a path string, got {step['image_path']!r:.60}"
+            )
+        stored.append(step["image_path"])
+    out = []
+    if mode == "current":
+        for t, (step, loc) in enumerate(zip(traj, locs)):
+            nxt = step.get("next_image_path")
+            if nxt is None:
+                if t + 1 == len(traj):
+                    raise DataError(
+                        f"{loc}, key 'next_image_path': missing on the last step, so s_(t+1) is unknown "
+                        "(image_path_mode=current); for raw collections use image_path_mode=next"
+                    )
+                nxt = stored[t + 1]
+            if not isinstance(nxt, str) or not nxt:
+                raise DataError(f"{loc}, key 'next_image_path': expected a path string, got {nxt!r:.60}")
+            out.append((stored[t], nxt))
+        return out
+    for t in range(len(traj)):
+        cur = stored[t - 1] if t > 0 else _previous_index_path(stored[0], locs[0])
+        out.append((cur, stored[t]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Import
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Traj:
+    file: Path
+    index: int  # position in its file
+    steps: list[dict]
+    official_id: int | None
+
+
+def _trajectories(cfg: Config) -> Iterator[_Traj]:
+    """Load every input file and yield its trajectories after structural checks."""
+    budget = cfg.max_trajectories
+    for name in cfg.inputs:
+        path = Path(name)
+        data = load_pt(path, cfg.trust_pickle)
+        if not isinstance(data, (list, tuple)):
+            raise DataError(f"{path}: expected a list of trajectories, got {type(data).__name__}")
+        if len(data) == 0:
+            raise DataError(f"{path}: holds no trajectories (an empty list)")
+        for i, traj in enumerate(data):
+            if budget is not None and budget <= 0:
+                return
+            loc = where(path, i)
+            if not isinstance(traj, (list, tuple)):
+                raise DataError(f"{loc}: expected a list of step dicts, got {type(traj).__name__}")
+            if len(traj) == 0:
+                raise DataError(f"{loc}: empty trajectory (no steps)")
+            for t, step in enumerate(traj):
+                if not isinstance(step, dict):
+                    raise DataError(f"{where(path, i, t)}: expected a step dict, got {type(step).__name__}")
+                for key in _REQUIRED_KEYS:
+                    if key not in step:
+                        raise DataError(
+                            f"{where(path, i, t, key)}: missing (a step needs {list(_REQUIRED_KEYS)})"
+                        )
+            steps = list(traj)
+            # Steps may carry step_id (nv2v.py:25-28); the official merge can reorder them.
+            if all("step_id" in s for s in steps):
+                ids = [int(_scalar(s["step_id"], where(path, i, t), "step_id")) for t, s in enumerate(steps)]
+                if sorted(ids) != list(range(len(steps))):
+                    raise DataError(f"{loc}: step_id values {ids} are not 0..{len(steps) - 1}")
+                steps = [s for _, s in sorted(zip(ids, steps), key=lambda p: p[0])]
+            official = None
+            if all("traj_id" in s for s in steps):
+                tids = {int(_scalar(s["traj_id"], where(path, i, t), "traj_id")) for t, s in enumerate(steps)}
+                if len(tids) != 1:
+                    raise DataError(f"{loc}: steps disagree on traj_id ({sorted(tids)})")
+                official = tids.pop()
+            if budget is not None:
+                budget -= 1
+            yield _Traj(path, i, steps, official)
+
+
+def _rows(cfg: Config, trajs: list[_Traj], ids: list[int]) -> Iterator[tuple[dict, list, Any]]:
+    """(encoded-ready row, locs, features-or-None) for every step, in dataset order."""
+    from digiq.actions import goal_from_observation
+    from digiq.data.schema import discounted_returns
+
+    resolvers: dict[Path, _ImageResolver] = {}
+    for tr, tid in zip(trajs, ids):
+        resolver = resolvers.setdefault(tr.file, _ImageResolver(cfg.image_root, tr.file.parent))
+        locs = [where(tr.file, tr.index, t) for t in range(len(tr.steps))]
+        rewards = [_reward(s, loc) for s, loc in zip(tr.steps, locs)]
+        mc = discounted_returns(rewards, cfg.gamma)
+        paths = _screen_paths(tr.steps, cfg.image_path_mode, locs)
+        for t, (step, loc) in enumerate(zip(tr.steps, locs)):
+            obs = _string(step, "observation", loc)
+            action = _string(step, "action", loc)
+            task = _string(step, "task", loc) if step.get("task") is not None else goal_from_observation(obs)
+            cands = candidates_from(step.get("action_list"), action, loc)
+            feats = _step_features(step, cands, loc) if cfg.features_output else None
+            cur, nxt = paths[t]
+            row = {
+                "traj_id": tid,
+                "step_id": t,
+                "task": task,
+                "observation": obs,
+                "screenshot": {"bytes": resolver.read(cur, loc), "path": None},
+                "next_screenshot": {"bytes": resolver.read(nxt, loc), "path": None},
+                "action": action,
+                "reward": rewards[t],
+                "done": _done(step, loc),
+                "mc_return": float(mc[t]),
+                "candidates": cands,
+                "state_key": "",
+            }
+            yield row, loc, feats
+
+
+def _step_features(step: dict, cands: list[str], loc: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """(state feature or None, (N, D) per-candidate features) of one step."""
+    if "q_rep_out_list" in step and step["q_rep_out_list"] is not None:
+        acts = _as_array(step["q_rep_out_list"], loc, "q_rep_out_list")
+    elif "q_rep_out" in step and step["q_rep_out"] is not None and len(cands) <= 1:
+        acts = _as_array(step["q_rep_out"], loc, "q_rep_out").reshape(1, -1)
+    else:
+        raise DataError(f"{loc}, key 'q_rep_out_list': missing, but features_output is set")
+    if acts.ndim == 1:
+        acts = acts.reshape(1, -1)
+    if acts.ndim != 2:
+        raise DataError(f"{loc}, key 'q_rep_out_list': expected shape (N, D), got {acts.shape}")
+    if cands and acts.shape[0] != len(cands):
+        raise DataError(
+            f"{loc}, key 'q_rep_out_list': {acts.shape[0]} features for {len(cands)} candidate actions"
+        )
+    state = None
+    if step.get("image_features") is not None:
+        state = _as_array(step["image_features"], loc, "image_features").reshape(-1)
+    return state, acts
+
+
+def run(cfg: Config) -> ImportSummary:
+    """Import ``cfg.inputs`` into ``cfg.output`` (and ``cfg.features_output``); returns a summary."""
+    from datasets import Dataset, load_from_disk
+    from datasets.arrow_writer import ArrowWriter
+    from tqdm.auto import tqdm
+
+    from digiq.actions import parse_action
+    from digiq.config import to_dict
+    from digiq.data.schema import FEATURES, save_dataset
+    from digiq.utils.io import is_complete
+
+    output = Path(cfg.output)
+    for target in [output] + ([Path(cfg.features_output)] if cfg.features_output else []):
+        if target.exists() and is_complete(target) and not cfg.overwrite:
+            raise FileExistsError(
+                f"{target} already holds a finished output; pass overwrite=true to replace it"
+            )
+
+    trajs = list(_trajectories(cfg))
+    ids, id_source = _assign_ids(trajs)
+    n_steps = sum(len(t.steps) for t in trajs)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.import-", dir=output.parent))
+    try:
+        arrow = scratch / "rows.arrow"
+        state_rows: list[np.ndarray | None] = []
+        action_rows: list[np.ndarray] = []
+        n_cands: list[int] = []
+        invalid = 0
+        successes: dict[int, bool] = {}
+        writer = ArrowWriter(features=FEATURES, path=str(arrow))
+        try:
+            for row, _loc, feats in tqdm(_rows(cfg, trajs, ids), total=n_steps, desc="import", unit="step"):
+                writer.write(FEATURES.encode_example(row))
+                n_cands.append(len(row["candidates"]))
+                invalid += not parse_action(row["action"]).is_valid
+                successes[row["traj_id"]] = successes.get(row["traj_id"], False) or row["reward"] > 0
+                if feats is not None:
+                    state_rows.append(feats[0])
+                    action_rows.append(feats[1])
+            writer.finalize()
+        finally:
+            writer.close()
+        if cfg.features_output:
+            _check_feature_rows(state_rows, action_rows, trajs)
+        info = {
+            "source": "import",
+            "inputs": [str(p) for p in cfg.inputs],
+            "gamma": cfg.gamma,
+            "traj_id_source": id_source,
+            "config": to_dict(cfg),
+        }
+        save_dataset(Dataset.from_file(str(arrow)), output, info, overwrite=cfg.overwrite)
+        if cfg.features_output:
+            # Everything was validated above, so only an I/O error can stop us between the two outputs.
+            fingerprint = load_from_disk(str(output))._fingerprint  # what a reader of `output` sees
+            write_feature_cache(
+                Path(cfg.features_output),
+                state_rows,
+                action_rows,
+                dtype=cfg.features_dtype,
+                shard_rows=cfg.features_shard_rows,
+                meta={
+                    "dataset": str(output),
+                    "dataset_fingerprint": fingerprint,
+                    "source_files": [str(p) for p in cfg.inputs],
+                },
+                overwrite=cfg.overwrite,
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    summary = ImportSummary(
+        trajectories=len(trajs),
+        steps=n_steps,
+        success_rate=float(np.mean(list(successes.values()))) if successes else 0.0,
+        candidates_min=min(n_cands),
+        candidates_mean=float(np.mean(n_cands)),
+        candidates_max=max(n_cands),
+        invalid_actions=invalid,
+        traj_ids=id_source,
+        output=str(output),
+        features_output=cfg.features_output,
+    )
+    for line in summary.lines():
+        print(line)  # noqa: T201 - the command's report on stdout
+    return summary
+
+
+def _assign_ids(trajs: list[_Traj]) -> tuple[list[int], str]:
+    """The official traj_id when every trajectory has a distinct one, else the position (Digi-Q issue #14)."""
+    official = [t.official_id for t in trajs]
+    if all(o is not None for o in official) and len(set(official)) == len(official):
+        return [int(o) for o in official], "file (traj_id key)"
+    if any(o is not None for o in official):
+        log.warning(
+            "traj_id missing or repeated in some trajectories: numbering all trajectories by position"
+        )
+    return list(range(len(trajs))), "position"
+
+
+def _check_feature_rows(
+    state_rows: list[np.ndarray | None], action_rows: list[np.ndarray], trajs: list[_Traj]
+) -> None:
+    """All rows must stack into one cache: same state presence and widths, same feature width."""
+    files = sorted({str(t.file) for t in trajs})
+    have = [s is not None for s in state_rows]
+    if any(have) and not all(have):
+        raise DataError(
+            f"{files}: image_features is present on some steps and missing on others (dataset row "
+            f"{have.index(False)} lacks it); cannot build one state-feature tensor"
+        )
+    dims = {s.shape for s in state_rows if s is not None}
+    if len(dims) > 1:
+        raise DataError(f"{files}: image_features have different shapes {sorted(dims)}")
+    widths = {a.shape[1] for a in action_rows}
+    if len(widths) > 1:
+        raise DataError(f"{files}: q_rep_out_list feature widths differ across steps: {sorted(widths)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature cache writer (the shared digiq-features-v1 format; kept here to avoid a merge conflict with
+# digiq/data/features.py, which owns the reader)
+# --------------------------------------------------------------------------------------------------
+
+
+def write_feature_cache(
+    path: Path,
+    state_rows: list[np.ndarray | None],
+    action_rows: list[np.ndarray],
+    dtype: str = "float32",
+    shard_rows: int = 1024,
+    meta: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a ``digiq-features-v1`` cache: ``state`` (R, Ds), ``actions`` (R, N, Da), ``valid`` (R, N).
+
+    Rows with fewer candidates than the widest row are zero-padded and marked in ``valid``. With no
+    ``image_features`` the state is a zero column (Ds = 1), noted in the manifest (``state_features``).
+    """
+    import torch
+
+    from digiq.utils.io import atomic_save_safetensors, atomic_write_json, staged_dir
+
+    n_rows = len(action_rows)
+    if n_rows == 0:
+        raise DataError(f"{path}: no rows to write")
+    n_cand = max(a.shape[0] for a in action_rows)
+    dims = {a.shape[1] for a in action_rows}
+    if len(dims) != 1:
+        raise DataError(f"q_rep_out_list feature widths differ across steps: {sorted(dims)}")
+    action_dim = dims.pop()
+    has_state = state_rows and state_rows[0] is not None
+    state_dim = int(state_rows[0].shape[0]) if has_state else 1
+    padded = any(a.shape[0] != n_cand for a in action_rows)
+    tdtype = getattr(torch, dtype)
+    shards = []
+    with staged_dir(path, overwrite=overwrite) as tmp:
+        for index, start in enumerate(range(0, n_rows, shard_rows)):
+            end = min(start + shard_rows, n_rows)
+            acts = np.zeros((end - start, n_cand, action_dim), dtype=np.float32)
+            valid = np.zeros((end - start, n_cand), dtype=bool)
+            for j, a in enumerate(action_rows[start:end]):
+                acts[j, : a.shape[0]] = a
+                valid[j, : a.shape[0]] = True
+            if has_state:
+                state = np.stack([s for s in state_rows[start:end]]).astype(np.float32)
+            else:
+                state = np.zeros((end - start, 1), dtype=np.float32)
+            tensors = {
+                "state": torch.from_numpy(state).to(tdtype),
+                "actions": torch.from_numpy(acts).to(tdtype),
+            }
+            if padded:
+                tensors["valid"] = torch.from_numpy(valid)
+            name = f"shard-{index:05d}.safetensors"
+            atomic_save_safetensors(tensors, tmp / name)
+            shards.append({"file": name, "start": start, "end": end})
+        manifest = {
+            "format": FEATURES_FORMAT,
+            "num_rows": n_rows,
+            "num_candidates": n_cand,
+            "state_dim": state_dim,
+            "action_dim": action_dim,
+            "dtype": dtype,
+            "model": "official Digi-Q LLaVA features (imported q_rep_out_list)",
+            "layer": -1,
+            "rendering": "imported",
+            "state_features": (
+                "image_features (official BLIP-2 pooled, digiq_official.md section 1)"
+                if has_state
+                else "none: zeros of dim 1 (the file has no image_features)"
+            ),
+            "shards": shards,
+            **(meta or {}),
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+    return path
