@@ -542,3 +542,58 @@ def test_cli_import(raw_setup, tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "digiq import: error:" in err and "bad.pt: the file is empty" in err and len(err.splitlines()) == 1
     assert main(["import", f"output={tmp_path / 'x'}"]) == 2  # no inputs: config error
+
+
+def test_torch_tensor_fields_and_max_trajectories(raw_setup, post_setup, tmp_path: Path) -> None:
+    """Tensors instead of numpy arrays load under weights_only; max_trajectories spans files."""
+    truth, _pt, root = raw_setup
+    data = raw_variant(truth)
+    for traj in data:
+        for step in traj:
+            step["reward"] = torch.tensor(float(step["reward"]))
+            step["done"] = torch.tensor(bool(step["done"]))
+            step["q_rep_out_list"] = torch.from_numpy(np.stack(step["q_rep_out_list"]))
+    pt = tmp_path / "tensors.pt"
+    torch.save(data, pt)
+    truth_b, pt_b = post_setup
+    out, feats = tmp_path / "ds", tmp_path / "feats"
+    summary = run(
+        Config(
+            inputs=(str(pt), str(pt_b)),
+            output=str(out),
+            image_root=str(root),
+            max_trajectories=4,
+            features_output=str(feats),
+        )
+    )
+    assert summary.trajectories == 4
+    # official traj_ids exist only in the second file: all are numbered by position
+    _check_rows(load_dataset(out), truth + truth_b[:1], [0, 1, 2, 3], gamma=0.95)
+    _manifest, t = _read_cache(feats)
+    expected = np.stack([f for tr in truth + truth_b[:1] for f in tr.feats])
+    np.testing.assert_array_equal(t["actions"].numpy(), expected)
+
+
+@pytest.mark.slow
+def test_cli_subprocess_refuses_pickle(raw_setup, tmp_path: Path) -> None:
+    """The real command line: a blocked pickle is one error line naming trust_pickle, exit code 1."""
+    import subprocess
+    import sys
+
+    truth, _pt, root = raw_setup
+    data = raw_variant(truth)
+    data[2][0]["extra"] = fractions.Fraction(2, 3)
+    pt = tmp_path / "evil.pt"
+    torch.save(data, pt)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "digiq", "import", str(pt), f"output={tmp_path / 'o'}", f"image_root={root}"]
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("digiq import: error:") and "trust_pickle=true" in last and "evil.pt" in last
+    ok = subprocess.run(
+        cmd + ["trust_pickle=true"], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "imported 3 trajectories, 9 steps" in ok.stdout

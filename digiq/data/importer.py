@@ -171,7 +171,7 @@ def load_pt(path: str | Path, trust_pickle: bool = False) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        m = re.search(r"(?:Unsupported global: GLOBAL|but got) ([^\s]+)", text)
+        m = re.search(r"(?:Unsupported global: GLOBAL|but got) (<class '[^']+'>|\S+)", text)
         if "Weights only load failed" in text or m:
             what = m.group(1) if m else "a global that is not allow-listed"
             raise DataError(
@@ -407,6 +407,8 @@ def _trajectories(cfg: Config) -> Iterator[_Traj]:
     """Load every input file and yield its trajectories after structural checks."""
     budget = cfg.max_trajectories
     for name in cfg.inputs:
+        if budget is not None and budget <= 0:
+            return
         path = Path(name)
         data = load_pt(path, cfg.trust_pickle)
         if not isinstance(data, (list, tuple)):
