@@ -165,7 +165,9 @@ def render_state(state: L.State, task: Task, width: int, height: int) -> Image.I
             frac0 = s.scroll / L.NUM_RESULTS
             frac1 = (s.scroll + L.VISIBLE_RESULTS) / L.NUM_RESULTS
             c.rect((0.28 + 0.58 * frac0, 0.975, 0.28 + 0.58 * frac1, 0.995), (90, 90, 90))
-            c.text(0.89, 0.05, f"{s.scroll + 1}-{s.scroll + L.VISIBLE_RESULTS} of {L.NUM_RESULTS}", (90, 90, 90))
+            c.text(
+                0.89, 0.05, f"{s.scroll + 1}-{s.scroll + L.VISIBLE_RESULTS} of {L.NUM_RESULTS}", (90, 90, 90)
+            )
         else:
             c.rect(L.PRODUCT_IMAGE, item_colour(query, s.item))
             c.text(0.47, 0.08, item_name(query, s.item), BLACK, big=True)

@@ -60,7 +60,16 @@ def _shopping(split: str, queries: tuple[str, ...]) -> list[Task]:
         for si, (_, site) in enumerate(SHOPS):
             base = f'Go to {site}, search for "{query}"'
             tasks.append(
-                Task(f"{split}/search/{_slug(site)}/{_slug(query)}", base, SHOP_HORIZON, split, "search", si, query, decoy)
+                Task(
+                    f"{split}/search/{_slug(site)}/{_slug(query)}",
+                    base,
+                    SHOP_HORIZON,
+                    split,
+                    "search",
+                    si,
+                    query,
+                    decoy,
+                )
             )
             tasks.append(
                 Task(
@@ -106,7 +115,7 @@ def _toggle_task(split: str, toggle: int, target: bool, initial: tuple[bool, boo
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def catalogue() -> dict[str, tuple[Task, ...]]:
     """``{"train": (...), "test": (...)}``; deterministic and disjoint."""
     train: list[Task] = _shopping("train", TRAIN_QUERIES)
@@ -119,7 +128,9 @@ def catalogue() -> dict[str, tuple[Task, ...]]:
         _toggle_task("train", 2, True, (True, False, False)),
         _toggle_task("train", 1, True, (False, False, False)),
         Task("train/open_settings", "Open the settings", GENERAL_HORIZON, "train", "open_settings"),
-        Task("train/open_shop/shopmart_com", "Open the ShopMart app", GENERAL_HORIZON, "train", "open_shop", 0),
+        Task(
+            "train/open_shop/shopmart_com", "Open the ShopMart app", GENERAL_HORIZON, "train", "open_shop", 0
+        ),
         Task("train/open_shop/buynow_com", "Open the BuyNow app", GENERAL_HORIZON, "train", "open_shop", 1),
     ]
     test += [
@@ -139,6 +150,6 @@ def catalogue() -> dict[str, tuple[Task, ...]]:
     return {"train": tuple(train), "test": tuple(test)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def task_index() -> dict[str, Task]:
     return {t.task_id: t for split in catalogue().values() for t in split}
