@@ -150,7 +150,9 @@ def render_state(state: L.State, task: Task, width: int, height: int) -> Image.I
             _search_bar(c, query, f"Search {name}", colour, focused=True)
             if query:
                 c.rect(L.SUGGESTION, (255, 240, 170), outline=(200, 180, 80), width=2)
-                c.text(0.30, 0.09, f"> {query}", BLACK)
+                # A swatch coloured by the query: typing a different query is a visible change, not 8 px of text.
+                c.rect((L.SUGGESTION[0] + 0.02, 0.08, L.SUGGESTION[2] - 0.02, 0.28), item_colour(query, 0))
+                c.text(0.30, 0.32, query, BLACK)
             _keyboard(c)
         elif s.screen == L.RESULTS:
             _search_bar(c, query, "", colour, focused=False)
