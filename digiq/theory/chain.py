@@ -38,6 +38,24 @@ def _inputs(s: np.ndarray, a: np.ndarray, depth: np.ndarray) -> np.ndarray:
     return np.stack([pos, a.astype(float)], axis=-1)
 
 
+def n_step_targets(
+    rewards: np.ndarray, dones: np.ndarray, ns: np.ndarray, gammas: np.ndarray, v_boot: np.ndarray
+) -> np.ndarray:
+    """n-step targets for the entry ``W - n`` of each run's window (oldest first, length W):
+    ``sum_{k<n} gamma^k r_k`` over the last ``n`` entries, cut after the first ``done``, plus
+    ``gamma^n v_boot`` if no entry in those ``n`` ended the episode. ``v_boot`` = max_a Q(s after the newest
+    entry, a). rewards/dones: (R, W); ns, gammas, v_boot: (R,)."""
+    R, W = rewards.shape
+    first = W - ns
+    j = np.arange(W)[None, :]
+    in_horizon = j >= first[:, None]
+    disc = np.where(in_horizon, gammas[:, None] ** np.maximum(j - first[:, None], 0), 0.0)
+    d_h = dones & in_horizon
+    alive = np.cumprod(np.concatenate([np.ones((R, 1)), 1.0 - d_h[:, :-1]], axis=1), axis=1)
+    not_ended = alive[:, -1] * (1.0 - d_h[:, -1])
+    return (disc * alive * rewards).sum(1) + gammas**ns * not_ended * v_boot
+
+
 def train_chain(
     depths: np.ndarray,
     gammas: np.ndarray,
@@ -94,10 +112,6 @@ def train_chain(
     buf_d = np.zeros((R, W), dtype=bool)
     buf_ok = np.zeros((R, W), dtype=bool)
     first = W - ns  # index of the entry whose n-step horizon completes at this step
-    j_idx = np.arange(W)[None, :]
-    in_horizon = j_idx >= first[:, None]
-    disc = np.where(in_horizon, gammas[:, None] ** np.maximum(j_idx - first[:, None], 0), 0.0)
-    gamma_n = gammas**ns
     idx = np.arange(R)
 
     s = rng.integers(0, depths)
@@ -125,14 +139,9 @@ def train_chain(
         buf_s[:, :-1], buf_a[:, :-1], buf_r[:, :-1] = buf_s[:, 1:], buf_a[:, 1:], buf_r[:, 1:]
         buf_d[:, :-1], buf_ok[:, :-1] = buf_d[:, 1:], buf_ok[:, 1:]
         buf_s[:, -1], buf_a[:, -1], buf_r[:, -1], buf_d[:, -1], buf_ok[:, -1] = s, a, rwd, done, True
-        # n-step target for entry `first`: rewards until the first done, bootstrap if none
-        d_h = buf_d & in_horizon
-        alive = np.cumprod(np.concatenate([np.ones((R, 1)), 1.0 - d_h[:, :-1]], axis=1), axis=1)
-        G = (disc * alive * buf_r).sum(1)
-        not_ended = alive[:, -1] * (1.0 - d_h[:, -1])
         nxt = np.stack([s_next, s_next], axis=1)
         q_next, _ = forward(params, _inputs(nxt, np.tile([0, 1], (R, 1)), depths))
-        y = G + gamma_n * not_ended * q_next.max(-1)
+        y = n_step_targets(buf_r, buf_d, ns, gammas, q_next.max(-1))
         if oracle is not None:  # supervised regression on Q* itself: the approximation/optimisation floor
             y = np.where(oracle, qstar[idx, buf_s[idx, first], buf_a[idx, first]], y)
         upd = buf_ok[idx, first].astype(float)  # the window is not full yet at the very start

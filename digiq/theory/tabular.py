@@ -154,6 +154,9 @@ def minimax_floor(phi: np.ndarray, q: np.ndarray) -> float:
     X = phi.reshape(-1, phi.shape[-1])
     y = q.reshape(-1)
     n, k = X.shape
+    if n <= k:  # at least as many features as pairs: least squares interpolates when X has full row rank
+        theta, *_ = np.linalg.lstsq(X, y, rcond=None)
+        return float(np.abs(X @ theta - y).max())
     best = np.inf
     for rows in itertools.combinations(range(n), k + 1):
         for signs in itertools.product((-1.0, 1.0), repeat=k + 1):
