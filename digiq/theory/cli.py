@@ -35,7 +35,7 @@ class TabularConfig:
     # Probability that an action leaves the state unchanged ("the tap did nothing"); > 0 makes the MDP cyclic.
     p_stay: float = 0.2
     # Value-iteration sweeps.
-    vi_iters: int = 40
+    vi_iters: int = 30
     # Environment steps per run for Q-learning and function approximation.
     steps: int = 100_000
     # Independent runs (seeds) per curve.

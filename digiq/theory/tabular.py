@@ -17,7 +17,7 @@ from digiq.theory.mdp import TabularMDP, branching_mdp, q_star, sample_step, val
 # --------------------------------------------------------------------------------------------------
 
 
-def run_value_iteration(gamma: float = 0.9, iters: int = 40, seed: int = 0, p_stay: float = 0.2) -> Result:
+def run_value_iteration(gamma: float = 0.9, iters: int = 30, seed: int = 0, p_stay: float = 0.2) -> Result:
     """||T^k Q_0 - Q*||_inf against the contraction bound gamma^k ||Q_0 - Q*||_inf, from Q_0 = 0 and from a
     random Q_0 ~ U[-2, 2]. T is a gamma-contraction in sup norm, so the bound must hold at every k."""
     mdp = branching_mdp(p_stay)
@@ -32,10 +32,10 @@ def run_value_iteration(gamma: float = 0.9, iters: int = 40, seed: int = 0, p_st
         bound = gamma**k * err[0]
         cols[f"error_{label}_init"] = err
         cols[f"bound_{label}_init"] = bound
-        summary[f"max_ratio_to_bound_{label}"] = float(np.max(err / np.maximum(bound, 1e-300)))
-        # empirical contraction rate over the last half (the slowest mode; <= gamma)
-        tail = err[iters // 2 :]
-        tail = tail[tail > 1e-14]
+        # over k >= 1 (k = 0 is equality by construction); <= 1 is the contraction theorem
+        summary[f"max_ratio_to_bound_{label}"] = float(np.max(err[1:] / np.maximum(bound[1:], 1e-300)))
+        # empirical contraction rate: geometric mean ratio after the first D = 3 sweeps, above round-off
+        tail = err[3:][err[3:] > 1e-12]
         if len(tail) > 1:
             summary[f"empirical_rate_{label}"] = float(np.exp(np.mean(np.diff(np.log(tail)))))
     return Result("value-iteration", {"value-iteration": cols}, summary)
