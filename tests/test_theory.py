@@ -275,3 +275,35 @@ def test_config_validation() -> None:
         load_config(Config, None, ["tabular.gamma=1.0"])
     with pytest.raises(ConfigError, match="discount"):
         load_config(Config, None, ["chain.gammas=[0.9, 1.5]"])
+
+
+def _q_uniform_policy(depth: int, gamma: float) -> np.ndarray:
+    """Q of the uniformly random policy on the chain, by solving the linear Bellman equation."""
+    mdp = chain_mdp(depth)
+    S = depth
+    P = mdp.P.reshape(S * 2, S)  # (s, a) -> s'
+    M = np.eye(S * 2) - gamma * P @ np.kron(np.eye(S), np.full((1, 2), 0.5))
+    return np.linalg.solve(M, mdp.R.reshape(-1)).reshape(S, 2)
+
+
+@pytest.mark.slow
+def test_digiq_td_and_mc_evaluate_the_behaviour_policy() -> None:
+    """With epsilon = 1 the data come from the uniform policy: Digi-Q's TD (V <- Q_targ(s, a_data)) and MC
+    losses must learn Q^uniform (computed exactly), while max-backup Q-learning heads for Q*."""
+    D, g = 4, 0.9
+    out = C.train_chain(
+        np.full(3, D),
+        np.full(3, g),
+        12_000,
+        seed=0,
+        n_steps=np.array([1, 64, 1]),
+        epsilon=1.0,
+        digiq_td=np.array([True, False, False]),
+    )
+    q_unif, q_opt = _q_uniform_policy(D, g), C.chain_q_star(D, g)
+    assert np.abs(q_unif - q_opt).max() > 0.2
+    for r, name in ((0, "digiq-td"), (1, "mc")):
+        err = np.abs(out["q_final"][r] - q_unif).max()
+        assert err < 0.07, f"{name}: {err}"
+        assert np.abs(out["q_final"][r] - q_opt).max() > 0.15
+    assert np.abs(out["q_final"][2] - q_opt).max() < 0.03

@@ -68,6 +68,8 @@ def train_chain(
     record_at: np.ndarray | None = None,
     optimizer: str = "adam",
     oracle: np.ndarray | None = None,
+    digiq_td: np.ndarray | None = None,
+    tau: float = 0.1,
 ) -> dict[str, np.ndarray]:
     """Train ``R = len(depths)`` independent MLP critics with (n-step) semi-gradient Q-learning.
 
@@ -79,6 +81,11 @@ def train_chain(
     ``oracle[r]``: regress on Q*(s, a) instead (same data, network and optimiser, no bootstrapping), which
     measures how well the network can fit Q* at all; the gap to it is what bootstrapping adds.
     ``optimizer``: 'adam' (default; step size ``alpha``) or 'sgd'.
+    ``digiq_td[r]``: Digi-Q's TD critic instead (digiq_official.md section 3, trainer.py:133-176): a second
+    MLP V(s) (1 -> hidden -> 1) and EMA target copies of both (rate ``tau``, official 0.1 per step);
+    Q(s, a) <- r + gamma (1 - d) V_targ(s') and V(s) <- Q_targ(s, a_data), the SARSA-style in-sample backup
+    with no max. (We copy the online weights into the targets at the start; the official target critic is
+    initialised independently.) Such runs must have n = 1.
 
     Returns ``record_at``, ``errors`` (records, R) = ||Q_theta - Q*||_inf over all (s, a), ``errors_start``
     = max_a |Q_theta(0, a) - Q*(0, a)| (the state farthest from the reward), ``q_final``
@@ -93,6 +100,14 @@ def train_chain(
     rec = log_points(steps, 200) if record_at is None else np.asarray(record_at)
     params = init_mlp(R, 2, hidden, rng)
     adam = Adam(params, alpha) if optimizer == "adam" else None
+    use_v = np.zeros(R, dtype=bool) if digiq_td is None else np.asarray(digiq_td, dtype=bool)
+    if np.any(use_v & (ns != 1)):
+        raise ValueError("digiq_td runs use one-step targets: set n_steps = 1 for them")
+    if use_v.any():
+        v_params = init_mlp(R, 1, hidden, rng)
+        v_adam = Adam(v_params, alpha) if optimizer == "adam" else None
+        q_targ = {k: v.copy() for k, v in params.items()}
+        v_targ = {k: v.copy() for k, v in v_params.items()}
 
     # evaluation grid: every (s, a) of every run, padded to the longest chain
     dmax = int(depths.max())
@@ -141,7 +156,11 @@ def train_chain(
         buf_s[:, -1], buf_a[:, -1], buf_r[:, -1], buf_d[:, -1], buf_ok[:, -1] = s, a, rwd, done, True
         nxt = np.stack([s_next, s_next], axis=1)
         q_next, _ = forward(params, _inputs(nxt, np.tile([0, 1], (R, 1)), depths))
-        y = n_step_targets(buf_r, buf_d, ns, gammas, q_next.max(-1))
+        v_boot = q_next.max(-1)
+        if use_v.any():
+            pos_next = (s_next / np.maximum(depths - 1, 1))[:, None, None]
+            v_boot = np.where(use_v, forward(v_targ, pos_next)[0][:, 0], v_boot)
+        y = n_step_targets(buf_r, buf_d, ns, gammas, v_boot)
         if oracle is not None:  # supervised regression on Q* itself: the approximation/optimisation floor
             y = np.where(oracle, qstar[idx, buf_s[idx, first], buf_a[idx, first]], y)
         upd = buf_ok[idx, first].astype(float)  # the window is not full yet at the very start
@@ -152,6 +171,18 @@ def train_chain(
             sgd_(params, g, alpha)
         else:
             adam.step_(params, g, upd > 0)
+        if use_v.any():  # V(s) <- Q_targ(s, a_data) on the same transition, then the EMA targets
+            y_v = forward(q_targ, x)[0][:, 0]
+            xv = x[:, :, :1]
+            v, v_cache = forward(v_params, xv)
+            gv = grad_mse(v_params, xv, v_cache, (v[:, 0] - y_v)[:, None] * (upd * use_v)[:, None])
+            if v_adam is None:
+                sgd_(v_params, gv, alpha)
+            else:
+                v_adam.step_(v_params, gv, (upd > 0) & use_v)
+            for tgt, src in ((q_targ, params), (v_targ, v_params)):
+                for k in tgt:
+                    tgt[k] += tau * (src[k] - tgt[k])
         s = s_next
     q_grid, _ = forward(params, x_grid)
     q_final = np.where(valid, q_grid, np.nan).reshape(R, dmax, 2)
@@ -324,14 +355,19 @@ def run_n_step(
     hidden: int = 64,
     optimizer: str = "adam",
     mc_window: int = 0,
+    digiq_td: bool = True,
+    tau: float = 0.1,
 ) -> Result:
-    """Experiment 6: horizon reduction. n-step targets for each n in ``ns`` plus a Monte-Carlo target (the
-    regression-on-return 'mc' critic loss): a window of ``mc_window`` steps (0 = 8 * depth), after which the
-    rare longer episode is bootstrapped."""
+    """Experiment 6: horizon reduction. n-step targets for each n in ``ns``, a Monte-Carlo target (Digi-Q's
+    'mc' critic loss: regression on the discounted return) over a window of ``mc_window`` steps (0 = 8 * depth;
+    the rare longer episode is bootstrapped), and optionally Digi-Q's TD critic (Q and V heads, EMA targets,
+    in-sample V backup; see :func:`train_chain`). Both Digi-Q losses evaluate the *behaviour* policy (no max),
+    so against Q* they carry the off-policy gap of the epsilon-greedy data."""
     mcw = mc_window or 8 * depth
-    labels = [f"n{n}" for n in ns] + ["mc"]
-    n_list = [*ns, mcw]
+    labels = [f"n{n}" for n in ns] + ["mc"] + (["digiq_td"] if digiq_td else [])
+    n_list = [*ns, mcw] + ([1] if digiq_td else [])
     n_arr = np.repeat(np.asarray(n_list), seeds)
+    use_v = np.repeat([lab == "digiq_td" for lab in labels], seeds)
     out = train_chain(
         np.full(len(n_arr), depth),
         np.full(len(n_arr), gamma),
@@ -342,6 +378,8 @@ def run_n_step(
         epsilon=epsilon,
         hidden=hidden,
         optimizer=optimizer,
+        digiq_td=use_v,
+        tau=tau,
     )
     err = out["errors"]
     fin = _final(err)

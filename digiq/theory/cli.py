@@ -77,6 +77,10 @@ class ChainConfig:
     nstep_seeds: int = 3
     # Window of the Monte-Carlo target in steps (0 = 8 x depth; longer episodes are bootstrapped).
     mc_window: int = 0
+    # Add Digi-Q's TD critic (Q and V heads, EMA targets, V(s) <- Q_targ(s, a_data)) to experiment 6.
+    nstep_digiq_td: bool = True
+    # EMA rate of its target networks (official: 0.1 per optimiser step).
+    digiq_tau: float = 0.1
 
 
 @dataclasses.dataclass
@@ -113,6 +117,7 @@ class Config:
             "chain.gammas / chain.ns must be non-empty, n >= 1",
         )
         check(c.mc_window >= 0, "chain.mc_window must be >= 0")
+        check(0 < c.digiq_tau <= 1, f"chain.digiq_tau must be in (0, 1], got {c.digiq_tau}")
         for name in ("depth", "discount", "nstep"):
             check(getattr(c, f"{name}_steps") > 0, f"chain.{name}_steps must be > 0")
             check(getattr(c, f"{name}_seeds") > 0, f"chain.{name}_seeds must be > 0")

@@ -126,7 +126,9 @@ def _n_step(res: Result, fig) -> None:
     labels = [k[:-5] for k in c if k.endswith("_mean")]
     ax = fig.add_subplot(1, 1, 1)
     for lab, color in zip(labels, COLORS):
-        name = "Monte-Carlo return" if lab == "mc" else f"{lab[1:]}-step target"
+        name = {"mc": "Digi-Q MC (return regression)", "digiq_td": "Digi-Q TD (Q, V, EMA targets)"}.get(
+            lab, f"{lab[1:]}-step Q-learning"
+        )
         _band(ax, c["step"], c, lab, color, name)
     ax.set_yscale("log")
     s = res.summary
