@@ -129,6 +129,7 @@ def train_chain(
     first = W - ns  # index of the entry whose n-step horizon completes at this step
     idx = np.arange(R)
 
+    acts = np.tile([0, 1], (R, 1))
     s = rng.integers(0, depths)
     errors = np.empty((len(rec), R))
     errors_start = np.empty((len(rec), R))
@@ -144,7 +145,7 @@ def train_chain(
             break
         # act: epsilon-greedy on Q(s, stay), Q(s, forward)
         both = np.stack([s, s], axis=1)
-        q_s, _ = forward(params, _inputs(both, np.tile([0, 1], (R, 1)), depths))
+        q_s, _ = forward(params, _inputs(both, acts, depths))
         explore = rng.random(R) < epsilon
         a = np.where(explore, rng.integers(0, 2, R), q_s.argmax(-1))
         done = (a == 1) & (s == depths - 1)
@@ -155,7 +156,7 @@ def train_chain(
         buf_d[:, :-1], buf_ok[:, :-1] = buf_d[:, 1:], buf_ok[:, 1:]
         buf_s[:, -1], buf_a[:, -1], buf_r[:, -1], buf_d[:, -1], buf_ok[:, -1] = s, a, rwd, done, True
         nxt = np.stack([s_next, s_next], axis=1)
-        q_next, _ = forward(params, _inputs(nxt, np.tile([0, 1], (R, 1)), depths))
+        q_next, _ = forward(params, _inputs(nxt, acts, depths))
         v_boot = q_next.max(-1)
         if use_v.any():
             pos_next = (s_next / np.maximum(depths - 1, 1))[:, None, None]

@@ -64,13 +64,23 @@ class Adam:
         self.v = {k: np.zeros_like(v) for k, v in p.items()}
 
     def step_(self, p: Params, g: Params, active: np.ndarray | None = None) -> None:
-        """``active`` (R,) bool: runs that take a step this time (others are left untouched)."""
+        """``active`` (R,) bool: runs that take a step this time (the others keep params and moments; the
+        bias-correction counter is shared, which only matters for the first few masked steps)."""
         self.t += 1
         c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
+        if active is not None and active.all():
+            active = None
         for k in p:
-            mask = 1.0 if active is None else active.reshape((-1,) + (1,) * (p[k].ndim - 1))
-            m = self.b1 * self.m[k] + (1 - self.b1) * g[k]
-            v = self.b2 * self.v[k] + (1 - self.b2) * g[k] ** 2
-            self.m[k] = np.where(mask, m, self.m[k]) if active is not None else m
-            self.v[k] = np.where(mask, v, self.v[k]) if active is not None else v
-            p[k] -= mask * self.lr * (self.m[k] / c1) / (np.sqrt(self.v[k] / c2) + self.eps)
+            m, v = self.m[k], self.v[k]
+            if active is None:  # fast path, in place
+                m *= self.b1
+                m += (1 - self.b1) * g[k]
+                v *= self.b2
+                v += (1 - self.b2) * g[k] ** 2
+                p[k] -= (self.lr / c1) * m / (np.sqrt(v / c2) + self.eps)
+                continue
+            mask = active.reshape((-1,) + (1,) * (p[k].ndim - 1))
+            self.m[k] = np.where(mask, self.b1 * m + (1 - self.b1) * g[k], m)
+            self.v[k] = np.where(mask, self.b2 * v + (1 - self.b2) * g[k] ** 2, v)
+            step = (self.lr / c1) * self.m[k] / (np.sqrt(self.v[k] / c2) + self.eps)
+            p[k] -= np.where(mask, step, 0.0)
