@@ -45,7 +45,9 @@ def _reference(model, proc, img, rendering, layer, prev=PREV):
     return torch.stack([reference_features(model, proc, img, GOAL, prev, a, rendering, layer) for a in items])
 
 
-@pytest.mark.parametrize(("rendering", "layer"), [("text", None), ("overlay", None), ("text", -1), ("text", 1)])
+@pytest.mark.parametrize(
+    ("rendering", "layer"), [("text", None), ("overlay", None), ("text", -1), ("text", 1)]
+)
 def test_features_equal_per_pair_forward(vlm, rendering: str, layer: int | None) -> None:
     model, proc = vlm
     img = _screen()
@@ -69,14 +71,18 @@ def test_features_many_batches_across_states(vlm) -> None:
     rows = [(img, GOAL, PREV, ACTIONS[:3]), (img.rotate(180), "Turn on wifi", "", ACTIONS[2:])]
     out = f.features_many(rows)
     for (im, goal, prev, acts), (s, a) in zip(rows, out, strict=True):
-        ref = torch.stack([reference_features(model, proc, im, goal, prev, x, "overlay") for x in [None, *acts]])
+        ref = torch.stack(
+            [reference_features(model, proc, im, goal, prev, x, "overlay") for x in [None, *acts]]
+        )
         torch.testing.assert_close(torch.cat([s[None], a]), ref, atol=1e-4, rtol=0)
 
 
 def test_qwen_mrope_offset_matters() -> None:
     """Sanity of the Qwen2-VL test: continuing the text at Lp instead of Lp + rope_delta is detectably wrong."""
     # A larger image than SPEC's: more merged patches, so the M-RoPE delta (h*w - max(h, w)) is large.
-    spec = TinySpec(hidden=64, layers=3, heads=4, kv_heads=2, vision_hidden=64, vision_layers=1, image_size=112)
+    spec = TinySpec(
+        hidden=64, layers=3, heads=4, kv_heads=2, vision_hidden=64, vision_layers=1, image_size=112
+    )
     model, proc = build_tiny_vlm("qwen2-vl", spec=spec, seed=1)
     img = _screen()
     f = Featurizer(model, proc)
@@ -96,7 +102,9 @@ def test_unsupported_family_falls_back_to_full_forwards(caplog) -> None:
     assert not f.prefix_sharing and "prefix sharing is not supported" in caplog.text
     img = _screen()
     s, a = f.features(img, GOAL, PREV, ACTIONS[:2])
-    ref = torch.stack([reference_features(model, proc, img, GOAL, PREV, x, "text") for x in [None, *ACTIONS[:2]]])
+    ref = torch.stack(
+        [reference_features(model, proc, img, GOAL, PREV, x, "text") for x in [None, *ACTIONS[:2]]]
+    )
     torch.testing.assert_close(torch.cat([s[None], a]), ref, atol=1e-4, rtol=0)
 
 

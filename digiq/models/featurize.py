@@ -174,7 +174,9 @@ class Featurizer:
         outs = []
         for s in range(0, len(actions), self.batch_size):
             sl = slice(s, s + self.batch_size)
-            inputs = make_inputs(self.processor, images[sl], goals[sl], prevs[sl], actions[sl], self.rendering)
+            inputs = make_inputs(
+                self.processor, images[sl], goals[sl], prevs[sl], actions[sl], self.rendering
+            )
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             outs.append(extract_features(self.model, inputs, self.layer))
         return torch.cat(outs)

@@ -165,7 +165,12 @@ def shard_ok(path: Path, rows: int, n: int, dtype: str, with_valid: bool) -> boo
     st, ac = h["state"], h["actions"]
     if st["dtype"] != ST_DTYPES[dtype] or ac["dtype"] != ST_DTYPES[dtype]:
         return False
-    if len(st["shape"]) != 2 or st["shape"][0] != rows or ac["shape"][:2] != [rows, n] or len(ac["shape"]) != 3:
+    if (
+        len(st["shape"]) != 2
+        or st["shape"][0] != rows
+        or ac["shape"][:2] != [rows, n]
+        or len(ac["shape"]) != 3
+    ):
         return False
     return ("valid" in h) == with_valid
 
@@ -224,7 +229,9 @@ def compute_shard(featurizer, ds, start: int, end: int, n: int, dtype: torch.dty
     """Features of dataset rows ``start..end``: state (n_rows, D), actions (n_rows, N, D), valid (n_rows, N)."""
     from digiq.models.prompts import previous_action_from_observation
 
-    sub = ds.select(range(start, end)).select_columns(["screenshot", "task", "observation", "action", "candidates"])
+    sub = ds.select(range(start, end)).select_columns(
+        ["screenshot", "task", "observation", "action", "candidates"]
+    )
     rows, batch = [], []
 
     def flush():
@@ -308,7 +315,12 @@ def run(cfg: Config) -> dict:
     num_shards = (R + cfg.shard_rows - 1) // cfg.shard_rows
     if decision == "done":
         log.info("%s already holds this feature cache (config %s); nothing to do", out, ident["config_hash"])
-        return {"status": "already complete", "computed_shards": [], "skipped_shards": [], "num_shards": num_shards}
+        return {
+            "status": "already complete",
+            "computed_shards": [],
+            "skipped_shards": [],
+            "num_shards": num_shards,
+        }
     if is_main:
         if decision == "overwrite":
             shutil.rmtree(out)
@@ -321,7 +333,11 @@ def run(cfg: Config) -> dict:
     dtype = DTYPES[cfg.dtype]
     mine = list(range(rank, num_shards, world))
     bounds = {s: (s * cfg.shard_rows, min(R, (s + 1) * cfg.shard_rows)) for s in range(num_shards)}
-    todo = [s for s in mine if not shard_ok(out / shard_name(s), bounds[s][1] - bounds[s][0], N, cfg.dtype, ragged)]
+    todo = [
+        s
+        for s in mine
+        if not shard_ok(out / shard_name(s), bounds[s][1] - bounds[s][0], N, cfg.dtype, ragged)
+    ]
     skipped = [s for s in mine if s not in todo]
     if cfg.max_shards is not None:
         todo = todo[: cfg.max_shards]
@@ -360,7 +376,10 @@ def run(cfg: Config) -> dict:
     rate = n_rows / secs if secs > 0 and n_rows else 0.0
     log.info("rank %d: %d row(s) in %.1fs (%.2f rows/s)", rank, n_rows, secs, rate)
     if featurizer.num_prefix_fallbacks:
-        log.warning("%d state(s) fell back to full forwards (prefix tokenisation not clean)", featurizer.num_prefix_fallbacks)
+        log.warning(
+            "%d state(s) fell back to full forwards (prefix tokenisation not clean)",
+            featurizer.num_prefix_fallbacks,
+        )
     summary = {
         "computed_shards": computed,
         "skipped_shards": skipped,
@@ -368,7 +387,9 @@ def run(cfg: Config) -> dict:
         "num_shards": num_shards,
     }
     if cfg.max_shards is not None and len(computed) < len(mine) - len(skipped):
-        log.warning("stopped after max_shards=%d: %s is an in-progress cache; re-run to finish", cfg.max_shards, out)
+        log.warning(
+            "stopped after max_shards=%d: %s is an in-progress cache; re-run to finish", cfg.max_shards, out
+        )
         return {**summary, "status": "incomplete"}
 
     acc.wait_for_everyone()
@@ -378,7 +399,9 @@ def run(cfg: Config) -> dict:
     return {**summary, "status": "complete"}
 
 
-def _finalize(out: Path, cfg: Config, ident: dict, bounds: dict[int, tuple[int, int]], n: int, ragged: bool) -> None:
+def _finalize(
+    out: Path, cfg: Config, ident: dict, bounds: dict[int, tuple[int, int]], n: int, ragged: bool
+) -> None:
     """Check every shard, then write the manifest and the completion marker (main process, last)."""
     missing, dims = [], set()
     for s, (start, end) in bounds.items():
