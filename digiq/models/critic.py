@@ -97,7 +97,7 @@ class EnsembleMLP(nn.Module):
             h = torch.baddbmm(b, h.expand(self.num, -1, -1) if i == 0 else h, w)  # (T, B, out)
             if i < last:
                 if self.layer_norm:
-                    h = F.layer_norm(h, h.shape[-1:]) * self.ln_weights[i] + self.ln_biases[i]
+                    h = torch.addcmul(self.ln_biases[i], F.layer_norm(h, h.shape[-1:]), self.ln_weights[i])
                 h = F.relu(h)
         return h.squeeze(-1).transpose(0, 1).reshape(*lead, self.num)
 

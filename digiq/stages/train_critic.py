@@ -24,6 +24,7 @@ metrics), ``checkpoint/`` (model, target, optimiser as safetensors + ``trainer_s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -277,6 +278,33 @@ def batch_loss(
         lq = td_q_loss(q.float(), expand(data.reward[idx]), expand(data.done[idx]), expand(v_next), cfg.gamma)
         lv = td_v_loss(v.float(), expand(q_back))
     return lq + lv, {"loss_q": lq.detach(), "loss_v": lv.detach(), "q_mean": q.detach().mean()}
+
+
+def train_step(
+    model: torch.nn.Module,
+    critic: Critic,
+    target: Critic | None,
+    opt: torch.optim.Optimizer,
+    data: DeviceData,
+    idx: torch.Tensor,
+    cfg: Config,
+    backup_col: torch.Tensor | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step: loss, backward, clip, Adam, target EMA. ``model`` may be DDP around ``critic``.
+
+    Returns detached tensors (no host sync here: the caller decides when to read them).
+    """
+    with autocast():  # forward only; backward runs outside autocast as torch recommends
+        loss, parts = batch_loss(model, target, data, idx, cfg, backup_col)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm, foreach=True)
+    opt.step()
+    if target is not None:
+        soft_update(target, critic, cfg.tau)
+    return loss.detach(), parts
 
 
 @torch.no_grad()
@@ -576,7 +604,6 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     gen = torch.Generator(device="cpu")
     train_cpu = torch.as_tensor(train_rows)
     valid_cpu = None if data.valid is None else data.valid.cpu().float()
-    params = [p for p in critic.parameters() if p.requires_grad]
     step = start_step
     metrics: dict[str, float] = {}
     bar = tqdm(total=total, initial=start_step, disable=not is_main, desc="train-critic")
@@ -596,20 +623,12 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
             idx = idx_cpu.to(device, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = cfg.optim.lr * _lr_factor(step, total, cfg.optim)
-            with accelerator.autocast():
-                loss, parts = batch_loss(model, target, data, idx, cfg, col)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm, foreach=True)
-            opt.step()
-            if target is not None:
-                soft_update(target, critic, cfg.tau)
+            loss, parts = train_step(model, critic, target, opt, data, idx, cfg, col, accelerator.autocast)
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
                 logs = {k: float(v) for k, v in parts.items()}
-                logs["loss"] = float(loss.detach())
+                logs["loss"] = float(loss)
                 logs["lr"] = opt.param_groups[0]["lr"]
                 if not math.isfinite(logs["loss"]):
                     raise DataError(f"critic loss became {logs['loss']} at step {step}: lower optim.lr")
