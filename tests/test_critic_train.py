@@ -127,6 +127,13 @@ def test_input_errors(mdp_inputs, tmp_path: Path) -> None:
         tc.run(_cfg(ds, wide, tmp_path / "o3", "epochs=2", "resume=true"))
 
 
+def test_bf16_autocast_run(mdp_inputs, tmp_path: Path) -> None:
+    ds, feats, _, _ = mdp_inputs
+    m = tc.run(_cfg(ds, feats, tmp_path / "bf16", "mixed_precision=bf16", "epochs=2", "q_star=skip"))
+    assert np.isfinite(m["val_td_error"])
+    assert load_critic(tmp_path / "bf16" / "critic").state_mean.dtype == torch.float32
+
+
 def test_truncated_trajectories_are_terminal(tmp_path: Path) -> None:
     ds, _, _, _ = make_run_inputs(tmp_path, num_traj=20, horizon=2, gamma=GAMMA)
     tr, raw = tc.load_transitions(ds, GAMMA)

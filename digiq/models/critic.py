@@ -163,6 +163,10 @@ class Critic(nn.Module):
         """A(s, a_i) = Q(s, a_i) - V(s) for action feats (B, N, Da) and state feats (B, Ds) -> (B, N)."""
         return self.q(action_feats) - self.v(state_feats).unsqueeze(-1)
 
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Shorthand for :func:`save_critic`."""
+        return save_critic(self, path, extra)
+
     def forward(
         self, state_feats: torch.Tensor, action_feats: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
