@@ -83,9 +83,9 @@ def test_resume_is_bitwise_identical(mdp_inputs, tmp_path: Path, monkeypatch: py
     real_save = tc.save_checkpoint
 
     def save_then_die(out, critic, target, opt, step, epoch):
-        real_save(out, critic, target, opt, step, epoch)
-        if epoch == 2:
+        if epoch == 3:  # killed during epoch 3: its train logs are in metrics.jsonl, its checkpoint is not
             raise _Interrupted
+        real_save(out, critic, target, opt, step, epoch)
 
     monkeypatch.setattr(tc, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupted):

@@ -37,13 +37,20 @@ import torch
 
 from digiq.config import OptimConfig, WandbConfig, check, save_config, to_dict
 from digiq.data.features import FeatureCache
-from digiq.data.schema import discounted_returns, load_dataset, split_by_trajectory, trajectory_bounds
+from digiq.data.schema import (
+    discounted_returns,
+    load_dataset,
+    next_row_index,
+    split_by_trajectory,
+    trajectory_bounds,
+)
 from digiq.errors import DataError
 from digiq.losses import mc_loss, td_q_loss, td_v_loss
 from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
 from digiq.utils.io import (
     atomic_save_safetensors,
     atomic_write_json,
+    atomic_write_text,
     is_complete,
     staged_dir,
 )
@@ -165,11 +172,10 @@ def load_transitions(path: str | Path, gamma: float) -> tuple[Transitions, Any]:
     reward = np.asarray(cols["reward"], dtype=np.float32)
     done = np.asarray(cols["done"], dtype=bool)
     bounds = trajectory_bounds(cols)
-    next_idx = np.arange(1, len(reward) + 1, dtype=np.int64)
+    next_idx = next_row_index(cols)  # -1 after the last step of each trajectory
     truncated = 0
     mc = np.zeros(len(reward), dtype=np.float32)
     for s, e in bounds:
-        next_idx[e - 1] = -1
         mc[s:e] = discounted_returns(reward[s:e], gamma)
         if not done[e - 1]:
             truncated += 1
@@ -451,6 +457,18 @@ def load_checkpoint_state(out: Path) -> dict[str, Any]:
     return state
 
 
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metrics.jsonl lines logged after the checkpoint a run resumes from (they will be re-logged)."""
+    if not path.exists():
+        return
+    keep = [
+        ln
+        for ln in path.read_text().splitlines()
+        if ln.strip() and json.loads(ln).get("step", 0) <= last_step
+    ]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
 def _lr_factor(step: int, total: int, optim: OptimConfig) -> float:
     warm = int(optim.warmup_ratio * total)
     if step < warm:
@@ -594,6 +612,8 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
+    if is_main and resuming:
+        _truncate_metrics(out / "metrics.jsonl", start_step)
     logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=is_main, resume=resuming)
     log.info(
         "critic: %d train / %d val rows, N=%d, Ds=%d, Da=%d, %d params, %d steps on %s x%d",
