@@ -496,8 +496,11 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     from digiq.utils.dist import make_accelerator
 
     out = Path(cfg.output_dir)
+    # Mixed precision is applied by this stage (torch.autocast), not by accelerate: accelerate's state is a
+    # process-wide singleton that refuses a second, different mixed_precision in the same process (as an
+    # in-process pipeline or test session would ask for). None = keep whatever the process already has.
     accelerator = make_accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=None,  # type: ignore[arg-type]
         cpu=None if cfg.device == "auto" else cfg.device == "cpu",
     )
     is_main = accelerator.is_main_process
@@ -592,7 +595,16 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         opt.load_state_dict(ck["optimizer_state"])
         set_rng_state(ck["rng"])
         start_step, start_epoch = int(ck["step"]), int(ck["epoch"])
-    model = accelerator.prepare_model(critic)
+    # DDP by hand (not accelerator.prepare) so that no process-wide autocast wrapper is attached to forward.
+    model: torch.nn.Module = critic
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            critic, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    use_bf16 = cfg.mixed_precision == "bf16"
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     # ---- validation set-up (exact Q* on simulated data) -----------------------------------------
     qs_rows = qs_table = None
@@ -643,7 +655,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
             idx = idx_cpu.to(device, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = cfg.optim.lr * _lr_factor(step, total, cfg.optim)
-            loss, parts = train_step(model, critic, target, opt, data, idx, cfg, col, accelerator.autocast)
+            loss, parts = train_step(model, critic, target, opt, data, idx, cfg, col, autocast)
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
