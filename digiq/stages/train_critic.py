@@ -505,8 +505,9 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     )
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.batch_size % world:
-        raise DataError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    check(
+        cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} must be divisible by the {world} processes"
+    )
     local_batch = cfg.batch_size // world
     device = accelerator.device
 
