@@ -271,6 +271,9 @@ def load_config(
     cls: type[T], config_path: str | Path | None = None, overrides: typing.Sequence[str] = ()
 ) -> T:
     """Defaults <- YAML file <- dotted overrides, then ``validate()``; errors name the file or flag."""
+    # Start from the dataclass defaults as a dict, so a partial YAML section or a single dotted override
+    # (``optim.lr=1e-3``) keeps the parent's ``default_factory`` values for the other fields of the section.
+    defaults = to_dict(cls())
     data: dict[str, Any] = {}
     if config_path is not None:
         path = Path(config_path)
@@ -290,11 +293,11 @@ def load_config(
     if overrides:
         try:
             data = _merge(data, parse_overrides(overrides))
-            cfg = from_dict(cls, data)
+            cfg = from_dict(cls, _merge(defaults, data))
         except ConfigError as e:
             raise ConfigError(f"command-line override: {e}") from None
     else:
-        cfg = from_dict(cls, data)
+        cfg = from_dict(cls, _merge(defaults, data))
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()

@@ -46,6 +46,20 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
     assert to_dict(cfg)["inner"]["widths"] == [4, 2, 1]
 
 
+@dataclasses.dataclass
+class WithFactory:
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=0.5, max_grad_norm=2.0))
+
+
+def test_partial_override_keeps_parent_factory_defaults(tmp_path: Path) -> None:
+    cfg = load_config(WithFactory, None, ["optim.warmup_ratio=0.1"])
+    assert cfg.optim.lr == 0.5 and cfg.optim.max_grad_norm == 2.0 and cfg.optim.warmup_ratio == 0.1
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 0.25\n")
+    cfg = load_config(WithFactory, p)
+    assert cfg.optim.lr == 0.25 and cfg.optim.max_grad_norm == 2.0
+
+
 def test_unknown_key_suggests(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="inner.lrr.*did you mean 'lr'"):
         load_config(Outer, None, ["inner.lrr=1"])

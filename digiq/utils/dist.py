@@ -30,6 +30,13 @@ def make_accelerator(
     if find_unused_parameters:
         # LoRA layers above the feature layer get no gradient; DDP must be told (feasibility.md section 4).
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
+    # mixed_precision. Stages run one after another in one process (`digiq pipeline`, tests), so drop the
+    # previous stage's state; the distributed process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
