@@ -77,7 +77,9 @@ def main() -> None:
     prefix_text, _ = split_prompt("llava", goal, prev, None, "text")
     n_prefix = processor_call(proc, [rows[0][0]], [prefix_text])["input_ids"].shape[1]
     tok = proc.tokenizer
-    n_img = int((processor_call(proc, [rows[0][0]], [prefix_text])["input_ids"] == model.config.image_token_id).sum())
+    n_img = int(
+        (processor_call(proc, [rows[0][0]], [prefix_text])["input_ids"] == model.config.image_token_id).sum()
+    )
     suffix_lens = [
         len(tok(split_prompt("llava", goal, prev, a, "text")[1])["input_ids"]) for a in [None, *rows[0][3]]
     ]
