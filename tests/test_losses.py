@@ -58,5 +58,5 @@ def test_official_broadcast_bug_cannot_recur() -> None:
     with pytest.raises(ShapeError):
         mc_loss(torch.tensor(1.0), torch.tensor(1.0))
     # what the official bug computes is different from the correct loss (so the check matters)
-    buggy = torch.nn.functional.mse_loss(pred, ret)  # noqa: the broadcasting call, with its warning
+    buggy = torch.nn.functional.mse_loss(pred, ret)  # the broadcasting call, with its warning
     assert not torch.isclose(buggy, mc_loss(pred.squeeze(1), ret))
