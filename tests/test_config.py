@@ -57,8 +57,13 @@ def test_unknown_key_suggests(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "override, message",
-    [("steps=abc", "expected an integer"), ("flag=maybe", "true/false"), ("optim.scheduler=cos", "not one of"),
-     ("steps=0", "must be > 0"), ("noequals", "key=value")],
+    [
+        ("steps=abc", "expected an integer"),
+        ("flag=maybe", "true/false"),
+        ("optim.scheduler=cos", "not one of"),
+        ("steps=0", "must be > 0"),
+        ("noequals", "key=value"),
+    ],
 )
 def test_bad_values(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -126,7 +126,9 @@ def load_dataset(path: str | Path, validate: bool = True) -> Dataset:
     if not path.exists():
         raise DataError(f"dataset not found: {path}")
     if not is_complete(path):
-        raise DataError(f"dataset at {path} is incomplete (no _COMPLETE marker): re-run the stage that wrote it")
+        raise DataError(
+            f"dataset at {path} is incomplete (no _COMPLETE marker): re-run the stage that wrote it"
+        )
     try:
         ds = load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - datasets raises many types for a broken folder

@@ -1,0 +1,174 @@
+"""``digiq sim collect``: behaviour-policy trajectories on the simulated device, in the digiq dataset schema.
+
+    digiq sim collect output_dir=data/sim num_trajectories=500
+    digiq sim collect --config configs/sim_collect/small.yaml num_candidates=8
+
+Rows follow :data:`digiq.data.schema.FEATURES` with ``state_key`` filled (exact Q* lookup later).
+Screenshots are stored as PNG bytes encoded once per distinct state (the graph is finite), so the
+Dataset is built from a dict of columns without re-encoding an image per row. Candidates, when
+asked for, come from a second, independently seeded behaviour policy at higher noise, so the dataset
+actions are identical whether or not candidates are drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from typing import Literal
+
+import numpy as np
+
+from digiq.actions import make_observation
+from digiq.config import to_dict
+from digiq.data.schema import FEATURES, discounted_returns, save_dataset
+from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
+from digiq.sim.device import SimConfig, SimDevice
+from digiq.utils.logging import get_logger
+
+log = get_logger(__name__)
+# The Stage-1 label (digiq_official.md, construct_sft_data.py:23-37): mean squared difference of the two
+# screenshots at 0.25x scale on 0-255, "Yes" if > 30.
+CHANGE_SCALE = 0.25
+CHANGE_THRESHOLD = 30.0
+
+
+def screen_change(png_a: bytes, png_b: bytes, scale: float = CHANGE_SCALE) -> float:
+    """Mean squared pixel difference (0-255 scale, all channels) of two screenshots resized by ``scale``."""
+    from PIL import Image
+
+    imgs = []
+    for data in (png_a, png_b):
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
+        imgs.append(np.asarray(im, dtype=np.float64))
+    return float(np.mean((imgs[0] - imgs[1]) ** 2))
+
+
+@dataclasses.dataclass
+class Config:
+    # Where the dataset folder is written (HF save_to_disk + digiq_dataset.json + _COMPLETE).
+    output_dir: str = "data/sim"
+    # Number of trajectories; 500 gives ~3.7k steps, enough for the critic stages on a CPU.
+    num_trajectories: int = 500
+    # Task split to collect on (train and test tasks are disjoint; evaluate on test).
+    split: Literal["train", "test"] = "train"
+    # Discount for mc_return (0.95 as the official default.yaml).
+    gamma: float = 0.95
+    # 0: leave `candidates` empty. >0: index 0 = the dataset action, then n-1 behaviour samples.
+    num_candidates: int = 0
+    # Seed of the task order, the behaviour policy and the candidate sampler (same seed = same dataset).
+    seed: int = 0
+    # Replace an existing finished dataset at output_dir.
+    overwrite: bool = True
+    # The simulated device.
+    sim: SimConfig = dataclasses.field(default_factory=SimConfig)
+    # Noise of the behaviour policy.
+    behaviour: BehaviourConfig = dataclasses.field(default_factory=BehaviourConfig)
+
+    def validate(self) -> None:
+        from digiq.config import check
+
+        check(self.num_trajectories > 0, "num_trajectories must be > 0")
+        check(0.0 <= self.gamma < 1.0, f"gamma must be in [0, 1), got {self.gamma}")
+        check(self.num_candidates >= 0, "num_candidates must be >= 0")
+        self.sim.validate()
+        self.behaviour.validate()
+
+
+def collect_columns(cfg: Config, device: SimDevice | None = None, progress: bool = True) -> tuple[dict, dict]:
+    """The dataset columns (dict of lists) and summary stats, without writing anything."""
+    from tqdm.auto import tqdm
+
+    dev = device or SimDevice(cfg.sim)
+    tasks = dev.tasks(cfg.split)
+    # Independent streams: task order, dataset actions, candidates.
+    seeds = np.random.SeedSequence(cfg.seed).spawn(3)
+    order_rng = np.random.default_rng(seeds[0])
+    pi = BehaviourPolicy(dev, seed=int(seeds[1].generate_state(1)[0]), config=cfg.behaviour)
+    cand_pi = BehaviourPolicy(dev, seed=int(seeds[2].generate_state(1)[0]), config=cfg.behaviour)
+
+    cols: dict[str, list] = {name: [] for name in FEATURES}
+    order: list[int] = []
+    successes = 0
+    changes: dict[tuple[str, str], bool] = {}
+    changed = 0
+    for traj in tqdm(range(cfg.num_trajectories), desc="sim collect", unit="traj", disable=not progress):
+        if not order:  # a fresh seeded permutation per pass over the tasks: balanced task counts
+            order = [int(i) for i in order_rng.permutation(len(tasks))]
+        task = tasks[order.pop()]
+        state = dev.reset(task)
+        prev = None
+        rewards: list[float] = []
+        done = False
+        step = 0
+        while not done:
+            action = pi.act(state)
+            nxt, reward, done = dev.step(state, action)
+            text = action.render()
+            cols["traj_id"].append(traj)
+            cols["step_id"].append(step)
+            cols["task"].append(task.goal)
+            cols["observation"].append(make_observation(task.goal, prev))
+            cols["screenshot"].append({"bytes": dev.render_png(state), "path": None})
+            cols["next_screenshot"].append({"bytes": dev.render_png(nxt), "path": None})
+            cols["action"].append(text)
+            cols["reward"].append(float(reward))
+            cols["done"].append(bool(done))
+            cols["state_key"].append(dev.state_key(state))
+            if cfg.num_candidates > 0:
+                extra = cand_pi.sample_candidates(state, cfg.num_candidates - 1)
+                cols["candidates"].append([text, *(a.render() for a in extra)])
+            else:
+                cols["candidates"].append([])
+            pair = (state.key, nxt.key)
+            if pair not in changes:
+                a, b = dev.render_png(state), dev.render_png(nxt)
+                changes[pair] = a != b and screen_change(a, b) > CHANGE_THRESHOLD
+            changed += changes[pair]
+            rewards.append(float(reward))
+            prev, state, step = action, nxt, step + 1
+        cols["mc_return"].extend(float(v) for v in discounted_returns(rewards, cfg.gamma))
+        successes += int(rewards[-1] > 0)
+    stats = {
+        "num_trajectories": cfg.num_trajectories,
+        "num_steps": len(cols["traj_id"]),
+        "success_rate": successes / cfg.num_trajectories,
+        # Stage-1 label balance: the fraction of steps whose screen changed by more than the threshold.
+        "screen_change_fraction": changed / max(1, len(cols["traj_id"])),
+        "distinct_states": len({k for pair in changes for k in pair}),
+        "distinct_transitions": len(changes),
+    }
+    return cols, stats
+
+
+def run(cfg: Config) -> dict:
+    from datasets import Dataset
+
+    t0 = time.perf_counter()
+    dev = SimDevice(cfg.sim)
+    cols, stats = collect_columns(cfg, dev)
+    ds = Dataset.from_dict(cols, features=FEATURES)
+    info = {
+        "source": "sim",
+        "gamma": cfg.gamma,
+        "split": cfg.split,
+        "seed": cfg.seed,
+        "num_candidates": cfg.num_candidates,
+        "sim": to_dict(cfg.sim),
+        "behaviour": to_dict(cfg.behaviour),
+        "config": to_dict(cfg),
+        **stats,
+    }
+    save_dataset(ds, cfg.output_dir, info, overwrite=cfg.overwrite)
+    stats["seconds"] = time.perf_counter() - t0
+    log.info(
+        "wrote %d trajectories / %d steps to %s in %.1fs (behaviour success %.3f, screen-change fraction %.3f)",
+        stats["num_trajectories"],
+        stats["num_steps"],
+        cfg.output_dir,
+        stats["seconds"],
+        stats["success_rate"],
+        stats["screen_change_fraction"],
+    )
+    return stats
