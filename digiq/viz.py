@@ -116,10 +116,16 @@ def draw_actions(
             p1 = (a.lift[1] * W, a.lift[0] * H)
             if a.is_tap:
                 r = W / 22 + (3 if hi else 0)
+                # A white halo under the ring keeps it visible on dark and same-hue widgets.
+                h = r + 1
+                draw.ellipse(
+                    [p0[0] - h, p0[1] - h, p0[0] + h, p0[1] + h], outline=(255, 255, 255), width=lw + 2
+                )
                 draw.ellipse([p0[0] - r, p0[1] - r, p0[0] + r, p0[1] + r], outline=fill, width=lw)
                 draw.ellipse([p0[0] - 2, p0[1] - 2, p0[0] + 2, p0[1] + 2], fill=fill)
                 text_at = (p0[0] + r + 2, p0[1] - r)
             else:
+                _arrow(draw, p0, p1, (255, 255, 255), lw + 2)
                 _arrow(draw, p0, p1, fill, lw)
                 text_at = (p1[0] + 4, p1[1] - 4)
             tx = min(max(0.0, text_at[0]), W - 12.0)

@@ -154,7 +154,7 @@ h2 { font-size: 18px; margin: 0 0 4px; }
 .step .info { flex: 1; min-width: 0; }
 .step .facts { margin: 0 0 6px; color: var(--muted); }
 .step .facts b { color: var(--ink); }
-table.cands { border-collapse: collapse; width: 100%%; font-size: 13px; }
+table.cands { border-collapse: collapse; width: 100%%; max-width: 860px; font-size: 13px; }
 table.cands th { text-align: left; font-weight: 600; color: var(--muted); border-bottom: 2px solid var(--line);
                  padding: 4px 8px; }
 table.cands td { padding: 4px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
