@@ -3,7 +3,7 @@
 Official Web Shopping: 1296 trajectories x 20 steps, 1 state + 16 candidate features of 4096 dims in fp16
 (~3.6 GB). This script synthesises a cache of that shape (random fp16, written shard by shard so the script
 itself never holds it) plus the matching dataset columns (1x1 screenshots), runs ``digiq train-critic`` in a
-subprocess for a few steps and reports the child's peak RSS (``ru_maxrss``, plus /proc polling for a
+subprocess for a few steps and reports the child's peak RSS (VmHWM of its own address space, plus /proc polling for a
 timeline) relative to the feature bytes. Target: peak RSS < 1.5x the feature bytes.
 
     python scripts/bench_memory.py --scale 0.125        # quick check (~450 MB of features)
@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -101,25 +100,44 @@ def _poll(pid: int, samples: list[tuple[float, int]], stop: threading.Event) -> 
         time.sleep(0.05)
 
 
-def run_child(cmd: list[str], env: dict[str, str]) -> tuple[int, list[tuple[float, int]], float, str]:
-    """Run ``cmd``; returns (peak RSS bytes from ru_maxrss, RSS timeline, seconds, stderr tail)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+# Runs a module as ``python -m`` would and, at exit, writes this process's VmHWM (peak RSS of its own
+# address space) to $DIGIQ_BENCH_HWM. ru_maxrss is not used as the measure: on Linux it carries the RSS the
+# forked child inherited from this (larger) benchmark process over exec, which inflates small numbers.
+WRAPPER = """
+import atexit, os, runpy, sys
+def _hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            open(os.environ['DIGIQ_BENCH_HWM'], 'w').write(str(int(line.split()[1]) * 1024))
+atexit.register(_hwm)
+mod = sys.argv[1]
+sys.argv = sys.argv[1:]
+if mod != '-':
+    runpy.run_module(mod, run_name='__main__', alter_sys=True)
+"""
+
+
+def run_child(
+    args: list[str], env: dict[str, str], hwm_file: Path
+) -> tuple[int, list[tuple[float, int]], float]:
+    """Run ``python -m <args>`` (``args[0] == '-'``: just the imports); returns (peak RSS bytes, timeline, s)."""
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
+    env = {**env, "DIGIQ_BENCH_HWM": str(hwm_file)}
+    imports = "import torch, datasets, accelerate, digiq.stages.train_critic\n"
+    cmd = [sys.executable, "-c", imports + WRAPPER, *args]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     th = threading.Thread(target=_poll, args=(proc.pid, samples, stop), daemon=True)
     th.start()
-    out, err = proc.communicate()
+    _, err = proc.communicate()
     stop.set()
     th.join()
     secs = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}):\n{err[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
-    if peak < before * 1024:
-        peak = max(s for _, s in samples) if samples else 0
-    return peak, samples, secs, err[-1500:]
+    peak = int(hwm_file.read_text())
+    return peak, samples, secs
 
 
 def main() -> None:
@@ -148,15 +166,14 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
     # Fixed overhead: the same interpreter with the same imports and no data.
-    base_cmd = [sys.executable, "-c", "import torch, datasets, accelerate, digiq.stages.train_critic"]
-    baseline, _, _, _ = run_child(base_cmd, env)
+    baseline, _, _ = run_child(["-"], env, work / "hwm_baseline")
 
     cmd = [
-        sys.executable, "-m", "digiq", "train-critic", f"dataset={data}", f"features={feats}",
+        "digiq", "train-critic", f"dataset={data}", f"features={feats}",
         f"output_dir={out}", "overwrite=true", "epochs=1", f"steps_per_epoch={args.steps}", "batch_size=128",
         "device=cpu", "wandb.mode=disabled", "log_every=5", "eval_batch_size=1024",
     ]  # fmt: skip
-    peak, samples, secs, tail = run_child(cmd, env)
+    peak, samples, secs = run_child(cmd, env, work / "hwm_train")
     res = {
         "scale": args.scale,
         "rows": rows,
