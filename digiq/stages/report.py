@@ -159,6 +159,7 @@ table.cands th { text-align: left; font-weight: 600; color: var(--muted); border
                  padding: 4px 8px; }
 table.cands td { padding: 4px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
 table.cands td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+table.cands th.num, table.cands td.num { width: 86px; } table.cands td:first-child { width: 22px; }
 table.cands tr.chosen td { background: var(--chosen); font-weight: 600; }
 table.cands tr.chosen td:first-child { box-shadow: inset 4px 0 0 var(--hi); }
 .swatch { display: inline-block; width: 12px; height: 12px; border-radius: 3px; vertical-align: -1px; }
