@@ -1,0 +1,30 @@
+"""The simulated Android device: the embedded default data source (issue #2, item 5).
+
+A real small environment, not a mock: pillow-rendered portrait screens (home screen with three shop
+apps, Settings and a Browser; shop apps with a search bar, keyboard, results list and product pages with
+"add to cart"; a settings app with wifi / bluetooth / airplane-mode toggles), AitW-style goals with
+disjoint train / test splits, the AitW action space hit-tested against widget boxes, a 0/1 success judge,
+and exact Q*/V* by value iteration over each task's finite state graph.
+
+Modules:
+
+* :mod:`digiq.sim.tasks`     the fixed task catalogue (``Task``, ``catalogue()``)
+* :mod:`digiq.sim.layout`    ``State``, widget boxes, hit-testing
+* :mod:`digiq.sim.render`    pillow drawing of a state
+* :mod:`digiq.sim.device`    ``SimDevice`` / ``SimConfig``: reset, step, render, state keys, q_star, v_star
+* :mod:`digiq.sim.behaviour` ``BehaviourPolicy`` / ``BehaviourConfig``: the noisy AutoUI-like data policy
+* :mod:`digiq.sim.rollout`   ``evaluate_policy`` and ``digiq sim rollout``
+* :mod:`digiq.sim.collect`   ``digiq sim collect``: trajectories in the digiq dataset schema
+
+Quick use::
+
+    from digiq.sim.device import SimDevice
+    dev = SimDevice()
+    task = dev.tasks("train")[0]
+    s = dev.reset(task)
+    s, reward, done = dev.step(s, 'Action Plan: [PRESS_HOME] ; Action Decision: "action_type": '
+                                  '"PRESS_HOME", "touch_point": "[-1.0, -1.0]", ...')
+    dev.q_star(dev.state_key(s), dev.canonical_actions(s), gamma=0.95)
+
+Measured numbers live in ``scripts/bench_sim.py``.
+"""

@@ -23,7 +23,7 @@ HOME_BG = (20, 30, 48)
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
 ON_ROW = (120, 220, 140)
-ADDED = (40, 170, 60)
+ADDED = (255, 215, 0)  # gold: far from every shop colour, so 'added' is a clear change
 # Distinct item swatch colours; 5 consecutive entries are always distinct.
 ITEM_PALETTE = (
     (220, 40, 40),
@@ -150,7 +150,9 @@ def render_state(state: L.State, task: Task, width: int, height: int) -> Image.I
             _search_bar(c, query, f"Search {name}", colour, focused=True)
             if query:
                 c.rect(L.SUGGESTION, (255, 240, 170), outline=(200, 180, 80), width=2)
-                c.text(0.30, 0.09, f"> {query}", BLACK)
+                # A swatch coloured by the query: typing a different query is a visible change, not 8 px of text.
+                c.rect((L.SUGGESTION[0] + 0.02, 0.08, L.SUGGESTION[2] - 0.02, 0.28), item_colour(query, 0))
+                c.text(0.30, 0.32, query, BLACK)
             _keyboard(c)
         elif s.screen == L.RESULTS:
             _search_bar(c, query, "", colour, focused=False)
@@ -174,7 +176,9 @@ def render_state(state: L.State, task: Task, width: int, height: int) -> Image.I
             c.text(0.54, 0.08, item_price(query, s.item), (200, 30, 30), big=True)
             if s.added:
                 c.rect(L.ADD_TO_CART, ADDED)
-                c.text(0.655, 0.2, "Added to cart", WHITE, big=True)
+                c.text(0.655, 0.2, "Added to cart", BLACK, big=True)
+                c.rect((0.76, 0.08, 0.84, 0.92), (40, 40, 40))
+                c.text(0.785, 0.14, "1 item in cart", WHITE)
             else:
                 c.rect(L.ADD_TO_CART, colour)
                 c.text(0.655, 0.25, "Add to cart", WHITE, big=True)
