@@ -150,7 +150,7 @@ def test_report_dom_matches_critic(setup) -> None:
 
 def test_report_without_critic(setup) -> None:
     out = setup["tmp"] / "report_plain"
-    summary = _run_report(setup, out, max_trajectories=2, q_star="off", image_format="jpeg")
+    summary = _run_report(setup, out, max_trajectories=2, q_star="skip", image_format="jpeg")
     dom = parse(out / "index.html")
     assert len(dom.trajs) == 2
     assert dom.rows and all("chosen" not in r["classes"] and "q" not in r["cells"] for r in dom.rows)

@@ -61,7 +61,7 @@ class Config:
     # Discount for the MC return and Q*; null = the critic's training gamma (critic.json), else 0.95.
     gamma: float | None = None
     # Exact Q* per candidate on simulated rows (state_key set): auto = when digiq.sim is importable.
-    q_star: Literal["auto", "off"] = "auto"
+    q_star: Literal["auto", "skip"] = "auto"
     # Rows per critic forward pass.
     eval_batch_size: int = 4096
     # At most this many dataset rows (from the start) enter the distribution / scatter plots.
