@@ -1,0 +1,61 @@
+"""Critic losses as pure, shape-checked functions.
+
+Every argument of a loss must have exactly the same shape: ``(B,)`` for one head, or ``(B, T)`` for T twin
+heads (broadcast the per-transition reward / done / return to ``(B, T)`` explicitly at the call site). The
+official MC ablation regressed ``(B, 1)`` outputs on ``(B,)`` returns, which broadcasts to a ``(B, B)``
+error matrix and trains every prediction toward the batch-mean return (digiq_official.md section 3, "MC
+ablation"); these functions raise instead.
+
+Reduction: mean over the batch (dim 0), **sum** over any trailing dims, so ``(B, 2)`` twin predictions give
+the official total ``MSE(q1) + MSE(q2)`` (``trainer.py:189``) and ``(B,)`` gives a plain MSE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ShapeError(ValueError):
+    """Loss inputs whose shapes differ (would silently broadcast)."""
+
+
+def _check(name: str, pred: torch.Tensor, **others: torch.Tensor) -> None:
+    if pred.dim() == 0:
+        raise ShapeError(f"{name}: predictions must have a batch dimension, got a scalar")
+    for key, t in others.items():
+        if tuple(t.shape) != tuple(pred.shape):
+            raise ShapeError(
+                f"{name}: {key} has shape {tuple(t.shape)} but the prediction has {tuple(pred.shape)}; "
+                "shapes must match exactly (no broadcasting: a (B,1) vs (B,) pair would become (B,B))"
+            )
+
+
+def _reduce(sq: torch.Tensor) -> torch.Tensor:
+    return sq.sum() / sq.shape[0]
+
+
+def td_target(reward: torch.Tensor, done: torch.Tensor, v_next: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``r + gamma * (1 - d) * V(s')`` (same shapes in, same shape out)."""
+    _check("td_target", reward, done=done, v_next=v_next)
+    return reward + gamma * (1.0 - done.to(reward.dtype)) * v_next
+
+
+def td_q_loss(
+    q_pred: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, v_next_target: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """J_Q = (Q(s,a) - r - gamma (1 - d) V_targ(s'))^2; the target carries no gradient."""
+    _check("td_q_loss", q_pred, reward=reward, done=done, v_next_target=v_next_target)
+    target = td_target(reward, done, v_next_target, gamma).detach()
+    return _reduce((q_pred - target) ** 2)
+
+
+def td_v_loss(v_pred: torch.Tensor, q_target: torch.Tensor) -> torch.Tensor:
+    """J_V = (V(s) - Q_targ(s, a'))^2 with a' the backup action (in-sample, as the official code)."""
+    _check("td_v_loss", v_pred, q_target=q_target)
+    return _reduce((v_pred - q_target.detach()) ** 2)
+
+
+def mc_loss(pred: torch.Tensor, mc_return: torch.Tensor) -> torch.Tensor:
+    """(pred - sum_k gamma^k r_{t+k})^2: the MC-regression ablation, without the broadcast bug."""
+    _check("mc_loss", pred, mc_return=mc_return)
+    return _reduce((pred - mc_return.detach()) ** 2)

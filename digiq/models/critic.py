@@ -1,0 +1,224 @@
+"""Twin MLP Q/V heads on frozen VLM features (Digi-Q Stage 2 critic).
+
+Q_i(s, a) reads f(s, a) (the VLM feature of the screenshot with action a) and V_i(s) reads f(s), i = 1, 2.
+Both twins of a head live in one :class:`EnsembleMLP` whose layers are batched matmuls over a leading twin
+dimension, so a forward pass is one kernel per layer for both twins (faster than two ``nn.Linear`` stacks
+at the batch sizes we train with; see scripts/bench_critic.py).
+
+Differences from the official critic (digiq_official.md sections 2, 7), all deliberate:
+
+- the target network starts as an exact copy of the online network (:func:`make_target`); the official
+  ``target_critic`` is a second, independently random initialisation (``autoui_agent.py:73-74``);
+- the twins are aggregated with ``min`` by default (clipped double-Q); ``aggregate="max"`` reproduces the
+  official ``torch.maximum`` (``trainer.py:185-186,264-265``);
+- optional LayerNorm after each hidden layer (the official MLPs have none) and input normalisation with
+  feature mean/std measured on the training split and stored with the critic (raw VLM hidden states have
+  a few huge-magnitude channels);
+- no RoBERTa text encoders: the goal and action text already reach the VLM feature.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from digiq.errors import DataError
+from digiq.utils.io import atomic_save_safetensors, atomic_write_json, require_complete, staged_dir
+
+WEIGHTS_FILE = "critic.safetensors"
+CONFIG_FILE = "critic.json"
+
+
+@dataclasses.dataclass
+class CriticArch:
+    """Everything needed to rebuild a :class:`Critic` (stored as critic.json next to the weights)."""
+
+    state_dim: int
+    action_dim: int
+    q_hidden: tuple[int, ...] = (1024, 1024)
+    v_hidden: tuple[int, ...] = (1024, 1024)
+    layer_norm: bool = True
+    aggregate: Literal["min", "max", "mean"] = "min"
+    num_twins: int = 2
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["q_hidden"], d["v_hidden"] = list(self.q_hidden), list(self.v_hidden)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CriticArch:
+        d = dict(d)
+        d["q_hidden"], d["v_hidden"] = tuple(d["q_hidden"]), tuple(d["v_hidden"])
+        return cls(**d)
+
+
+class EnsembleMLP(nn.Module):
+    """``T`` independent MLPs ``in -> hidden... -> 1`` evaluated as batched matmuls: (..., in) -> (..., T).
+
+    Layer weights are (T, in, out); each twin is initialised like ``nn.Linear`` (U(-1/sqrt(in), 1/sqrt(in)))
+    from its own random draws. LayerNorm (optional) has per-twin affine parameters.
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], num: int = 2, layer_norm: bool = True) -> None:
+        super().__init__()
+        dims = [in_dim, *hidden, 1]
+        self.num = num
+        self.layer_norm = layer_norm
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.ln_weights = nn.ParameterList()
+        self.ln_biases = nn.ParameterList()
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            bound = 1.0 / math.sqrt(d_in)
+            self.weights.append(nn.Parameter(torch.empty(num, d_in, d_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num, 1, d_out).uniform_(-bound, bound)))
+        if layer_norm:
+            for h in hidden:
+                self.ln_weights.append(nn.Parameter(torch.ones(num, 1, h)))
+                self.ln_biases.append(nn.Parameter(torch.zeros(num, 1, h)))
+
+    def layer_shapes(self) -> list[tuple[int, int]]:
+        return [(int(w.shape[1]), int(w.shape[2])) for w in self.weights]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        h = x.reshape(1, -1, x.shape[-1])  # (1, B, in): broadcast over the twin dim in the first matmul
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b, h.expand(self.num, -1, -1) if i == 0 else h, w)  # (T, B, out)
+            if i < last:
+                if self.layer_norm:
+                    h = F.layer_norm(h, h.shape[-1:]) * self.ln_weights[i] + self.ln_biases[i]
+                h = F.relu(h)
+        return h.squeeze(-1).transpose(0, 1).reshape(*lead, self.num)
+
+
+def aggregate_twins(values: torch.Tensor, how: str) -> torch.Tensor:
+    """(..., T) -> (...): ``min`` (default, clipped double-Q), ``max`` (official) or ``mean``."""
+    if how == "min":
+        return values.amin(dim=-1)
+    if how == "max":
+        return values.amax(dim=-1)
+    if how == "mean":
+        return values.mean(dim=-1)
+    raise ValueError(f"unknown twin aggregation {how!r}; use min, max or mean")
+
+
+class Critic(nn.Module):
+    """Twin Q heads on f(s, a) and twin V heads on f(s), with stored input normalisation."""
+
+    def __init__(self, arch: CriticArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.q_net = EnsembleMLP(arch.action_dim, tuple(arch.q_hidden), arch.num_twins, arch.layer_norm)
+        self.v_net = EnsembleMLP(arch.state_dim, tuple(arch.v_hidden), arch.num_twins, arch.layer_norm)
+        # Identity normalisation until set_normalization() is called with train-split statistics.
+        self.register_buffer("state_mean", torch.zeros(arch.state_dim))
+        self.register_buffer("state_std", torch.ones(arch.state_dim))
+        self.register_buffer("action_mean", torch.zeros(arch.action_dim))
+        self.register_buffer("action_std", torch.ones(arch.action_dim))
+
+    @torch.no_grad()
+    def set_normalization(
+        self,
+        state_mean: torch.Tensor,
+        state_std: torch.Tensor,
+        action_mean: torch.Tensor,
+        action_std: torch.Tensor,
+    ) -> None:
+        """Store feature statistics; std is floored at 1e-6 so constant channels do not blow up."""
+        self.state_mean.copy_(state_mean)
+        self.state_std.copy_(state_std.clamp_min(1e-6))
+        self.action_mean.copy_(action_mean)
+        self.action_std.copy_(action_std.clamp_min(1e-6))
+
+    def q_all(self, action_feats: torch.Tensor) -> torch.Tensor:
+        """Per-twin Q: (..., Da) -> (..., T)."""
+        x = (action_feats.to(self.action_mean.dtype) - self.action_mean) / self.action_std
+        return self.q_net(x)
+
+    def v_all(self, state_feats: torch.Tensor) -> torch.Tensor:
+        """Per-twin V: (..., Ds) -> (..., T)."""
+        x = (state_feats.to(self.state_mean.dtype) - self.state_mean) / self.state_std
+        return self.v_net(x)
+
+    def q(self, action_feats: torch.Tensor) -> torch.Tensor:
+        """Twin-aggregated Q(s, a): (..., Da) -> (...)."""
+        return aggregate_twins(self.q_all(action_feats), self.arch.aggregate)
+
+    def v(self, state_feats: torch.Tensor) -> torch.Tensor:
+        """Twin-aggregated V(s): (..., Ds) -> (...)."""
+        return aggregate_twins(self.v_all(state_feats), self.arch.aggregate)
+
+    def advantage(self, action_feats: torch.Tensor, state_feats: torch.Tensor) -> torch.Tensor:
+        """A(s, a_i) = Q(s, a_i) - V(s) for action feats (B, N, Da) and state feats (B, Ds) -> (B, N)."""
+        return self.q(action_feats) - self.v(state_feats).unsqueeze(-1)
+
+    def forward(
+        self, state_feats: torch.Tensor, action_feats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q per twin on f(s,a), V per twin on f(s)), both (B, T): one call so DDP sees every parameter."""
+        return self.q_all(action_feats), self.v_all(state_feats)
+
+
+def make_target(critic: Critic) -> Critic:
+    """The target network: an exact copy of ``critic`` with gradients off (official: a fresh random init)."""
+    target = copy.deepcopy(critic)
+    target.requires_grad_(False)
+    return target.eval()
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """Polyak averaging ``theta_targ <- (1 - tau) theta_targ + tau theta`` (parameters; buffers copied).
+
+    The official update uses tau = 0.10 once per optimiser step (``autoui_agent.py:334-337``).
+    """
+    t_params = list(target.parameters())
+    s_params = [p.detach() for p in source.parameters()]
+    if len(t_params) != len(s_params):
+        raise ValueError("soft_update: target and source have different parameter lists")
+    torch._foreach_lerp_(t_params, s_params, tau)
+    for tb, sb in zip(target.buffers(), source.buffers()):
+        tb.copy_(sb)
+
+
+def save_critic(
+    critic: Critic, path: str | Path, extra: dict[str, Any] | None = None, overwrite: bool = True
+) -> Path:
+    """Write ``<path>/critic.safetensors`` + ``critic.json`` atomically (staged dir + completion marker)."""
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in critic.state_dict().items()}
+    with staged_dir(path, overwrite=overwrite) as tmp:
+        atomic_save_safetensors(state, tmp / WEIGHTS_FILE)
+        atomic_write_json(tmp / CONFIG_FILE, {"arch": critic.arch.to_json(), **(extra or {})})
+    return path
+
+
+def load_critic(path: str | Path, device: str | torch.device = "cpu") -> Critic:
+    """Rebuild a critic written by :func:`save_critic`."""
+    from safetensors.torch import load_file
+
+    path = require_complete(path, "critic")
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    critic = Critic(CriticArch.from_json(meta["arch"]))
+    state = load_file(str(path / WEIGHTS_FILE))
+    try:
+        critic.load_state_dict(state)
+    except RuntimeError as e:
+        raise DataError(f"{path / WEIGHTS_FILE}: weights do not match {CONFIG_FILE}: {e}") from e
+    return critic.to(device).eval()
+
+
+def critic_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON written next to a saved critic (arch + whatever the trainer added, e.g. gamma)."""
+    return json.loads((Path(path) / CONFIG_FILE).read_text())

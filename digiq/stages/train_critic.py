@@ -1,0 +1,644 @@
+"""Stage 2: train twin Q/V heads on cached VLM features (TD, as Digi-Q, or the MC-regression ablation).
+
+    digiq train-critic --config configs/train-critic/td.yaml dataset=data/sim features=runs/feats \\
+        output_dir=runs/critic
+    digiq train-critic --config configs/train-critic/mc.yaml ...          # MC ablation
+    digiq train-critic ... --resume                                       # continue from the last epoch
+    accelerate launch --multi_gpu --num_processes 2 -m digiq train-critic ...   # multi-GPU (DDP)
+
+TD (digiq_official.md section 3, ``trainer.py:133-176``)::
+
+    J_Q = (Q_i(s,a) - r - gamma (1-d) V_targ(s'))^2        J_V = (V_i(s) - Q_targ(s,a'))^2
+
+with a' the dataset action (``backup_action: dataset``, the official default) or one random stored
+candidate per sample (``candidate``; the official draws one index for the whole batch). The targets use the
+twin-aggregated target heads (min by default: clipped double-Q); the official pairs head i with target
+head i and aggregates with max. MC: both heads regress on the discounted return, recomputed here from the
+rewards with ``gamma`` (the official loader also recomputes it, ``offpolicy_train_loop.py:110``).
+
+All features sit in (device) memory as one tensor; a batch is a tensor gather by sampled row indices.
+Outputs in ``output_dir``: ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` (final validation
+metrics), ``checkpoint/`` (model, target, optimiser as safetensors + ``trainer_state.json``) and the final
+``critic/`` (load with :func:`digiq.models.critic.load_critic`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from digiq.config import OptimConfig, WandbConfig, check, save_config, to_dict
+from digiq.data.features import FeatureCache
+from digiq.data.schema import discounted_returns, load_dataset, split_by_trajectory, trajectory_bounds
+from digiq.errors import DataError
+from digiq.losses import mc_loss, td_q_loss, td_v_loss
+from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
+from digiq.utils.io import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    is_complete,
+    staged_dir,
+)
+from digiq.utils.logging import MetricsLogger, get_logger
+from digiq.utils.seed import rng_state, set_rng_state, set_seed
+from digiq.utils.stats import pearson, spearman
+
+log = get_logger(__name__)
+
+# q_star_fn(state_key, candidate_action_strings, gamma) -> exact Q* per candidate (np.ndarray (N,)).
+QStarFn = Callable[[str, list[str], float], np.ndarray]
+CHECKPOINT_DIR = "checkpoint"
+CRITIC_DIR = "critic"
+
+
+@dataclasses.dataclass
+class CriticNetConfig:
+    # Hidden widths of each twin Q head on f(s, a) (official: 10752-3840x3, with RoBERTa inputs).
+    q_hidden: tuple[int, ...] = (1024, 1024)
+    # Hidden widths of each twin V head on f(s) (official: 2304x3).
+    v_hidden: tuple[int, ...] = (1024, 1024)
+    # LayerNorm after every hidden layer (the official MLPs have none); stabilises TD on raw VLM features.
+    layer_norm: bool = True
+    # Twin aggregation for targets and scoring: min = clipped double-Q; 'max' is the official choice.
+    aggregate: Literal["min", "max", "mean"] = "min"
+    # Standardise inputs with the feature mean/std of the training split (stored inside the critic).
+    normalize_inputs: bool = True
+
+
+@dataclasses.dataclass
+class CriticOptimConfig(OptimConfig):
+    """Adam for the heads. A subclass (not a default_factory) so partial overrides keep these defaults."""
+
+    # Official critic_lr is 1e-5 for a 0.8B critic incl. RoBERTa; small MLP heads on features train faster.
+    lr: float = 3e-4
+    # No warm-up and a constant rate, as the official critic optimiser (Adam, no scheduler).
+    warmup_ratio: float = 0.0
+    scheduler: Literal["cosine", "constant", "linear"] = "constant"
+    # Official: 0.01 over actor + critic together (trainer.py:343); 1.0 on the heads alone here.
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class Config:
+    # Dataset folder (digiq schema; only reward/done/traj_id/step_id/candidates/state_key are read).
+    dataset: str = ""
+    # Feature cache folder written by `digiq cache-features` or `digiq import` (one row per dataset row).
+    features: str = ""
+    output_dir: str = "runs/critic"
+    # td = Digi-Q's Bellman backup; mc = regress Q and V on the discounted return (the paper's ablation).
+    loss: Literal["td", "mc"] = "td"
+    # Discount (official default.yaml:26).
+    gamma: float = 0.95
+    # Action a' in V's target Q_targ(s, a'): the dataset action (official default) or a random stored candidate.
+    backup_action: Literal["dataset", "candidate"] = "dataset"
+    # EMA rate of the target heads, applied after every optimiser step (official tau = 0.10 per step).
+    tau: float = 0.1
+    # Fraction of trajectories held out for validation (the last ones, as the official 80/20 split).
+    val_fraction: float = 0.2
+    # Global batch (split evenly across processes). Official: 32 x 4 accumulation = 128.
+    batch_size: int = 256
+    # Optimiser steps per epoch; validation and a checkpoint follow every epoch (official: 40 x 20 epochs).
+    steps_per_epoch: int = 100
+    epochs: int = 20
+    critic: CriticNetConfig = dataclasses.field(default_factory=CriticNetConfig)
+    optim: CriticOptimConfig = dataclasses.field(default_factory=CriticOptimConfig)
+    # Mixed precision for the heads ('bf16' on recent GPUs); features keep the cache dtype in memory.
+    mixed_precision: Literal["no", "bf16"] = "no"
+    # 'auto' = CUDA when visible, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Exact-Q* validation metrics for simulated data: auto = when rows have state_key and candidates.
+    q_star: Literal["auto", "skip"] = "auto"
+    # Rows per forward pass during validation.
+    eval_batch_size: int = 4096
+    # Log training losses every this many steps.
+    log_every: int = 20
+    seed: int = 0
+    # Continue from <output_dir>/checkpoint (set by --resume).
+    resume: bool = False
+    # Replace a previous run in output_dir instead of refusing.
+    overwrite: bool = False
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        check(bool(self.dataset), "dataset must be set (a dataset folder)")
+        check(bool(self.features), "features must be set (a feature cache folder)")
+        check(0.0 <= self.gamma < 1.0, f"gamma must be in [0, 1), got {self.gamma}")
+        check(0.0 < self.tau <= 1.0, f"tau must be in (0, 1], got {self.tau}")
+        check(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        check(self.batch_size > 0 and self.steps_per_epoch > 0 and self.epochs > 0, "batch/steps/epochs > 0")
+        check(self.eval_batch_size > 0 and self.log_every > 0, "eval_batch_size and log_every must be > 0")
+        check(all(w > 0 for w in (*self.critic.q_hidden, *self.critic.v_hidden)), "hidden widths must be > 0")
+        self.optim.validate("optim")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Transitions:
+    """Per-row scalars of the dataset (numpy), aligned with the feature cache rows."""
+
+    reward: np.ndarray  # float32 (R,)
+    done: np.ndarray  # float32 (R,), 1 also for the last row of a truncated trajectory
+    mc_return: np.ndarray  # float32 (R,), recomputed with gamma
+    next_idx: np.ndarray  # int64 (R,), the row of s_{t+1}; the row itself where terminal (masked by done)
+    candidates: list[list[str]]
+    state_key: list[str]
+    traj_bounds: list[tuple[int, int]]
+    num_truncated: int = 0
+
+
+def load_transitions(path: str | Path, gamma: float) -> tuple[Transitions, Any]:
+    """Read the scalar columns (never the images) and derive done/next-row/return arrays."""
+    ds = load_dataset(path)
+    cols = ds.select_columns(["traj_id", "step_id", "reward", "done", "candidates", "state_key"])
+    reward = np.asarray(cols["reward"], dtype=np.float32)
+    done = np.asarray(cols["done"], dtype=bool)
+    bounds = trajectory_bounds(cols)
+    next_idx = np.arange(1, len(reward) + 1, dtype=np.int64)
+    truncated = 0
+    mc = np.zeros(len(reward), dtype=np.float32)
+    for s, e in bounds:
+        next_idx[e - 1] = -1
+        mc[s:e] = discounted_returns(reward[s:e], gamma)
+        if not done[e - 1]:
+            truncated += 1
+    terminal = next_idx < 0
+    done_f = (done | terminal).astype(np.float32)
+    next_idx = np.where(terminal, np.arange(len(reward)), next_idx)
+    tr = Transitions(
+        reward=reward,
+        done=done_f,
+        mc_return=mc,
+        next_idx=next_idx,
+        candidates=list(cols["candidates"]),
+        state_key=list(cols["state_key"]),
+        traj_bounds=bounds,
+        num_truncated=truncated,
+    )
+    return tr, ds
+
+
+def _default_q_star_fn() -> QStarFn | None:
+    try:
+        from digiq.sim.device import SimConfig, SimDevice
+    except ImportError:
+        return None
+    dev = SimDevice(SimConfig())
+    return lambda key, actions, gamma: np.asarray(dev.q_star(key, actions, gamma), dtype=np.float64)
+
+
+def q_star_table(
+    tr: Transitions, rows: np.ndarray, num_candidates: int, gamma: float, q_star_fn: QStarFn
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Q* for every candidate of the simulated rows among ``rows``: (row ids (M,), Q* (M, N))."""
+    keep, table = [], []
+    for r in rows.tolist():
+        cands = tr.candidates[r]
+        if not tr.state_key[r] or len(cands) != num_candidates or num_candidates < 2:
+            continue
+        table.append(np.asarray(q_star_fn(tr.state_key[r], list(cands), gamma), dtype=np.float64))
+        keep.append(r)
+    if not keep:
+        return np.zeros(0, np.int64), np.zeros((0, num_candidates))
+    return np.asarray(keep, dtype=np.int64), np.stack(table)
+
+
+@torch.no_grad()
+def feature_stats(
+    x: torch.Tensor, rows: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean/std over ``x[rows]`` (flattening any candidate dim), accumulated in float64 chunk by chunk."""
+    dim = x.shape[-1]
+    s = torch.zeros(dim, dtype=torch.float64, device=x.device)
+    sq = torch.zeros(dim, dtype=torch.float64, device=x.device)
+    n = 0
+    for i in range(0, len(rows), chunk):
+        part = x[rows[i : i + chunk]].reshape(-1, dim).double()
+        s += part.sum(0)
+        sq += (part * part).sum(0)
+        n += part.shape[0]
+    mean = s / max(n, 1)
+    var = (sq / max(n, 1) - mean * mean).clamp_min(0)
+    return mean.float(), var.sqrt().float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses on a batch and validation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DeviceData:
+    """Everything a training step gathers from, on the training device."""
+
+    state: torch.Tensor  # (R, Ds) cache dtype
+    actions: torch.Tensor  # (R, N, Da) cache dtype
+    valid: torch.Tensor | None  # (R, N) bool
+    reward: torch.Tensor  # (R,) float32
+    done: torch.Tensor  # (R,) float32
+    mc_return: torch.Tensor  # (R,) float32
+    next_idx: torch.Tensor  # (R,) int64
+
+
+def batch_loss(
+    model: torch.nn.Module,
+    target: Critic | None,
+    data: DeviceData,
+    idx: torch.Tensor,
+    cfg: Config,
+    backup_col: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss for rows ``idx``; ``model`` is the (possibly DDP-wrapped) critic, called once via forward()."""
+    s = data.state[idx]
+    a = data.actions[idx, 0]
+    q, v = model(s, a)  # (B, T) each
+    T = q.shape[-1]
+    if cfg.loss == "mc":
+        g = data.mc_return[idx].unsqueeze(-1).expand(-1, T)
+        lq, lv = mc_loss(q, g), mc_loss(v, g)
+    else:
+        assert target is not None
+        how = cfg.critic.aggregate
+        with torch.no_grad():
+            v_next = aggregate_twins(target.v_all(data.state[data.next_idx[idx]]), how).float()
+            a_back = a if backup_col is None else data.actions[idx, backup_col]
+            q_back = aggregate_twins(target.q_all(a_back), how).float()
+        expand = lambda t: t.unsqueeze(-1).expand(-1, T)  # noqa: E731 - explicit (B,)->(B,T), no broadcasting
+        lq = td_q_loss(q.float(), expand(data.reward[idx]), expand(data.done[idx]), expand(v_next), cfg.gamma)
+        lv = td_v_loss(v.float(), expand(q_back))
+    return lq + lv, {"loss_q": lq.detach(), "loss_v": lv.detach(), "q_mean": q.detach().mean()}
+
+
+@torch.no_grad()
+def evaluate(
+    critic: Critic,
+    data: DeviceData,
+    rows: np.ndarray,
+    gamma: float,
+    eval_batch_size: int,
+    qstar_rows: np.ndarray | None = None,
+    qstar: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Validation metrics on ``rows`` with the online critic (twin-aggregated)."""
+    critic.eval()
+    out: dict[str, float] = {}
+    if len(rows) == 0:
+        return out
+    q_sa, v_s, td = [], [], []
+    for i in range(0, len(rows), eval_batch_size):
+        idx = torch.as_tensor(rows[i : i + eval_batch_size], device=data.state.device)
+        q = critic.q(data.actions[idx, 0]).float()
+        v = critic.v(data.state[idx]).float()
+        v_next = critic.v(data.state[data.next_idx[idx]]).float()
+        td.append(q - (data.reward[idx] + gamma * (1 - data.done[idx]) * v_next))
+        q_sa.append(q)
+        v_s.append(v)
+    q_np = torch.cat(q_sa).cpu().double().numpy()
+    v_np = torch.cat(v_s).cpu().double().numpy()
+    td_np = torch.cat(td).cpu().double().numpy()
+    mc = data.mc_return[torch.as_tensor(rows, device=data.mc_return.device)].cpu().double().numpy()
+    out["val_td_error"] = float(np.mean(td_np**2))
+    out["val_q_mc_mse"] = float(np.mean((q_np - mc) ** 2))
+    out["val_q_mc_pearson"] = pearson(q_np, mc)
+    out["val_v_mc_pearson"] = pearson(v_np, mc)
+    out["val_q_mean"] = float(q_np.mean())
+    out["val_mc_mean"] = float(mc.mean())
+    if qstar_rows is not None and qstar is not None and len(qstar_rows):
+        out.update(qstar_metrics(critic, data, qstar_rows, qstar, eval_batch_size))
+    return out
+
+
+@torch.no_grad()
+def qstar_metrics(
+    critic: Critic, data: DeviceData, rows: np.ndarray, qstar: np.ndarray, eval_batch_size: int
+) -> dict[str, float]:
+    """Top-1 agreement of argmax_i Q(s, a_i) with the Q*-optimal set, and mean Spearman(Q, Q*) per state.
+
+    Padding candidates (``valid`` False) are excluded. A state whose Q* (or Q) is constant over its
+    candidates has no defined Spearman and is left out of that mean (its count is reported).
+    """
+    chunk = max(1, eval_batch_size // max(1, data.actions.shape[1]))
+    qs = []
+    for i in range(0, len(rows), chunk):
+        idx = torch.as_tensor(rows[i : i + chunk], device=data.actions.device)
+        qs.append(critic.q(data.actions[idx]).float().cpu())
+    q = torch.cat(qs).double().numpy()  # (M, N)
+    valid = (
+        np.ones_like(q, dtype=bool)
+        if data.valid is None
+        else data.valid[torch.as_tensor(rows, device=data.valid.device)].cpu().numpy()
+    )
+    agree, behaviour, chance, rhos = [], [], [], []
+    for j in range(len(rows)):
+        m = valid[j]
+        qj, sj = q[j][m], qstar[j][m]
+        best = sj >= sj.max() - 1e-6
+        agree.append(bool(best[int(np.argmax(qj))]))
+        behaviour.append(bool(best[0]))  # index 0 = the dataset action
+        chance.append(best.mean())
+        rho = spearman(qj, sj)
+        if not math.isnan(rho):
+            rhos.append(rho)
+    return {
+        "val_qstar_top1_agreement": float(np.mean(agree)),
+        "val_qstar_spearman": float(np.mean(rhos)) if rhos else float("nan"),
+        "val_qstar_states": float(len(rows)),
+        "val_qstar_spearman_states": float(len(rhos)),
+        # Context: how often the dataset action / a uniformly random candidate is Q*-optimal.
+        "val_qstar_dataset_action_optimal": float(np.mean(behaviour)),
+        "val_qstar_random_optimal": float(np.mean(chance)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    out: Path, critic: Critic, target: Critic | None, opt: torch.optim.Optimizer, step: int, epoch: int
+) -> None:
+    """``checkpoint/``: model/target/optimizer/rng safetensors + trainer_state.json, replaced atomically."""
+    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    with staged_dir(out / CHECKPOINT_DIR, overwrite=True) as tmp:
+        atomic_save_safetensors(
+            {k: v.detach().cpu() for k, v in critic.state_dict().items()}, tmp / "model.safetensors"
+        )
+        if target is not None:
+            atomic_save_safetensors(
+                {k: v.detach().cpu() for k, v in target.state_dict().items()}, tmp / "target.safetensors"
+            )
+        atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+        atomic_save_safetensors(rng_state(), tmp / "rng_state.safetensors")
+        atomic_write_json(
+            tmp / "trainer_state.json",
+            {"step": step, "epoch": epoch, "arch": critic.arch.to_json(), "optimizer": opt_meta},
+        )
+
+
+def load_checkpoint_state(out: Path) -> dict[str, Any]:
+    """Read ``checkpoint/`` into plain tensors/dicts (the caller builds modules and checks dims)."""
+    from safetensors.torch import load_file
+
+    ck = out / CHECKPOINT_DIR
+    state = json.loads((ck / "trainer_state.json").read_text())
+    state["model"] = load_file(str(ck / "model.safetensors"))
+    state["target"] = (
+        load_file(str(ck / "target.safetensors")) if (ck / "target.safetensors").exists() else None
+    )
+    state["optimizer_state"] = _unflatten_optimizer(
+        load_file(str(ck / "optimizer.safetensors")), state["optimizer"]
+    )
+    state["rng"] = load_file(str(ck / "rng_state.safetensors"))
+    return state
+
+
+def _lr_factor(step: int, total: int, optim: OptimConfig) -> float:
+    warm = int(optim.warmup_ratio * total)
+    if step < warm:
+        return (step + 1) / warm
+    if optim.scheduler == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)
+    if optim.scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe
+# --------------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
+    """Train the critic; returns the final validation metrics (also written to metrics.json).
+
+    ``q_star_fn`` overrides the exact-Q* source for validation (default: the simulated device, if present).
+    """
+    from tqdm.auto import tqdm
+
+    from digiq.utils.dist import make_accelerator
+
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=None if cfg.device == "auto" else cfg.device == "cpu",
+    )
+    is_main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % world:
+        raise DataError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    local_batch = cfg.batch_size // world
+    device = accelerator.device
+
+    has_ckpt = is_complete(out / CHECKPOINT_DIR)
+    if has_ckpt and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(
+            f"{out} already holds a critic run; pass --resume to continue it or overwrite=true to start over"
+        )
+    resuming = cfg.resume and has_ckpt
+    if cfg.resume and not has_ckpt:
+        log.warning("resume requested but %s has no finished checkpoint: starting from scratch", out)
+    set_seed(cfg.seed + rank)
+
+    # ---- inputs -------------------------------------------------------------------------------
+    tr, ds = load_transitions(cfg.dataset, cfg.gamma)
+    feats = FeatureCache.open(cfg.features)
+    feats.check_against(len(tr.reward), dataset_path=cfg.dataset)
+    if tr.num_truncated and is_main:
+        log.warning(
+            "%d trajectorie(s) end without done=1 (truncated); their last step is treated as terminal",
+            tr.num_truncated,
+        )
+    train_rows, val_rows = split_by_trajectory(ds, cfg.val_fraction)
+    if len(train_rows) == 0:
+        raise DataError(f"{cfg.dataset}: no training trajectories left after val_fraction={cfg.val_fraction}")
+    N = feats.num_candidates
+    if cfg.backup_action == "candidate" and N < 2:
+        raise DataError(
+            f"backup_action=candidate needs candidates in the feature cache, {cfg.features} has N=1"
+        )
+
+    data = DeviceData(
+        state=feats.state.to(device),
+        actions=feats.actions.to(device),
+        valid=None if feats.valid is None else feats.valid.to(device),
+        reward=torch.as_tensor(tr.reward, device=device),
+        done=torch.as_tensor(tr.done, device=device),
+        mc_return=torch.as_tensor(tr.mc_return, device=device),
+        next_idx=torch.as_tensor(tr.next_idx, device=device),
+    )
+    del feats
+
+    # ---- model ----------------------------------------------------------------------------------
+    arch = CriticArch(
+        state_dim=data.state.shape[1],
+        action_dim=data.actions.shape[2],
+        q_hidden=tuple(cfg.critic.q_hidden),
+        v_hidden=tuple(cfg.critic.v_hidden),
+        layer_norm=cfg.critic.layer_norm,
+        aggregate=cfg.critic.aggregate,
+    )
+    ck: dict[str, Any] | None = None
+    if resuming:
+        ck = load_checkpoint_state(out)
+        ck_arch = CriticArch.from_json(ck["arch"])
+        if (ck_arch.state_dim, ck_arch.action_dim) != (arch.state_dim, arch.action_dim):
+            raise DataError(
+                f"feature dims of {cfg.features} (state {arch.state_dim}, action {arch.action_dim}) do not match "
+                f"the checkpoint in {out / CHECKPOINT_DIR} (state {ck_arch.state_dim}, action {ck_arch.action_dim}): "
+                "resume with the features the run started with, or start a new output_dir"
+            )
+        if ck_arch != arch:
+            log.warning("critic settings differ from the checkpoint's; using the checkpoint's %s", ck_arch)
+        arch = ck_arch
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    critic = Critic(arch).to(device)
+    train_t = torch.as_tensor(train_rows, device=device)
+    if ck is not None:
+        critic.load_state_dict(ck["model"])
+    elif cfg.critic.normalize_inputs:
+        s_mean, s_std = feature_stats(data.state, train_t)
+        a_mean, a_std = feature_stats(data.actions, train_t)
+        critic.set_normalization(s_mean, s_std, a_mean, a_std)
+    target = make_target(critic) if cfg.loss == "td" else None
+    if target is not None and ck is not None and ck["target"] is not None:
+        target.load_state_dict(ck["target"])
+    opt = torch.optim.Adam(
+        critic.parameters(),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+        foreach=True,
+    )
+    start_step, start_epoch = 0, 0
+    if ck is not None:
+        opt.load_state_dict(ck["optimizer_state"])
+        set_rng_state(ck["rng"])
+        start_step, start_epoch = int(ck["step"]), int(ck["epoch"])
+    model = accelerator.prepare_model(critic)
+
+    # ---- validation set-up (exact Q* on simulated data) -----------------------------------------
+    qs_rows = qs_table = None
+    if is_main and cfg.q_star == "auto" and len(val_rows):
+        sim_rows = [r for r in val_rows.tolist() if tr.state_key[r] and len(tr.candidates[r]) == N and N >= 2]
+        if sim_rows:
+            fn = q_star_fn or _default_q_star_fn()
+            if fn is None:
+                log.warning("simulated rows found but digiq.sim is unavailable: skipping the Q* metrics")
+            else:
+                try:
+                    qs_rows, qs_table = q_star_table(tr, np.asarray(sim_rows), N, cfg.gamma, fn)
+                except Exception as e:  # noqa: BLE001 - a metric source must not kill the training run
+                    log.warning("exact Q* unavailable for these state keys (%s): skipping the Q* metrics", e)
+
+    total = cfg.epochs * cfg.steps_per_epoch
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=is_main, resume=resuming)
+    log.info(
+        "critic: %d train / %d val rows, N=%d, Ds=%d, Da=%d, %d params, %d steps on %s x%d",
+        len(train_rows), len(val_rows), N, arch.state_dim, arch.action_dim,
+        sum(p.numel() for p in critic.parameters()), total, device, world,
+    )  # fmt: skip
+
+    gen = torch.Generator(device="cpu")
+    train_cpu = torch.as_tensor(train_rows)
+    valid_cpu = None if data.valid is None else data.valid.cpu().float()
+    params = [p for p in critic.parameters() if p.requires_grad]
+    step = start_step
+    metrics: dict[str, float] = {}
+    bar = tqdm(total=total, initial=start_step, disable=not is_main, desc="train-critic")
+    for epoch in range(start_epoch, cfg.epochs):
+        # Sampling depends only on (seed, rank, epoch): resuming at an epoch boundary replays it exactly.
+        gen.manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + epoch)
+        model.train()
+        for _ in range(cfg.steps_per_epoch):
+            idx_cpu = train_cpu[torch.randint(len(train_cpu), (local_batch,), generator=gen)]
+            col = None
+            if cfg.loss == "td" and cfg.backup_action == "candidate":
+                if valid_cpu is None:
+                    col = torch.randint(N, (local_batch,), generator=gen)
+                else:
+                    col = torch.multinomial(valid_cpu[idx_cpu], 1, generator=gen).squeeze(1)
+                col = col.to(device, non_blocking=True)
+            idx = idx_cpu.to(device, non_blocking=True)
+            for g in opt.param_groups:
+                g["lr"] = cfg.optim.lr * _lr_factor(step, total, cfg.optim)
+            with accelerator.autocast():
+                loss, parts = batch_loss(model, target, data, idx, cfg, col)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm, foreach=True)
+            opt.step()
+            if target is not None:
+                soft_update(target, critic, cfg.tau)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                logs = {k: float(v) for k, v in parts.items()}
+                logs["loss"] = float(loss.detach())
+                logs["lr"] = opt.param_groups[0]["lr"]
+                if not math.isfinite(logs["loss"]):
+                    raise DataError(f"critic loss became {logs['loss']} at step {step}: lower optim.lr")
+                logger.log({f"train/{k}": v for k, v in logs.items()}, step)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        # ---- end of epoch: validate + checkpoint (main process writes) ----
+        if is_main:
+            metrics = evaluate(critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table)
+            metrics.update(epoch=float(epoch + 1))
+            logger.log(metrics, step)
+            save_checkpoint(out, critic, target, opt, step, epoch + 1)
+            shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val_")}
+            log.info("epoch %d/%d step %d: %s", epoch + 1, cfg.epochs, step, shown)
+        accelerator.wait_for_everyone()
+    bar.close()
+
+    if is_main:
+        if not metrics:  # resumed a finished run: recompute the final metrics
+            metrics = evaluate(critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table)
+        metrics["step"] = float(step)
+        save_critic(
+            critic,
+            out / CRITIC_DIR,
+            extra={"gamma": cfg.gamma, "loss": cfg.loss, "step": step, "features": str(cfg.features),
+                   "dataset": str(cfg.dataset)},
+        )  # fmt: skip
+        atomic_write_json(out / "metrics.json", {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                                 for k, v in metrics.items()})  # fmt: skip
+        log.info("critic written to %s", out / CRITIC_DIR)
+    logger.finish()
+    accelerator.wait_for_everyone()
+    return metrics

@@ -1,0 +1,36 @@
+"""Small numpy statistics used by the critic's validation (no scipy dependency)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of a 1-d array with ties given their average rank (scipy's ``method='average'``)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # Boundaries of runs of equal values; every member of a run gets the run's mean position.
+    starts = np.r_[0, np.flatnonzero(sorted_x[1:] != sorted_x[:-1]) + 1]
+    ends = np.r_[starts[1:], len(x)]
+    avg = (starts + ends - 1) / 2.0 + 1.0
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; NaN when either input is constant or has fewer than 2 entries."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if len(a) < 2:
+        return float("nan")
+    a = a - a.mean()
+    b = b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation = Pearson correlation of average ranks; NaN if either side is constant."""
+    return pearson(rankdata(a), rankdata(b))

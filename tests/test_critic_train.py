@@ -1,0 +1,170 @@
+"""`digiq train-critic` end to end on a tiny MDP with known Q*: learning, resume, input errors, CLI, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from critic_mdp import make_run_inputs, q_star_fn
+from safetensors.torch import load_file
+
+from digiq.config import load_config
+from digiq.data.features import FeatureCache, write_cache
+from digiq.errors import DataError
+from digiq.models.critic import load_critic
+from digiq.stages import train_critic as tc
+from digiq.utils.logging import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "PYTHONPATH": str(ROOT),
+    "OMP_NUM_THREADS": "1",
+}
+GAMMA = 0.9
+
+
+@pytest.fixture(scope="module")
+def mdp_inputs(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("mdp")
+    return make_run_inputs(root, num_traj=80, eps=0.4, gamma=GAMMA)
+
+
+def _cfg(ds: Path, feats: Path, out: Path, *extra: str) -> tc.Config:
+    base = [f"dataset={ds}", f"features={feats}", f"output_dir={out}", f"gamma={GAMMA}", "batch_size=64",
+            "steps_per_epoch=50", "epochs=4", "critic.q_hidden=[32,32]", "critic.v_hidden=[32,32]",
+            "optim.lr=2e-3", "wandb.mode=disabled", "log_every=10", "device=cpu"]  # fmt: skip
+    return load_config(tc.Config, None, [*base, *extra])
+
+
+@pytest.mark.parametrize("loss", ["td", "mc"])
+def test_learns_tiny_mdp(mdp_inputs, tmp_path: Path, loss: str) -> None:
+    ds, feats, mdp, qs = mdp_inputs
+    out = tmp_path / loss
+    metrics = tc.run(_cfg(ds, feats, out, f"loss={loss}", "epochs=6"), q_star_fn=q_star_fn(qs))
+    rows = [r for r in read_metrics(out) if "train/loss" in r]
+    first, last = np.mean([r["train/loss"] for r in rows[:2]]), np.mean([r["train/loss"] for r in rows[-3:]])
+    assert last < 0.5 * first, (first, last)
+    # ranking of candidates vs exact Q*: far above a random pick and high in absolute terms
+    assert metrics["val_qstar_states"] > 20
+    assert metrics["val_qstar_top1_agreement"] >= 0.8
+    assert metrics["val_qstar_top1_agreement"] > metrics["val_qstar_random_optimal"] + 0.3
+    assert metrics["val_qstar_spearman"] >= 0.5
+    assert metrics["val_q_mc_pearson"] > 0.3
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["val_qstar_top1_agreement"] == pytest.approx(metrics["val_qstar_top1_agreement"])
+    assert (out / "config.yaml").exists() and (out / "checkpoint" / "_COMPLETE").exists()
+    critic = load_critic(out / "critic")
+    # the saved critic reproduces the run's Q-values: score every (s, a) one-hot and compare argmax to Q*
+    q_all = critic.q(torch.eye(mdp.S * mdp.A)).reshape(mdp.S, mdp.A).detach().numpy()
+    visited = [s for s in range(mdp.S - 1)]
+    agree = np.mean([qs[s, np.argmax(q_all[s])] >= qs[s].max() - 1e-6 for s in visited])
+    assert agree >= 0.7
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_is_bitwise_identical(mdp_inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill a run right after its epoch-2 checkpoint, resume it: same weights/optimizer/losses bit for bit."""
+    ds, feats, _, qs = mdp_inputs
+    extra = ("backup_action=candidate", "epochs=4", "optim.scheduler=cosine", "optim.warmup_ratio=0.1")
+    full = tc.run(_cfg(ds, feats, tmp_path / "full", *extra), q_star_fn=q_star_fn(qs))
+
+    real_save = tc.save_checkpoint
+
+    def save_then_die(out, critic, target, opt, step, epoch):
+        real_save(out, critic, target, opt, step, epoch)
+        if epoch == 2:
+            raise _Interrupted
+
+    monkeypatch.setattr(tc, "save_checkpoint", save_then_die)
+    with pytest.raises(_Interrupted):
+        tc.run(_cfg(ds, feats, tmp_path / "part", *extra), q_star_fn=q_star_fn(qs))
+    monkeypatch.setattr(tc, "save_checkpoint", real_save)
+    assert not (tmp_path / "part" / "critic").exists()
+    resumed = tc.run(_cfg(ds, feats, tmp_path / "part", *extra, "resume=true"), q_star_fn=q_star_fn(qs))
+    for name in ("model", "target", "optimizer"):
+        a = load_file(str(tmp_path / "full" / "checkpoint" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "part" / "checkpoint" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert full == resumed
+    losses = lambda d: [r["train/loss"] for r in read_metrics(d) if "train/loss" in r]  # noqa: E731
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    # a finished run refuses to be silently overwritten
+    with pytest.raises(FileExistsError, match="--resume"):
+        tc.run(_cfg(ds, feats, tmp_path / "full", *extra))
+
+
+def test_input_errors(mdp_inputs, tmp_path: Path) -> None:
+    ds, feats, _, _ = mdp_inputs
+    fc = FeatureCache.open(feats)
+    # fewer feature rows than dataset rows
+    short = write_cache(tmp_path / "short", fc.state[:-1], fc.actions[:-1])
+    with pytest.raises(DataError, match="rows but the dataset"):
+        tc.run(_cfg(ds, short, tmp_path / "o1"))
+    # NaN features
+    bad = fc.actions.clone()
+    bad[5, 1, 0] = float("nan")
+    nan_dir = write_cache(tmp_path / "nan", fc.state, bad, shard_rows=4)
+    with pytest.raises(DataError, match=r"shard-00001\.safetensors: actions holds NaN/inf at dataset row 5"):
+        tc.run(_cfg(ds, nan_dir, tmp_path / "o2"))
+    # resume with features of another width than the checkpoint's critic
+    tc.run(_cfg(ds, feats, tmp_path / "o3", "epochs=1", "q_star=skip"))
+    wide = write_cache(tmp_path / "wide", torch.cat([fc.state, fc.state], 1), fc.actions)
+    with pytest.raises(DataError, match=r"do not match the checkpoint.*state 10"):
+        tc.run(_cfg(ds, wide, tmp_path / "o3", "epochs=2", "resume=true"))
+
+
+def test_truncated_trajectories_are_terminal(tmp_path: Path) -> None:
+    ds, _, _, _ = make_run_inputs(tmp_path, num_traj=20, horizon=2, gamma=GAMMA)
+    tr, raw = tc.load_transitions(ds, GAMMA)
+    done_col = np.asarray(raw["done"])
+    ends = [e - 1 for _, e in tr.traj_bounds]
+    assert tr.num_truncated == int((~done_col[ends]).sum()) > 0
+    assert (tr.done[ends] == 1).all()
+    assert (tr.next_idx[ends] == ends).all()
+    inner = np.setdiff1d(np.arange(len(tr.done)), ends)
+    assert (tr.next_idx[inner] == inner + 1).all()
+
+
+@pytest.mark.slow
+def test_cli(mdp_inputs, tmp_path: Path) -> None:
+    ds, feats, _, _ = mdp_inputs
+    cmd = [sys.executable, "-m", "digiq", "train-critic", "--config", "configs/train-critic/td.yaml",
+           f"dataset={ds}", f"features={feats}", f"output_dir={tmp_path / 'cli'}", "epochs=1", "steps_per_epoch=5",
+           "critic.q_hidden=[16]", "critic.v_hidden=[16]", "wandb.mode=disabled", "q_star=skip"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert load_critic(tmp_path / "cli" / "critic").arch.q_hidden == (16,)
+    cmd[cmd.index(f"features={feats}")] = f"features={tmp_path / 'missing'}"
+    cmd[cmd.index(f"output_dir={tmp_path / 'cli'}")] = f"output_dir={tmp_path / 'cli2'}"
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "feature cache not found" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_ddp(mdp_inputs, tmp_path: Path) -> None:
+    ds, feats, _, _ = mdp_inputs
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "digiq",
+           "train-critic", f"dataset={ds}", f"features={feats}", f"output_dir={out}", "epochs=2",
+           "steps_per_epoch=10", "batch_size=32", "critic.q_hidden=[16]", "critic.v_hidden=[16]",
+           "wandb.mode=disabled", "q_star=skip", "device=cpu"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    critic = load_critic(out / "critic")
+    assert critic.q(torch.zeros(3, critic.arch.action_dim)).shape == (3,)
+    assert json.loads((out / "metrics.json").read_text())["step"] == 20

@@ -1,0 +1,62 @@
+"""Critic losses: hand-computed values and the shape checks that stop the official broadcast bug."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from digiq.losses import ShapeError, mc_loss, td_q_loss, td_target, td_v_loss
+
+
+def test_td_q_loss_hand_computed() -> None:
+    q = torch.tensor([1.0, 0.5, 2.0])
+    r = torch.tensor([0.0, 1.0, 0.0])
+    d = torch.tensor([0.0, 1.0, 0.0])
+    v_next = torch.tensor([2.0, 5.0, 1.0])
+    # targets: 0 + .9*2 = 1.8 ; 1 (done) ; 0 + .9*1 = 0.9
+    assert torch.allclose(td_target(r, d, v_next, 0.9), torch.tensor([1.8, 1.0, 0.9]))
+    expected = ((1.0 - 1.8) ** 2 + (0.5 - 1.0) ** 2 + (2.0 - 0.9) ** 2) / 3
+    assert td_q_loss(q, r, d, v_next, 0.9).item() == pytest.approx(expected, rel=1e-6)
+    # bool done works the same
+    assert td_q_loss(q, r, d.bool(), v_next, 0.9).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_twin_reduction_is_sum_of_per_head_mse() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(5, 2)
+    target = torch.randn(5, 2)
+    per_head = sum(((q[:, i] - target[:, i]) ** 2).mean() for i in range(2))
+    assert td_v_loss(q, target).item() == pytest.approx(per_head.item(), rel=1e-6)
+    assert mc_loss(q, target).item() == pytest.approx(per_head.item(), rel=1e-6)
+
+
+def test_td_v_and_mc_hand_computed() -> None:
+    v = torch.tensor([0.0, 2.0])
+    assert td_v_loss(v, torch.tensor([1.0, 0.0])).item() == pytest.approx((1 + 4) / 2)
+    assert mc_loss(v, torch.tensor([0.5, 2.5])).item() == pytest.approx((0.25 + 0.25) / 2)
+
+
+def test_targets_carry_no_gradient() -> None:
+    q = torch.tensor([1.0, 2.0], requires_grad=True)
+    v_next = torch.tensor([0.5, 0.5], requires_grad=True)
+    td_q_loss(q, torch.zeros(2), torch.zeros(2), v_next, 0.9).backward()
+    assert q.grad is not None and v_next.grad is None
+
+
+def test_official_broadcast_bug_cannot_recur() -> None:
+    """MSE((B,1), (B,)) broadcasts to (B,B) in the official MC ablation; here it raises."""
+    pred = torch.randn(4, 1)
+    ret = torch.randn(4)
+    with pytest.raises(ShapeError, match=r"\(4,\).*\(4, 1\)"):
+        mc_loss(pred, ret)
+    with pytest.raises(ShapeError):
+        td_v_loss(pred, ret)
+    with pytest.raises(ShapeError):
+        td_q_loss(pred, ret, ret, ret, 0.9)
+    with pytest.raises(ShapeError):
+        td_q_loss(ret, ret, ret, pred, 0.9)
+    with pytest.raises(ShapeError):
+        mc_loss(torch.tensor(1.0), torch.tensor(1.0))
+    # what the official bug computes is different from the correct loss (so the check matters)
+    buggy = torch.nn.functional.mse_loss(pred, ret)  # noqa: the broadcasting call, with its warning
+    assert not torch.isclose(buggy, mc_loss(pred.squeeze(1), ret))
