@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from digiq.actions import Action, ActionType, goal_from_observation, parse_action

@@ -268,6 +268,7 @@ def fit_policy(
     bar = tqdm(total=total, initial=start, disable=not is_main, desc=desc)
     losses: list[float] = []
     first_loss = None
+    last_kl = float("nan")
     t0 = time.perf_counter()
     for step in range(start, total):
         epoch, pos = divmod(step, steps_per_epoch)
@@ -299,7 +300,8 @@ def fit_policy(
             if ref_model is not None:
                 with torch.no_grad():
                     ref_logits = policy_logits(ref_model, batch)
-                    row["train/kl_to_beta"] = float(masked_token_kl(logits.detach(), ref_logits, batch["labels"]))
+                    last_kl = float(masked_token_kl(logits.detach(), ref_logits, batch["labels"]))
+                    row["train/kl_to_beta"] = last_kl
             logger.log(row, done)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}")
         if done % train.save_every == 0 or done == total:
@@ -314,6 +316,7 @@ def fit_policy(
         "loss_last": float(np.mean(losses[-max(1, min(10, len(losses))) :])) if losses else float("nan"),
         "train_seconds": time.perf_counter() - t0,
         "rows": float(n),
+        "kl_to_beta": last_kl,
     }
 
 
