@@ -67,7 +67,11 @@ def test_best_of_n_against_hand_values() -> None:
         [
             [0.50, 0.90, 0.70],  # best = 1, A = 0.5 -> keep
             [0.45, 0.42, 0.30],  # best = 0 (dataset action), A = 0.05 -> below 0.10
-            [0.10, 3.00, 0.20],  # index 1 invalid (A := 0); best valid is 2 with A = -0.2 -> argmax is the invalid 0
+            [
+                0.10,
+                3.00,
+                0.20,
+            ],  # index 1 invalid (A := 0); best valid is 2 with A = -0.2 -> argmax is the invalid 0
             [0.90, 0.90, 0.20],  # tie between 0 and 1: the dataset action wins; A = 2.0 clamped to 1
             [0.20, 0.10, 0.15],  # all negative -> nothing kept
         ]
@@ -88,7 +92,9 @@ def test_best_of_n_against_hand_values() -> None:
 def test_weighted_nll_and_kl_match_references() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 1], [IGNORE_INDEX, 2, 2, IGNORE_INDEX, IGNORE_INDEX]])
+    labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 1], [IGNORE_INDEX, 2, 2, IGNORE_INDEX, IGNORE_INDEX]]
+    )
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))
     assert torch.allclose(weighted_nll(logits, labels), ref, atol=1e-6)
     # weight 0 on row 1 = the loss of row 0 alone
@@ -171,7 +177,9 @@ def test_generation_batched_equals_single_and_is_seeded(tiny) -> None:
     model, processor, spec = tiny
     shots = _screens(3)
     together = generate_texts(model, processor, shots, OBS[:3], spec, temperature=0.0)
-    alone = [generate_texts(model, processor, [s], [o], spec, temperature=0.0)[0] for s, o in zip(shots, OBS[:3])]
+    alone = [
+        generate_texts(model, processor, [s], [o], spec, temperature=0.0)[0] for s, o in zip(shots, OBS[:3])
+    ]
     assert together == alone
     a = generate_actions(model, processor, shots, OBS[:3], 3, temperature=1.2, seed=7, spec=spec)
     b = generate_actions(model, processor, shots, OBS[:3], 3, temperature=1.2, seed=7, spec=spec)
@@ -204,17 +212,26 @@ def test_export_loads_with_plain_transformers_and_matches_act(tiny, tmp_path) ->
     out = save_policy(model, processor, tmp_path / "policy", spec)
     meta = json.loads((out / "digiq_policy.json").read_text())
     shot = _screens(4)[1]
-    ours = act(*__import__("digiq.models.policy", fromlist=["load_policy"]).load_policy(out), shot, "Open the settings",
-               Action.tap(0.5, 0.25).render())
+    ours = act(
+        *__import__("digiq.models.policy", fromlist=["load_policy"]).load_policy(out),
+        shot,
+        "Open the settings",
+        Action.tap(0.5, 0.25).render(),
+    )
     # plain transformers: the prompt from the JSON, greedy decoding
     hf = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
     proc = AutoProcessor.from_pretrained(str(out))
     user = meta["user_template"].format(goal="Open the settings", previous="tap 0.50 0.25")
     prompt = meta["prompt_head"] + user + meta["prompt_tail"]
     enc = proc(images=[[shot]], text=[prompt], return_tensors="pt")
-    gen = hf.generate(**enc, max_new_tokens=meta["max_new_tokens"], do_sample=False,
-                      pad_token_id=proc.tokenizer.pad_token_id, eos_token_id=proc.tokenizer.eos_token_id)
-    text = proc.tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    gen = hf.generate(
+        **enc,
+        max_new_tokens=meta["max_new_tokens"],
+        do_sample=False,
+        pad_token_id=proc.tokenizer.pad_token_id,
+        eos_token_id=proc.tokenizer.eos_token_id,
+    )
+    text = proc.tokenizer.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert text == ours["raw"]
     assert parse_policy_output(text, meta["action_format"]).render() == ours["action"]
     assert ours["valid"] and parse_action(ours["action"]) == Action.key(ActionType.PRESS_BACK)

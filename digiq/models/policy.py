@@ -261,7 +261,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return lp * mask, mask
 
 
-def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_nll(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cross-entropy on target tokens, mean over the (weighted) target tokens of the batch.
 
     The official actor loss is ``-mean_batch(w * sum_tokens log clamp(p, 0.001, 0.99))``
@@ -490,6 +492,7 @@ def load_policy_fn(
     seed: int = 0,
     device: str = "cpu",
     batch_size: int = 64,
+    max_new_tokens: int | None = None,
 ) -> Callable[[list[dict]], list[str]]:
     """The simulator's rollout callable for an exported policy: dicts -> AutoUI strings.
 
@@ -499,6 +502,8 @@ def load_policy_fn(
     model, processor, spec = load_policy(path, device)
     if temperature is not None:
         spec = dataclasses.replace(spec, do_sample=temperature > 0, temperature=temperature or 1.0)
+    if max_new_tokens is not None:
+        spec = dataclasses.replace(spec, max_new_tokens=max_new_tokens)
     calls = [0]
 
     def policy_fn(batch: list[dict]) -> list[str]:

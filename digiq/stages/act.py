@@ -52,8 +52,16 @@ def action_json(action: Action, raw: str) -> dict[str, Any]:
     }
 
 
-def act(model: Any, processor: Any, spec: Any, image: Any, goal: str, previous_action: str = "",
-        temperature: float | None = None, seed: int = 0) -> dict[str, Any]:
+def act(
+    model: Any,
+    processor: Any,
+    spec: Any,
+    image: Any,
+    goal: str,
+    previous_action: str = "",
+    temperature: float | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """One action for one screen (the function behind the CLI, usable in-process)."""
     from digiq.models.policy import generate_texts, parse_policy_output
 

@@ -63,7 +63,10 @@ class Config:
         check(self.source != "policy" or bool(self.policy), "source=policy needs policy=<folder>")
         check(self.temperature > 0, "temperature must be > 0")
         check(self.max_resamples >= 0 and self.batch_size > 0, "max_resamples >= 0, batch_size > 0")
-        check(Path(self.dataset).resolve() != Path(self.output_dir).resolve(), "output_dir must differ from dataset")
+        check(
+            Path(self.dataset).resolve() != Path(self.output_dir).resolve(),
+            "output_dir must differ from dataset",
+        )
 
 
 def sim_candidates(
@@ -80,7 +83,9 @@ def sim_candidates(
     out = []
     for i, (a, key) in enumerate(tqdm(list(zip(actions, state_keys)), desc="candidates (sim)", unit="row")):
         if not key:
-            raise DataError(f"row {i}: empty state_key; source=sim needs a dataset collected by `digiq sim collect`")
+            raise DataError(
+                f"row {i}: empty state_key; source=sim needs a dataset collected by `digiq sim collect`"
+            )
         out.append([a, *(c.render() for c in pi.sample_candidates(key, n - 1))])
     return out
 
@@ -99,7 +104,9 @@ def policy_candidates(ds, cfg: Config) -> tuple[list[list[str]], int]:
         return out, 0
     view = ds.select_columns(["screenshot", "observation"])
     invalid_left = 0
-    for b, start in enumerate(tqdm(range(0, len(ds), cfg.batch_size), desc="candidates (policy)", unit="batch")):
+    for b, start in enumerate(
+        tqdm(range(0, len(ds), cfg.batch_size), desc="candidates (policy)", unit="batch")
+    ):
         rows = list(range(start, min(len(ds), start + cfg.batch_size)))
         got = view[rows]
         shots, obs = got["screenshot"], got["observation"]
@@ -108,7 +115,12 @@ def policy_candidates(ds, cfg: Config) -> tuple[list[list[str]], int]:
             model, processor, shots, obs, n_extra, cfg.temperature, seed=_seed(cfg.seed, b, 0), spec=spec
         )
         for attempt in range(1, cfg.max_resamples + 1):
-            bad = [(i, j) for i in range(len(rows)) for j in range(n_extra) if not parse_action(samples[i][j]).is_valid]
+            bad = [
+                (i, j)
+                for i in range(len(rows))
+                for j in range(n_extra)
+                if not parse_action(samples[i][j]).is_valid
+            ]
             if not bad:
                 break
             redo = generate_actions(

@@ -49,6 +49,8 @@ class Config:
     # None = the export's setting; 0 = greedy; > 0 = sample at this temperature (official eval: 0.8).
     temperature: float | None = None
     seed: int = 0
+    # Override the export's generation cap (None = keep it); a cap bounds the cost of a junk-emitting policy.
+    max_new_tokens: int | None = None
     # offline: the dataset, and optionally a critic + its feature cache.
     dataset: str = ""
     critic: str = ""
@@ -112,7 +114,13 @@ def evaluate_sim(cfg: Config) -> dict[str, Any]:
     else:
         from digiq.models.policy import load_policy_fn
 
-        fn = load_policy_fn(cfg.policy, temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size)
+        fn = load_policy_fn(
+            cfg.policy,
+            cfg.temperature,
+            cfg.seed,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+        )
     res = evaluate_policy(fn, cfg.split, cfg.num_episodes, cfg.seed, dev, cfg.batch_size, progress=True)
     res["policy"] = cfg.policy
     return res
@@ -138,7 +146,15 @@ def evaluate_offline(cfg: Config) -> dict[str, Any]:
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="evaluate (offline)", unit="batch"):
         got = view[[int(r) for r in rows[s : s + cfg.batch_size]]]
         preds = generate_actions(
-            model, processor, got["screenshot"], got["observation"], 1, cfg.temperature, seed=cfg.seed, spec=spec
+            model,
+            processor,
+            got["screenshot"],
+            got["observation"],
+            1,
+            cfg.temperature,
+            cfg.max_new_tokens,
+            seed=cfg.seed,
+            spec=spec,
         )
         for p, ref in zip(preds, got["action"]):
             pa, ra = parse_action(p[0]), parse_action(ref)

@@ -94,7 +94,10 @@ class Config:
     def validate(self) -> None:
         check(bool(self.dataset) and bool(self.init_policy), "dataset and init_policy must be set")
         if self.scorer == "critic":
-            check(bool(self.features) and bool(self.critic), "scorer=critic needs features=<cache> and critic=<dir>")
+            check(
+                bool(self.features) and bool(self.critic),
+                "scorer=critic needs features=<cache> and critic=<dir>",
+            )
         check(self.num_candidates >= 0, "num_candidates must be >= 0 (0 = all)")
         check(self.awr_beta > 0 and self.awr_max_weight > 0, "awr_beta and awr_max_weight must be > 0")
         check(0 <= self.gamma < 1, "gamma must be in [0, 1)")
@@ -117,7 +120,9 @@ def candidate_table(candidates: list[list[str]], actions: list[str], n: int, sou
         if len(c) < width:
             raise DataError(f"{source}: row {i} has {len(c)} candidates, fewer than num_candidates={width}")
         if c[0] != actions[i]:
-            raise DataError(f"{source}: row {i}: candidates[0] is not the dataset action (index 0 must be it)")
+            raise DataError(
+                f"{source}: row {i}: candidates[0] is not the dataset action (index 0 must be it)"
+            )
     return [c[:width] for c in candidates]
 
 
@@ -130,7 +135,9 @@ def critic_scores(critic_path: str, features: str, num_rows: int, n: int, chunk:
     cache = FeatureCache.open(features)
     cache.check_against(num_rows)
     if cache.num_candidates < n:
-        raise DataError(f"{features}: the cache holds {cache.num_candidates} candidates per row, fewer than {n}")
+        raise DataError(
+            f"{features}: the cache holds {cache.num_candidates} candidates per row, fewer than {n}"
+        )
     critic = load_critic(critic_path)
     qs, vs = [], []
     for s in range(0, num_rows, chunk):
@@ -175,7 +182,9 @@ def select(
     else:  # AWR on every state whose best candidate is valid
         ok = valid.gather(1, index.unsqueeze(1)).squeeze(1)
         rows = torch.nonzero(ok).squeeze(1)
-        weights = torch.exp(raw_adv[rows] / cfg.awr_beta).clamp(max=cfg.awr_max_weight).numpy().astype(np.float32)
+        weights = (
+            torch.exp(raw_adv[rows] / cfg.awr_beta).clamp(max=cfg.awr_max_weight).numpy().astype(np.float32)
+        )
     return rows.numpy(), index.numpy(), adv.numpy(), weights, stats
 
 
@@ -212,7 +221,9 @@ def run(cfg: Config) -> dict[str, Any]:
         out / "selection.safetensors",
     )
     targets = [table[int(r)][int(index[int(r)])] for r in rows]
-    examples = PolicyExamples(ds.select_columns(["screenshot", "observation"]), rows.astype(np.int64), targets, weights)
+    examples = PolicyExamples(
+        ds.select_columns(["screenshot", "observation"]), rows.astype(np.int64), targets, weights
+    )
 
     model, processor = load_vlm(ModelConfig(name_or_path=cfg.init_policy), cfg.lora, for_training=True)
     spec = read_spec(cfg.init_policy)
@@ -222,7 +233,17 @@ def run(cfg: Config) -> dict[str, Any]:
     metrics: dict[str, Any] = dict(stats)
     metrics.update(
         fit_policy(
-            model, processor, spec, examples, out, cfg.train, cfg.optim, cfg.seed, cfg.resume, logger, ref,
+            model,
+            processor,
+            spec,
+            examples,
+            out,
+            cfg.train,
+            cfg.optim,
+            cfg.seed,
+            cfg.resume,
+            logger,
+            ref,
             desc="extract-policy",
         )
     )

@@ -296,7 +296,10 @@ def fit_policy(
         bar.update(1)
         done = step + 1
         if done % train.log_every == 0 or done == total:
-            row = {"train/loss": float(np.mean(losses[-train.log_every :])), "train/lr": opt.param_groups[0]["lr"]}
+            row = {
+                "train/loss": float(np.mean(losses[-train.log_every :])),
+                "train/lr": opt.param_groups[0]["lr"],
+            }
             if ref_model is not None:
                 with torch.no_grad():
                     ref_logits = policy_logits(ref_model, batch)
@@ -329,7 +332,10 @@ def prepare_output(out: Path, resume: bool, overwrite: bool, what: str) -> None:
 def warn_long_targets(processor: Any, spec: PolicySpec, targets: Sequence[str]) -> None:
     from digiq.models.policy import target_ids
 
-    lengths = [len(target_ids(processor, format_action(t, spec.action_format, spec.precision), spec)) for t in targets]
+    lengths = [
+        len(target_ids(processor, format_action(t, spec.action_format, spec.precision), spec))
+        for t in targets
+    ]
     longest = max(lengths) if lengths else 0
     if longest > spec.max_new_tokens:
         log.warning(
