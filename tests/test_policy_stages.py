@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A 6-trajectory sim dataset with 4 sim candidates, and a BC policy trained for 4 steps."""
+    """A 6-trajectory sim dataset (seed 1: one success, for the offline report) with 4 sim candidates, and a BC policy trained for 4 steps."""
     from digiq.sim import collect
     from digiq.stages import train_bc
 
@@ -34,6 +34,7 @@ def work(tmp_path_factory):
             f"output_dir={d / 'sim'}",
             "num_trajectories=6",
             "num_candidates=4",
+            "seed=1",
             "sim.width=90",
             "sim.height=160",
         ],
