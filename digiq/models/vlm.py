@@ -478,7 +478,13 @@ def load_vlm(cfg: ModelConfig | str, lora: LoraConfig | None = None, for_trainin
             base_name = meta.get("base") or json.loads((path / "adapter_config.json").read_text()).get(
                 "base_model_name_or_path"
             )
-            base_cfg = ModelConfig(**{**cfg.__dict__, "name_or_path": base_name})
+            base_cfg = ModelConfig(
+                **{
+                    **cfg.__dict__,
+                    "name_or_path": base_name,
+                    "tiny_seed": int(meta.get("tiny_seed", cfg.tiny_seed)),
+                }
+            )
             base, _ = load_vlm(base_cfg)
             model = PeftModel.from_pretrained(base, str(path), is_trainable=for_training)
             family = family_of(base)
@@ -543,7 +549,14 @@ def apply_lora(model, lora: LoraConfig):
     return get_peft_model(model, pc)
 
 
-def save_vlm(model, processor, out_dir: str | Path, merge_lora: bool = True, base: str | None = None) -> Path:
+def save_vlm(
+    model,
+    processor,
+    out_dir: str | Path,
+    merge_lora: bool = True,
+    base: str | None = None,
+    tiny_seed: int = 0,
+) -> Path:
     """``save_pretrained`` model + processor into ``out_dir`` (plus ``digiq_vlm.json``) for :func:`load_vlm`.
 
     A PeftModel is merged into plain weights when ``merge_lora``; else only the adapter is written and
@@ -559,6 +572,7 @@ def save_vlm(model, processor, out_dir: str | Path, merge_lora: bool = True, bas
             model = model.merge_and_unload()
         else:
             meta["base"] = base
+            meta["tiny_seed"] = tiny_seed
     model.save_pretrained(str(out_dir), safe_serialization=True)
     processor.save_pretrained(str(out_dir))
     if family in ("qwen2-vl", "qwen2.5-vl"):
