@@ -157,3 +157,23 @@ def test_unknown_family_is_a_clear_error():
     with pytest.raises(DigiqError, match="choose one of"):
         load_vlm("tiny:gpt5")
     assert ActionType.TYPE  # keep the import used for readers of the test
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_prefix_tokens_are_a_prefix_of_the_full_prompt_tokens(family):
+    """Stage 2 caches the prefix's KV once per state: its tokens must not merge across the split."""
+    _, processor = build_tiny_vlm(family)
+    tok = processor.tokenizer
+    for action in [
+        Action.tap(0.3, 0.4),
+        Action.type_text("yoga mat"),
+        Action.key(ActionType.PRESS_BACK),
+        None,
+    ]:
+        prefix, suffix = P.split_prompt(processor, "Turn on wifi", Action.tap(0.1, 0.1), action, "text")
+        full = tok(prefix + suffix, add_special_tokens=False)["input_ids"]
+        assert (
+            tok(prefix, add_special_tokens=False)["input_ids"]
+            + tok(suffix, add_special_tokens=False)["input_ids"]
+            == full
+        )
