@@ -177,3 +177,18 @@ def test_prefix_tokens_are_a_prefix_of_the_full_prompt_tokens(family):
             + tok(suffix, add_special_tokens=False)["input_ids"]
             == full
         )
+
+
+def test_tiny_name_options():
+    from digiq.errors import DigiqError
+    from digiq.models.vlm import TinySpec, parse_tiny_name
+
+    assert parse_tiny_name("tiny:llava") == ("llava", TinySpec())
+    fam, spec = parse_tiny_name("tiny:qwen2-vl@image_size=168,layers=2")
+    assert fam == "qwen2-vl" and spec.image_size == 168 and spec.layers == 2
+    with pytest.raises(DigiqError, match="bad tiny model option"):
+        parse_tiny_name("tiny:llava@depth=3")
+    model, processor = load_vlm("tiny:qwen2-vl@image_size=168,layers=2")
+    assert model.config.text_config.num_hidden_layers == 2
+    grid = processor.image_processor(images=[PORTRAIT], return_tensors="pt")["image_grid_thw"][0]
+    assert int(grid[1] * grid[2]) * 14 * 14 <= 168 * 168

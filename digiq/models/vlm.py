@@ -454,6 +454,27 @@ def _load_processor(path: str, family: str | None, meta: dict[str, Any]):
     return AutoProcessor.from_pretrained(path)
 
 
+def parse_tiny_name(name: str) -> tuple[str, TinySpec]:
+    """``tiny:<family>[@key=value,...]`` -> (family, TinySpec); e.g. ``tiny:qwen2-vl@image_size=168,hidden=192``."""
+    from dataclasses import fields, replace
+
+    body = name.split(":", 1)[1]
+    family, _, opts = body.partition("@")
+    spec = TinySpec()
+    if opts:
+        known = {f.name for f in fields(TinySpec)}
+        kwargs = {}
+        for item in opts.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or key.strip() not in known or not value.strip().isdigit():
+                raise DigiqError(
+                    f"bad tiny model option {item!r} in {name!r}; options: {sorted(known)} (integers)"
+                )
+            kwargs[key.strip()] = int(value)
+        spec = replace(spec, **kwargs)
+    return family, spec
+
+
 def load_vlm(cfg: ModelConfig | str, lora: LoraConfig | None = None, for_training: bool = False):
     """Load ``(model, processor)`` from a hub id, a local folder or ``tiny:<family>``.
 
@@ -467,8 +488,8 @@ def load_vlm(cfg: ModelConfig | str, lora: LoraConfig | None = None, for_trainin
         cfg = ModelConfig(name_or_path=cfg)
     name = cfg.name_or_path
     if name.startswith("tiny:"):
-        model, processor = build_tiny_vlm(name.split(":", 1)[1], seed=cfg.tiny_seed, dtype=cfg.dtype)
-        family = processor.digiq_family
+        family, spec = parse_tiny_name(name)
+        model, processor = build_tiny_vlm(family, spec, seed=cfg.tiny_seed, dtype=cfg.dtype)
     else:
         path = Path(name)
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
