@@ -111,6 +111,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     critic = Critic(arch)
     critic.set_normalization(torch.randn(4), torch.rand(4) + 1, torch.randn(6), torch.rand(6) + 1)
     save_critic(critic, tmp_path / "critic", extra={"gamma": 0.95})
+    critic.save(tmp_path / "critic2")
+    assert torch.equal(load_critic(tmp_path / "critic2").q(torch.ones(1, 6)), critic.q(torch.ones(1, 6)))
     loaded = load_critic(tmp_path / "critic")
     assert loaded.arch == arch
     a, s = torch.randn(3, 6), torch.randn(3, 4)

@@ -83,9 +83,9 @@ def test_resume_is_bitwise_identical(mdp_inputs, tmp_path: Path, monkeypatch: py
     real_save = tc.save_checkpoint
 
     def save_then_die(out, critic, target, opt, step, epoch):
-        real_save(out, critic, target, opt, step, epoch)
-        if epoch == 2:
+        if epoch == 3:  # killed during epoch 3: its train logs are in metrics.jsonl, its checkpoint is not
             raise _Interrupted
+        real_save(out, critic, target, opt, step, epoch)
 
     monkeypatch.setattr(tc, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupted):
@@ -125,6 +125,13 @@ def test_input_errors(mdp_inputs, tmp_path: Path) -> None:
     wide = write_cache(tmp_path / "wide", torch.cat([fc.state, fc.state], 1), fc.actions)
     with pytest.raises(DataError, match=r"do not match the checkpoint.*state 10"):
         tc.run(_cfg(ds, wide, tmp_path / "o3", "epochs=2", "resume=true"))
+
+
+def test_bf16_autocast_run(mdp_inputs, tmp_path: Path) -> None:
+    ds, feats, _, _ = mdp_inputs
+    m = tc.run(_cfg(ds, feats, tmp_path / "bf16", "mixed_precision=bf16", "epochs=2", "q_star=skip"))
+    assert np.isfinite(m["val_td_error"])
+    assert load_critic(tmp_path / "bf16" / "critic").state_mean.dtype == torch.float32
 
 
 def test_truncated_trajectories_are_terminal(tmp_path: Path) -> None:

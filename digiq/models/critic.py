@@ -97,7 +97,7 @@ class EnsembleMLP(nn.Module):
             h = torch.baddbmm(b, h.expand(self.num, -1, -1) if i == 0 else h, w)  # (T, B, out)
             if i < last:
                 if self.layer_norm:
-                    h = F.layer_norm(h, h.shape[-1:]) * self.ln_weights[i] + self.ln_biases[i]
+                    h = torch.addcmul(self.ln_biases[i], F.layer_norm(h, h.shape[-1:]), self.ln_weights[i])
                 h = F.relu(h)
         return h.squeeze(-1).transpose(0, 1).reshape(*lead, self.num)
 
@@ -162,6 +162,10 @@ class Critic(nn.Module):
     def advantage(self, action_feats: torch.Tensor, state_feats: torch.Tensor) -> torch.Tensor:
         """A(s, a_i) = Q(s, a_i) - V(s) for action feats (B, N, Da) and state feats (B, Ds) -> (B, N)."""
         return self.q(action_feats) - self.v(state_feats).unsqueeze(-1)
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Shorthand for :func:`save_critic`."""
+        return save_critic(self, path, extra)
 
     def forward(
         self, state_feats: torch.Tensor, action_feats: torch.Tensor

@@ -24,6 +24,7 @@ metrics), ``checkpoint/`` (model, target, optimiser as safetensors + ``trainer_s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,13 +37,20 @@ import torch
 
 from digiq.config import OptimConfig, WandbConfig, check, save_config, to_dict
 from digiq.data.features import FeatureCache
-from digiq.data.schema import discounted_returns, load_dataset, split_by_trajectory, trajectory_bounds
+from digiq.data.schema import (
+    discounted_returns,
+    load_dataset,
+    next_row_index,
+    split_by_trajectory,
+    trajectory_bounds,
+)
 from digiq.errors import DataError
 from digiq.losses import mc_loss, td_q_loss, td_v_loss
 from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
 from digiq.utils.io import (
     atomic_save_safetensors,
     atomic_write_json,
+    atomic_write_text,
     is_complete,
     staged_dir,
 )
@@ -164,11 +172,10 @@ def load_transitions(path: str | Path, gamma: float) -> tuple[Transitions, Any]:
     reward = np.asarray(cols["reward"], dtype=np.float32)
     done = np.asarray(cols["done"], dtype=bool)
     bounds = trajectory_bounds(cols)
-    next_idx = np.arange(1, len(reward) + 1, dtype=np.int64)
+    next_idx = next_row_index(cols)  # -1 after the last step of each trajectory
     truncated = 0
     mc = np.zeros(len(reward), dtype=np.float32)
     for s, e in bounds:
-        next_idx[e - 1] = -1
         mc[s:e] = discounted_returns(reward[s:e], gamma)
         if not done[e - 1]:
             truncated += 1
@@ -277,6 +284,33 @@ def batch_loss(
         lq = td_q_loss(q.float(), expand(data.reward[idx]), expand(data.done[idx]), expand(v_next), cfg.gamma)
         lv = td_v_loss(v.float(), expand(q_back))
     return lq + lv, {"loss_q": lq.detach(), "loss_v": lv.detach(), "q_mean": q.detach().mean()}
+
+
+def train_step(
+    model: torch.nn.Module,
+    critic: Critic,
+    target: Critic | None,
+    opt: torch.optim.Optimizer,
+    data: DeviceData,
+    idx: torch.Tensor,
+    cfg: Config,
+    backup_col: torch.Tensor | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step: loss, backward, clip, Adam, target EMA. ``model`` may be DDP around ``critic``.
+
+    Returns detached tensors (no host sync here: the caller decides when to read them).
+    """
+    with autocast():  # forward only; backward runs outside autocast as torch recommends
+        loss, parts = batch_loss(model, target, data, idx, cfg, backup_col)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm, foreach=True)
+    opt.step()
+    if target is not None:
+        soft_update(target, critic, cfg.tau)
+    return loss.detach(), parts
 
 
 @torch.no_grad()
@@ -423,6 +457,18 @@ def load_checkpoint_state(out: Path) -> dict[str, Any]:
     return state
 
 
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metrics.jsonl lines logged after the checkpoint a run resumes from (they will be re-logged)."""
+    if not path.exists():
+        return
+    keep = [
+        ln
+        for ln in path.read_text().splitlines()
+        if ln.strip() and json.loads(ln).get("step", 0) <= last_step
+    ]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
 def _lr_factor(step: int, total: int, optim: OptimConfig) -> float:
     warm = int(optim.warmup_ratio * total)
     if step < warm:
@@ -450,14 +496,18 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     from digiq.utils.dist import make_accelerator
 
     out = Path(cfg.output_dir)
+    # Mixed precision is applied by this stage (torch.autocast), not by accelerate: accelerate's state is a
+    # process-wide singleton that refuses a second, different mixed_precision in the same process (as an
+    # in-process pipeline or test session would ask for). None = keep whatever the process already has.
     accelerator = make_accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=None,  # type: ignore[arg-type]
         cpu=None if cfg.device == "auto" else cfg.device == "cpu",
     )
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.batch_size % world:
-        raise DataError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    check(
+        cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} must be divisible by the {world} processes"
+    )
     local_batch = cfg.batch_size // world
     device = accelerator.device
 
@@ -546,7 +596,16 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         opt.load_state_dict(ck["optimizer_state"])
         set_rng_state(ck["rng"])
         start_step, start_epoch = int(ck["step"]), int(ck["epoch"])
-    model = accelerator.prepare_model(critic)
+    # DDP by hand (not accelerator.prepare) so that no process-wide autocast wrapper is attached to forward.
+    model: torch.nn.Module = critic
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            critic, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    use_bf16 = cfg.mixed_precision == "bf16"
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     # ---- validation set-up (exact Q* on simulated data) -----------------------------------------
     qs_rows = qs_table = None
@@ -566,6 +625,8 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
+    if is_main and resuming:
+        _truncate_metrics(out / "metrics.jsonl", start_step)
     logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=is_main, resume=resuming)
     log.info(
         "critic: %d train / %d val rows, N=%d, Ds=%d, Da=%d, %d params, %d steps on %s x%d",
@@ -576,7 +637,6 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     gen = torch.Generator(device="cpu")
     train_cpu = torch.as_tensor(train_rows)
     valid_cpu = None if data.valid is None else data.valid.cpu().float()
-    params = [p for p in critic.parameters() if p.requires_grad]
     step = start_step
     metrics: dict[str, float] = {}
     bar = tqdm(total=total, initial=start_step, disable=not is_main, desc="train-critic")
@@ -596,20 +656,12 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
             idx = idx_cpu.to(device, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = cfg.optim.lr * _lr_factor(step, total, cfg.optim)
-            with accelerator.autocast():
-                loss, parts = batch_loss(model, target, data, idx, cfg, col)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm, foreach=True)
-            opt.step()
-            if target is not None:
-                soft_update(target, critic, cfg.tau)
+            loss, parts = train_step(model, critic, target, opt, data, idx, cfg, col, autocast)
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
                 logs = {k: float(v) for k, v in parts.items()}
-                logs["loss"] = float(loss.detach())
+                logs["loss"] = float(loss)
                 logs["lr"] = opt.param_groups[0]["lr"]
                 if not math.isfinite(logs["loss"]):
                     raise DataError(f"critic loss became {logs['loss']} at step {step}: lower optim.lr")
