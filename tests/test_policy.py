@@ -202,6 +202,7 @@ def _train_a_little(model, processor, spec, steps: int = 25):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_export_loads_with_plain_transformers_and_matches_act(tiny, tmp_path) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

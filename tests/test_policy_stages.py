@@ -18,6 +18,8 @@ from digiq.data.schema import load_dataset
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
+# Every test here but the action-matching one trains or rolls out a tiny VLM: end-to-end, so marked slow.
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,7 @@ def work(tmp_path_factory):
     return d, bc_cfg, metrics
 
 
+@slow
 def test_train_bc_writes_policy_and_resumes(work) -> None:
     from digiq.stages import train_bc
     from digiq.utils.logging import read_metrics
@@ -84,6 +87,7 @@ def test_train_bc_writes_policy_and_resumes(work) -> None:
     assert m2["steps_this_run"] == 1
 
 
+@slow
 def test_candidates_sim_deterministic_and_index0(work) -> None:
     from digiq.stages import candidates
 
@@ -110,6 +114,7 @@ def test_candidates_sim_deterministic_and_index0(work) -> None:
     assert all(len(c) == 5 and c[0] == a for c, a in zip(outs[0], actions))
 
 
+@slow
 def test_candidates_policy_deterministic_and_index0(work) -> None:
     from digiq.stages import candidates
 
@@ -144,6 +149,7 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+@slow
 @pytest.mark.parametrize("scorer", ["q_star", "critic"])
 def test_extract_policy_step_changes_policy(work, scorer) -> None:
     from digiq.data.features import write_cache
@@ -190,6 +196,7 @@ def test_extract_policy_step_changes_policy(work, scorer) -> None:
     assert json.loads((out / "policy" / "digiq_policy.json").read_text())["stage"] == "extract-policy"
 
 
+@slow
 def test_num_candidates_one_is_dataset_action_only(work) -> None:
     from digiq.stages.extract_policy import Config, candidate_table, q_star_scores, select
 
