@@ -499,7 +499,8 @@ def run(cfg: Config) -> dict:
                     logits = answer_logits(model, inputs)
                     loss = yes_no_loss(logits, y.to(logits.device), yes_id, no_id) / cfg.grad_accum
                 accelerator.backward(loss)
-                loss_sum += float(loss.detach())
+                # the logged loss is the mean over all processes' rows, not rank 0's share
+                loss_sum += float(accelerator.reduce(loss.detach(), reduction="mean"))
             if cfg.optim.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             opt.step()
