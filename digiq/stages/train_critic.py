@@ -461,11 +461,15 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metrics.jsonl lines logged after the checkpoint a run resumes from (they will be re-logged)."""
     if not path.exists():
         return
-    keep = [
-        ln
-        for ln in path.read_text().splitlines()
-        if ln.strip() and json.loads(ln).get("step", 0) <= last_step
-    ]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            # A SIGKILL in the middle of an append leaves half a line: drop it (it is re-logged).
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
