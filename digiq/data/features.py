@@ -86,13 +86,82 @@ def write_manifest(directory: str | Path, meta: dict[str, Any]) -> Path:
     return atomic_write_json(Path(directory) / MANIFEST, out)
 
 
-def _load_shard(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+# safetensors dtype codes of the tensors a shard may hold.
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "BOOL": torch.bool}
+# Finiteness is checked on blocks of at most this many values (bounded scratch memory).
+_CHECK_BLOCK = 1 << 24
 
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """(tensor table, byte offset of the data section, file size) of a safetensors file."""
     try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a truncated file
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DataError(f"{path}: not a readable safetensors shard ({e})") from e
+    header.pop("__metadata__", None)
+    return header, 8 + n, size
+
+
+def _read_tensor_into(
+    path: Path, f: Any, header: dict[str, Any], data_start: int, size: int, key: str, dst: torch.Tensor
+) -> None:
+    """Read tensor ``key`` of a shard straight into the contiguous ``dst`` (shape and dtype checked first).
+
+    Reading with ``readinto`` into the preallocated cache tensor keeps peak memory at the cache size: no
+    per-shard copy (``safetensors.torch.load_file``) and no memory-mapped pages of the shard resident.
+    """
+    info = header.get(key)
+    if info is None:
+        raise DataError(f"{path}: tensor {key!r} is missing")
+    dtype = _ST_DTYPES.get(info.get("dtype"))
+    if dtype != dst.dtype:
+        want = next((c for c, dt in _ST_DTYPES.items() if dt == dst.dtype), str(dst.dtype))
+        raise DataError(f"{path}: {key} dtype {info.get('dtype')} != the manifest's ({want})")
+    if tuple(info.get("shape", ())) != tuple(dst.shape):
+        raise DataError(
+            f"{path}: {key} has shape {tuple(info.get('shape', ()))}, the manifest implies {tuple(dst.shape)}"
+        )
+    begin, end = (int(x) for x in info["data_offsets"])
+    nbytes = dst.numel() * dst.element_size()
+    if end - begin != nbytes or data_start + end > size:
+        raise DataError(f"{path}: not a readable safetensors shard ({key} data is truncated or inconsistent)")
+    if nbytes == 0:
+        return
+    buf = dst.view(torch.uint8) if dst.dtype != torch.bool else dst
+    f.seek(data_start + begin)
+    view = memoryview(buf.reshape(-1).numpy()).cast("B")
+    got = 0
+    while got < nbytes:
+        k = f.readinto(view[got:])
+        if not k:
+            raise DataError(f"{path}: not a readable safetensors shard ({key} data ends early)")
+        got += k
+
+
+def _check_finite(path: Path, key: str, t: torch.Tensor, start: int) -> None:
+    """Raise a DataError naming the first dataset row of ``t`` (rows from ``start``) holding NaN/inf."""
+    n = t.shape[0]
+    per_row = max(1, t[0].numel()) if n else 1
+    rows = max(1, _CHECK_BLOCK // per_row)
+    first, count = -1, 0
+    for b in range(0, n, rows):
+        bad = ~torch.isfinite(t[b : b + rows].reshape(min(rows, n - b), -1)).all(dim=1)
+        if bool(bad.any()):
+            if first < 0:
+                first = b + int(bad.nonzero()[0, 0])
+            count += int(bad.sum())
+    if first >= 0:
+        raise DataError(
+            f"{path}: {key} holds NaN/inf at dataset row {start + first} (shard row {first}; "
+            f"{count} bad row(s) in this shard)"
+        )
 
 
 @dataclass
@@ -161,36 +230,26 @@ class FeatureCache:
                 )
             if not spath.is_file():
                 raise DataError(f"{spath}: shard listed in the manifest is missing (rows {start}..{end - 1})")
-            t = _load_shard(spath)
             n = end - start
-            for key, shape in (("state", (n, Ds)), ("actions", (n, N, Da))):
-                if key not in t:
-                    raise DataError(f"{spath}: tensor {key!r} is missing")
-                if tuple(t[key].shape) != shape:
-                    raise DataError(
-                        f"{spath}: {key} has shape {tuple(t[key].shape)}, the manifest implies {shape}"
-                    )
-                if t[key].dtype != dtype:
-                    raise DataError(
-                        f"{spath}: {key} dtype {t[key].dtype} != manifest dtype {manifest['dtype']}"
-                    )
-                if check_finite:
-                    flat = t[key].reshape(n, -1)
-                    bad = ~torch.isfinite(flat).all(dim=1)
-                    if bool(bad.any()):
-                        local = int(bad.nonzero()[0, 0])
-                        raise DataError(
-                            f"{spath}: {key} holds NaN/inf at dataset row {start + local} (shard row {local}; "
-                            f"{int(bad.sum())} bad row(s) in this shard)"
-                        )
-            state[start:end] = t["state"]
-            actions[start:end] = t["actions"]
-            if "valid" in t:
-                if tuple(t["valid"].shape) != (n, N):
-                    raise DataError(f"{spath}: valid has shape {tuple(t['valid'].shape)}, expected {(n, N)}")
-                if valid is None:
-                    valid = torch.ones(R, N, dtype=torch.bool)
-                valid[start:end] = t["valid"].to(torch.bool)
+            header, data_start, size = _read_header(spath)
+            try:
+                with open(spath, "rb") as f:
+                    _read_tensor_into(spath, f, header, data_start, size, "state", state[start:end])
+                    _read_tensor_into(spath, f, header, data_start, size, "actions", actions[start:end])
+                    if "valid" in header:
+                        if tuple(header["valid"].get("shape", ())) != (n, N):
+                            raise DataError(
+                                f"{spath}: valid has shape {tuple(header['valid'].get('shape', ()))}, "
+                                f"expected {(n, N)}"
+                            )
+                        if valid is None:
+                            valid = torch.ones(R, N, dtype=torch.bool)
+                        _read_tensor_into(spath, f, header, data_start, size, "valid", valid[start:end])
+            except OSError as e:
+                raise DataError(f"{spath}: not a readable safetensors shard ({e})") from e
+            if check_finite:
+                _check_finite(spath, "state", state[start:end], start)
+                _check_finite(spath, "actions", actions[start:end], start)
             expected_start = end
         if expected_start != R:
             raise DataError(

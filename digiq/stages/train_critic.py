@@ -222,10 +222,16 @@ def q_star_table(
 
 @torch.no_grad()
 def feature_stats(
-    x: torch.Tensor, rows: torch.Tensor, chunk: int = 4096
+    x: torch.Tensor, rows: torch.Tensor, max_elements: int = 1 << 22
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean/std over ``x[rows]`` (flattening any candidate dim), accumulated in float64 chunk by chunk."""
+    """Mean/std over ``x[rows]`` (flattening any candidate dim), accumulated in float64 chunk by chunk.
+
+    A chunk holds at most ``max_elements`` feature values (32 MiB in float64): chunks of a fixed row count
+    would, for (R, 16, 4096) action features, gather and upcast GBs at once (scripts/bench_memory.py).
+    """
     dim = x.shape[-1]
+    per_row = max(1, x[0].numel()) if len(x) else 1
+    chunk = max(1, max_elements // per_row)
     s = torch.zeros(dim, dtype=torch.float64, device=x.device)
     sq = torch.zeros(dim, dtype=torch.float64, device=x.device)
     n = 0
