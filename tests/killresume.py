@@ -43,7 +43,9 @@ def digiq_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "digiq", *map(str, args)]
 
 
-def run_digiq(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_digiq(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run ``digiq <args>`` to the end; returns the CompletedProcess (text stdout/stderr)."""
     return subprocess.run(
         digiq_cmd(*args), cwd=ROOT, env=env or digiq_env(), capture_output=True, text=True, timeout=timeout

@@ -76,7 +76,9 @@ def test_sim_collect_kill_is_atomic_and_rerun_equals(tmp_path: Path) -> None:
     fresh = tmp_path / "fresh"
     k = kill_when([*args[:2], f"output_dir={fresh}", *args[3:]], _progress("sim collect", 60))
     assert k.killed and not is_complete(fresh)
-    r = run_digiq("train-critic", f"dataset={fresh}", f"features={tmp_path / 'f'}", f"output_dir={tmp_path / 'c'}")
+    r = run_digiq(
+        "train-critic", f"dataset={fresh}", f"features={tmp_path / 'f'}", f"output_dir={tmp_path / 'c'}"
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "dataset not found" in r.stderr or "incomplete" in r.stderr
 
@@ -124,7 +126,13 @@ def _write_pt(root: Path, n_traj: int = 400, steps: int = 4) -> tuple[Path, Path
 def test_import_kill_leaves_nothing_finished_and_rerun_equals(tmp_path: Path) -> None:
     pt, image_root = _write_pt(tmp_path / "in")
     out, feats = tmp_path / "ds", tmp_path / "feats"
-    args = ["import", f"inputs=[{pt}]", f"output={out}", f"features_output={feats}", "features_shard_rows=256"]
+    args = [
+        "import",
+        f"inputs=[{pt}]",
+        f"output={out}",
+        f"features_output={feats}",
+        "features_shard_rows=256",
+    ]
     k = kill_when(args, _progress("import", 200))
     assert k.killed, k.stderr[-2000:]
     assert not is_complete(out) and not is_complete(feats)
@@ -132,7 +140,9 @@ def test_import_kill_leaves_nothing_finished_and_rerun_equals(tmp_path: Path) ->
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
 
     ref, ref_feats = tmp_path / "ref", tmp_path / "ref_feats"
-    assert run_digiq("import", args[1], f"output={ref}", f"features_output={ref_feats}", args[4]).returncode == 0
+    assert (
+        run_digiq("import", args[1], f"output={ref}", f"features_output={ref_feats}", args[4]).returncode == 0
+    )
     r = run_digiq(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _rows(out) == _rows(ref) and _info(out) == _info(ref)

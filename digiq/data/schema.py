@@ -138,6 +138,50 @@ def load_dataset(path: str | Path, validate: bool = True) -> Dataset:
     return ds
 
 
+IMAGE_COLUMNS = ("screenshot", "next_screenshot")
+
+
+def decode_image(cell: dict | None, source: str, traj: object, step: object, column: str):
+    """Decode one undecoded ``Image`` cell (``{"bytes", "path"}``) into a loaded PIL image.
+
+    A missing, truncated or garbage image raises a DataError naming the dataset, trajectory, step and
+    column, instead of PIL's ``UnidentifiedImageError``/``OSError`` deep inside ``datasets`` (which name
+    neither the row nor the file). The pixels are loaded here so a truncated PNG fails now, not later.
+    """
+    import io
+
+    from PIL import Image as PILImage
+
+    from digiq.errors import where
+
+    loc = where(source, traj, step, column)
+    if cell is None or (cell.get("bytes") is None and not cell.get("path")):
+        raise DataError(f"{loc}: the image is missing")
+    try:
+        data = cell.get("bytes")
+        img = PILImage.open(io.BytesIO(data) if data is not None else cell["path"])
+        img.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        raise DataError(f"{loc}: the image does not decode ({type(e).__name__}: {e})") from e
+    return img
+
+
+def iter_decoded_rows(ds: Dataset, columns: Sequence[str], source: str = "dataset"):
+    """Yield rows of ``ds`` (only ``columns``) with image columns decoded by :func:`decode_image`."""
+    from datasets import Image as HFImage
+
+    want = list(dict.fromkeys([*columns, "traj_id", "step_id"]))
+    sub = ds.select_columns(want)
+    for col in IMAGE_COLUMNS:
+        if col in want:
+            sub = sub.cast_column(col, HFImage(decode=False))
+    for row in sub:
+        for col in IMAGE_COLUMNS:
+            if col in want:
+                row[col] = decode_image(row[col], source, row["traj_id"], row["step_id"], col)
+        yield row
+
+
 def dataset_info(path: str | Path) -> dict:
     import json
 
