@@ -74,11 +74,44 @@ def recompute_mc_returns(ds: Dataset, gamma: float) -> Dataset:
     return ds.remove_columns("mc_return").add_column("mc_return", mc.tolist(), feature=Value("float32"))
 
 
+def _kind(feature: object) -> str:
+    """A coarse type of a datasets feature ('int', 'float', 'bool', 'string', 'image', 'list[...]').
+
+    Widths are not compared (int32 vs int64 step ids are both fine); kinds are.
+    """
+    if isinstance(feature, Image):
+        return "image"
+    if isinstance(feature, Value):
+        dt = feature.dtype
+        if dt.startswith(("int", "uint")):
+            return "int"
+        if dt.startswith("float") or dt == "double":
+            return "float"
+        if dt in ("string", "large_string"):
+            return "string"
+        return dt
+    inner = getattr(feature, "feature", None)
+    if inner is not None:
+        return f"list[{_kind(inner)}]"
+    if isinstance(feature, list) and len(feature) == 1:
+        return f"list[{_kind(feature[0])}]"
+    return type(feature).__name__
+
+
 def validate_dataset(ds: Dataset, source: str = "dataset") -> None:
     """Schema and value checks; raises a DataError that names the trajectory and step."""
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; expected the digiq schema {list(COLUMNS)}")
+    wrong = [
+        f"{c} is {_kind(ds.features[c])}, expected {_kind(FEATURES[c])}"
+        for c in COLUMNS
+        if _kind(ds.features[c]) != _kind(FEATURES[c])
+    ]
+    if wrong:
+        # Checked before any value is read: a string reward would otherwise fail inside numpy with a
+        # message that names neither the column nor the dataset.
+        raise DataError(f"{source}: wrong column type(s): {'; '.join(wrong)}")
     if len(ds) == 0:
         raise DataError(f"{source}: the dataset is empty")
     for name in ("reward", "mc_return"):

@@ -323,7 +323,7 @@ def run(cfg: Config) -> dict[str, Any]:
         critic = load_critic(cdir, "cpu")
         meta = critic_metadata(cdir)
         feats = FeatureCache.open(cfg.features)
-        feats.check_against(len(ds), dataset_path=cfg.dataset)
+        feats.check_against(len(ds), dataset_path=cfg.dataset, fingerprint=ds._fingerprint)
         if (feats.state_dim, feats.action_dim) != (critic.arch.state_dim, critic.arch.action_dim):
             raise DataError(
                 f"feature dims of {cfg.features} (state {feats.state_dim}, action {feats.action_dim}) do not "
