@@ -59,6 +59,8 @@ TEMPLATES: dict[str, tuple[str, str, str]] = {
     "paligemma": ("", "", ""),
 }
 TEMPLATES["qwen2.5-vl"] = TEMPLATES["qwen2-vl"]
+# Text a processor appends to the prompt by itself (PaliGemma ends every prompt with "\n").
+IMPLICIT_TAIL: dict[str, str] = {"paligemma": "\n"}
 
 
 def family_name(family_or_processor: Any) -> str:
@@ -282,7 +284,7 @@ def yes_no_token_ids(processor: Any) -> tuple[int, int]:
     fam = family_name(processor)
     tok = processor.tokenizer
     head, tail, ans = TEMPLATES[fam]
-    base = "x" + tail
+    base = "x" + tail + IMPLICIT_TAIL.get(fam, "")
     ids = []
     for word in ("Yes", "No"):
         a = tok(base, add_special_tokens=False)["input_ids"]

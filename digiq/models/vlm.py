@@ -454,6 +454,27 @@ def _load_processor(path: str, family: str | None, meta: dict[str, Any]):
     return AutoProcessor.from_pretrained(path)
 
 
+def parse_tiny_name(name: str) -> tuple[str, TinySpec]:
+    """``tiny:<family>[@key=value,...]`` -> (family, TinySpec); e.g. ``tiny:qwen2-vl@image_size=168,hidden=192``."""
+    from dataclasses import fields, replace
+
+    body = name.split(":", 1)[1]
+    family, _, opts = body.partition("@")
+    spec = TinySpec()
+    if opts:
+        known = {f.name for f in fields(TinySpec)}
+        kwargs = {}
+        for item in opts.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or key.strip() not in known or not value.strip().isdigit():
+                raise DigiqError(
+                    f"bad tiny model option {item!r} in {name!r}; options: {sorted(known)} (integers)"
+                )
+            kwargs[key.strip()] = int(value)
+        spec = replace(spec, **kwargs)
+    return family, spec
+
+
 def load_vlm(cfg: ModelConfig | str, lora: LoraConfig | None = None, for_training: bool = False):
     """Load ``(model, processor)`` from a hub id, a local folder or ``tiny:<family>``.
 
@@ -467,8 +488,8 @@ def load_vlm(cfg: ModelConfig | str, lora: LoraConfig | None = None, for_trainin
         cfg = ModelConfig(name_or_path=cfg)
     name = cfg.name_or_path
     if name.startswith("tiny:"):
-        model, processor = build_tiny_vlm(name.split(":", 1)[1], seed=cfg.tiny_seed, dtype=cfg.dtype)
-        family = processor.digiq_family
+        family, spec = parse_tiny_name(name)
+        model, processor = build_tiny_vlm(family, spec, seed=cfg.tiny_seed, dtype=cfg.dtype)
     else:
         path = Path(name)
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
@@ -478,7 +499,13 @@ def load_vlm(cfg: ModelConfig | str, lora: LoraConfig | None = None, for_trainin
             base_name = meta.get("base") or json.loads((path / "adapter_config.json").read_text()).get(
                 "base_model_name_or_path"
             )
-            base_cfg = ModelConfig(**{**cfg.__dict__, "name_or_path": base_name})
+            base_cfg = ModelConfig(
+                **{
+                    **cfg.__dict__,
+                    "name_or_path": base_name,
+                    "tiny_seed": int(meta.get("tiny_seed", cfg.tiny_seed)),
+                }
+            )
             base, _ = load_vlm(base_cfg)
             model = PeftModel.from_pretrained(base, str(path), is_trainable=for_training)
             family = family_of(base)
@@ -543,7 +570,14 @@ def apply_lora(model, lora: LoraConfig):
     return get_peft_model(model, pc)
 
 
-def save_vlm(model, processor, out_dir: str | Path, merge_lora: bool = True, base: str | None = None) -> Path:
+def save_vlm(
+    model,
+    processor,
+    out_dir: str | Path,
+    merge_lora: bool = True,
+    base: str | None = None,
+    tiny_seed: int = 0,
+) -> Path:
     """``save_pretrained`` model + processor into ``out_dir`` (plus ``digiq_vlm.json``) for :func:`load_vlm`.
 
     A PeftModel is merged into plain weights when ``merge_lora``; else only the adapter is written and
@@ -559,6 +593,7 @@ def save_vlm(model, processor, out_dir: str | Path, merge_lora: bool = True, bas
             model = model.merge_and_unload()
         else:
             meta["base"] = base
+            meta["tiny_seed"] = tiny_seed
     model.save_pretrained(str(out_dir), safe_serialization=True)
     processor.save_pretrained(str(out_dir))
     if family in ("qwen2-vl", "qwen2.5-vl"):

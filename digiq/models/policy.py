@@ -1,0 +1,527 @@
+"""The generative VLM policy: prompt, action text formats, batched generation, log-probs, Best-of-N, export.
+
+A policy maps (screenshot, AutoUI observation) to an action. It is any ``AutoModelForImageTextToText`` plus
+its processor (loaded through :mod:`digiq.models.vlm`); pi_beta comes from ``digiq train-bc`` and the
+improved policy from ``digiq extract-policy``. Externally every action is an **AutoUI string**
+(:func:`digiq.actions.parse_action` reads it); internally the model may be trained on a shorter text:
+
+* ``autoui``: the full AutoUI string (``Action Plan: [...] ; Action Decision: ...``), the official format;
+* ``decision``: only the ``"action_type": ...`` part (AutoUI without the plan, ~20% fewer tokens);
+* ``compact``: ``tap 0.79 0.68`` / ``swipe y x y x`` / ``type usb cable`` / ``back`` / ``home`` / ``enter``
+  / ``complete`` / ``impossible``: 5-10 tokens instead of 45-56 with the tiny offline BPE, which makes
+  behaviour cloning and generation 5x cheaper on a CPU (the simulated-device default).
+
+Coordinates are written with ``precision`` decimals (2 is enough for the simulator's widgets). The
+export (:func:`save_policy`) is a plain ``save_pretrained`` folder plus ``digiq_policy.json`` describing
+the prompt template, the action format and the generation settings, so the model can be used with plain
+``transformers`` (tests/test_policy.py does exactly that).
+
+Best-of-N selection (:func:`best_of_n`) follows the official actor (digiq_official.md section 3, "Actor:
+Best-of-N", ``trainer.py:235-326``): A = Q - V per candidate, invalid candidates get A = 0, argmax, clamp
+A to [0, 1], keep the state when A > threshold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from digiq.actions import Action, ActionType, goal_from_observation, parse_action
+from digiq.errors import DigiqError
+from digiq.models.prompts import TEMPLATES, family_name, previous_action_from_observation, processor_call
+from digiq.utils.io import atomic_write_json, staged_dir
+
+POLICY_FILE = "digiq_policy.json"
+POLICY_FORMAT = "digiq-policy-v1"
+ActionFormat = Literal["autoui", "decision", "compact"]
+ACTION_FORMATS = ("autoui", "decision", "compact")
+IGNORE_INDEX = -100
+# The user text of the policy prompt; kept short (every token is paid for at every training step).
+USER_TEMPLATE = "Goal: {goal}\nPrevious: {previous}\nAction:"
+
+
+@dataclasses.dataclass
+class PolicySpec:
+    """How a policy model is prompted and decoded (stored as ``digiq_policy.json`` in an export)."""
+
+    # VLM family (selects the chat template), e.g. llava, idefics3, qwen2-vl.
+    family: str = "llava"
+    # Text the model emits for an action: autoui | decision | compact (see the module docstring).
+    action_format: ActionFormat = "compact"
+    # Decimals of tap / swipe coordinates in the emitted text.
+    precision: int = 2
+    # Sampling at act/evaluate time; False = greedy (deterministic).
+    do_sample: bool = False
+    temperature: float = 1.0
+    max_new_tokens: int = 24
+
+    def to_json(self) -> dict[str, Any]:
+        head, tail, answer = TEMPLATES[self.family]
+        return {
+            "format": POLICY_FORMAT,
+            **dataclasses.asdict(self),
+            # Everything a plain-transformers user needs to rebuild the prompt:
+            # prompt = prompt_head + user_template.format(goal=..., previous=...) + prompt_tail
+            "prompt_head": head,
+            "user_template": USER_TEMPLATE,
+            "prompt_tail": tail,
+            "answer_prefix": answer,
+            "previous_none": "none",
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PolicySpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------------
+# Action text formats
+# --------------------------------------------------------------------------------------------------
+
+_COMPACT_KEYS = {
+    ActionType.PRESS_BACK: "back",
+    ActionType.PRESS_HOME: "home",
+    ActionType.PRESS_ENTER: "enter",
+    ActionType.STATUS_TASK_COMPLETE: "complete",
+    ActionType.STATUS_TASK_IMPOSSIBLE: "impossible",
+}
+_COMPACT_NAMES = {v: k for k, v in _COMPACT_KEYS.items()}
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+_COMPACT_TAP = re.compile(rf"^tap\s+({_NUM})\s+({_NUM})$")
+_COMPACT_SWIPE = re.compile(rf"^swipe\s+({_NUM})\s+({_NUM})\s+({_NUM})\s+({_NUM})$")
+
+
+def _as_action(action: Action | str | None) -> Action | None:
+    if action is None or isinstance(action, Action):
+        return action
+    if action.strip() == "":
+        return None
+    return parse_action(action)
+
+
+def format_action(action: Action | str, fmt: ActionFormat = "compact", precision: int = 2) -> str:
+    """The text a policy of format ``fmt`` emits for ``action`` (an INVALID action keeps its raw text)."""
+    a = _as_action(action) or Action.invalid("", "empty action")
+    if not a.is_valid:
+        return a.raw
+    if fmt == "autoui":
+        return a.render(precision=precision)
+    if fmt == "decision":
+        return a.render_decision(precision)
+    if fmt != "compact":
+        raise ValueError(f"unknown action format {fmt!r}; use one of {ACTION_FORMATS}")
+    if a.type is ActionType.DUAL_POINT and a.touch is not None and a.lift is not None:
+        if a.is_tap:
+            return f"tap {a.touch[0]:.{precision}f} {a.touch[1]:.{precision}f}"
+        t, lf = a.touch, a.lift
+        return f"swipe {t[0]:.{precision}f} {t[1]:.{precision}f} {lf[0]:.{precision}f} {lf[1]:.{precision}f}"
+    if a.type is ActionType.TYPE:
+        return f"type {a.text}"
+    return _COMPACT_KEYS[a.type]
+
+
+def parse_policy_output(text: str, fmt: ActionFormat = "compact") -> Action:
+    """Parse generated text of format ``fmt`` into an :class:`Action` (never raises; INVALID on junk)."""
+    if fmt in ("autoui", "decision"):
+        return parse_action(text)
+    raw = text
+    s = text.strip()
+    for eos in ("</s>", "<|im_end|>", "<end_of_utterance>", "<eos>"):
+        s = s.split(eos, 1)[0].strip()
+    if s.lower() in _COMPACT_NAMES:
+        return Action.key(_COMPACT_NAMES[s.lower()])
+    if s.startswith("type "):
+        return Action.type_text(s[5:])
+    m = _COMPACT_TAP.match(s)
+    if m:
+        y, x = float(m.group(1)), float(m.group(2))
+        if 0 <= y <= 1 and 0 <= x <= 1:
+            return Action.tap(y, x)
+        return Action.invalid(raw, "tap point outside [0, 1]")
+    m = _COMPACT_SWIPE.match(s)
+    if m:
+        v = [float(g) for g in m.groups()]
+        if all(0 <= c <= 1 for c in v):
+            return Action.swipe((v[0], v[1]), (v[2], v[3]))
+        return Action.invalid(raw, "swipe point outside [0, 1]")
+    # Fall back to the AutoUI grammar: a compact policy that emits AutoUI text still acts.
+    a = parse_action(s)
+    return a if a.is_valid else Action.invalid(raw, f"not a {fmt} action")
+
+
+def to_autoui(text: str, fmt: ActionFormat = "compact") -> str:
+    """Generated text -> the AutoUI string the rest of digiq uses (raw text when it does not parse)."""
+    a = parse_policy_output(text, fmt)
+    return a.render() if a.is_valid else text
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts and model inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def policy_user_text(observation: str, spec: PolicySpec) -> str:
+    """The user text for an AutoUI observation ``Previous Actions: <a> Goal: <g></s>``."""
+    goal = goal_from_observation(observation)
+    prev = _as_action(previous_action_from_observation(observation))
+    previous = "none" if prev is None else format_action(prev, spec.action_format, spec.precision)
+    return USER_TEMPLATE.format(goal=goal, previous=previous)
+
+
+def policy_prompt(observation: str, spec: PolicySpec) -> str:
+    """The full prompt text (the processor expands the family's image placeholder)."""
+    head, tail, _ = TEMPLATES[spec.family]
+    return head + policy_user_text(observation, spec) + tail
+
+
+def build_policy_inputs(
+    processor: Any, screenshots: Sequence[Image.Image], observations: Sequence[str], spec: PolicySpec
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch for generation."""
+    texts = [policy_prompt(o, spec) for o in observations]
+    return processor_call(processor, [s.convert("RGB") for s in screenshots], texts)
+
+
+def target_ids(processor: Any, target: str, spec: PolicySpec) -> list[int]:
+    """Token ids of one target action text: answer prefix + text + EOS (tokenised without the prompt)."""
+    tok = processor.tokenizer
+    ids = tok(TEMPLATES[spec.family][2] + target, add_special_tokens=False)["input_ids"]
+    return [*ids, tok.eos_token_id]
+
+
+def build_training_batch(
+    processor: Any,
+    screenshots: Sequence[Image.Image],
+    observations: Sequence[str],
+    targets: Sequence[str],
+    spec: PolicySpec,
+) -> dict[str, torch.Tensor]:
+    """Prompt + target tokens, **right**-padded, with ``labels`` = -100 outside the target.
+
+    The prompt goes through the processor (image tokens, pixel values) and the target is tokenised on its
+    own and appended after each row's last real prompt token, so the target tokens are identical to what
+    the model must produce after the generation prompt (no BPE merges across the boundary). Right padding
+    keeps position ids = 0..n-1 for the real tokens, as ``generate`` computes them for left-padded prompts.
+    """
+    enc = build_policy_inputs(processor, screenshots, observations, spec)
+    ids, mask = enc["input_ids"], enc["attention_mask"].bool()
+    B, L = ids.shape
+    tails = [torch.tensor(target_ids(processor, t, spec), dtype=ids.dtype) for t in targets]
+    lengths = [int(mask[i].sum()) + len(tails[i]) for i in range(B)]
+    T = max(lengths)
+    pad_id = processor.tokenizer.pad_token_id
+    out_ids = torch.full((B, T), pad_id, dtype=ids.dtype)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=enc["attention_mask"].dtype)
+    # Other per-token tensors (Qwen's mm_token_type_ids, PaliGemma's token_type_ids): 0 for text tokens.
+    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and _per_token(v, B, L)}
+    extra_out = {k: torch.zeros((B, T), dtype=v.dtype) for k, v in extra.items()}
+    for i in range(B):
+        prompt = ids[i][mask[i]]
+        n, m = len(prompt), len(tails[i])
+        out_ids[i, :n] = prompt
+        out_ids[i, n : n + m] = tails[i]
+        labels[i, n : n + m] = tails[i]
+        attn[i, : n + m] = 1
+        for k, v in extra.items():
+            extra_out[k][i, :n] = v[i][mask[i]]
+    batch = {k: v for k, v in enc.items() if k not in extra and k not in ("input_ids", "attention_mask")}
+    batch.update(extra_out)
+    batch.update(input_ids=out_ids, attention_mask=attn, labels=labels)
+    return batch
+
+
+def _per_token(v: Any, B: int, L: int) -> bool:
+    return isinstance(v, torch.Tensor) and v.dim() == 2 and tuple(v.shape) == (B, L)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses and log-probs (pure functions on logits)
+# --------------------------------------------------------------------------------------------------
+
+
+def shift_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token alignment: logits[:, t] predicts labels[:, t + 1]."""
+    return logits[:, :-1, :], labels[:, 1:]
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p of the label tokens (B, T-1) and the mask of target positions (B, T-1)."""
+    lg, lb = shift_logits_labels(logits, labels)
+    mask = lb != IGNORE_INDEX
+    lp = torch.log_softmax(lg.float(), dim=-1).gather(-1, lb.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return lp * mask, mask
+
+
+def weighted_nll(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy on target tokens, mean over the (weighted) target tokens of the batch.
+
+    The official actor loss is ``-mean_batch(w * sum_tokens log clamp(p, 0.001, 0.99))``
+    (digiq_official.md section 3, ``trainer.py:308-311``). We average over target tokens instead of summing
+    per sequence (only a scale for sequences of similar length) and do not clamp p: the clamp removes
+    the gradient of every token the model already predicts with p > 0.99.
+    """
+    lp, mask = token_logprobs(logits, labels)
+    w = mask.float()
+    if weights is not None:
+        if weights.shape != (logits.shape[0],):
+            raise ValueError(f"weights must be (B,) = ({logits.shape[0]},), got {tuple(weights.shape)}")
+        w = w * weights.to(w.dtype).unsqueeze(1)
+    return -(lp * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def masked_token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over target tokens of KL(p || q) between the full next-token distributions (p = policy)."""
+    lp, lb = shift_logits_labels(logits_p, labels)
+    lq, _ = shift_logits_labels(logits_q, labels)
+    mask = (lb != IGNORE_INDEX).float()
+    logp, logq = torch.log_softmax(lp.float(), -1), torch.log_softmax(lq.float(), -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def policy_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs, use_cache=False).logits
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: Any,
+    processor: Any,
+    screenshots: Sequence[Image.Image],
+    observations: Sequence[str],
+    actions: Sequence[Action | str],
+    spec: PolicySpec,
+) -> torch.Tensor:
+    """log pi(a | s) summed over the action's tokens (incl. EOS), shape (B,)."""
+    targets = [format_action(a, spec.action_format, spec.precision) for a in actions]
+    batch = build_training_batch(processor, screenshots, observations, targets, spec)
+    batch = {k: v.to(_device(model)) for k, v in batch.items()}
+    lp, _ = token_logprobs(policy_logits(model, batch), batch["labels"])
+    return lp.sum(-1).cpu()
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_texts(
+    model: Any,
+    processor: Any,
+    screenshots: Sequence[Image.Image],
+    observations: Sequence[str],
+    spec: PolicySpec,
+    num_samples: int = 1,
+    temperature: float | None = None,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+) -> list[list[str]]:
+    """Raw generated texts (B lists of ``num_samples``); KV-cached decoding.
+
+    ``temperature``: None = the spec's setting, 0 = greedy, > 0 = ancestral sampling at that temperature
+    (no top-k / top-p, as the official candidate sampler). ``seed`` makes sampling reproducible without
+    touching the caller's RNG stream.
+    """
+    if temperature is None:  # the export's own setting
+        temperature = spec.temperature if spec.do_sample else 0.0
+    do_sample = temperature > 0
+    enc = build_policy_inputs(processor, screenshots, observations, spec)
+    enc = {k: v.to(_device(model)) for k, v in enc.items()}
+    tok = processor.tokenizer
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens or spec.max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        use_cache=True,
+        num_return_sequences=num_samples,
+    )
+    if do_sample:
+        kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+    else:
+        if num_samples > 1:
+            raise ValueError("num_samples > 1 needs sampling (temperature > 0)")
+        kwargs.update(do_sample=False)
+    was_training = model.training
+    model.eval()
+    fork = torch.random.fork_rng(devices=[]) if seed is not None else _nullcontext()
+    with fork:
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(**enc, **kwargs)
+    if was_training:
+        model.train()
+    new = out[:, enc["input_ids"].shape[1] :]
+    texts = tok.batch_decode(new, skip_special_tokens=True)
+    answer = TEMPLATES[spec.family][2]
+    texts = [t[len(answer) :] if answer and t.startswith(answer) else t for t in texts]
+    texts = [t.strip() for t in texts]
+    B = len(screenshots)
+    return [texts[i * num_samples : (i + 1) * num_samples] for i in range(B)]
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def generate_actions(
+    model: Any,
+    processor: Any,
+    screenshots: Sequence[Image.Image],
+    observations: Sequence[str],
+    num_samples: int = 1,
+    temperature: float | None = None,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+    spec: PolicySpec | None = None,
+) -> list[list[str]]:
+    """Batched generation -> AutoUI action strings (B lists of ``num_samples``).
+
+    Unparsable outputs are returned as their raw text, which :func:`digiq.actions.parse_action` reads as an
+    INVALID action (a no-op on the device; A = 0 in Best-of-N).
+    """
+    spec = spec or PolicySpec(family=family_name(processor))
+    texts = generate_texts(
+        model, processor, screenshots, observations, spec, num_samples, temperature, max_new_tokens, seed
+    )
+    return [[to_autoui(t, spec.action_format) for t in row] for row in texts]
+
+
+# --------------------------------------------------------------------------------------------------
+# Best-of-N selection (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def best_of_n(
+    q: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None, threshold: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pick the candidate to imitate per state: ``(index (B,), advantage (B,), keep (B,))``.
+
+    Official actor (digiq_official.md section 3, ``trainer.py:248-294``): A_i = Q(s, a_i) - V(s); invalid
+    candidates get A = 0; argmax_i; A clamped to [0, 1]; imitate when A > threshold (0.05 WebShop, 0.10
+    general). Ties go to the lowest index (the dataset action at 0 wins a tie). A kept state never points
+    at an invalid candidate (with threshold >= 0 that already holds since invalid A = 0).
+    """
+    if q.dim() != 2 or v.shape != (q.shape[0],):
+        raise ValueError(f"expected q (B, N) and v (B,), got {tuple(q.shape)} and {tuple(v.shape)}")
+    if valid is None:
+        valid = torch.ones_like(q, dtype=torch.bool)
+    if valid.shape != q.shape:
+        raise ValueError(f"valid must have q's shape {tuple(q.shape)}, got {tuple(valid.shape)}")
+    adv = torch.where(valid, q - v.unsqueeze(1), torch.zeros_like(q))
+    index = adv.argmax(dim=1)  # torch.argmax returns the first maximal index
+    best = adv.gather(1, index.unsqueeze(1)).squeeze(1).clamp(0.0, 1.0)
+    keep = (best > threshold) & valid.gather(1, index.unsqueeze(1)).squeeze(1)
+    return index, best, keep
+
+
+# --------------------------------------------------------------------------------------------------
+# Export / load
+# --------------------------------------------------------------------------------------------------
+
+
+def save_policy(
+    model: Any, processor: Any, out_dir: str | Path, spec: PolicySpec, extra: dict[str, Any] | None = None
+) -> Path:
+    """Export: merged ``save_pretrained`` weights + processor + ``digiq_policy.json`` (atomic folder)."""
+    from digiq.models.vlm import save_vlm, unwrap
+
+    out_dir = Path(out_dir)
+    m = getattr(model, "module", model)  # DDP
+    with staged_dir(out_dir, overwrite=True) as tmp:
+        save_vlm(m if _is_peft(m) else unwrap(m), processor, tmp, merge_lora=True)
+        atomic_write_json(tmp / POLICY_FILE, {**spec.to_json(), **(extra or {})})
+    return out_dir
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def read_spec(path: str | Path, default: PolicySpec | None = None) -> PolicySpec:
+    p = Path(path) / POLICY_FILE
+    if p.is_file():
+        return PolicySpec.from_json(json.loads(p.read_text()))
+    if default is None:
+        raise DigiqError(f"{path} has no {POLICY_FILE}: not a policy exported by digiq")
+    return default
+
+
+def load_policy(path: str | Path, device: str = "cpu", spec: PolicySpec | None = None):
+    """``(model, processor, spec)`` from an export (or any VLM folder / ``tiny:`` id with ``spec``)."""
+    from digiq.models.vlm import load_vlm
+
+    path_s = str(path)
+    if not path_s.startswith("tiny:") and not Path(path_s).exists():
+        raise DigiqError(f"policy not found: {path_s}")
+    model, processor = load_vlm(path_s)
+    if path_s.startswith("tiny:"):
+        spec = spec or PolicySpec(family=processor.digiq_family)
+    else:
+        spec = read_spec(path_s, spec or PolicySpec(family=processor.digiq_family))
+    return model.to(device).eval(), processor, spec
+
+
+def load_policy_fn(
+    path: str | Path,
+    temperature: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 64,
+    max_new_tokens: int | None = None,
+) -> Callable[[list[dict]], list[str]]:
+    """The simulator's rollout callable for an exported policy: dicts -> AutoUI strings.
+
+    Greedy unless the export (or ``temperature`` > 0) asks for sampling; sampled calls are seeded by
+    ``seed`` plus a call counter, so a rollout is reproducible.
+    """
+    model, processor, spec = load_policy(path, device)
+    if temperature is not None:
+        spec = dataclasses.replace(spec, do_sample=temperature > 0, temperature=temperature or 1.0)
+    if max_new_tokens is not None:
+        spec = dataclasses.replace(spec, max_new_tokens=max_new_tokens)
+    calls = [0]
+
+    def policy_fn(batch: list[dict]) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(batch), batch_size):
+            chunk = batch[start : start + batch_size]
+            t = spec.temperature if spec.do_sample else 0.0
+            rows = generate_actions(
+                model,
+                processor,
+                [b["screenshot"] for b in chunk],
+                [b["observation"] for b in chunk],
+                temperature=t,
+                seed=seed + calls[0] if spec.do_sample else None,
+                spec=spec,
+            )
+            calls[0] += 1
+            out.extend(r[0] for r in rows)
+        return out
+
+    return policy_fn

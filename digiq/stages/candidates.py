@@ -1,0 +1,184 @@
+"""``digiq candidates``: N-1 extra actions per state, stored in the dataset's ``candidates`` column.
+
+    digiq candidates dataset=data/sim output_dir=data/sim_cands source=policy policy=runs/bc/policy
+    digiq candidates dataset=data/sim output_dir=data/sim_cands source=sim num_candidates=8
+
+Index 0 is always the dataset action (the official also forces it into the set, digiq_official.md
+section 3); indices 1..N-1 are samples from pi_beta. ``source: policy`` samples a behaviour-cloned VLM policy
+(an export of ``digiq train-bc``, or any VLM folder) at ``temperature`` (official: AutoUI at 1.2,
+``get_more_actions_batched.py:77``) and re-samples invalid outputs up to ``max_resamples`` times (official:
+3), keeping the last draw when all fail (invalid candidates get A = 0 in Best-of-N). ``source: sim`` uses the
+simulated device's scripted behaviour policy (needs ``state_key``). Deterministic under ``seed``; the new
+dataset is written to a new folder atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from digiq.actions import parse_action
+from digiq.config import check, to_dict
+from digiq.data.schema import FEATURES, dataset_info, load_dataset, save_dataset
+from digiq.errors import DataError
+from digiq.sim.behaviour import BehaviourConfig
+from digiq.sim.device import SimConfig
+from digiq.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class Config:
+    # Input dataset folder (digiq schema).
+    dataset: str = "data/sim"
+    # Output dataset folder (a new folder; the input is never modified).
+    output_dir: str = "data/sim_candidates"
+    # Candidates per state INCLUDING the dataset action at index 0 (official: 16).
+    num_candidates: int = 16
+    # policy = sample a VLM policy checkpoint; sim = the simulator's scripted behaviour policy.
+    source: Literal["policy", "sim"] = "policy"
+    # The policy (source=policy): an exported policy folder (runs/bc/policy) or any VLM folder / hub id.
+    policy: str = ""
+    # Sampling temperature of the policy (official: 1.2).
+    temperature: float = 1.2
+    # Re-sample an invalid output up to this many times (official: 3).
+    max_resamples: int = 3
+    # States per generation call.
+    batch_size: int = 16
+    # Use only the first max_rows rows (0 = all); for smoke runs. The output holds only those rows.
+    max_rows: int = 0
+    seed: int = 0
+    overwrite: bool = True
+    sim: SimConfig = dataclasses.field(default_factory=SimConfig)
+    behaviour: BehaviourConfig = dataclasses.field(default_factory=BehaviourConfig)
+
+    def validate(self) -> None:
+        check(bool(self.dataset) and bool(self.output_dir), "dataset and output_dir must be set")
+        check(self.num_candidates >= 1, "num_candidates must be >= 1 (1 = the dataset action only)")
+        check(self.source != "policy" or bool(self.policy), "source=policy needs policy=<folder>")
+        check(self.temperature > 0, "temperature must be > 0")
+        check(self.max_resamples >= 0 and self.batch_size > 0, "max_resamples >= 0, batch_size > 0")
+        check(
+            Path(self.dataset).resolve() != Path(self.output_dir).resolve(),
+            "output_dir must differ from dataset",
+        )
+
+
+def sim_candidates(
+    actions: list[str], state_keys: list[str], n: int, seed: int, sim: SimConfig, behaviour: BehaviourConfig
+) -> list[list[str]]:
+    """[dataset action] + n-1 draws of the scripted behaviour policy (one seeded stream, dataset order)."""
+    from tqdm.auto import tqdm
+
+    from digiq.sim.behaviour import BehaviourPolicy
+    from digiq.sim.device import SimDevice
+
+    dev = SimDevice(sim)
+    pi = BehaviourPolicy(dev, seed=seed, config=behaviour)
+    out = []
+    for i, (a, key) in enumerate(tqdm(list(zip(actions, state_keys)), desc="candidates (sim)", unit="row")):
+        if not key:
+            raise DataError(
+                f"row {i}: empty state_key; source=sim needs a dataset collected by `digiq sim collect`"
+            )
+        out.append([a, *(c.render() for c in pi.sample_candidates(key, n - 1))])
+    return out
+
+
+def policy_candidates(ds, cfg: Config) -> tuple[list[list[str]], int]:
+    """[dataset action] + n-1 samples of the policy; returns the lists and the number of invalid draws left."""
+    from tqdm.auto import tqdm
+
+    from digiq.models.policy import generate_actions, load_policy
+
+    model, processor, spec = load_policy(cfg.policy)
+    n_extra = cfg.num_candidates - 1
+    actions = ds["action"]
+    out = [[a] for a in actions]
+    if n_extra == 0:
+        return out, 0
+    view = ds.select_columns(["screenshot", "observation"])
+    invalid_left = 0
+    for b, start in enumerate(
+        tqdm(range(0, len(ds), cfg.batch_size), desc="candidates (policy)", unit="batch")
+    ):
+        rows = list(range(start, min(len(ds), start + cfg.batch_size)))
+        got = view[rows]
+        shots, obs = got["screenshot"], got["observation"]
+        # Seeds derive from (seed, batch, attempt): the result does not depend on what ran before.
+        samples = generate_actions(
+            model, processor, shots, obs, n_extra, cfg.temperature, seed=_seed(cfg.seed, b, 0), spec=spec
+        )
+        for attempt in range(1, cfg.max_resamples + 1):
+            bad = [
+                (i, j)
+                for i in range(len(rows))
+                for j in range(n_extra)
+                if not parse_action(samples[i][j]).is_valid
+            ]
+            if not bad:
+                break
+            redo = generate_actions(
+                model,
+                processor,
+                [shots[i] for i, _ in bad],
+                [obs[i] for i, _ in bad],
+                1,
+                cfg.temperature,
+                seed=_seed(cfg.seed, b, attempt),
+                spec=spec,
+            )
+            for (i, j), r in zip(bad, redo):
+                samples[i][j] = r[0]
+        for i, r in enumerate(rows):
+            out[r].extend(samples[i])
+            invalid_left += sum(not parse_action(s).is_valid for s in samples[i])
+    return out, invalid_left
+
+
+def _seed(seed: int, batch: int, attempt: int) -> int:
+    return int(np.random.SeedSequence([seed, batch, attempt]).generate_state(1)[0])
+
+
+def run(cfg: Config) -> dict[str, float]:
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg.dataset)
+    if cfg.max_rows:
+        ds = ds.select(range(min(cfg.max_rows, len(ds))))
+    actions = ds["action"]
+    if cfg.source == "sim":
+        cands = sim_candidates(actions, ds["state_key"], cfg.num_candidates, cfg.seed, cfg.sim, cfg.behaviour)
+        invalid = 0
+    else:
+        cands, invalid = policy_candidates(ds, cfg)
+    assert all(c[0] == a for c, a in zip(cands, actions))
+    new = ds.remove_columns("candidates").add_column("candidates", cands, feature=FEATURES["candidates"])
+    valid = np.array([[parse_action(x).is_valid for x in c[1:]] for c in cands], dtype=bool)
+    distinct = np.array([len(set(c)) / len(c) for c in cands])
+    info = {
+        **dataset_info(cfg.dataset),
+        "candidates": {
+            "source": cfg.source,
+            "policy": cfg.policy,
+            "num_candidates": cfg.num_candidates,
+            "temperature": cfg.temperature,
+            "seed": cfg.seed,
+        },
+        "config_candidates": to_dict(cfg),
+    }
+    save_dataset(new, cfg.output_dir, info, overwrite=cfg.overwrite)
+    stats = {
+        "rows": float(len(new)),
+        "num_candidates": float(cfg.num_candidates),
+        "valid_fraction": float(valid.mean()) if valid.size else 1.0,
+        "invalid_after_resampling": float(invalid),
+        "distinct_fraction": float(distinct.mean()),
+        "seconds": time.perf_counter() - t0,
+    }
+    log.info("candidates: %s", stats)
+    return stats

@@ -1,0 +1,264 @@
+"""Stage 3: Best-of-N policy extraction from pi_beta with a frozen critic.
+
+    digiq extract-policy dataset=data/sim_cands features=runs/feats critic=runs/critic/critic \\
+        init_policy=runs/bc/policy output_dir=runs/extract
+    digiq extract-policy ... num_candidates=4          # the N ablation (1 = dataset action only)
+    digiq extract-policy ... scorer=q_star             # oracle: exact Q* of the simulated device
+
+For every state the N stored candidates (``candidates`` column, index 0 = dataset action; feature-cache
+``actions[:, i]`` = f(s, candidates[i])) are scored by the critic, and the policy imitates
+``argmax_i Q(s, a_i)`` when ``Q - V`` exceeds ``threshold`` (:func:`digiq.models.policy.best_of_n`, the
+official actor, digiq_official.md section 3: invalid candidates get A = 0, A clamped to [0, 1], threshold
+0.05 WebShop / 0.10 general). The critic is frozen, so the selection is computed once, before training (the
+official re-scores 16 resampled indices per batch, the same set for every row; with all N scored at once
+the result is the same selection without the sampling noise). Training is cross-entropy on the selected
+action's tokens starting from pi_beta (:func:`digiq.stages.train_bc.fit_policy`), logging the token KL to
+pi_beta. ``loss: awr`` weights the best candidate of every state by ``exp(A / awr_beta)`` instead (the
+official ``awr`` knob uses beta = 0.01).
+
+``scorer: q_star`` replaces the learned critic by the simulator's exact Q* (V = mean Q* over the valid
+candidates of the state, a Monte-Carlo V of the candidate sampler): the extraction's upper bound given the
+candidates, useful to separate critic error from extraction error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from digiq.actions import parse_action
+from digiq.config import LoraConfig, WandbConfig, check, save_config, to_dict
+from digiq.data.schema import load_dataset
+from digiq.errors import DataError
+from digiq.models.policy import best_of_n, save_policy
+from digiq.stages.train_bc import (
+    POLICY_DIR,
+    PolicyExamples,
+    PolicyOptimConfig,
+    TrainLoopConfig,
+    fit_policy,
+    prepare_output,
+)
+from digiq.utils.io import atomic_save_safetensors, atomic_write_json
+from digiq.utils.logging import MetricsLogger, get_logger
+from digiq.utils.seed import set_seed
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class ExtractOptimConfig(PolicyOptimConfig):
+    # Smaller than BC's: start from pi_beta and move it toward the selected actions.
+    lr: float = 3e-4
+
+
+@dataclasses.dataclass
+class Config:
+    # Dataset with candidates (digiq candidates / sim collect num_candidates>0 / import).
+    dataset: str = "data/sim_candidates"
+    # Feature cache aligned with the dataset rows (digiq cache-features / import); scorer=critic only.
+    features: str = ""
+    # Trained critic folder (digiq train-critic writes <output_dir>/critic); scorer=critic only.
+    critic: str = ""
+    # pi_beta: the export of digiq train-bc (<output_dir>/policy).
+    init_policy: str = "runs/bc/policy"
+    output_dir: str = "runs/extract"
+    # critic = the learned Q/V heads on cached features; q_star = the simulator's exact Q* (oracle ablation).
+    scorer: Literal["critic", "q_star"] = "critic"
+    # Use only the first N candidates (0 = all stored). N = 1: the dataset action only (advantage-filtered BC).
+    num_candidates: int = 0
+    # Imitate the best candidate when its clamped advantage exceeds this (official 0.05 webshop, 0.10 general).
+    threshold: float = 0.10
+    # best_of_n = the Digi-Q actor; awr = best candidate of every state weighted by exp(A / awr_beta).
+    loss: Literal["best_of_n", "awr"] = "best_of_n"
+    awr_beta: float = 0.05
+    # Cap of the AWR weights (exp overflows quickly at small beta).
+    awr_max_weight: float = 20.0
+    # Discount of the exact Q* (scorer=q_star); the critic's own gamma is used otherwise.
+    gamma: float = 0.95
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    train: TrainLoopConfig = dataclasses.field(default_factory=lambda: TrainLoopConfig(epochs=2.0))
+    optim: ExtractOptimConfig = dataclasses.field(default_factory=ExtractOptimConfig)
+    # Log the token-level KL(pi || pi_beta) on training batches (keeps a frozen copy of pi_beta in memory).
+    log_kl: bool = True
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = True
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        check(bool(self.dataset) and bool(self.init_policy), "dataset and init_policy must be set")
+        if self.scorer == "critic":
+            check(
+                bool(self.features) and bool(self.critic),
+                "scorer=critic needs features=<cache> and critic=<dir>",
+            )
+        check(self.num_candidates >= 0, "num_candidates must be >= 0 (0 = all)")
+        check(self.awr_beta > 0 and self.awr_max_weight > 0, "awr_beta and awr_max_weight must be > 0")
+        check(0 <= self.gamma < 1, "gamma must be in [0, 1)")
+        self.train.validate()
+        self.optim.validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------
+
+
+def candidate_table(candidates: list[list[str]], actions: list[str], n: int, source: str) -> list[list[str]]:
+    """The first ``n`` candidates per row (all when n = 0), checked: same count, index 0 = dataset action."""
+    if not candidates or any(len(c) == 0 for c in candidates):
+        i = next((k for k, c in enumerate(candidates) if len(c) == 0), 0)
+        raise DataError(f"{source}: row {i} has no candidates; run `digiq candidates` first")
+    width = min(len(c) for c in candidates) if n == 0 else n
+    for i, c in enumerate(candidates):
+        if len(c) < width:
+            raise DataError(f"{source}: row {i} has {len(c)} candidates, fewer than num_candidates={width}")
+        if c[0] != actions[i]:
+            raise DataError(
+                f"{source}: row {i}: candidates[0] is not the dataset action (index 0 must be it)"
+            )
+    return [c[:width] for c in candidates]
+
+
+@torch.no_grad()
+def critic_scores(critic_path: str, features: str, num_rows: int, n: int, chunk: int = 4096):
+    """(q (R, n), v (R,), feature-valid (R, n)) from a trained critic on the cached features."""
+    from digiq.data.features import FeatureCache
+    from digiq.models.critic import load_critic
+
+    cache = FeatureCache.open(features)
+    cache.check_against(num_rows)
+    if cache.num_candidates < n:
+        raise DataError(
+            f"{features}: the cache holds {cache.num_candidates} candidates per row, fewer than {n}"
+        )
+    critic = load_critic(critic_path)
+    qs, vs = [], []
+    for s in range(0, num_rows, chunk):
+        qs.append(critic.q(cache.actions[s : s + chunk, :n].float()))
+        vs.append(critic.v(cache.state[s : s + chunk].float()))
+    valid = cache.valid[:, :n] if cache.valid is not None else torch.ones(num_rows, n, dtype=torch.bool)
+    return torch.cat(qs), torch.cat(vs), valid
+
+
+def q_star_scores(state_keys: list[str], table: list[list[str]], gamma: float, valid: torch.Tensor):
+    """Exact Q* of the simulated device; V = mean Q* over the state's valid candidates."""
+    from digiq.sim.device import SimDevice
+
+    dev = SimDevice()
+    q = torch.zeros(len(table), len(table[0]))
+    for i, (key, cands) in enumerate(zip(state_keys, table)):
+        if not key:
+            raise DataError(f"row {i}: empty state_key; scorer=q_star needs simulated data")
+        q[i] = torch.as_tensor(np.asarray(dev.q_star(key, cands, gamma), dtype=np.float32))
+    w = valid.float()
+    v = (q * w).sum(1) / w.sum(1).clamp_min(1.0)
+    return q, v
+
+
+def select(
+    q: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, cfg: Config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, dict[str, float]]:
+    """(rows, candidate index, advantage, weights, stats) of the states to imitate."""
+    index, adv, keep = best_of_n(q, v, valid, cfg.threshold)
+    raw_adv = (q - v.unsqueeze(1)).gather(1, index.unsqueeze(1)).squeeze(1)
+    stats = {
+        "kept_fraction": float(keep.float().mean()),
+        "mean_advantage_kept": float(adv[keep].mean()) if keep.any() else 0.0,
+        "mean_advantage_best": float(adv.mean()),
+        "mean_advantage_dataset": float((q[:, 0] - v).mean()),
+        "kept_non_dataset_fraction": float((index[keep] != 0).float().mean()) if keep.any() else 0.0,
+        "valid_candidate_fraction": float(valid.float().mean()),
+    }
+    if cfg.loss == "best_of_n":
+        rows = torch.nonzero(keep).squeeze(1)
+        weights = None
+    else:  # AWR on every state whose best candidate is valid
+        ok = valid.gather(1, index.unsqueeze(1)).squeeze(1)
+        rows = torch.nonzero(ok).squeeze(1)
+        weights = (
+            torch.exp(raw_adv[rows] / cfg.awr_beta).clamp(max=cfg.awr_max_weight).numpy().astype(np.float32)
+        )
+    return rows.numpy(), index.numpy(), adv.numpy(), weights, stats
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    from digiq.config import ModelConfig
+    from digiq.models.policy import read_spec
+    from digiq.models.vlm import load_vlm
+
+    t0 = time.perf_counter()
+    out = Path(cfg.output_dir)
+    prepare_output(out, cfg.resume, cfg.overwrite, "extract-policy")
+    set_seed(cfg.seed)
+    ds = load_dataset(cfg.dataset)
+    cols = ds.select_columns(["action", "candidates", "state_key"])
+    actions = cols["action"]
+    table = candidate_table(cols["candidates"], actions, cfg.num_candidates, cfg.dataset)
+    n = len(table[0])
+    valid = torch.tensor([[parse_action(a).is_valid for a in row] for row in table], dtype=torch.bool)
+    if cfg.scorer == "critic":
+        q, v, fvalid = critic_scores(cfg.critic, cfg.features, len(ds), n)
+        valid &= fvalid
+    else:
+        q, v = q_star_scores(cols["state_key"], table, cfg.gamma, valid)
+    rows, index, adv, weights, stats = select(q, v, valid, cfg)
+    stats["num_candidates"] = float(n)
+    log.info("extract-policy selection: %s", {k: round(x, 4) for k, x in stats.items()})
+    if len(rows) == 0:
+        raise DataError(
+            f"no state passes the advantage filter (threshold={cfg.threshold}); lower threshold or check the critic"
+        )
+    save_config(cfg, out)
+    atomic_save_safetensors(
+        {"index": torch.as_tensor(index), "advantage": torch.as_tensor(adv), "q": q.float(), "v": v.float()},
+        out / "selection.safetensors",
+    )
+    targets = [table[int(r)][int(index[int(r)])] for r in rows]
+    examples = PolicyExamples(
+        ds.select_columns(["screenshot", "observation"]), rows.astype(np.int64), targets, weights
+    )
+
+    model, processor = load_vlm(ModelConfig(name_or_path=cfg.init_policy), cfg.lora, for_training=True)
+    spec = read_spec(cfg.init_policy)
+    ref = load_vlm(ModelConfig(name_or_path=cfg.init_policy))[0] if cfg.log_kl else None
+    logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=True, resume=cfg.resume)
+    logger.log({f"select/{k}": x for k, x in stats.items()}, 0)
+    metrics: dict[str, Any] = dict(stats)
+    metrics.update(
+        fit_policy(
+            model,
+            processor,
+            spec,
+            examples,
+            out,
+            cfg.train,
+            cfg.optim,
+            cfg.seed,
+            cfg.resume,
+            logger,
+            ref,
+            desc="extract-policy",
+        )
+    )
+    extra = {
+        "stage": "extract-policy",
+        "scorer": cfg.scorer,
+        "threshold": cfg.threshold,
+        "num_candidates": n,
+        "loss": cfg.loss,
+        "init_policy": cfg.init_policy,
+    }
+    save_policy(model, processor, out / POLICY_DIR, spec, extra)
+    metrics["seconds"] = time.perf_counter() - t0
+    logger.log({f"final/{k}": x for k, x in metrics.items()}, int(metrics["steps"]))
+    logger.finish()
+    atomic_write_json(out / "metrics.json", metrics)
+    log.info("extract-policy: kept %.3f of states, policy at %s", stats["kept_fraction"], out / POLICY_DIR)
+    return metrics

@@ -1,0 +1,578 @@
+"""Stage 1: fine-tune a VLM to answer "does this action visibly change the screen?" (Yes/No).
+
+Digi-Q's off-the-shelf VLM features make the critic ignore the action (paper: 31.9% vs 58.0% on Web
+Shopping); this stage teaches the VLM which actions matter before its features are frozen for Stage 2.
+For each dataset row we build the prompt for (s_t, goal, previous action, dataset action), label it with
+:func:`digiq.data.labels.screen_changed` (s_t vs s_{t+1}, eps 30 at 0.25x, construct_sft_data.py:23-37) and
+train cross-entropy on the answer token "Yes"/"No" at the last prompt position.
+
+    digiq finetune-vlm --config configs/finetune-vlm/tiny.yaml dataset=data/sim output_dir=runs/vlm
+    digiq finetune-vlm --config configs/finetune-vlm/tiny.yaml output_dir=runs/vlm --resume
+    accelerate launch --config_file configs/accelerate/ddp_4gpu.yaml -m digiq finetune-vlm \\
+        --config configs/finetune-vlm/llava-1.5-7b.yaml dataset=data/aitw output_dir=runs/vlm7b
+
+Outputs (``output_dir``): ``config.yaml``, ``metrics.jsonl`` (+ wandb, offline by default),
+``checkpoints/step-N/`` (trainable weights, optimizer, scheduler, RNG as safetensors; step and data
+position in JSON), ``model/`` (``save_pretrained`` model + processor, loadable with ``load_vlm``),
+``metrics.json`` (final held-out accuracy / AUC / confusion matrix, majority baseline, time), and
+``_COMPLETE`` once everything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from digiq.config import LoraConfig, ModelConfig, OptimConfig, WandbConfig, check, save_config, to_dict
+from digiq.errors import DataError
+from digiq.utils.io import atomic_write_json, is_complete, mark_complete, staged_dir
+from digiq.utils.logging import MetricsLogger, get_logger
+from digiq.utils.seed import rng_state, set_rng_state, set_seed
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class Config:
+    # Dataset folder (digiq schema, written by `digiq sim collect` or `digiq import`).
+    dataset: str = "data/sim"
+    # Run folder: config.yaml, metrics, checkpoints/, model/.
+    output_dir: str = "runs/finetune_vlm"
+    # The VLM to fine-tune (hub id, local folder or tiny:<family>).
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="tiny:qwen2-vl"))
+    # LoRA (off = full fine-tuning, the official Stage 1 and the default for tiny random models).
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0))
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+    # How the dataset action is shown: 'overlay' draws a cursor / arrow on the screenshot (official);
+    # 'text' writes the coordinates only (the rendering whose prompt prefix Stage 2 can share).
+    rendering: Literal["overlay", "text"] = "overlay"
+    # Screen-change threshold on mean squared pixel difference (0-255) at label_scale (official: 30 at 0.25).
+    eps: float = 30.0
+    label_scale: float = 0.25
+    # Fraction of trajectories (the last ones, official order) held out for evaluation.
+    val_fraction: float = 0.2
+    epochs: int = 3
+    # Stop after this many optimizer steps (0 = run all epochs).
+    max_steps: int = 0
+    # Per-process micro-batch size; the effective batch is batch_size x processes x grad_accum.
+    batch_size: int = 8
+    grad_accum: int = 1
+    eval_batch_size: int = 32
+    # Cap rows (0 = all): for smoke tests and quick runs.
+    max_train_rows: int = 0
+    max_val_rows: int = 0
+    # Autocast precision through accelerate ('bf16' on GPUs; 'no' = fp32 on CPU).
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # Save a checkpoint every N optimizer steps (0 = at the end of each epoch only).
+    save_every: int = 0
+    # Keep the newest N checkpoints (older ones are deleted).
+    keep_checkpoints: int = 2
+    # Evaluate every N optimizer steps as well (0 = at the end of each epoch only).
+    eval_every: int = 0
+    # With LoRA: write merged plain weights to model/ (true) or the adapter + base id (false).
+    merge_lora: bool = True
+    seed: int = 0
+    # Continue from the newest checkpoint in output_dir (optimizer, scheduler, RNG, step, data position).
+    resume: bool = False
+    # Replace an existing run in output_dir (otherwise refuse to clobber it).
+    overwrite: bool = False
+    log_every: int = 10
+    progress: bool = True
+
+    def validate(self) -> None:
+        check(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        check(self.epochs > 0, "epochs must be > 0")
+        check(self.max_steps >= 0, "max_steps must be >= 0")
+        check(self.batch_size > 0 and self.eval_batch_size > 0, "batch sizes must be > 0")
+        check(self.grad_accum > 0, "grad_accum must be > 0")
+        check(self.eps >= 0, "eps must be >= 0")
+        check(0 < self.label_scale <= 1, "label_scale must be in (0, 1]")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        check(not (self.resume and self.overwrite), "resume and overwrite cannot both be set")
+        self.optim.validate()
+        self.lora.validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics (pure functions)
+# --------------------------------------------------------------------------------------------------
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by the Mann-Whitney rank statistic (ties get average ranks); NaN if one class is absent."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average ranks over runs of tied scores
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def confusion(pred: np.ndarray, labels: np.ndarray) -> list[list[int]]:
+    """``[[tn, fp], [fn, tp]]`` (rows = true class, columns = predicted)."""
+    pred, labels = np.asarray(pred).astype(bool), np.asarray(labels).astype(bool)
+    return [
+        [int((~labels & ~pred).sum()), int((~labels & pred).sum())],
+        [int((labels & ~pred).sum()), int((labels & pred).sum())],
+    ]
+
+
+def yes_no_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
+    """Cross-entropy of the answer token (full vocabulary, as SFT on "Yes"/"No" does)."""
+    target = torch.where(labels.bool(), torch.full_like(labels, yes_id), torch.full_like(labels, no_id))
+    return F.cross_entropy(logits.float(), target.long())
+
+
+def p_yes(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
+    """P(Yes) renormalised over {Yes, No}."""
+    two = torch.stack([logits[:, no_id], logits[:, yes_id]], dim=-1).float()
+    return two.softmax(-1)[:, 1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+class Stage1Data:
+    """Rows of a dataset with their screen-change labels; builds model inputs for index batches."""
+
+    def __init__(self, path: str, eps: float, scale: float, processor: Any, rendering: str) -> None:
+        from digiq.data.labels import screen_changed
+        from digiq.data.schema import load_dataset
+
+        self.path = path
+        self.ds = load_dataset(path)
+        self.processor = processor
+        self.rendering = rendering
+        labels = np.zeros(len(self.ds), dtype=np.int64)
+        cols = self.ds.select_columns(["screenshot", "next_screenshot", "traj_id", "step_id"])
+        for i, row in enumerate(cols):
+            if row["screenshot"] is None or row["next_screenshot"] is None:
+                raise DataError(
+                    f"{path}: trajectory {row['traj_id']}, step {row['step_id']}: missing screenshot"
+                )
+            labels[i] = screen_changed(row["screenshot"], row["next_screenshot"], eps, scale)
+        self.labels = labels
+
+    def batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        from digiq.models.prompts import make_inputs, previous_action_from_observation
+
+        sub = self.ds.select(rows.tolist()).select_columns(["screenshot", "task", "observation", "action"])
+        items = list(sub)
+        inputs = make_inputs(
+            self.processor,
+            [r["screenshot"] for r in items],
+            [r["task"] for r in items],
+            [previous_action_from_observation(r["observation"]) for r in items],
+            [r["action"] for r in items],
+            self.rendering,
+        )
+        return inputs, torch.as_tensor(self.labels[rows])
+
+
+def epoch_order(train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The training rows in epoch ``epoch``'s order (a pure function: resume replays it exactly)."""
+    rng = np.random.default_rng([seed, epoch])
+    return train_rows[rng.permutation(len(train_rows))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``opt.state_dict()`` into safetensors-able tensors and a JSON-able rest (no pickles)."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, float]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    for pid, sc in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(sc)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    ckpt_root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, position: dict
+) -> Path:
+    """``checkpoints/step-N/``: weights.safetensors (trainable params), optimizer.safetensors +
+    optimizer.json, rng.safetensors, state.json (step, data position, scheduler)."""
+    from safetensors.torch import save_file
+
+    final = ckpt_root / f"step-{step}"
+    with staged_dir(final, overwrite=True) as tmp:
+        save_file(_trainable_state(model), str(tmp / "weights.safetensors"))
+        opt_tensors, opt_meta = _optimizer_tensors(opt)
+        save_file({k: v.contiguous() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+        atomic_write_json(tmp / "optimizer.json", opt_meta)
+        save_file(rng_state(), str(tmp / "rng.safetensors"))
+        atomic_write_json(tmp / "state.json", {"step": step, **position, "scheduler": sched.state_dict()})
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = [p for p in ckpt_root.glob("step-*") if is_complete(p)] if ckpt_root.is_dir() else []
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    done = sorted(
+        (p for p in ckpt_root.glob("step-*") if is_complete(p)), key=lambda p: int(p.name.split("-")[1])
+    )
+    for p in done[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------------
+
+
+def _lr_lambda(total: int, warmup: int, kind: str):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        prog = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * prog)) if kind == "cosine" else 1.0 - prog
+
+    return f
+
+
+@torch.no_grad()
+def evaluate(
+    model, data: Stage1Data, rows: np.ndarray, accelerator, yes_id: int, no_id: int, bs: int
+) -> dict:
+    """Held-out accuracy, AUC, confusion matrix and loss; rows are sharded over processes and gathered."""
+    from digiq.models.vlm import answer_logits
+
+    model.eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per = math.ceil(len(rows) / world)
+    mine = rows[rank * per : (rank + 1) * per]
+    probs, labs, losses = [], [], []
+    for s in range(0, per, bs):
+        chunk = mine[s : s + bs]
+        n = len(chunk)
+        if n == 0:  # keep the collective calls aligned across processes
+            chunk = rows[:1]
+        inputs, y = data.batch(chunk)
+        inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
+        with accelerator.autocast():
+            logits = answer_logits(model, inputs)
+        pr = p_yes(logits, yes_id, no_id).cpu()
+        lo = F.cross_entropy(
+            logits.float(), torch.where(y.bool(), torch.tensor(yes_id), torch.tensor(no_id)), reduction="none"
+        ).cpu()
+        pad = bs - len(chunk)
+        valid = torch.zeros(bs, dtype=torch.bool)
+        valid[:n] = True
+        probs.append(F.pad(pr, (0, pad)))
+        labs.append(F.pad(y, (0, pad)))
+        losses.append(F.pad(lo, (0, pad)))
+        probs[-1] = torch.stack([probs[-1], labs[-1].float(), losses[-1], valid.float()], dim=-1)
+    local = torch.cat(probs) if probs else torch.zeros(0, 4)
+    # every rank has ceil(per / bs) chunks of bs rows: equal sizes, so a plain gather works
+    allv = accelerator.gather(local.to(accelerator.device)).cpu()
+    allv = allv[allv[:, 3] > 0]
+    score, label, loss = allv[:, 0].numpy(), allv[:, 1].numpy().astype(int), allv[:, 2].numpy()
+    pred = score > 0.5
+    model.train()
+    frac = float(label.mean()) if len(label) else 0.0
+    return {
+        "accuracy": float((pred == label.astype(bool)).mean()) if len(label) else float("nan"),
+        "auc": roc_auc(score, label),
+        "loss": float(loss.mean()) if len(loss) else float("nan"),
+        "confusion": confusion(pred, label),
+        "majority_baseline": max(frac, 1 - frac),
+        "count": int(len(label)),
+    }
+
+
+def run(cfg: Config) -> dict:
+    from digiq.data.labels import label_stats
+    from digiq.data.schema import split_by_trajectory
+    from digiq.models.prompts import yes_no_token_ids
+    from digiq.models.vlm import answer_logits, load_vlm, save_vlm
+    from digiq.utils.dist import make_accelerator
+
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, find_unused_parameters=True)
+    main = accelerator.is_main_process
+    if not cfg.resume and out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise FileExistsError(
+                f"{out} is not empty: pass --resume to continue it or overwrite=true to replace it"
+            )
+        accelerator.wait_for_everyone()
+        if main:
+            shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+    resume_from = latest_checkpoint(ckpt_root) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        log.warning("resume: no finished checkpoint under %s, starting from scratch", ckpt_root)
+    set_seed(cfg.seed)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+
+    model, processor = load_vlm(cfg.model, lora=cfg.lora, for_training=True)
+    yes_id, no_id = yes_no_token_ids(processor)
+    data = Stage1Data(cfg.dataset, cfg.eps, cfg.label_scale, processor, cfg.rendering)
+    train_rows, val_rows = split_by_trajectory(data.ds, cfg.val_fraction)
+    if cfg.max_train_rows:
+        train_rows = train_rows[: cfg.max_train_rows]
+    if cfg.max_val_rows:
+        val_rows = val_rows[: cfg.max_val_rows]
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise DataError(f"{cfg.dataset}: need trajectories in both the train and held-out split")
+    tr_stats, va_stats = label_stats(data.labels[train_rows]), label_stats(data.labels[val_rows])
+    # Class balance before training (the majority baseline is the accuracy to beat).
+    log.info(
+        "labels (eps=%g at %gx): train %d rows, %.1f%% changed; held-out %d rows, %.1f%% changed "
+        "(majority baseline %.3f)",
+        cfg.eps,
+        cfg.label_scale,
+        tr_stats["count"],
+        100 * tr_stats["positive_fraction"],
+        va_stats["count"],
+        100 * va_stats["positive_fraction"],
+        va_stats["majority_accuracy"],
+    )
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
+    )
+    world = accelerator.num_processes
+    global_bs = cfg.batch_size * world
+    batches_per_epoch = len(train_rows) // global_bs  # drop the ragged tail: equal work on every rank
+    if batches_per_epoch == 0:
+        raise DataError(f"{cfg.dataset}: {len(train_rows)} training rows < one global batch of {global_bs}")
+    steps_per_epoch = batches_per_epoch // cfg.grad_accum
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup = int(cfg.optim.warmup_ratio * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, warmup, cfg.optim.scheduler))
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if resume_from is not None:
+        from safetensors.torch import load_file
+
+        state = json.loads((resume_from / "state.json").read_text())
+        weights = load_file(str(resume_from / "weights.safetensors"))
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
+        if missing:
+            raise DataError(
+                f"{resume_from}: checkpoint lacks trainable parameter(s) {missing[:3]}: different model?"
+            )
+        model.load_state_dict(weights, strict=False)
+        _load_optimizer(
+            opt,
+            load_file(str(resume_from / "optimizer.safetensors")),
+            json.loads((resume_from / "optimizer.json").read_text()),
+        )
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(load_file(str(resume_from / "rng.safetensors")))
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        log.info("resumed from %s: step %d, epoch %d, batch %d", resume_from, step, epoch, batch_in_epoch)
+
+    model, opt = accelerator.prepare(model, opt)
+    logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=main, resume=resume_from is not None)
+    log.info(
+        "%s: %d trainable params; effective batch %d = %d x %d processes x %d accum; %d steps",
+        cfg.model.name_or_path,
+        n_trainable,
+        global_bs * cfg.grad_accum,
+        cfg.batch_size,
+        world,
+        cfg.grad_accum,
+        total_steps,
+    )
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, desc="finetune-vlm", disable=not (main and cfg.progress))
+    rank = accelerator.process_index
+    last_eval: dict = {}
+    marks = {"eval": -1, "ckpt": -1}  # the step of the last eval / checkpoint
+    running: list[float] = []
+
+    def position() -> dict:
+        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
+
+    def checkpoint() -> None:
+        if marks["ckpt"] == step:
+            return
+        marks["ckpt"] = step
+        accelerator.wait_for_everyone()
+        if main:
+            save_checkpoint(
+                ckpt_root,
+                step,
+                unwrap_for_save(),
+                opt.optimizer if hasattr(opt, "optimizer") else opt,
+                sched,
+                position(),
+            )
+            _prune(ckpt_root, cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    def unwrap_for_save():
+        return accelerator.unwrap_model(model)
+
+    def do_eval() -> dict:
+        marks["eval"] = step
+        res = evaluate(model, data, val_rows, accelerator, yes_id, no_id, cfg.eval_batch_size)
+        logger.log({f"eval/{k}": v for k, v in res.items() if k != "confusion"}, step)
+        log.info(
+            "step %d eval: acc %.4f auc %.4f loss %.4f confusion %s (majority %.3f)",
+            step,
+            res["accuracy"],
+            res["auc"],
+            res["loss"],
+            res["confusion"],
+            res["majority_baseline"],
+        )
+        return res
+
+    while step < total_steps and epoch < cfg.epochs:
+        order = epoch_order(train_rows, cfg.seed, epoch)
+        while batch_in_epoch + cfg.grad_accum <= batches_per_epoch and step < total_steps:
+            opt.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                b = batch_in_epoch + micro
+                rows = order[
+                    b * global_bs + rank * cfg.batch_size : b * global_bs + (rank + 1) * cfg.batch_size
+                ]
+                inputs, y = data.batch(rows)
+                inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
+                ctx = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else _null()
+                with ctx, accelerator.autocast():
+                    logits = answer_logits(model, inputs)
+                    loss = yes_no_loss(logits, y.to(logits.device), yes_id, no_id) / cfg.grad_accum
+                accelerator.backward(loss)
+                # the logged loss is the mean over all processes' rows, not rank 0's share
+                loss_sum += float(accelerator.reduce(loss.detach(), reduction="mean"))
+            if cfg.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            batch_in_epoch += cfg.grad_accum
+            running.append(loss_sum)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                logger.log({"train/loss": float(np.mean(running)), "train/lr": sched.get_last_lr()[0]}, step)
+                bar.set_postfix(loss=f"{np.mean(running):.4f}")
+                running = []
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                last_eval = do_eval()
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint()
+        if batch_in_epoch + cfg.grad_accum > batches_per_epoch:
+            epoch, batch_in_epoch = epoch + 1, 0
+            last_eval = do_eval()
+            checkpoint()
+    bar.close()
+    if marks["eval"] != step:
+        last_eval = do_eval()
+    checkpoint()
+
+    elapsed = time.time() - t0
+    summary = {
+        "heldout_accuracy": last_eval["accuracy"],
+        "heldout_auc": last_eval["auc"],
+        "heldout_loss": last_eval["loss"],
+        "heldout_confusion": last_eval["confusion"],
+        "heldout_count": last_eval["count"],
+        "majority_baseline": va_stats["majority_accuracy"],
+        "train_labels": tr_stats,
+        "heldout_labels": va_stats,
+        "steps": step,
+        "processes": world,
+        "trainable_parameters": n_trainable,
+        "seconds": elapsed,
+        "model": cfg.model.name_or_path,
+        "rendering": cfg.rendering,
+    }
+    accelerator.wait_for_everyone()
+    if main:
+        final = unwrap_for_save()
+        with staged_dir(out / "model", overwrite=True) as tmp:
+            save_vlm(
+                final,
+                processor,
+                tmp,
+                merge_lora=cfg.merge_lora,
+                base=cfg.model.name_or_path,
+                tiny_seed=cfg.model.tiny_seed,
+            )
+        atomic_write_json(out / "metrics.json", summary)
+        logger.finish()
+        mark_complete(out, {"steps": step})
+        log.info(
+            "done in %.0fs: held-out accuracy %.4f (majority %.4f), AUC %.4f -> %s",
+            elapsed,
+            summary["heldout_accuracy"],
+            summary["majority_baseline"],
+            summary["heldout_auc"],
+            out / "model",
+        )
+    accelerator.wait_for_everyone()
+    return summary
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

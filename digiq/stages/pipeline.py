@@ -1,0 +1,232 @@
+"""``digiq pipeline``: the whole Digi-Q pipeline on the simulated device, resumable stage by stage.
+
+    digiq pipeline                                   # defaults: configs/pipeline/default.yaml values
+    digiq pipeline output_dir=runs/p2 seed=1 train_critic.loss=mc
+    digiq pipeline --resume                          # continue a killed run (finished stages are skipped)
+
+Stages, each writing its own folder under ``output_dir`` and handing off through files only::
+
+    collect -> finetune_vlm -> train_bc -> candidates -> cache_features -> train_critic -> extract_policy -> evaluate
+
+A stage whose folder holds a ``_COMPLETE`` marker is skipped; a folder without one is resumed (stages that
+support ``resume``) or rebuilt. The per-stage sections take any field of that stage's own config, except the
+input/output paths, which the pipeline wires (``<output_dir>/<stage>``). ``summary.json`` / ``summary.md``
+collect the numbers: behaviour, BC and extracted-policy success rates, critic ranking metrics, stage times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from digiq.config import check, save_config, to_dict
+from digiq.sim.collect import Config as CollectConfig
+from digiq.sim.collect import run as run_collect
+from digiq.stages import cache_features, candidates, evaluate, extract_policy, finetune_vlm, train_bc, train_critic
+from digiq.utils.io import atomic_write_json, atomic_write_text, is_complete, mark_complete
+from digiq.utils.logging import get_logger
+
+log = get_logger("pipeline")
+
+STAGES = (
+    "collect",
+    "finetune_vlm",
+    "train_bc",
+    "candidates",
+    "cache_features",
+    "train_critic",
+    "extract_policy",
+    "evaluate",
+)
+
+
+@dataclasses.dataclass
+class Config:
+    # Root folder; every stage writes <output_dir>/<stage>.
+    output_dir: str = "runs/pipeline"
+    # Seed for every stage (each stage's own `seed` is overwritten with it).
+    seed: int = 0
+    # Stages to run, in order; a stage whose output is complete is skipped.
+    stages: list[str] = dataclasses.field(default_factory=lambda: list(STAGES))
+    # Stages to re-run even if their output is complete (later stages are re-run too).
+    force: list[str] = dataclasses.field(default_factory=list)
+    # Continue a killed run (the default behaviour of the pipeline anyway; kept for `--resume`).
+    resume: bool = False
+    # torch threads (0 = torch's default). On a shared 2-core machine 1-2 is fastest.
+    threads: int = 0
+    collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
+    finetune_vlm: finetune_vlm.Config = dataclasses.field(default_factory=finetune_vlm.Config)
+    train_bc: train_bc.Config = dataclasses.field(default_factory=train_bc.Config)
+    candidates: candidates.Config = dataclasses.field(default_factory=candidates.Config)
+    cache_features: cache_features.Config = dataclasses.field(default_factory=cache_features.Config)
+    train_critic: train_critic.Config = dataclasses.field(default_factory=train_critic.Config)
+    extract_policy: extract_policy.Config = dataclasses.field(default_factory=extract_policy.Config)
+    evaluate: evaluate.Config = dataclasses.field(default_factory=evaluate.Config)
+
+    def validate(self) -> None:
+        for s in [*self.stages, *self.force]:
+            check(s in STAGES, f"unknown stage {s!r}; stages are {list(STAGES)}")
+        check(self.threads >= 0, "threads must be >= 0")
+
+
+# stage -> folder under output_dir
+FOLDERS = {
+    "collect": "data",
+    "finetune_vlm": "finetune_vlm",
+    "train_bc": "bc",
+    "candidates": "data_candidates",
+    "cache_features": "features",
+    "train_critic": "critic",
+    "extract_policy": "extract",
+    "evaluate": "eval",
+}
+
+
+def wire(cfg: Config) -> dict[str, Any]:
+    """The per-stage configs with the pipeline's paths and seed filled in (pure; nothing is run)."""
+    out = Path(cfg.output_dir)
+    d = {k: out / v for k, v in FOLDERS.items()}
+    c = {name: dataclasses.replace(getattr(cfg, name)) for name in STAGES}
+    for name in STAGES:
+        if hasattr(c[name], "seed"):
+            c[name].seed = cfg.seed
+    c["collect"].output_dir = str(d["collect"])
+    c["finetune_vlm"].dataset = str(d["collect"])
+    c["finetune_vlm"].output_dir = str(d["finetune_vlm"])
+    c["train_bc"].dataset = str(d["collect"])
+    c["train_bc"].output_dir = str(d["train_bc"])
+    c["candidates"].dataset = str(d["collect"])
+    c["candidates"].output_dir = str(d["candidates"])
+    c["candidates"].policy = str(d["train_bc"] / train_bc.POLICY_DIR)
+    c["cache_features"].dataset = str(d["candidates"])
+    c["cache_features"].output_dir = str(d["cache_features"])
+    c["cache_features"].model = dataclasses.replace(c["cache_features"].model, name_or_path=str(d["finetune_vlm"]))
+    # Features must be read the way Stage 1 was trained to read the screen (same rendering of the action).
+    c["cache_features"].rendering = c["finetune_vlm"].rendering
+    c["train_critic"].dataset = str(d["candidates"])
+    c["train_critic"].features = str(d["cache_features"])
+    c["train_critic"].output_dir = str(d["train_critic"])
+    c["train_critic"].gamma = c["collect"].gamma
+    c["extract_policy"].dataset = str(d["candidates"])
+    c["extract_policy"].features = str(d["cache_features"])
+    c["extract_policy"].critic = str(d["train_critic"] / "critic")
+    c["extract_policy"].init_policy = str(d["train_bc"] / train_bc.POLICY_DIR)
+    c["extract_policy"].output_dir = str(d["extract_policy"])
+    c["extract_policy"].gamma = c["collect"].gamma
+    c["evaluate"].output_dir = str(d["evaluate"])
+    return c
+
+
+def _policies_to_evaluate(cfg: Config) -> dict[str, str]:
+    out = Path(cfg.output_dir)
+    return {
+        "behaviour": "behaviour",
+        "bc": str(out / FOLDERS["train_bc"] / train_bc.POLICY_DIR),
+        "extracted": str(out / FOLDERS["extract_policy"] / "policy"),
+    }
+
+
+def _run_stage(name: str, stage_cfg: Any, cfg: Config) -> dict[str, Any]:
+    if name == "collect":
+        return run_collect(stage_cfg) or {}
+    if name == "evaluate":
+        results = {}
+        for label, policy in _policies_to_evaluate(cfg).items():
+            ecfg = dataclasses.replace(
+                stage_cfg, policy=policy, mode="sim", output_dir=str(Path(stage_cfg.output_dir) / label)
+            )
+            log.info("evaluate %s (%s)", label, policy)
+            results[label] = evaluate.run(ecfg)
+        return results
+    module = {
+        "finetune_vlm": finetune_vlm,
+        "train_bc": train_bc,
+        "candidates": candidates,
+        "cache_features": cache_features,
+        "train_critic": train_critic,
+        "extract_policy": extract_policy,
+    }[name]
+    return module.run(stage_cfg) or {}
+
+
+def _short(metrics: Any) -> Any:
+    """Scalars only (stage results may hold lists or paths)."""
+    if isinstance(metrics, dict):
+        return {k: _short(v) for k, v in metrics.items() if isinstance(v, (int, float, str, bool, dict))}
+    return metrics
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    stage_cfgs = wire(cfg)
+    summary_path = out / "summary.json"
+    summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary.setdefault("stages", {})
+    forced = False
+    for name in STAGES:
+        if name not in cfg.stages:
+            continue
+        folder = out / FOLDERS[name]
+        forced = forced or name in cfg.force
+        if is_complete(folder) and not forced:
+            log.info("[%s] complete at %s: skipped", name, folder)
+            continue
+        scfg = stage_cfgs[name]
+        if hasattr(scfg, "overwrite"):
+            scfg.overwrite = True
+        if folder.exists() and hasattr(scfg, "resume") and not forced:
+            scfg.resume = True  # a folder without its marker: a killed run of this stage
+            log.info("[%s] resuming the unfinished run in %s", name, folder)
+        log.info("[%s] running -> %s", name, folder)
+        t0 = time.perf_counter()
+        metrics = _run_stage(name, scfg, cfg)
+        seconds = time.perf_counter() - t0
+        if not is_complete(folder):
+            mark_complete(folder, {"stage": name})
+        summary["stages"][name] = {"seconds": round(seconds, 1), "metrics": _short(metrics)}
+        atomic_write_json(summary_path, summary)
+        log.info("[%s] done in %.1f s", name, seconds)
+    summary["total_seconds"] = round(sum(s.get("seconds", 0.0) for s in summary["stages"].values()), 1)
+    atomic_write_json(summary_path, summary)
+    atomic_write_text(out / "summary.md", render_summary(summary))
+    print(render_summary(summary))
+    return summary
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    """Markdown: success rates (behaviour / BC / extracted), critic metrics, stage times."""
+    lines = ["# digiq pipeline summary", ""]
+    ev = summary.get("stages", {}).get("evaluate", {}).get("metrics", {})
+    if ev:
+        lines += ["| policy | test success | 95% CI | episodes |", "|---|---|---|---|"]
+        for label, m in ev.items():
+            if isinstance(m, dict) and "success_rate" in m:
+                lines.append(
+                    f"| {label} | {m['success_rate']:.3f} | [{m.get('ci_low', 0):.3f}, {m.get('ci_high', 0):.3f}] "
+                    f"| {m.get('num_episodes', '')} |"
+                )
+        lines.append("")
+    crit = summary.get("stages", {}).get("train_critic", {}).get("metrics", {})
+    if crit:
+        keys = [k for k in crit if any(s in k for s in ("top1", "spearman", "pearson", "td_error"))]
+        if keys:
+            lines += ["| critic metric | value |", "|---|---|"]
+            lines += [f"| {k} | {crit[k]:.4f} |" for k in keys if isinstance(crit[k], (int, float))]
+            lines.append("")
+    lines += ["| stage | seconds |", "|---|---|"]
+    for name, s in summary.get("stages", {}).items():
+        lines.append(f"| {name} | {s.get('seconds', '')} |")
+    lines.append(f"| total | {summary.get('total_seconds', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["Config", "STAGES", "FOLDERS", "run", "wire", "render_summary", "to_dict"]
