@@ -74,11 +74,44 @@ def recompute_mc_returns(ds: Dataset, gamma: float) -> Dataset:
     return ds.remove_columns("mc_return").add_column("mc_return", mc.tolist(), feature=Value("float32"))
 
 
+def _kind(feature: object) -> str:
+    """A coarse type of a datasets feature ('int', 'float', 'bool', 'string', 'image', 'list[...]').
+
+    Widths are not compared (int32 vs int64 step ids are both fine); kinds are.
+    """
+    if isinstance(feature, Image):
+        return "image"
+    if isinstance(feature, Value):
+        dt = feature.dtype
+        if dt.startswith(("int", "uint")):
+            return "int"
+        if dt.startswith("float") or dt == "double":
+            return "float"
+        if dt in ("string", "large_string"):
+            return "string"
+        return dt
+    inner = getattr(feature, "feature", None)
+    if inner is not None:
+        return f"list[{_kind(inner)}]"
+    if isinstance(feature, list) and len(feature) == 1:
+        return f"list[{_kind(feature[0])}]"
+    return type(feature).__name__
+
+
 def validate_dataset(ds: Dataset, source: str = "dataset") -> None:
     """Schema and value checks; raises a DataError that names the trajectory and step."""
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; expected the digiq schema {list(COLUMNS)}")
+    wrong = [
+        f"{c} is {_kind(ds.features[c])}, expected {_kind(FEATURES[c])}"
+        for c in COLUMNS
+        if _kind(ds.features[c]) != _kind(FEATURES[c])
+    ]
+    if wrong:
+        # Checked before any value is read: a string reward would otherwise fail inside numpy with a
+        # message that names neither the column nor the dataset.
+        raise DataError(f"{source}: wrong column type(s): {'; '.join(wrong)}")
     if len(ds) == 0:
         raise DataError(f"{source}: the dataset is empty")
     for name in ("reward", "mc_return"):
@@ -136,6 +169,50 @@ def load_dataset(path: str | Path, validate: bool = True) -> Dataset:
     if validate:
         validate_dataset(ds, str(path))
     return ds
+
+
+IMAGE_COLUMNS = ("screenshot", "next_screenshot")
+
+
+def decode_image(cell: dict | None, source: str, traj: object, step: object, column: str):
+    """Decode one undecoded ``Image`` cell (``{"bytes", "path"}``) into a loaded PIL image.
+
+    A missing, truncated or garbage image raises a DataError naming the dataset, trajectory, step and
+    column, instead of PIL's ``UnidentifiedImageError``/``OSError`` deep inside ``datasets`` (which name
+    neither the row nor the file). The pixels are loaded here so a truncated PNG fails now, not later.
+    """
+    import io
+
+    from PIL import Image as PILImage
+
+    from digiq.errors import where
+
+    loc = where(source, traj, step, column)
+    if cell is None or (cell.get("bytes") is None and not cell.get("path")):
+        raise DataError(f"{loc}: the image is missing")
+    try:
+        data = cell.get("bytes")
+        img = PILImage.open(io.BytesIO(data) if data is not None else cell["path"])
+        img.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        raise DataError(f"{loc}: the image does not decode ({type(e).__name__}: {e})") from e
+    return img
+
+
+def iter_decoded_rows(ds: Dataset, columns: Sequence[str], source: str = "dataset"):
+    """Yield rows of ``ds`` (only ``columns``) with image columns decoded by :func:`decode_image`."""
+    from datasets import Image as HFImage
+
+    want = list(dict.fromkeys([*columns, "traj_id", "step_id"]))
+    sub = ds.select_columns(want)
+    for col in IMAGE_COLUMNS:
+        if col in want:
+            sub = sub.cast_column(col, HFImage(decode=False))
+    for row in sub:
+        for col in IMAGE_COLUMNS:
+            if col in want:
+                row[col] = decode_image(row[col], source, row["traj_id"], row["step_id"], col)
+        yield row
 
 
 def dataset_info(path: str | Path) -> dict:

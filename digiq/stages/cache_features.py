@@ -227,11 +227,11 @@ def row_actions(action: str, candidates: list[str]) -> list[str]:
 
 def compute_shard(featurizer, ds, start: int, end: int, n: int, dtype: torch.dtype, pbar=None):
     """Features of dataset rows ``start..end``: state (n_rows, D), actions (n_rows, N, D), valid (n_rows, N)."""
+    from digiq.data.schema import iter_decoded_rows
     from digiq.models.prompts import previous_action_from_observation
 
-    sub = ds.select(range(start, end)).select_columns(
-        ["screenshot", "task", "observation", "action", "candidates"]
-    )
+    sub = ds.select(range(start, end))
+    cols = ["screenshot", "task", "observation", "action", "candidates"]
     rows, batch = [], []
 
     def flush():
@@ -241,9 +241,8 @@ def compute_shard(featurizer, ds, start: int, end: int, n: int, dtype: torch.dty
                 pbar.update(1)
         batch.clear()
 
-    for i, r in enumerate(sub):
-        if r["screenshot"] is None:
-            raise DataError(f"{ds_path(ds)}: row {start + i}: missing screenshot")
+    # Images are decoded here (not by datasets) so a missing or corrupt screenshot names its trajectory/step.
+    for r in iter_decoded_rows(sub, cols, source=ds_path(ds)):
         acts = row_actions(r["action"], r["candidates"] or [])
         batch.append((r["screenshot"], r["task"], previous_action_from_observation(r["observation"]), acts))
         if featurizer.prefix_sharing or sum(len(b[3]) + 1 for b in batch) >= featurizer.batch_size:

@@ -309,7 +309,7 @@ def run(cfg: Config) -> dict[str, Any]:
     """Write the report folder; returns a summary (also written to ``summary.json``)."""
     from tqdm.auto import tqdm
 
-    from digiq.data.schema import load_dataset, trajectory_bounds
+    from digiq.data.schema import iter_decoded_rows, load_dataset, trajectory_bounds
     from digiq.stages.train_critic import load_transitions
 
     ds = load_dataset(cfg.dataset)
@@ -323,7 +323,7 @@ def run(cfg: Config) -> dict[str, Any]:
         critic = load_critic(cdir, "cpu")
         meta = critic_metadata(cdir)
         feats = FeatureCache.open(cfg.features)
-        feats.check_against(len(ds), dataset_path=cfg.dataset)
+        feats.check_against(len(ds), dataset_path=cfg.dataset, fingerprint=ds._fingerprint)
         if (feats.state_dim, feats.action_dim) != (critic.arch.state_dim, critic.arch.action_dim):
             raise DataError(
                 f"feature dims of {cfg.features} (state {feats.state_dim}, action {feats.action_dim}) do not "
@@ -363,7 +363,8 @@ def run(cfg: Config) -> dict[str, Any]:
             q_rows, v_rows = critic_values(
                 critic, feats.state, feats.actions, rows, cfg.eval_batch_size, True
             )
-        part = ds.select(range(s, e))
+        # Decoded by schema.iter_decoded_rows: a corrupt screenshot names its trajectory/step (DataError).
+        part = list(iter_decoded_rows(ds.select(range(s, e)), ds.column_names, source=str(cfg.dataset)))
         steps_html = []
         for j, r in enumerate(rows.tolist()):
             row = part[j]

@@ -195,6 +195,32 @@ def load_transitions(path: str | Path, gamma: float) -> tuple[Transitions, Any]:
     return tr, ds
 
 
+def check_candidate_counts(
+    candidates: list[list[str]], n: int, dataset: object, features: object, ds: Any = None
+) -> None:
+    """Raise a DataError unless the feature cache's N fits the dataset's candidate lists.
+
+    cache-features stores N = the longest candidate list (at least 1: the dataset action), padding shorter
+    rows; so a row with more than N candidates, or no row with exactly N, means the cache belongs to other
+    candidates.
+    """
+    sizes = np.asarray([max(1, len(c)) for c in candidates])
+    if len(sizes) == 0:
+        return
+    over = np.flatnonzero(sizes > n)
+    if len(over) or sizes.max() != n:
+        r = int(over[0]) if len(over) else int(np.argmax(sizes))
+        loc = f"row {r}"
+        if ds is not None:
+            ids = ds.select_columns(["traj_id", "step_id"])[r]  # never decode images on the error path
+            loc = f"trajectory {ids['traj_id']}, step {ids['step_id']} (row {r})"
+        raise DataError(
+            f"{dataset}: {loc} has {int(sizes[r])} candidate(s) (longest list: {int(sizes.max())}) but the "
+            f"feature cache {features} holds N={n} per row: it was cached for other candidates; re-run "
+            "`digiq cache-features`"
+        )
+
+
 def _default_q_star_fn() -> QStarFn | None:
     try:
         from digiq.sim.device import SimConfig, SimDevice
@@ -467,11 +493,15 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metrics.jsonl lines logged after the checkpoint a run resumes from (they will be re-logged)."""
     if not path.exists():
         return
-    keep = [
-        ln
-        for ln in path.read_text().splitlines()
-        if ln.strip() and json.loads(ln).get("step", 0) <= last_step
-    ]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            # A SIGKILL in the middle of an append leaves half a line: drop it (it is re-logged).
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
@@ -530,7 +560,11 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     # ---- inputs -------------------------------------------------------------------------------
     tr, ds = load_transitions(cfg.dataset, cfg.gamma)
     feats = FeatureCache.open(cfg.features)
-    feats.check_against(len(tr.reward), dataset_path=cfg.dataset)
+    # The fingerprint catches a cache made for another dataset of the same length, and the candidate count
+    # one made before `digiq candidates` changed the rows: both would otherwise train a critic on the
+    # wrong features without any error.
+    feats.check_against(len(tr.reward), dataset_path=cfg.dataset, fingerprint=ds._fingerprint)
+    check_candidate_counts(tr.candidates, feats.num_candidates, cfg.dataset, cfg.features, ds)
     if tr.num_truncated and is_main:
         log.warning(
             "%d trajectorie(s) end without done=1 (truncated); their last step is treated as terminal",
