@@ -25,7 +25,15 @@ from typing import Any
 from digiq.config import check, save_config, to_dict
 from digiq.sim.collect import Config as CollectConfig
 from digiq.sim.collect import run as run_collect
-from digiq.stages import cache_features, candidates, evaluate, extract_policy, finetune_vlm, train_bc, train_critic
+from digiq.stages import (
+    cache_features,
+    candidates,
+    evaluate,
+    extract_policy,
+    finetune_vlm,
+    train_bc,
+    train_critic,
+)
 from digiq.utils.io import atomic_write_json, atomic_write_text, is_complete, mark_complete
 from digiq.utils.logging import get_logger
 
@@ -103,7 +111,9 @@ def wire(cfg: Config) -> dict[str, Any]:
     c["candidates"].policy = str(d["train_bc"] / train_bc.POLICY_DIR)
     c["cache_features"].dataset = str(d["candidates"])
     c["cache_features"].output_dir = str(d["cache_features"])
-    c["cache_features"].model = dataclasses.replace(c["cache_features"].model, name_or_path=str(d["finetune_vlm"]))
+    c["cache_features"].model = dataclasses.replace(
+        c["cache_features"].model, name_or_path=str(d["finetune_vlm"])
+    )
     # Features must be read the way Stage 1 was trained to read the screen (same rendering of the action).
     c["cache_features"].rendering = c["finetune_vlm"].rendering
     c["train_critic"].dataset = str(d["candidates"])
@@ -198,7 +208,7 @@ def run(cfg: Config) -> dict[str, Any]:
     summary["total_seconds"] = round(sum(s.get("seconds", 0.0) for s in summary["stages"].values()), 1)
     atomic_write_json(summary_path, summary)
     atomic_write_text(out / "summary.md", render_summary(summary))
-    print(render_summary(summary))
+    print(render_summary(summary))  # noqa: T201 - the CLI result
     return summary
 
 
