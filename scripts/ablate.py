@@ -1,0 +1,181 @@
+"""The two ablations users run: TD vs MC critics, and N in Best-of-N (paper: TD 58.0 vs MC 37.5 and
+behaviour 25.0 on Web Shopping; success grows with N over 1/4/8/16).
+
+It reuses a finished `digiq pipeline` run (its dataset with candidates, cached features and pi_beta), then
+per seed: trains a TD and an MC critic, extracts a policy for every N (TD) and for the largest N (MC), and
+evaluates each on the simulator's held-out tasks. Writes `<out>/ablation.md` (table), `ablation.json` and
+`ablation.png` (success vs N; TD, MC and pi_beta).
+
+    PYTHONPATH=. python scripts/ablate.py --pipeline runs/pipeline --out runs/ablation --seeds 0 1 2 --ns 1 4 8 16
+
+Seeds vary critic training, extraction and evaluation; the data, Stage 1 and pi_beta are shared (re-running
+those per seed would multiply the CPU cost by 3 for the parts both arms have in common).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from digiq.config import load_config
+from digiq.stages import evaluate, extract_policy, pipeline, train_critic
+from digiq.utils.io import is_complete
+
+
+def _evaluate(policy: str, out: Path, seed: int, episodes: int, base: evaluate.Config) -> dict:
+    if (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
+    cfg = dataclasses.replace(
+        base, policy=policy, mode="sim", seed=seed, num_episodes=episodes, output_dir=str(out)
+    )
+    return evaluate.run(cfg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipeline", default="runs/pipeline", help="a finished `digiq pipeline` output_dir")
+    ap.add_argument("--config", default=None, help="the pipeline YAML it was run with (for stage settings)")
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--episodes", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = Path(args.pipeline)
+    pcfg = load_config(pipeline.Config, args.config, [f"output_dir={pipe}"])
+    wired = pipeline.wire(pcfg)
+    for stage in ("candidates", "cache_features", "train_bc"):
+        folder = pipe / pipeline.FOLDERS[stage]
+        if not is_complete(folder):
+            raise SystemExit(f"{folder} is not a finished {stage} output: run `digiq pipeline` first")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for seed in args.seeds:
+        bc = _evaluate(
+            wired["extract_policy"].init_policy,
+            out / f"s{seed}/eval_bc",
+            seed,
+            args.episodes,
+            wired["evaluate"],
+        )
+        rows.append({"seed": seed, "method": "pi_beta (BC)", "n": 0, **_pick(bc)})
+        for loss in ("td", "mc"):
+            ccfg = dataclasses.replace(
+                wired["train_critic"],
+                loss=loss,
+                seed=seed,
+                output_dir=str(out / f"s{seed}/critic_{loss}"),
+                overwrite=True,
+            )
+            if not is_complete(Path(ccfg.output_dir) / "critic"):
+                train_critic.run(ccfg)
+            cmetrics = json.loads((Path(ccfg.output_dir) / "metrics.json").read_text())
+            for n in args.ns if loss == "td" else [max(args.ns)]:
+                ecfg = dataclasses.replace(
+                    wired["extract_policy"],
+                    critic=str(Path(ccfg.output_dir) / "critic"),
+                    num_candidates=n,
+                    seed=seed,
+                    output_dir=str(out / f"s{seed}/extract_{loss}_n{n}"),
+                    overwrite=True,
+                )
+                if not is_complete(Path(ecfg.output_dir) / "policy"):
+                    extract_policy.run(ecfg)
+                ev = _evaluate(
+                    str(Path(ecfg.output_dir) / "policy"),
+                    out / f"s{seed}/eval_{loss}_n{n}",
+                    seed,
+                    args.episodes,
+                    wired["evaluate"],
+                )
+                rows.append(
+                    {
+                        "seed": seed,
+                        "method": f"Digi-Q {loss.upper()}",
+                        "n": n,
+                        **_pick(ev),
+                        "critic_top1": cmetrics.get("val_qstar_top1_agreement"),
+                        "critic_spearman": cmetrics.get("val_qstar_spearman"),
+                    }
+                )
+        (out / "ablation.json").write_text(json.dumps(rows, indent=2))
+    (out / "ablation.md").write_text(table(rows) + f"\n\nTotal time: {time.perf_counter() - t0:.0f} s\n")
+    plot(rows, out / "ablation.png")
+    print(table(rows))
+    print(f"wrote {out / 'ablation.md'} and {out / 'ablation.png'}")
+
+
+def _pick(m: dict) -> dict:
+    return {k: m.get(k) for k in ("success_rate", "ci_low", "ci_high", "num_episodes")}
+
+
+def _groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    g: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        g.setdefault((r["method"], r["n"]), []).append(r)
+    return g
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| method | N | success (mean over seeds) | std | per seed | critic top-1 vs Q* | critic Spearman vs Q* |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (method, n), rs in sorted(_groups(rows).items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        s = np.array([r["success_rate"] for r in rs], dtype=float)
+        t1 = [r.get("critic_top1") for r in rs if r.get("critic_top1") is not None]
+        sp = [r.get("critic_spearman") for r in rs if r.get("critic_spearman") is not None]
+        lines.append(
+            f"| {method} | {n or '-'} | {s.mean():.3f} | {s.std():.3f} | {', '.join(f'{x:.2f}' for x in s)} | "
+            f"{(f'{np.mean(t1):.3f}' if t1 else '-')} | {(f'{np.mean(sp):.3f}' if sp else '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = _groups(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    td = sorted((n, [r["success_rate"] for r in rs]) for (m, n), rs in g.items() if m == "Digi-Q TD")
+    if td:
+        ns = [n for n, _ in td]
+        mu = np.array([np.mean(v) for _, v in td])
+        sd = np.array([np.std(v) for _, v in td])
+        ax.errorbar(ns, mu, yerr=sd, marker="o", capsize=4, label="Digi-Q (TD critic)")
+    for (m, n), rs in g.items():
+        if m == "Digi-Q MC":
+            v = [r["success_rate"] for r in rs]
+            ax.errorbar(
+                [n], [np.mean(v)], yerr=[np.std(v)], marker="s", color="C3", capsize=4, label="MC critic"
+            )
+        if m == "pi_beta (BC)":
+            v = [r["success_rate"] for r in rs]
+            ax.axhline(np.mean(v), color="gray", linestyle="--", label="pi_beta (BC)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N (candidates in Best-of-N)")
+    ax.set_ylabel("success rate (held-out tasks)")
+    ax.set_title("Simulated device: Best-of-N extraction")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
