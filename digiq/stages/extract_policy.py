@@ -149,7 +149,9 @@ def critic_scores(
 
     cache = FeatureCache.open(features)
     cache.check_against(
-        num_rows, dataset_path=dataset, fingerprint=getattr(ds, "_fingerprint", None) if ds is not None else None
+        num_rows,
+        dataset_path=dataset,
+        fingerprint=getattr(ds, "_fingerprint", None) if ds is not None else None,
     )
     if candidates is not None:
         check_candidate_counts(candidates, cache.num_candidates, dataset, features, ds)
