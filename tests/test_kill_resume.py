@@ -358,3 +358,38 @@ def test_extract_policy_sigkill_then_resume_is_bitwise_equal(sim_dataset: Path, 
             "threshold=-1", "train.batch_size=2", "train.max_steps=8", "train.save_every=2",
             "train.log_every=1", "wandb.mode=disabled"]  # fmt: skip
     _policy_kill_resume(args, tmp_path / "run", tmp_path / "ref", kill_step=2, total=8)
+
+
+# --------------------------------------------------------------------------------------------------
+# digiq pipeline: killed in a middle stage; --resume skips the finished stages and resumes that one
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pipeline_sigkill_mid_stage_then_resume(tmp_path: Path) -> None:
+    from digiq.stages.pipeline import FOLDERS, STAGES
+
+    out = tmp_path / "p"
+    args = ["pipeline", "--config", "configs/pipeline/smoke.yaml", f"output_dir={out}"]
+    critic = out / FOLDERS["train_critic"]
+
+    def in_train_critic(_: str) -> bool:  # epoch 1 of 2 checkpointed, the stage not finished
+        return is_complete(critic / "checkpoint") and not is_complete(critic)
+
+    k = kill_when(args, in_train_critic, timeout=540)
+    assert k.killed, k.stderr[-2000:]
+    before_kill = STAGES[: STAGES.index("train_critic")]
+    assert all(is_complete(out / FOLDERS[s]) for s in before_kill)
+    assert not is_complete(critic) and not (out / "summary.md").exists()
+    finished = {s: tree_state(out / FOLDERS[s]) for s in before_kill}
+
+    r = run_digiq(*args, "--resume", timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for s in before_kill:
+        assert f"[{s}] complete at" in r.stderr, s  # skipped, not recomputed
+        assert tree_state(out / FOLDERS[s]) == finished[s], f"{s}: a finished stage's folder changed"
+    assert "[train_critic] resuming the unfinished run" in r.stderr
+    assert "no finished checkpoint" not in r.stderr  # it continued from the epoch-1 checkpoint
+    assert all(is_complete(out / FOLDERS[s]) for s in STAGES)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["stages"]) == set(STAGES)
+    assert (out / "summary.md").read_text().startswith("# digiq pipeline summary")
