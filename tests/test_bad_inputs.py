@@ -36,6 +36,8 @@ N = 3
 CRITIC = ["gamma=0.9", "batch_size=8", "steps_per_epoch=2", "epochs=1", "critic.q_hidden=[8]",
           "critic.v_hidden=[8]", "q_star=skip", "wandb.mode=disabled", "device=cpu"]  # fmt: skip
 CACHE = ["shard_rows=64", "device=cpu", "batch_size=8"]
+BC = ["train.batch_size=2", "train.max_steps=1", "trajectories=all", "wandb.mode=disabled"]
+VLM = ["epochs=1", "batch_size=4", "wandb.mode=disabled"]
 
 
 @dataclasses.dataclass
@@ -45,6 +47,16 @@ class World:
     feats: Path  # a finished feature cache for it (random features, width D)
     critic_run: Path  # a finished train-critic run on them
     rows: dict  # the good dataset's columns, images undecoded ({"bytes", "path"})
+    _policy: Path | None = None
+
+    def policy(self) -> Path:
+        """A tiny BC policy (1 step of train-bc), trained on first use: the policy stages need one."""
+        if self._policy is None:
+            out = self.root / "bc"
+            argv = ["train-bc", f"dataset={self.good}", f"output_dir={out}", "max_rows=4", *BC]
+            assert main(argv) == 0
+            self._policy = out / "policy"
+        return self._policy
 
 
 def _raw_rows(path: Path) -> dict:
@@ -361,6 +373,75 @@ def exists_report(w: World, t: Path):
     )
 
 
+# ---- screenshots through the VLM stages (finetune-vlm, train-bc, candidates, evaluate, extract-policy) --
+
+
+def _all_corrupt(w: World, t: Path) -> Path:
+    """Every screenshot is garbage: whichever row a stage decodes first must be named."""
+
+    def edit(rows):
+        rows["screenshot"] = [{"bytes": b"\x89PNG garbage", "path": None} for _ in rows["screenshot"]]
+        return rows
+
+    return variant(w, t / "ds", edit)
+
+
+def corrupt_screenshot_finetune_vlm(w: World, t: Path):
+    ds = variant(w, t / "ds", _set("next_screenshot", 9, {"bytes": _png()[:200], "path": None}))
+    argv = ["finetune-vlm", f"dataset={ds}", f"output_dir={t / 'out'}", *VLM]
+    return argv, None, [str(ds), _loc(w, 9), "next_screenshot", "does not decode"]
+
+
+def corrupt_screenshot_train_bc(w: World, t: Path):
+    ds = _all_corrupt(w, t)
+    argv = ["train-bc", f"dataset={ds}", f"output_dir={t / 'out'}", "max_rows=4", *BC]
+    return argv, None, [str(ds), "trajectory", "screenshot", "does not decode"]
+
+
+def corrupt_screenshot_candidates(w: World, t: Path):
+    ds = variant(w, t / "ds", _set("screenshot", 2, {"bytes": b"\x89PNG garbage", "path": None}))
+    argv = ["candidates", f"dataset={ds}", f"output_dir={t / 'out'}", "source=policy", f"policy={w.policy()}",
+            "num_candidates=2", "batch_size=64"]  # fmt: skip
+    return argv, None, [str(ds), _loc(w, 2), "screenshot"]
+
+
+def corrupt_screenshot_evaluate(w: World, t: Path):
+    from digiq.stages.train_bc import successful_rows
+
+    ok = successful_rows(load_dataset(w.good).select_columns(["traj_id", "reward"]))
+    assert len(ok), "the fixture dataset needs a successful trajectory"
+    r = int(ok[0])
+    ds = variant(w, t / "ds", _set("screenshot", r, {"bytes": _png()[:200], "path": None}))
+    argv = ["evaluate", "mode=offline", f"dataset={ds}", f"policy={w.policy()}", f"output_dir={t / 'out'}",
+            "batch_size=64"]  # fmt: skip
+    return argv, None, [str(ds), _loc(w, r), "screenshot"]
+
+
+def corrupt_screenshot_extract_policy(w: World, t: Path):
+    ds = _all_corrupt(w, t)
+    argv = ["extract-policy", f"dataset={ds}", f"init_policy={w.policy()}", f"output_dir={t / 'out'}",
+            "scorer=q_star", "threshold=-1", *EXTRACT]  # fmt: skip
+    return argv, None, [str(ds), "trajectory", "screenshot", "does not decode"]
+
+
+EXTRACT = ["train.batch_size=2", "train.max_steps=1", "wandb.mode=disabled", "log_kl=false"]
+
+
+def dim_mismatch_extract_policy(w: World, t: Path):
+    f = _features_for(w.good, t / "f", dim=D + 4)
+    argv = ["extract-policy", f"dataset={w.good}", f"init_policy={w.policy()}", f"output_dir={t / 'out'}",
+            "scorer=critic", f"features={f}", f"critic={w.critic_run / 'critic'}", *EXTRACT]  # fmt: skip
+    return argv, None, ["do not match the critic", "state 12", "state 8"]
+
+
+def n_mismatch_extract_policy(w: World, t: Path):
+    f = _features_for(w.good, t / "f", n=N - 1)
+    argv = ["extract-policy", f"dataset={w.good}", f"init_policy={w.policy()}", f"output_dir={t / 'out'}",
+            "scorer=critic", f"features={f}", f"critic={w.critic_run / 'critic'}", "num_candidates=2",
+            *EXTRACT]  # fmt: skip
+    return argv, None, [_loc(w, 0), "N=2"]
+
+
 @dataclasses.dataclass
 class Case:
     build: Callable
@@ -393,6 +474,13 @@ CASES = {
         exists_cache_features,
         exists_train_critic,
         exists_report,
+        corrupt_screenshot_finetune_vlm,
+        corrupt_screenshot_train_bc,
+        corrupt_screenshot_candidates,
+        corrupt_screenshot_evaluate,
+        corrupt_screenshot_extract_policy,
+        dim_mismatch_extract_policy,
+        n_mismatch_extract_policy,
     ]
 }
 

@@ -260,3 +260,136 @@ def test_incomplete_outputs_are_refused_by_readers(tmp_path: Path, sim_dataset: 
         load_dataset(ds)
     with pytest.raises(DataError, match="incomplete|_COMPLETE"):
         FeatureCache.open(ds)
+
+
+# --------------------------------------------------------------------------------------------------
+# finetune-vlm: checkpoints/step-N/ every save_every steps; resume replays the data order exactly
+# --------------------------------------------------------------------------------------------------
+
+
+def _json_or_none(path: Path) -> dict | None:
+    try:  # the checkpoint folder may be mid-swap (staged_dir rename) while we poll
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _safetensors_equal(a: Path, b: Path) -> list[str]:
+    """Names of the .safetensors files under ``a`` whose tensors differ (bitwise) from ``b``'s."""
+    from safetensors.torch import load_file
+
+    bad = []
+    for f in sorted(a.rglob("*.safetensors")):
+        ta, tb = load_file(str(f)), load_file(str(b / f.relative_to(a)))
+        if ta.keys() != tb.keys() or any(not torch.equal(ta[k], tb[k]) for k in ta):
+            bad.append(str(f.relative_to(a)))
+    return bad
+
+
+def test_finetune_vlm_sigkill_then_resume_is_bitwise_equal(sim_dataset: Path, tmp_path: Path) -> None:
+    args = ["finetune-vlm", f"dataset={sim_dataset}", "model.name_or_path=tiny:qwen2-vl@image_size=56",
+            "batch_size=2", "eval_batch_size=8", "val_fraction=0.2", "max_steps=8", "save_every=2",
+            "keep_checkpoints=10", "log_every=1", "wandb.mode=disabled"]  # fmt: skip
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    k = kill_when([*args, f"output_dir={out}"], lambda _: is_complete(out / "checkpoints" / "step-2"))
+    assert k.killed, k.stderr[-2000:]
+    assert not is_complete(out) and not (out / "model").exists() and not (out / "metrics.json").exists()
+    assert not is_complete(out / "checkpoints" / "step-8")
+    r = run_digiq(*args, f"output_dir={out}")  # a plain re-run refuses the unfinished folder
+    assert r.returncode == 1 and "--resume" in r.stderr, r.stderr[-2000:]
+    r = run_digiq(*args, f"output_dir={out}", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    assert run_digiq(*args, f"output_dir={ref}").returncode == 0
+    # weights of the final model and of every checkpoint (weights, Adam moments, RNG): bitwise
+    assert not _safetensors_equal(ref / "model", out / "model")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+        p.name for p in (ref / "checkpoints").iterdir()
+    )
+    assert not _safetensors_equal(ref / "checkpoints", out / "checkpoints")
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (out, ref))
+    ma.pop("seconds"), mb.pop("seconds")
+    assert ma == mb  # held-out accuracy/AUC/loss/confusion identical
+    loss = [{r["step"]: r["train/loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())
+             if "train/loss" in r} for p in (out, ref)]  # fmt: skip
+    assert loss[0] == loss[1] and sorted(loss[1]) == list(range(1, 9))
+
+
+# --------------------------------------------------------------------------------------------------
+# train-bc / extract-policy: <out>/checkpoint every train.save_every steps (digiq.utils.checkpoint)
+# --------------------------------------------------------------------------------------------------
+
+
+def _policy_kill_resume(args: list[str], out: Path, ref: Path, kill_step: int, total: int) -> None:
+    def ready(_: str) -> bool:
+        st = _json_or_none(out / "checkpoint" / "trainer_state.json")
+        return is_complete(out / "checkpoint") and st is not None and st["step"] >= kill_step
+
+    k = kill_when([*args, f"output_dir={out}"], ready)
+    assert k.killed, k.stderr[-2000:]
+    killed_at = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert killed_at < total, "the kill came after the last step: nothing left to resume"
+    assert not is_complete(out / "policy") and not (out / "metrics.json").exists()
+    r = run_digiq(*args, f"output_dir={out}", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {killed_at} / {total}" in r.stderr  # it continued, it did not start over
+    assert run_digiq(*args, f"output_dir={ref}").returncode == 0
+    assert not _safetensors_equal(ref / "policy", out / "policy")  # the exported policy: bitwise
+    assert not _safetensors_equal(ref / "checkpoint", out / "checkpoint")  # weights, Adam, RNG
+    sa, sb = (json.loads((p / "checkpoint" / "trainer_state.json").read_text()) for p in (out, ref))
+    assert sa == sb
+    loss = [{r["step"]: r["train/loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())
+             if "train/loss" in r} for p in (out, ref)]  # fmt: skip
+    assert loss[0] == loss[1] and sorted(loss[1]) == list(range(1, total + 1))
+
+
+def test_train_bc_sigkill_then_resume_is_bitwise_equal(sim_dataset: Path, tmp_path: Path) -> None:
+    args = ["train-bc", f"dataset={sim_dataset}", "max_rows=16", "trajectories=all", "train.batch_size=2",
+            "train.max_steps=8", "train.save_every=2", "train.log_every=1", "wandb.mode=disabled"]  # fmt: skip
+    _policy_kill_resume(args, tmp_path / "run", tmp_path / "ref", kill_step=2, total=8)
+
+
+def test_extract_policy_sigkill_then_resume_is_bitwise_equal(sim_dataset: Path, tmp_path: Path) -> None:
+    bc = tmp_path / "bc"
+    r = run_digiq("train-bc", f"dataset={sim_dataset}", f"output_dir={bc}", "max_rows=4", "trajectories=all",
+                  "train.batch_size=2", "train.max_steps=1", "wandb.mode=disabled")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    args = ["extract-policy", f"dataset={sim_dataset}", f"init_policy={bc / 'policy'}", "scorer=q_star",
+            "threshold=-1", "train.batch_size=2", "train.max_steps=8", "train.save_every=2",
+            "train.log_every=1", "wandb.mode=disabled"]  # fmt: skip
+    _policy_kill_resume(args, tmp_path / "run", tmp_path / "ref", kill_step=2, total=8)
+
+
+# --------------------------------------------------------------------------------------------------
+# digiq pipeline: killed in a middle stage; --resume skips the finished stages and resumes that one
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pipeline_sigkill_mid_stage_then_resume(tmp_path: Path) -> None:
+    from digiq.stages.pipeline import FOLDERS, STAGES
+
+    out = tmp_path / "p"
+    args = ["pipeline", "--config", "configs/pipeline/smoke.yaml", f"output_dir={out}"]
+    critic = out / FOLDERS["train_critic"]
+
+    def in_train_critic(_: str) -> bool:  # epoch 1 of 2 checkpointed, the stage not finished
+        return is_complete(critic / "checkpoint") and not is_complete(critic)
+
+    k = kill_when(args, in_train_critic, timeout=540)
+    assert k.killed, k.stderr[-2000:]
+    before_kill = STAGES[: STAGES.index("train_critic")]
+    assert all(is_complete(out / FOLDERS[s]) for s in before_kill)
+    assert not is_complete(critic) and not (out / "summary.md").exists()
+    finished = {s: tree_state(out / FOLDERS[s]) for s in before_kill}
+
+    r = run_digiq(*args, "--resume", timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for s in before_kill:
+        assert f"[{s}] complete at" in r.stderr, s  # skipped, not recomputed
+        assert tree_state(out / FOLDERS[s]) == finished[s], f"{s}: a finished stage's folder changed"
+    assert "[train_critic] resuming the unfinished run" in r.stderr
+    assert "no finished checkpoint" not in r.stderr  # it continued from the epoch-1 checkpoint
+    assert all(is_complete(out / FOLDERS[s]) for s in STAGES)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["stages"]) == set(STAGES)
+    assert (out / "summary.md").read_text().startswith("# digiq pipeline summary")

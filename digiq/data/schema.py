@@ -215,6 +215,34 @@ def iter_decoded_rows(ds: Dataset, columns: Sequence[str], source: str = "datase
         yield row
 
 
+def undecoded_view(ds: Dataset, columns: Sequence[str]) -> Dataset:
+    """``ds`` restricted to ``columns`` (+ traj_id, step_id) with image columns left undecoded.
+
+    Pair with :func:`decode_batch`: ``decode_batch(view[rows], source)`` is ``ds[rows]`` with every image
+    decoded through :func:`decode_image`, so a broken screenshot names its trajectory/step/column instead
+    of surfacing as a PIL traceback from inside ``datasets``.
+    """
+    from datasets import Image as HFImage
+
+    want = list(dict.fromkeys([*columns, "traj_id", "step_id"]))
+    sub = ds.select_columns(want)
+    for col in IMAGE_COLUMNS:
+        if col in want:
+            sub = sub.cast_column(col, HFImage(decode=False))
+    return sub
+
+
+def decode_batch(batch: dict, source: str = "dataset") -> dict:
+    """Decode the image columns of a column batch taken from :func:`undecoded_view` (in place; returned)."""
+    for col in IMAGE_COLUMNS:
+        if col in batch:
+            batch[col] = [
+                decode_image(cell, source, t, s, col)
+                for cell, t, s in zip(batch[col], batch["traj_id"], batch["step_id"], strict=True)
+            ]
+    return batch
+
+
 def dataset_info(path: str | Path) -> dict:
     import json
 

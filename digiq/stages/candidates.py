@@ -23,7 +23,7 @@ import numpy as np
 
 from digiq.actions import parse_action
 from digiq.config import check, to_dict
-from digiq.data.schema import FEATURES, dataset_info, load_dataset, save_dataset
+from digiq.data.schema import FEATURES, dataset_info, decode_batch, load_dataset, save_dataset, undecoded_view
 from digiq.errors import DataError
 from digiq.sim.behaviour import BehaviourConfig
 from digiq.sim.device import SimConfig
@@ -102,13 +102,13 @@ def policy_candidates(ds, cfg: Config) -> tuple[list[list[str]], int]:
     out = [[a] for a in actions]
     if n_extra == 0:
         return out, 0
-    view = ds.select_columns(["screenshot", "observation"])
+    view = undecoded_view(ds, ["screenshot", "observation"])  # decoded per batch with named errors
     invalid_left = 0
     for b, start in enumerate(
         tqdm(range(0, len(ds), cfg.batch_size), desc="candidates (policy)", unit="batch")
     ):
         rows = list(range(start, min(len(ds), start + cfg.batch_size)))
-        got = view[rows]
+        got = decode_batch(view[rows], str(cfg.dataset))
         shots, obs = got["screenshot"], got["observation"]
         # Seeds derive from (seed, batch, attempt): the result does not depend on what ran before.
         samples = generate_actions(

@@ -129,7 +129,7 @@ def evaluate_sim(cfg: Config) -> dict[str, Any]:
 def evaluate_offline(cfg: Config) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from digiq.data.schema import load_dataset
+    from digiq.data.schema import decode_batch, load_dataset, undecoded_view
     from digiq.models.policy import generate_actions, load_policy
     from digiq.stages.train_bc import successful_rows
 
@@ -141,10 +141,10 @@ def evaluate_offline(cfg: Config) -> dict[str, Any]:
     if len(rows) == 0:
         raise DataError(f"{cfg.dataset}: no successful trajectory to compare the policy's actions with")
     model, processor, spec = load_policy(cfg.policy)
-    view = ds.select_columns(["screenshot", "observation", "action"])
+    view = undecoded_view(ds, ["screenshot", "observation", "action"])  # decoded per batch, named errors
     matches, types = [], []
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="evaluate (offline)", unit="batch"):
-        got = view[[int(r) for r in rows[s : s + cfg.batch_size]]]
+        got = decode_batch(view[[int(r) for r in rows[s : s + cfg.batch_size]]], str(cfg.dataset))
         preds = generate_actions(
             model,
             processor,

@@ -33,7 +33,7 @@ import torch
 
 from digiq.actions import parse_action
 from digiq.config import LoraConfig, WandbConfig, check, save_config, to_dict
-from digiq.data.schema import load_dataset
+from digiq.data.schema import load_dataset, undecoded_view
 from digiq.errors import DataError
 from digiq.models.policy import best_of_n, save_policy
 from digiq.stages.train_bc import (
@@ -127,18 +127,45 @@ def candidate_table(candidates: list[list[str]], actions: list[str], n: int, sou
 
 
 @torch.no_grad()
-def critic_scores(critic_path: str, features: str, num_rows: int, n: int, chunk: int = 4096):
-    """(q (R, n), v (R,), feature-valid (R, n)) from a trained critic on the cached features."""
+def critic_scores(
+    critic_path: str,
+    features: str,
+    num_rows: int,
+    n: int,
+    chunk: int = 4096,
+    ds: Any = None,
+    dataset: str = "dataset",
+    candidates: list[list[str]] | None = None,
+):
+    """(q (R, n), v (R,), feature-valid (R, n)) from a trained critic on the cached features.
+
+    With ``ds``/``candidates`` the cache is checked against the dataset like train-critic does (fingerprint,
+    N vs the candidate lists) and its widths against the critic's, so a mismatched cache is a DataError
+    naming both sides instead of a matmul shape error (or silently scoring other candidates' features).
+    """
     from digiq.data.features import FeatureCache
     from digiq.models.critic import load_critic
+    from digiq.stages.train_critic import check_candidate_counts
 
     cache = FeatureCache.open(features)
-    cache.check_against(num_rows)
+    cache.check_against(
+        num_rows,
+        dataset_path=dataset,
+        fingerprint=getattr(ds, "_fingerprint", None) if ds is not None else None,
+    )
+    if candidates is not None:
+        check_candidate_counts(candidates, cache.num_candidates, dataset, features, ds)
     if cache.num_candidates < n:
         raise DataError(
             f"{features}: the cache holds {cache.num_candidates} candidates per row, fewer than {n}"
         )
     critic = load_critic(critic_path)
+    if (cache.state_dim, cache.action_dim) != (critic.arch.state_dim, critic.arch.action_dim):
+        raise DataError(
+            f"feature dims of {features} (state {cache.state_dim}, action {cache.action_dim}) do not match "
+            f"the critic {critic_path} (state {critic.arch.state_dim}, action {critic.arch.action_dim}); "
+            "was the cache made with another model/layer than the critic was trained on?"
+        )
     qs, vs = [], []
     for s in range(0, num_rows, chunk):
         qs.append(critic.q(cache.actions[s : s + chunk, :n].float()))
@@ -204,7 +231,15 @@ def run(cfg: Config) -> dict[str, Any]:
     n = len(table[0])
     valid = torch.tensor([[parse_action(a).is_valid for a in row] for row in table], dtype=torch.bool)
     if cfg.scorer == "critic":
-        q, v, fvalid = critic_scores(cfg.critic, cfg.features, len(ds), n)
+        q, v, fvalid = critic_scores(
+            cfg.critic,
+            cfg.features,
+            len(ds),
+            n,
+            ds=ds,
+            dataset=str(cfg.dataset),
+            candidates=list(cols["candidates"]),
+        )
         valid &= fvalid
     else:
         q, v = q_star_scores(cols["state_key"], table, cfg.gamma, valid)
@@ -222,7 +257,11 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     targets = [table[int(r)][int(index[int(r)])] for r in rows]
     examples = PolicyExamples(
-        ds.select_columns(["screenshot", "observation"]), rows.astype(np.int64), targets, weights
+        undecoded_view(ds, ["screenshot", "observation"]),
+        rows.astype(np.int64),
+        targets,
+        weights,
+        source=str(cfg.dataset),
     )
 
     model, processor = load_vlm(ModelConfig(name_or_path=cfg.init_policy), cfg.lora, for_training=True)

@@ -159,33 +159,31 @@ class Stage1Data:
 
     def __init__(self, path: str, eps: float, scale: float, processor: Any, rendering: str) -> None:
         from digiq.data.labels import screen_changed
-        from digiq.data.schema import load_dataset
+        from digiq.data.schema import iter_decoded_rows, load_dataset, undecoded_view
 
         self.path = path
         self.ds = load_dataset(path)
         self.processor = processor
         self.rendering = rendering
         labels = np.zeros(len(self.ds), dtype=np.int64)
-        cols = self.ds.select_columns(["screenshot", "next_screenshot", "traj_id", "step_id"])
-        for i, row in enumerate(cols):
-            if row["screenshot"] is None or row["next_screenshot"] is None:
-                raise DataError(
-                    f"{path}: trajectory {row['traj_id']}, step {row['step_id']}: missing screenshot"
-                )
+        # Images go through schema.decode_image: a missing/corrupt screenshot is a DataError naming the
+        # dataset, trajectory, step and column (datasets' own decoder gives a bare PIL traceback).
+        for i, row in enumerate(iter_decoded_rows(self.ds, ["screenshot", "next_screenshot"], path)):
             labels[i] = screen_changed(row["screenshot"], row["next_screenshot"], eps, scale)
         self.labels = labels
+        self.view = undecoded_view(self.ds, ["screenshot", "task", "observation", "action"])
 
     def batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        from digiq.data.schema import decode_batch
         from digiq.models.prompts import make_inputs, previous_action_from_observation
 
-        sub = self.ds.select(rows.tolist()).select_columns(["screenshot", "task", "observation", "action"])
-        items = list(sub)
+        got = decode_batch(self.view[[int(r) for r in rows]], self.path)
         inputs = make_inputs(
             self.processor,
-            [r["screenshot"] for r in items],
-            [r["task"] for r in items],
-            [previous_action_from_observation(r["observation"]) for r in items],
-            [r["action"] for r in items],
+            got["screenshot"],
+            got["task"],
+            [previous_action_from_observation(o) for o in got["observation"]],
+            got["action"],
             self.rendering,
         )
         return inputs, torch.as_tensor(self.labels[rows])

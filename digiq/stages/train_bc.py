@@ -29,7 +29,7 @@ import torch
 
 from digiq.actions import parse_action
 from digiq.config import LoraConfig, ModelConfig, OptimConfig, WandbConfig, check, save_config, to_dict
-from digiq.data.schema import load_dataset, trajectory_bounds
+from digiq.data.schema import decode_batch, load_dataset, trajectory_bounds, undecoded_view
 from digiq.errors import DataError
 from digiq.models.policy import (
     ACTION_FORMATS,
@@ -158,13 +158,15 @@ class PolicyExamples:
     rows: np.ndarray  # int64 (M,)
     targets: list[str]  # AutoUI strings, one per row
     weights: np.ndarray | None = None  # float32 (M,) or None (= 1)
+    source: str = "dataset"  # the dataset path, named in image errors
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, idx: Sequence[int]) -> tuple[list, list[str], list[str], np.ndarray | None]:
         rows = [int(self.rows[i]) for i in idx]
-        got = self.dataset[rows]
+        # dataset is a schema.undecoded_view: decode here so a broken screenshot names its row
+        got = decode_batch(self.dataset[rows], self.source)
         w = None if self.weights is None else self.weights[list(idx)]
         return got["screenshot"], got["observation"], [self.targets[i] for i in idx], w
 
@@ -191,8 +193,10 @@ def bc_examples(cfg: Config) -> PolicyExamples:
     bad = [int(r) for r in rows if not parse_action(actions[int(r)]).is_valid]
     if bad:
         log.warning("%s: %d dataset actions do not parse; imitating their raw text", cfg.dataset, len(bad))
-    images = ds.select_columns(["screenshot", "observation"])
-    return PolicyExamples(images, rows.astype(np.int64), [actions[int(r)] for r in rows])
+    images = undecoded_view(ds, ["screenshot", "observation"])
+    return PolicyExamples(
+        images, rows.astype(np.int64), [actions[int(r)] for r in rows], source=str(cfg.dataset)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
