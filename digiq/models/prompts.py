@@ -208,7 +208,7 @@ def previous_action_from_observation(observation: str) -> str:
 # The cursor: a filled disc of a saturated colour that screens rarely use (pure magenta), inside a black
 # ring, so that a tiny vision tower trained from scratch finds it in one or two patches. Its radius is a
 # fraction of the screen width (the official click icon is ~23% of the width; see render_image).
-CURSOR_RADIUS = 0.10
+CURSOR_RADIUS = 0.15
 CURSOR_FILL = (255, 0, 255)
 CURSOR_RING = (0, 0, 0)
 ARROW_FILL = (255, 0, 255)
@@ -227,7 +227,8 @@ def render_image(
     a black ring of radius ``cursor_radius`` x width (default :data:`CURSOR_RADIUS`): big and
     high-contrast enough to survive the VLM's resize and cover a 14-px patch of a 112-px-wide input, where
     the earlier thin red ring (6% of the width) was found by a tiny vision tower only for non-tap actions
-    (taps were answered "Yes" wherever the cursor was). Swipes get an arrow from touch to lift (the
+    (taps were answered "Yes" wherever the cursor was); on the simulated device radius 0.15 lifted
+    held-out Stage-1 accuracy from 0.773 to 0.805 (AUC 0.839 -> 0.875, configs/finetune-vlm/tiny.yaml). Swipes get an arrow from touch to lift (the
     official draws nothing for swipes) and the same disc at the touch point.
     """
     img = screenshot.convert("RGB")

@@ -49,10 +49,15 @@ class Config:
     # Run folder: config.yaml, metrics, checkpoints/, model/.
     output_dir: str = "runs/finetune_vlm"
     # The VLM to fine-tune (hub id, local folder or tiny:<family>).
-    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="tiny:qwen2-vl"))
+    # Default = configs/finetune-vlm/tiny.yaml (the pipeline uses these dataclass defaults).
+    model: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(name_or_path="tiny:qwen2-vl@image_size=168")
+    )
     # LoRA (off = full fine-tuning, the official Stage 1 and the default for tiny random models).
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0))
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_ratio=0.05)
+    )
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
     # How the dataset action is shown: 'overlay' draws a cursor / arrow on the screenshot (official);
     # 'text' writes the coordinates only (the rendering whose prompt prefix Stage 2 can share).
@@ -62,7 +67,7 @@ class Config:
     label_scale: float = 0.25
     # Fraction of trajectories (the last ones, official order) held out for evaluation.
     val_fraction: float = 0.2
-    epochs: int = 3
+    epochs: int = 5
     # Stop after this many optimizer steps (0 = run all epochs).
     max_steps: int = 0
     # LR multiplier for the vision tower and projector (parameters named visual / vision_tower /
@@ -70,7 +75,7 @@ class Config:
     # the cursor, the language side only to read one decision off it.
     vision_lr_scale: float = 1.0
     # Per-process micro-batch size; the effective batch is batch_size x processes x grad_accum.
-    batch_size: int = 8
+    batch_size: int = 16
     grad_accum: int = 1
     eval_batch_size: int = 32
     # Cap rows (0 = all): for smoke tests and quick runs.
