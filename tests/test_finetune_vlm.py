@@ -208,3 +208,14 @@ def test_two_process_ddp_matches_one_process(dataset, tmp_path):
     # and the trained model answers in the same way
     m1, p1 = load_vlm(str(tmp_path / "ddp" / "model"))
     assert answer_logits is not None and p1.digiq_family == "qwen2-vl" and m1 is not None
+
+
+def test_dataclass_defaults_match_tiny_yaml():
+    """The pipeline runs Stage 1 from the dataclass defaults; they must be the tuned tiny.yaml recipe."""
+    from digiq.config import to_dict
+
+    tuned = to_dict(load_config(finetune_vlm.Config, ROOT / "configs/finetune-vlm/tiny.yaml", []))
+    default = to_dict(finetune_vlm.Config())
+    for key in ("dataset", "output_dir", "wandb"):
+        tuned.pop(key), default.pop(key)
+    assert tuned == default

@@ -75,7 +75,15 @@ def test_overlay_draws_only_for_pointer_actions():
         assert (not np.array_equal(over, np.asarray(img))) == drawn
     # the cursor sits at the tap point (normalised y, x)
     over = np.asarray(P.render_image(img, Action.tap(0.25, 0.5), "overlay")).astype(int)
-    assert over[40, 45].tolist() == [255, 0, 0] and over[120, 45].tolist() == [255, 255, 255]
+    assert over[40, 45].tolist() == list(P.CURSOR_FILL) and over[120, 45].tolist() == [255, 255, 255]
+    # a filled disc of radius CURSOR_RADIUS x width, black-ringed: fill inside, ring at the edge
+    r = P.CURSOR_RADIUS * 90
+    assert over[40, round(45 + 0.5 * r)].tolist() == list(P.CURSOR_FILL)
+    assert over[40, round(45 + r) - 1].tolist() == list(P.CURSOR_RING)
+    assert over[40, round(45 + r) + 2].tolist() == [255, 255, 255]
+    # the radius knob scales it
+    small = np.asarray(P.render_image(img, Action.tap(0.25, 0.5), "overlay", cursor_radius=0.04)).astype(int)
+    assert small[40, round(45 + 0.5 * r)].tolist() == [255, 255, 255]
     assert np.asarray(img).max() == 255  # the input image is not modified
 
 

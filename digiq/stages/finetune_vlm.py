@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -48,10 +49,15 @@ class Config:
     # Run folder: config.yaml, metrics, checkpoints/, model/.
     output_dir: str = "runs/finetune_vlm"
     # The VLM to fine-tune (hub id, local folder or tiny:<family>).
-    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="tiny:qwen2-vl"))
+    # Default = configs/finetune-vlm/tiny.yaml (the pipeline uses these dataclass defaults).
+    model: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(name_or_path="tiny:qwen2-vl@image_size=168")
+    )
     # LoRA (off = full fine-tuning, the official Stage 1 and the default for tiny random models).
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0))
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_ratio=0.05)
+    )
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
     # How the dataset action is shown: 'overlay' draws a cursor / arrow on the screenshot (official);
     # 'text' writes the coordinates only (the rendering whose prompt prefix Stage 2 can share).
@@ -61,11 +67,15 @@ class Config:
     label_scale: float = 0.25
     # Fraction of trajectories (the last ones, official order) held out for evaluation.
     val_fraction: float = 0.2
-    epochs: int = 3
+    epochs: int = 5
     # Stop after this many optimizer steps (0 = run all epochs).
     max_steps: int = 0
+    # LR multiplier for the vision tower and projector (parameters named visual / vision_tower /
+    # vision_model / multi_modal_projector / connector): a from-scratch tiny tower has to learn to find
+    # the cursor, the language side only to read one decision off it.
+    vision_lr_scale: float = 1.0
     # Per-process micro-batch size; the effective batch is batch_size x processes x grad_accum.
-    batch_size: int = 8
+    batch_size: int = 16
     grad_accum: int = 1
     eval_batch_size: int = 32
     # Cap rows (0 = all): for smoke tests and quick runs.
@@ -95,6 +105,7 @@ class Config:
         check(self.max_steps >= 0, "max_steps must be >= 0")
         check(self.batch_size > 0 and self.eval_batch_size > 0, "batch sizes must be > 0")
         check(self.grad_accum > 0, "grad_accum must be > 0")
+        check(self.vision_lr_scale > 0, "vision_lr_scale must be > 0")
         check(self.eps >= 0, "eps must be >= 0")
         check(0 < self.label_scale <= 1, "label_scale must be in (0, 1]")
         check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
@@ -172,6 +183,7 @@ class Stage1Data:
             labels[i] = screen_changed(row["screenshot"], row["next_screenshot"], eps, scale)
         self.labels = labels
         self.view = undecoded_view(self.ds, ["screenshot", "task", "observation", "action"])
+        self.kinds = np.asarray([action_kind(a) for a in self.ds["action"]])
 
     def batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         from digiq.data.schema import decode_batch
@@ -187,6 +199,43 @@ class Stage1Data:
             self.rendering,
         )
         return inputs, torch.as_tensor(self.labels[rows])
+
+
+def action_kind(action: str) -> str:
+    """The action's type for per-type metrics: ``tap``, ``swipe``, ``type``, ``press_back``, ..."""
+    from digiq.actions import ActionType, parse_action
+
+    a = parse_action(action)
+    if a.type is ActionType.DUAL_POINT:
+        return "tap" if a.is_tap else "swipe"
+    return a.type.name.lower()
+
+
+def accuracy_by_kind(pred: np.ndarray, labels: np.ndarray, kinds: np.ndarray) -> dict[str, dict[str, float]]:
+    """Accuracy, count and positive fraction per action type (where the errors are: taps vs the rest)."""
+    out = {}
+    for k in sorted(set(kinds.tolist())):
+        m = kinds == k
+        out[k] = {
+            "accuracy": float((pred[m] == labels[m]).mean()),
+            "count": int(m.sum()),
+            "positive_fraction": float(labels[m].mean()),
+        }
+    return out
+
+
+VISION_PARAM = re.compile(r"(^|\.)(visual|vision_tower|vision_model|multi_modal_projector|connector)\.")
+
+
+def param_groups(model: torch.nn.Module, lr: float, vision_lr_scale: float) -> list[dict[str, Any]]:
+    """Trainable parameters as AdamW groups: the vision side at ``lr * vision_lr_scale``, the rest at ``lr``.
+
+    Always two groups (one may be empty) so a checkpoint's optimizer state lines up on resume."""
+    vision, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (vision if VISION_PARAM.search(name) else rest).append(p)
+    return [{"params": rest, "lr": lr}, {"params": vision, "lr": lr * vision_lr_scale}]
 
 
 def epoch_order(train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -325,6 +374,8 @@ def evaluate(
         "confusion": confusion(pred, label),
         "majority_baseline": max(frac, 1 - frac),
         "count": int(len(label)),
+        # gathered in rank order with the padding dropped: the same order as ``rows``
+        "by_action": accuracy_by_kind(pred, label.astype(bool), data.kinds[rows]) if len(label) else {},
     }
 
 
@@ -385,7 +436,10 @@ def run(cfg: Config) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(
-        params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
+        param_groups(model, cfg.optim.lr, cfg.vision_lr_scale),
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        betas=cfg.optim.betas,
     )
     world = accelerator.num_processes
     global_bs = cfg.batch_size * world
@@ -468,7 +522,9 @@ def run(cfg: Config) -> dict:
     def do_eval() -> dict:
         marks["eval"] = step
         res = evaluate(model, data, val_rows, accelerator, yes_id, no_id, cfg.eval_batch_size)
-        logger.log({f"eval/{k}": v for k, v in res.items() if k != "confusion"}, step)
+        flat = {f"eval/{k}": v for k, v in res.items() if k not in ("confusion", "by_action")}
+        flat.update({f"eval/accuracy_{k}": v["accuracy"] for k, v in res["by_action"].items()})
+        logger.log(flat, step)
         log.info(
             "step %d eval: acc %.4f auc %.4f loss %.4f confusion %s (majority %.3f)",
             step,
@@ -531,6 +587,7 @@ def run(cfg: Config) -> dict:
         "heldout_loss": last_eval["loss"],
         "heldout_confusion": last_eval["confusion"],
         "heldout_count": last_eval["count"],
+        "heldout_by_action": last_eval["by_action"],
         "majority_baseline": va_stats["majority_accuracy"],
         "train_labels": tr_stats,
         "heldout_labels": va_stats,
