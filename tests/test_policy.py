@@ -15,6 +15,8 @@ from digiq.models.policy import (
     PolicySpec,
     best_of_n,
     build_training_batch,
+    collate_encoded,
+    encode_row,
     format_action,
     generate_actions,
     generate_texts,
@@ -151,6 +153,19 @@ def test_training_batch_places_target_after_prompt(tiny) -> None:
         assert first + len(ids) == n_real
     assert "Goal: Turn on wifi\nPrevious: none\nAction:" in policy_prompt(OBS[0], spec)
     assert "Previous: tap 0.50 0.25" in policy_prompt(OBS[1], spec)
+
+
+def test_collate_encoded_rows_equals_the_batched_encoding(tiny) -> None:
+    # Training pre-encodes rows one at a time and collates by index: it must give the exact batch.
+    _, processor, spec = tiny
+    screens = _screens(4)
+    ref = build_training_batch(processor, screens, OBS, TARGETS, spec)
+    rows = [encode_row(processor, screens[i], OBS[i], TARGETS[i], spec) for i in range(4)]
+    got = collate_encoded(rows, processor.tokenizer.pad_token_id)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        assert torch.equal(got[k], ref[k]), k
 
 
 def test_bc_steps_change_params_and_loss_falls(tiny) -> None:
