@@ -251,3 +251,34 @@ def test_export_loads_with_plain_transformers_and_matches_act(tiny, tmp_path) ->
     assert text == ours["raw"]
     assert parse_policy_output(text, meta["action_format"]).render() == ours["action"]
     assert ours["valid"] and parse_action(ours["action"]) == Action.key(ActionType.PRESS_BACK)
+
+
+def test_greedy_policy_fn_memoises_by_screen_and_prompt(tiny, tmp_path, monkeypatch) -> None:
+    import digiq.models.policy as P
+
+    model, processor, spec = tiny
+    out = save_policy(model, processor, tmp_path / "policy", spec)
+    fn = P.load_policy_fn(out, temperature=0.0)
+    screens = _screens(4)
+    batch = [{"screenshot": screens[i], "observation": OBS[i]} for i in range(4)]
+    first = fn(batch)
+    seen: list[int] = []
+    real = P.generate_actions
+
+    def counting(m, p, shots, *args, **kwargs):
+        seen.append(len(shots))
+        return real(m, p, shots, *args, **kwargs)
+
+    monkeypatch.setattr(P, "generate_actions", counting)
+    # the same inputs (new PIL objects, same pixels) come from the memo; only the new screen is generated
+    again = [{"screenshot": s.copy(), "observation": o} for s, o in zip(screens, OBS)]
+    new = {"screenshot": Image.new("RGB", (90, 160), (1, 2, 3)), "observation": OBS[0]}
+    got = fn([*again, new])
+    assert got[:4] == first and seen == [1]
+    assert got[4] == real(model, processor, [new["screenshot"]], [OBS[0]], temperature=0.0, spec=spec)[0][0]
+    # sampling is never memoised
+    fs = P.load_policy_fn(out, temperature=1.0)
+    fs(batch)
+    seen.clear()
+    fs(batch)
+    assert seen == [4]

@@ -24,6 +24,7 @@ A to [0, 1], keep the state when A > threshold.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -539,11 +540,21 @@ def load_policy_fn(
     if max_new_tokens is not None:
         spec = dataclasses.replace(spec, max_new_tokens=max_new_tokens)
     calls = [0]
+    # Greedy decoding is a deterministic function of (screen pixels, prompt): memoise it. Rollouts revisit
+    # the same (screen, goal, previous action) many times (every episode of a task under a greedy policy is
+    # the same), so evaluation generates once per distinct input. Sampling is never memoised.
+    memo: dict[tuple[bytes, tuple[int, int], str], str] = {}
+
+    def key(b: dict) -> tuple[bytes, tuple[int, int], str]:
+        im = b["screenshot"]
+        return hashlib.blake2b(im.tobytes(), digest_size=16).digest(), im.size, b["observation"]
 
     def policy_fn(batch: list[dict]) -> list[str]:
-        out: list[str] = []
-        for start in range(0, len(batch), batch_size):
-            chunk = batch[start : start + batch_size]
+        keys = [key(b) for b in batch] if not spec.do_sample else [None] * len(batch)
+        todo = [i for i, k in enumerate(keys) if k is None or k not in memo]
+        fresh: dict[int, str] = {}
+        for start in range(0, len(todo), batch_size):
+            chunk = [batch[i] for i in todo[start : start + batch_size]]
             t = spec.temperature if spec.do_sample else 0.0
             rows = generate_actions(
                 model,
@@ -555,7 +566,10 @@ def load_policy_fn(
                 spec=spec,
             )
             calls[0] += 1
-            out.extend(r[0] for r in rows)
-        return out
+            for i, r in zip(todo[start : start + batch_size], rows):
+                fresh[i] = r[0]
+                if keys[i] is not None:
+                    memo[keys[i]] = r[0]
+        return [fresh[i] if i in fresh else memo[keys[i]] for i in range(len(batch))]
 
     return policy_fn
