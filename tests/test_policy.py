@@ -15,6 +15,8 @@ from digiq.models.policy import (
     PolicySpec,
     best_of_n,
     build_training_batch,
+    collate_encoded,
+    encode_row,
     format_action,
     generate_actions,
     generate_texts,
@@ -153,6 +155,19 @@ def test_training_batch_places_target_after_prompt(tiny) -> None:
     assert "Previous: tap 0.50 0.25" in policy_prompt(OBS[1], spec)
 
 
+def test_collate_encoded_rows_equals_the_batched_encoding(tiny) -> None:
+    # Training pre-encodes rows one at a time and collates by index: it must give the exact batch.
+    _, processor, spec = tiny
+    screens = _screens(4)
+    ref = build_training_batch(processor, screens, OBS, TARGETS, spec)
+    rows = [encode_row(processor, screens[i], OBS[i], TARGETS[i], spec) for i in range(4)]
+    got = collate_encoded(rows, processor.tokenizer.pad_token_id)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        assert torch.equal(got[k], ref[k]), k
+
+
 def test_bc_steps_change_params_and_loss_falls(tiny) -> None:
     import copy
 
@@ -236,3 +251,34 @@ def test_export_loads_with_plain_transformers_and_matches_act(tiny, tmp_path) ->
     assert text == ours["raw"]
     assert parse_policy_output(text, meta["action_format"]).render() == ours["action"]
     assert ours["valid"] and parse_action(ours["action"]) == Action.key(ActionType.PRESS_BACK)
+
+
+def test_greedy_policy_fn_memoises_by_screen_and_prompt(tiny, tmp_path, monkeypatch) -> None:
+    import digiq.models.policy as P
+
+    model, processor, spec = tiny
+    out = save_policy(model, processor, tmp_path / "policy", spec)
+    fn = P.load_policy_fn(out, temperature=0.0)
+    screens = _screens(4)
+    batch = [{"screenshot": screens[i], "observation": OBS[i]} for i in range(4)]
+    first = fn(batch)
+    seen: list[int] = []
+    real = P.generate_actions
+
+    def counting(m, p, shots, *args, **kwargs):
+        seen.append(len(shots))
+        return real(m, p, shots, *args, **kwargs)
+
+    monkeypatch.setattr(P, "generate_actions", counting)
+    # the same inputs (new PIL objects, same pixels) come from the memo; only the new screen is generated
+    again = [{"screenshot": s.copy(), "observation": o} for s, o in zip(screens, OBS)]
+    new = {"screenshot": Image.new("RGB", (90, 160), (1, 2, 3)), "observation": OBS[0]}
+    got = fn([*again, new])
+    assert got[:4] == first and seen == [1]
+    assert got[4] == real(model, processor, [new["screenshot"]], [OBS[0]], temperature=0.0, spec=spec)[0][0]
+    # sampling is never memoised
+    fs = P.load_policy_fn(out, temperature=1.0)
+    fs(batch)
+    seen.clear()
+    fs(batch)
+    assert seen == [4]

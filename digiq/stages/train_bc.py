@@ -18,6 +18,7 @@ selected actions, starting from pi_beta).
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image as PILImage
 
 from digiq.actions import parse_action
 from digiq.config import LoraConfig, ModelConfig, OptimConfig, WandbConfig, check, save_config, to_dict
@@ -34,7 +36,8 @@ from digiq.errors import DataError
 from digiq.models.policy import (
     ACTION_FORMATS,
     PolicySpec,
-    build_training_batch,
+    collate_encoded,
+    encode_row,
     format_action,
     masked_token_kl,
     policy_logits,
@@ -48,6 +51,8 @@ from digiq.utils.seed import set_seed
 
 log = get_logger(__name__)
 CHECKPOINT_DIR = "checkpoint"
+# The default policy of the simulated pipeline (configs/train-bc/tiny.yaml uses the same).
+TINY_POLICY = "tiny:idefics3@image_size=128,patch=16"
 POLICY_DIR = "policy"
 
 
@@ -118,9 +123,10 @@ class Config:
     # Dataset folder (digiq schema); screenshot, observation and action are read.
     dataset: str = "data/sim"
     output_dir: str = "runs/bc"
-    # The policy VLM: a hub id / local folder, or 'tiny:<family>' (Idefics3 is the cheapest tiny family on
-    # a CPU: 49 image tokens at 112 px, vs 196 for LLaVA).
-    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path="tiny:idefics3"))
+    # The policy VLM: a hub id / local folder, or 'tiny:<family>[@key=value,...]'. Idefics3 is the cheapest
+    # tiny family on a CPU; at 128 px with 16 px patches its 2x2 pixel shuffle leaves 16 image tokens (49 at
+    # the 112 px / 8 px default, 196 for LLaVA), ~2x cheaper per BC step and enough for the sim's widgets.
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path=TINY_POLICY))
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     policy: PolicyFormatConfig = dataclasses.field(default_factory=PolicyFormatConfig)
     # all = pi_beta (imitate the behaviour data, the Digi-Q recipe); successful = Filtered BC baseline.
@@ -169,6 +175,44 @@ class PolicyExamples:
         got = decode_batch(self.dataset[rows], self.source)
         w = None if self.weights is None else self.weights[list(idx)]
         return got["screenshot"], got["observation"], [self.targets[i] for i in idx], w
+
+
+def encode_examples(
+    processor: Any, examples: PolicyExamples, spec: PolicySpec, progress: bool = True
+) -> list[dict[str, torch.Tensor]]:
+    """Every example as model-ready tensors, computed once before training (see :func:`encode_row`).
+
+    Screenshots are decoded once per distinct PNG (the simulated device has a finite set of screens; real
+    data simply has one per row) and rows with the same screenshot share one set of image tensors, so the
+    memory is one pixel tensor per distinct screen plus the token ids.
+    """
+    from datasets import Image as HFImage
+    from tqdm.auto import tqdm
+
+    ds = examples.dataset
+    rows = [int(r) for r in examples.rows]
+    raw = ds.cast_column("screenshot", HFImage(decode=False)).select_columns(["screenshot"])[rows][
+        "screenshot"
+    ]
+    observations = ds.select_columns(["observation"])[rows]["observation"]
+    images: dict[bytes, Any] = {}
+    shared: dict[bytes, dict[str, torch.Tensor]] = {}
+    out: list[dict[str, torch.Tensor]] = []
+    for i in tqdm(range(len(rows)), disable=not progress, desc="encode rows", unit="row"):
+        key = raw[i]["bytes"] or Path(raw[i]["path"]).read_bytes()
+        if key not in images:
+            with PILImage.open(io.BytesIO(key)) as im:
+                images[key] = im.convert("RGB")
+        text = format_action(examples.targets[i], spec.action_format, spec.precision)
+        enc = encode_row(processor, images[key], observations[i], text, spec)
+        T = int(enc["input_ids"].shape[1])
+        image_keys = [k for k, v in enc.items() if not (v.dim() == 2 and tuple(v.shape) == (1, T))]
+        if key in shared:
+            enc.update(shared[key])
+        else:
+            shared[key] = {k: enc[k] for k in image_keys}
+        out.append(enc)
+    return out
 
 
 def successful_rows(ds: Any) -> np.ndarray:
@@ -269,6 +313,8 @@ def fit_policy(
         raise DataError(f"train.batch_size {train.batch_size} is not divisible by {world} processes")
     local_bs = train.batch_size // world
 
+    encoded = encode_examples(processor, examples, spec, progress=is_main)
+    pad_id = processor.tokenizer.pad_token_id
     bar = tqdm(total=total, initial=start, disable=not is_main, desc=desc)
     losses: list[float] = []
     first_loss = None
@@ -279,10 +325,9 @@ def fit_policy(
         order = epoch_order(n, epoch, seed)
         idx = order[pos * train.batch_size : (pos + 1) * train.batch_size]
         idx = idx[rank * local_bs : (rank + 1) * local_bs]
-        images, observations, targets, weights = examples.batch(idx)
-        texts = [format_action(t, spec.action_format, spec.precision) for t in targets]
-        batch = build_training_batch(processor, images, observations, texts, spec)
+        batch = collate_encoded([encoded[int(i)] for i in idx], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
+        weights = None if examples.weights is None else examples.weights[idx]
         for g in opt.param_groups:
             g["lr"] = optim.lr * lr_factor(step, total, optim)
         with accelerator.autocast():
