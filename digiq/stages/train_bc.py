@@ -18,7 +18,6 @@ selected actions, starting from pi_beta).
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import time
 from collections.abc import Sequence
@@ -27,11 +26,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image as PILImage
 
 from digiq.actions import parse_action
 from digiq.config import LoraConfig, ModelConfig, OptimConfig, WandbConfig, check, save_config, to_dict
-from digiq.data.schema import decode_batch, load_dataset, trajectory_bounds, undecoded_view
+from digiq.data.schema import decode_batch, decode_image, load_dataset, trajectory_bounds, undecoded_view
 from digiq.errors import DataError
 from digiq.models.policy import (
     ACTION_FORMATS,
@@ -194,15 +192,17 @@ def encode_examples(
     raw = ds.cast_column("screenshot", HFImage(decode=False)).select_columns(["screenshot"])[rows][
         "screenshot"
     ]
+    ids = ds.select_columns(["traj_id", "step_id"])[rows]
     observations = ds.select_columns(["observation"])[rows]["observation"]
     images: dict[bytes, Any] = {}
     shared: dict[bytes, dict[str, torch.Tensor]] = {}
     out: list[dict[str, torch.Tensor]] = []
     for i in tqdm(range(len(rows)), disable=not progress, desc="encode rows", unit="row"):
-        key = raw[i]["bytes"] or Path(raw[i]["path"]).read_bytes()
+        key = raw[i]["bytes"] or (Path(raw[i]["path"]).read_bytes() if raw[i].get("path") else b"")
         if key not in images:
-            with PILImage.open(io.BytesIO(key)) as im:
-                images[key] = im.convert("RGB")
+            # decode_image: a missing/corrupt screenshot is a DataError naming trajectory, step and column
+            img = decode_image(raw[i], examples.source, ids["traj_id"][i], ids["step_id"][i], "screenshot")
+            images[key] = img.convert("RGB")
         text = format_action(examples.targets[i], spec.action_format, spec.precision)
         enc = encode_row(processor, images[key], observations[i], text, spec)
         T = int(enc["input_ids"].shape[1])
