@@ -51,6 +51,33 @@ STAGES = (
 )
 
 
+# The simulated-device recipe: the tuned settings of configs/{finetune-vlm/tiny,train-bc/tiny,candidates/sim,
+# extract-policy/td,evaluate/sim}.yaml, as code so that a plain `digiq pipeline` needs no YAML file.
+def _train_bc() -> train_bc.Config:
+    c = train_bc.Config()
+    c.train = dataclasses.replace(c.train, batch_size=32, epochs=6.0, log_every=25)
+    c.optim = dataclasses.replace(c.optim, lr=2e-3)
+    return c
+
+
+def _candidates() -> candidates.Config:
+    # The simulator's scripted behaviour policy collected the data, so it is the behaviour policy to sample
+    # candidates from (the official pipeline samples them from AutoUI, its data collector). Candidates from
+    # the tiny pi_beta (`candidates.source=policy`) work too, but are only as good as that policy.
+    return candidates.Config(source="sim", num_candidates=16)
+
+
+def _extract() -> extract_policy.Config:
+    c = extract_policy.Config()
+    c.train = dataclasses.replace(c.train, batch_size=32, epochs=8.0)
+    c.optim = dataclasses.replace(c.optim, lr=1e-3)
+    return c
+
+
+def _evaluate() -> evaluate.Config:
+    return evaluate.Config(temperature=0.0, num_episodes=100)
+
+
 @dataclasses.dataclass
 class Config:
     # Root folder; every stage writes <output_dir>/<stage>.
@@ -67,12 +94,12 @@ class Config:
     threads: int = 0
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
     finetune_vlm: finetune_vlm.Config = dataclasses.field(default_factory=finetune_vlm.Config)
-    train_bc: train_bc.Config = dataclasses.field(default_factory=train_bc.Config)
-    candidates: candidates.Config = dataclasses.field(default_factory=candidates.Config)
+    train_bc: train_bc.Config = dataclasses.field(default_factory=_train_bc)
+    candidates: candidates.Config = dataclasses.field(default_factory=_candidates)
     cache_features: cache_features.Config = dataclasses.field(default_factory=cache_features.Config)
     train_critic: train_critic.Config = dataclasses.field(default_factory=train_critic.Config)
-    extract_policy: extract_policy.Config = dataclasses.field(default_factory=extract_policy.Config)
-    evaluate: evaluate.Config = dataclasses.field(default_factory=evaluate.Config)
+    extract_policy: extract_policy.Config = dataclasses.field(default_factory=_extract)
+    evaluate: evaluate.Config = dataclasses.field(default_factory=_evaluate)
 
     def validate(self) -> None:
         for s in [*self.stages, *self.force]:
