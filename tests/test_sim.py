@@ -34,12 +34,16 @@ def test_catalogue_is_fixed_and_splits_disjoint(dev: SimDevice) -> None:
     assert len(train) > 40 and len(test) > 20
     assert not {t.goal for t in train} & {t.goal for t in test}
     assert not {t.task_id for t in train} & {t.task_id for t in test}
-    assert {t.query for t in train if t.query}.isdisjoint({t.query for t in test if t.query})
+    # compositional split: no (shop, query) pair in both, but every test shop and query is seen in training
+    pairs = {split: {(t.shop, t.query) for t in ts if t.query} for split, ts in (("train", train), ("test", test))}
+    assert pairs["train"].isdisjoint(pairs["test"]) and pairs["test"]
+    assert {q for _, q in pairs["test"]} <= {q for _, q in pairs["train"]}
+    assert {s for s, _ in pairs["test"]} <= {s for s, _ in pairs["train"]}
     assert [t.task_id for t in SimDevice().tasks("train")] == [t.task_id for t in train]
     shop = [t for t in train if t.query]
     assert all(t.max_steps == 20 for t in shop) and all(t.max_steps == 10 for t in train if not t.query)
     assert any(
-        t.goal == 'Go to shopmart.com, search for "usb cable", and select the first entry' for t in train
+        t.goal == 'Go to buynow.com, search for "usb cable", and select the first entry' for t in train
     )
     assert any(t.goal == "Turn on wifi" for t in train)
     with pytest.raises(DigiqError, match="unknown sim split"):

@@ -53,6 +53,16 @@ def item_colour(query: str, i: int) -> tuple[int, int, int]:
     return ITEM_PALETTE[(zlib.crc32(query.encode()) + i) % len(ITEM_PALETTE)]
 
 
+def query_colour(query: str) -> tuple[int, int, int]:
+    """The search field's swatch colour. By catalogue position, so a query and its decoy (the next query in
+    the catalogue) never share a colour and typing the wrong query is a visible change (> eps)."""
+    from digiq.sim.tasks import ALL_QUERIES
+
+    if query in ALL_QUERIES:
+        return ITEM_PALETTE[ALL_QUERIES.index(query) % len(ITEM_PALETTE)]
+    return item_colour(query, 0)
+
+
 def item_price(query: str, i: int) -> str:
     return f"${5 + (zlib.crc32(f'{query}:{i}'.encode()) % 90)}.99"
 
@@ -151,7 +161,7 @@ def render_state(state: L.State, task: Task, width: int, height: int) -> Image.I
             if query:
                 c.rect(L.SUGGESTION, (255, 240, 170), outline=(200, 180, 80), width=2)
                 # A swatch coloured by the query: typing a different query is a visible change, not 8 px of text.
-                c.rect((L.SUGGESTION[0] + 0.02, 0.08, L.SUGGESTION[2] - 0.02, 0.28), item_colour(query, 0))
+                c.rect((L.SUGGESTION[0] + 0.02, 0.08, L.SUGGESTION[2] - 0.02, 0.28), query_colour(query))
                 c.text(0.30, 0.32, query, BLACK)
             _keyboard(c)
         elif s.screen == L.RESULTS:
