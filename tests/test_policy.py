@@ -203,7 +203,7 @@ def test_generation_batched_equals_single_and_is_seeded(tiny) -> None:
     assert lp.shape == (2,) and bool((lp < 0).all())
 
 
-def _train_a_little(model, processor, spec, steps: int = 25):
+def _train_a_little(model, processor, spec, steps: int = 60):
     """Teach the tiny model one action per goal so greedy decoding emits valid, distinct actions."""
     import copy
 
