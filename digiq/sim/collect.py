@@ -21,6 +21,7 @@ import numpy as np
 
 from digiq.actions import make_observation
 from digiq.config import to_dict
+from digiq.data.labels import DEFAULT_EPS, DEFAULT_SCALE, screen_diff
 from digiq.data.schema import FEATURES, discounted_returns, save_dataset
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
 from digiq.sim.device import SimConfig, SimDevice
@@ -29,20 +30,18 @@ from digiq.utils.logging import get_logger
 log = get_logger(__name__)
 # The Stage-1 label (digiq_official.md, construct_sft_data.py:23-37): mean squared difference of the two
 # screenshots at 0.25x scale on 0-255, "Yes" if > 30.
-CHANGE_SCALE = 0.25
-CHANGE_THRESHOLD = 30.0
+# The Stage-1 rule itself (digiq/data/labels.py), so the simulator's statistics and tests use exactly the
+# label that finetune-vlm trains on (same scale, eps and resampling filter).
+CHANGE_SCALE = DEFAULT_SCALE
+CHANGE_THRESHOLD = DEFAULT_EPS
 
 
 def screen_change(png_a: bytes, png_b: bytes, scale: float = CHANGE_SCALE) -> float:
-    """Mean squared pixel difference (0-255 scale, all channels) of two screenshots resized by ``scale``."""
+    """Mean squared pixel difference (0-255 scale, all channels) of two PNG screenshots resized by ``scale``."""
     from PIL import Image
 
-    imgs = []
-    for data in (png_a, png_b):
-        im = Image.open(io.BytesIO(data)).convert("RGB")
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
-        imgs.append(np.asarray(im, dtype=np.float64))
-    return float(np.mean((imgs[0] - imgs[1]) ** 2))
+    with Image.open(io.BytesIO(png_a)) as a, Image.open(io.BytesIO(png_b)) as b:
+        return screen_diff(a, b, scale)
 
 
 @dataclasses.dataclass
