@@ -35,7 +35,9 @@ def test_catalogue_is_fixed_and_splits_disjoint(dev: SimDevice) -> None:
     assert not {t.goal for t in train} & {t.goal for t in test}
     assert not {t.task_id for t in train} & {t.task_id for t in test}
     # compositional split: no (shop, query) pair in both, but every test shop and query is seen in training
-    pairs = {split: {(t.shop, t.query) for t in ts if t.query} for split, ts in (("train", train), ("test", test))}
+    pairs = {
+        split: {(t.shop, t.query) for t in ts if t.query} for split, ts in (("train", train), ("test", test))
+    }
     assert pairs["train"].isdisjoint(pairs["test"]) and pairs["test"]
     assert {q for _, q in pairs["test"]} <= {q for _, q in pairs["train"]}
     assert {s for s, _ in pairs["test"]} <= {s for s, _ in pairs["train"]}

@@ -205,6 +205,17 @@ def _png_uri(data: bytes) -> str:
     return f"data:image/png;base64,{base64.b64encode(data).decode('ascii')}"
 
 
+def _png(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def make_plots(q_data: np.ndarray, v: np.ndarray, q_all: np.ndarray, mc: np.ndarray) -> dict[str, bytes]:
     """PNG bytes of (a) Q/V histograms and (b) Q(s, a_dataset) vs the MC return, Pearson r in the title."""
     import matplotlib
@@ -225,11 +236,7 @@ def make_plots(q_data: np.ndarray, v: np.ndarray, q_all: np.ndarray, mc: np.ndar
     ax.set_ylabel("count")
     ax.set_title(f"Q / V distributions ({len(q_data)} rows)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    out["q_v_hist.png"] = buf.getvalue()
+    out["q_v_hist.png"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     r = pearson(q_data, mc)
@@ -241,11 +248,7 @@ def make_plots(q_data: np.ndarray, v: np.ndarray, q_all: np.ndarray, mc: np.ndar
     ax.set_ylabel("Q(s, a_dataset)")
     ax.set_title(f"Q vs MC return: Pearson r = {_fmt(r, 3)} ({len(q_data)} rows)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    out["q_vs_mc.png"] = buf.getvalue()
+    out["q_vs_mc.png"] = _png(fig)
     return out
 
 
