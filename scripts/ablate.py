@@ -3,10 +3,15 @@ behaviour 25.0 on Web Shopping; success grows with N over 1/4/8/16).
 
 It reuses a finished `digiq pipeline` run (its dataset with candidates, cached features and pi_beta), then
 per seed: trains a TD and an MC critic, extracts a policy for every N (TD) and for the largest N (MC), and
-evaluates each on the simulator's held-out tasks. Writes `<out>/ablation.md` (table), `ablation.json` and
+evaluates each on the simulator's held-out tasks. Writes `<out>/ablation.md` (tables), `ablation.json` and
 `ablation.png` (success vs N; TD, MC and pi_beta).
 
-    PYTHONPATH=. python scripts/ablate.py --pipeline runs/pipeline --out runs/ablation --seeds 0 1 2 --ns 1 4 8 16
+With `--pre-stage1` it also caches features with the VLM *before* Stage-1 fine-tuning (the same tiny model
+at its initial weights, or the hub model for a real run) and trains a TD critic on them per seed (issue #4:
+the paper's "off-the-shelf features" arm, 31.9 vs 58.0 on Web Shopping), extracting at the largest N.
+
+    PYTHONPATH=. python scripts/ablate.py --pipeline runs/pipeline --out runs/ablation --seeds 0 1 2 \
+        --ns 1 4 8 16 --pre-stage1
 
 Seeds vary critic training, extraction and evaluation; the data, Stage 1 and pi_beta are shared (re-running
 those per seed would multiply the CPU cost by 3 for the parts both arms have in common).
@@ -23,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from digiq.config import load_config
-from digiq.stages import evaluate, extract_policy, pipeline, train_critic
+from digiq.stages import cache_features, evaluate, extract_policy, pipeline, train_critic
 from digiq.utils.io import is_complete
 
 
@@ -45,6 +50,11 @@ def main() -> None:
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--pre-stage1",
+        action="store_true",
+        help="also train TD critics on features of the VLM before Stage-1 fine-tuning (one extra feature pass)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -71,31 +81,37 @@ def main() -> None:
             wired["evaluate"],
         )
         rows.append({"seed": seed, "method": "pi_beta (BC)", "n": 0, **_pick(bc)})
-        for loss in ("td", "mc"):
+        arms = [("td", wired["train_critic"].features), ("mc", wired["train_critic"].features)]
+        if args.pre_stage1:
+            arms.append(("td_pre", _pre_stage1_features(pcfg, wired, out)))
+        for arm, features in arms:
+            loss = arm.split("_")[0]
             ccfg = dataclasses.replace(
                 wired["train_critic"],
                 loss=loss,
+                features=features,
                 seed=seed,
-                output_dir=str(out / f"s{seed}/critic_{loss}"),
+                output_dir=str(out / f"s{seed}/critic_{arm}"),
                 overwrite=True,
             )
             if not is_complete(Path(ccfg.output_dir) / "critic"):
                 train_critic.run(ccfg)
             cmetrics = json.loads((Path(ccfg.output_dir) / "metrics.json").read_text())
-            for n in args.ns if loss == "td" else [max(args.ns)]:
+            for n in args.ns if arm == "td" else [max(args.ns)]:
                 ecfg = dataclasses.replace(
                     wired["extract_policy"],
                     critic=str(Path(ccfg.output_dir) / "critic"),
+                    features=features,
                     num_candidates=n,
                     seed=seed,
-                    output_dir=str(out / f"s{seed}/extract_{loss}_n{n}"),
+                    output_dir=str(out / f"s{seed}/extract_{arm}_n{n}"),
                     overwrite=True,
                 )
                 if not is_complete(Path(ecfg.output_dir) / "policy"):
                     extract_policy.run(ecfg)
                 ev = _evaluate(
                     str(Path(ecfg.output_dir) / "policy"),
-                    out / f"s{seed}/eval_{loss}_n{n}",
+                    out / f"s{seed}/eval_{arm}_n{n}",
                     seed,
                     args.episodes,
                     wired["evaluate"],
@@ -103,7 +119,7 @@ def main() -> None:
                 rows.append(
                     {
                         "seed": seed,
-                        "method": f"Digi-Q {loss.upper()}",
+                        "method": METHODS[arm],
                         "n": n,
                         **_pick(ev),
                         "critic_top1": cmetrics.get("val_qstar_top1_agreement"),
@@ -111,10 +127,51 @@ def main() -> None:
                     }
                 )
         (out / "ablation.json").write_text(json.dumps(rows, indent=2))
-    (out / "ablation.md").write_text(table(rows) + f"\n\nTotal time: {time.perf_counter() - t0:.0f} s\n")
+    text = table(rows) + "\n\n" + critic_table(rows)
+    (out / "ablation.md").write_text(text + f"\n\nTotal time: {time.perf_counter() - t0:.0f} s\n")
     plot(rows, out / "ablation.png")
-    print(table(rows))
+    print(text)
     print(f"wrote {out / 'ablation.md'} and {out / 'ablation.png'}")
+
+
+METHODS = {"td": "Digi-Q TD", "mc": "Digi-Q MC", "td_pre": "Digi-Q TD, pre-Stage-1 features"}
+
+
+def _pre_stage1_features(pcfg: pipeline.Config, wired: dict, out: Path) -> str:
+    """Features of the same rows from the VLM Stage 1 started from (its initial weights), cached once."""
+    folder = out / "features_pre_stage1"
+    if not is_complete(folder):
+        base = pcfg.finetune_vlm.model  # the model (and tiny_seed) finetune-vlm loaded before training
+        cfg = dataclasses.replace(
+            wired["cache_features"],
+            model=dataclasses.replace(
+                wired["cache_features"].model, name_or_path=base.name_or_path, tiny_seed=base.tiny_seed
+            ),
+            output_dir=str(folder),
+            overwrite=True,
+        )
+        cache_features.run(cfg)
+    return str(folder)
+
+
+def critic_table(rows: list[dict]) -> str:
+    """Critic ranking quality per arm: mean +- std over seeds of top-1 agreement with argmax Q* and Spearman."""
+    per: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r.get("critic_top1") is not None:
+            per.setdefault(r["method"], {})[r["seed"]] = r
+    lines = [
+        "| critic | seeds | top-1 vs argmax Q* | Spearman vs Q* | per seed top-1 |",
+        "|---|---|---|---|---|",
+    ]
+    for method, by_seed in per.items():
+        t1 = np.array([r["critic_top1"] for r in by_seed.values()], dtype=float)
+        sp = np.array([r["critic_spearman"] for r in by_seed.values()], dtype=float)
+        lines.append(
+            f"| {method} | {len(t1)} | {t1.mean():.3f} +- {t1.std():.3f} | {sp.mean():.3f} +- {sp.std():.3f} | "
+            f"{', '.join(f'{x:.3f}' for x in t1)} |"
+        )
+    return "\n".join(lines)
 
 
 def _pick(m: dict) -> dict:
@@ -163,6 +220,17 @@ def plot(rows: list[dict], path: Path) -> None:
             v = [r["success_rate"] for r in rs]
             ax.errorbar(
                 [n], [np.mean(v)], yerr=[np.std(v)], marker="s", color="C3", capsize=4, label="MC critic"
+            )
+        if m == METHODS["td_pre"]:
+            v = [r["success_rate"] for r in rs]
+            ax.errorbar(
+                [n],
+                [np.mean(v)],
+                yerr=[np.std(v)],
+                marker="^",
+                color="C2",
+                capsize=4,
+                label="TD, pre-Stage-1 features",
             )
         if m == "pi_beta (BC)":
             v = [r["success_rate"] for r in rs]

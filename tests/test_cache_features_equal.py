@@ -77,6 +77,26 @@ def test_features_many_batches_across_states(vlm) -> None:
         torch.testing.assert_close(torch.cat([s[None], a]), ref, atol=1e-4, rtol=0)
 
 
+def test_duplicate_candidates_are_computed_once(vlm, monkeypatch) -> None:
+    """Repeated actions in a row (a behaviour policy's candidates repeat "back", "complete") cost one forward
+    each, and every copy still equals its per-pair reference."""
+    model, proc = vlm
+    img = _screen()
+    acts = [ACTIONS[2], ACTIONS[0], ACTIONS[2], ACTIONS[4], ACTIONS[0], ACTIONS[2]]
+    seen = []
+    real = featurize.extract_features
+    monkeypatch.setattr(
+        featurize,
+        "extract_features",
+        lambda m, inputs, layer: seen.append(len(inputs["input_ids"])) or real(m, inputs, layer),
+    )
+    f = Featurizer(model, proc, rendering="overlay", batch_size=64)
+    ((s, a),) = f.features_many([(img, GOAL, PREV, acts)])
+    assert sum(seen) == 4  # state + 3 distinct actions, not 7 prompts
+    ref = torch.stack([reference_features(model, proc, img, GOAL, PREV, x, "overlay") for x in [None, *acts]])
+    torch.testing.assert_close(torch.cat([s[None], a]), ref, atol=1e-4, rtol=0)
+
+
 def test_qwen_mrope_offset_matters() -> None:
     """Sanity of the Qwen2-VL test: continuing the text at Lp instead of Lp + rope_delta is detectably wrong."""
     # A larger image than SPEC's: more merged patches, so the M-RoPE delta (h*w - max(h, w)) is large.

@@ -43,6 +43,43 @@ def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     again = json.loads((out / "summary.json").read_text())
     assert again["stages"]["train_critic"] == before["stages"]["train_critic"]
 
+    # scripts/ablate.py on the finished run: TD over N, MC, and TD on pre-Stage-1 features, one seed.
+    _run_ablation(out, tmp_path / "ablation", monkeypatch)
+
+
+def _run_ablation(pipe: Path, out: Path, monkeypatch) -> None:
+    import importlib.util
+    import sys
+
+    import torch
+
+    from digiq.data.features import FeatureCache
+
+    spec = importlib.util.spec_from_file_location("ablate", ROOT / "scripts/ablate.py")
+    ablate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablate)
+    argv = ["ablate.py", "--pipeline", str(pipe), "--config", str(ROOT / "configs/pipeline/smoke.yaml")]
+    argv += ["--out", str(out), "--seeds", "0", "--ns", "1", "2", "--episodes", "4", "--pre-stage1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    ablate.main()
+    rows = json.loads((out / "ablation.json").read_text())
+    arms = {(r["method"], r["n"]) for r in rows}
+    assert arms == {
+        ("pi_beta (BC)", 0),
+        ("Digi-Q TD", 1),
+        ("Digi-Q TD", 2),
+        ("Digi-Q MC", 2),
+        ("Digi-Q TD, pre-Stage-1 features", 2),
+    }
+    md = (out / "ablation.md").read_text()
+    assert "| Digi-Q TD, pre-Stage-1 features | 1 |" in md  # the critic table
+    assert (out / "ablation.png").stat().st_size > 0
+    # The pre-Stage-1 arm really read other features: the base VLM's, not the fine-tuned one's.
+    pre = FeatureCache.open(out / "features_pre_stage1")
+    post = FeatureCache.open(pipe / "features")
+    assert pre.actions.shape == post.actions.shape
+    assert not torch.allclose(pre.actions.float(), post.actions.float())
+
 
 def test_wire_paths_chain_the_stages(tmp_path: Path) -> None:
     cfg = pipeline.Config(output_dir=str(tmp_path), seed=7)

@@ -65,8 +65,9 @@ def test_family_builds_runs_and_round_trips(family, tmp_path):
         torch.testing.assert_close(answer_logits(model2, inputs2), logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "idefics3", "paligemma"])
 def test_extract_features_equals_full_forward_hidden_state(family):
+    # extract_features stops the forward at the feature layer (a pre-hook); the reference runs every layer.
     model, processor = build_tiny_vlm(family)
     inputs = _inputs(processor, "overlay")
     with torch.no_grad():
@@ -82,6 +83,26 @@ def test_extract_features_equals_full_forward_hidden_state(family):
         torch.testing.assert_close(model.lm_head(feat), full.logits[:, -1], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="out of range"):
         extract_features(model, inputs, 99)
+
+
+def test_extract_features_skips_layers_above_the_feature_layer():
+    from digiq.models.vlm import decoder_layers
+
+    model, processor = build_tiny_vlm("qwen2-vl")
+    inputs = _inputs(processor)
+    layers = decoder_layers(model.model)
+    calls = [0] * len(layers)
+    hooks = [
+        layer.register_forward_pre_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        extract_features(model, inputs, 2)
+    for h in hooks:
+        h.remove()
+    # layers 0, 1 run; layer 2's pre-hooks fire (ours first, then the early exit); nothing above runs
+    assert calls == [1, 1, 1] + [0] * (len(layers) - 3)
+    assert not layers[2]._forward_pre_hooks  # the early-exit hook is removed
 
 
 def test_features_ignore_padding():

@@ -46,6 +46,11 @@ PREFIX_FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl", "idefics3", "smolvlm")
 MROPE_FAMILIES = ("qwen2-vl", "qwen2.5-vl")
 
 
+def _text(x: Action | str | None) -> str | None:
+    """A hashable identity of a prompt part (an Action renders to the string the prompt is built from)."""
+    return x.render() if isinstance(x, Action) else x
+
+
 def resolve_layer(model: Any, layer: int | None) -> int:
     """The ``output_hidden_states`` index of ``layer`` (None = default intermediate layer, -1 = last)."""
     hf = unwrap(model)
@@ -170,16 +175,37 @@ class Featurizer:
 
     # ----------------------------------------------------------------------------------------------
     def _full(self, images, goals, prevs, actions) -> torch.Tensor:
-        """Batched, left-padded full-prompt forwards (the image is re-encoded for every prompt)."""
+        """Batched, left-padded full-prompt forwards (the image is re-encoded for every prompt).
+
+        Identical prompts (same screenshot object, goal, previous action and action text) are computed once:
+        a behaviour policy's N candidates repeat keys such as "back" or "complete" (16 candidates hold 13.8
+        distinct ones on the simulated device). The copies are the same row of the output, so the values are
+        those of a forward of that prompt alone (padding never changes a row: tests/test_vlm.py).
+        """
+        keys = [
+            (id(im), g, _text(p), _text(a)) for im, g, p, a in zip(images, goals, prevs, actions, strict=True)
+        ]
+        first: dict[tuple, int] = {}
+        where, uniq = [], []  # where[i]: output row of prompt i; uniq: the first prompt of each output row
+        for i, k in enumerate(keys):
+            if k not in first:
+                first[k] = len(uniq)
+                uniq.append(i)
+            where.append(first[k])
         outs = []
-        for s in range(0, len(actions), self.batch_size):
-            sl = slice(s, s + self.batch_size)
+        for s in range(0, len(uniq), self.batch_size):
+            rows = uniq[s : s + self.batch_size]
             inputs = make_inputs(
-                self.processor, images[sl], goals[sl], prevs[sl], actions[sl], self.rendering
+                self.processor,
+                [images[i] for i in rows],
+                [goals[i] for i in rows],
+                [prevs[i] for i in rows],
+                [actions[i] for i in rows],
+                self.rendering,
             )
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             outs.append(extract_features(self.model, inputs, self.layer))
-        return torch.cat(outs)
+        return torch.cat(outs)[torch.as_tensor(where, device=outs[0].device)]
 
     def _hidden(self, out: Any) -> torch.Tensor:
         # Same indexing as extract_features: index n = the last layer after the final norm.

@@ -67,6 +67,15 @@ def _candidates() -> candidates.Config:
     return candidates.Config(source="sim", num_candidates=16)
 
 
+def _train_critic() -> train_critic.Config:
+    # The tiny Stage-1 VLM's features are 128-d: 512-wide twin heads fit them as well as the 1024-wide default
+    # (meant for 4096-d LLaVA features) at a quarter of the cost, and 1000 steps of 256 rows cover the
+    # ~2,900 training transitions ~90 times.
+    c = train_critic.Config(epochs=10)
+    c.critic = dataclasses.replace(c.critic, q_hidden=(512, 512), v_hidden=(512, 512))
+    return c
+
+
 def _extract() -> extract_policy.Config:
     c = extract_policy.Config()
     c.train = dataclasses.replace(c.train, batch_size=32, epochs=8.0)
@@ -97,7 +106,7 @@ class Config:
     train_bc: train_bc.Config = dataclasses.field(default_factory=_train_bc)
     candidates: candidates.Config = dataclasses.field(default_factory=_candidates)
     cache_features: cache_features.Config = dataclasses.field(default_factory=cache_features.Config)
-    train_critic: train_critic.Config = dataclasses.field(default_factory=train_critic.Config)
+    train_critic: train_critic.Config = dataclasses.field(default_factory=_train_critic)
     extract_policy: extract_policy.Config = dataclasses.field(default_factory=_extract)
     evaluate: evaluate.Config = dataclasses.field(default_factory=_evaluate)
 
