@@ -34,7 +34,7 @@ from PIL import Image
 
 from digiq.actions import Action
 from digiq.models.prompts import Rendering, make_inputs, processor_call, split_prompt
-from digiq.models.vlm import default_feature_layer, extract_features, num_text_layers, unwrap
+from digiq.models.vlm import default_feature_layer, extract_features, hidden_at, num_text_layers, unwrap
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -207,12 +207,6 @@ class Featurizer:
             outs.append(extract_features(self.model, inputs, self.layer))
         return torch.cat(outs)[torch.as_tensor(where, device=outs[0].device)]
 
-    def _hidden(self, out: Any) -> torch.Tensor:
-        # Same indexing as extract_features: index n = the last layer after the final norm.
-        if self.layer == self.num_layers:
-            return out.last_hidden_state
-        return out.hidden_states[self.layer]
-
     def _prefix_shared(self, screenshot, goal, prev, items) -> torch.Tensor | None:
         """Encode the prefix once and run every suffix on its KV cache; None if the split is not clean."""
         from transformers import DynamicCache
@@ -251,15 +245,22 @@ class Featurizer:
             position_ids, deltas = self._rope_index(inputs)
             pos_kw["position_ids"] = position_ids
             text_start = Lp + int(deltas.reshape(-1)[0])
-        out = self.base(**inputs, **pos_kw, use_cache=True, return_dict=True)
-        cache = getattr(out, "cache", None)
-        if cache is None:
-            cache = out.past_key_values
-        kv = [(layer[0], layer[1]) for layer in cache]
+        # The prefix runs only the layers below the feature layer (hidden_at stops there), so its KV cache
+        # holds those layers, which are all the suffixes' shortened passes read.
+        cache = DynamicCache(config=self.hf.config)
+        hidden_at(
+            self.base,
+            self.layer,
+            **inputs,
+            **pos_kw,
+            use_cache=True,
+            return_dict=True,
+            **{self._cache_kw: cache},
+        )
+        kv = [(layer[0], layer[1]) for layer in cache][: self.layer]
 
         suffixes = [f[k:] for f in full_ids]
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        want_all = self.layer != self.num_layers
         feats = []
         for s in range(0, len(suffixes), self.batch_size):
             chunk = suffixes[s : s + self.batch_size]
@@ -277,16 +278,16 @@ class Featurizer:
                 [(k_.expand(m, -1, -1, -1), v_.expand(m, -1, -1, -1)) for k_, v_ in kv],
                 config=self.hf.config,
             )
-            o = self.base(
+            h = hidden_at(
+                self.base,
+                self.layer,
                 input_ids=sids.to(self.device),
                 attention_mask=mask,
                 position_ids=pos,
                 use_cache=True,
-                output_hidden_states=want_all,
                 return_dict=True,
                 **{self._cache_kw: chunk_cache},
             )
-            h = self._hidden(o)
             last = smask.sum(dim=1).to(self.device) - 1
             feats.append(h[torch.arange(m, device=self.device), last])
         return torch.cat(feats)

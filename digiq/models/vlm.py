@@ -17,6 +17,7 @@ AitW / simulated screens are portrait and a crop would cut off the top and botto
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -664,10 +665,7 @@ def extract_features(model, inputs: dict[str, torch.Tensor], layer: int | None =
     if not 0 <= index <= n:
         raise ValueError(f"layer {layer} is out of range for a text model with {n} layers")
     base = hf.model  # the *Model under *ForConditionalGeneration: no LM head
-    if index == n:
-        hidden = base(**inputs, use_cache=False, return_dict=True).last_hidden_state
-    else:
-        hidden = _hidden_before_layer(base, inputs, index)
+    hidden = hidden_at(base, index, **inputs, use_cache=False, return_dict=True)
     idx = last_token_index(inputs["attention_mask"]).to(hidden.device)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 
@@ -686,31 +684,40 @@ def decoder_layers(base) -> torch.nn.ModuleList | None:
     return None
 
 
-def _hidden_before_layer(base, inputs: dict[str, torch.Tensor], index: int) -> torch.Tensor:
-    """``output_hidden_states[index]`` (the input of decoder layer ``index``) without running layers >= index.
-
-    Layers above the feature layer cost a quarter of a forward at the default 3/4 depth and change nothing
-    in the feature; a pre-hook on layer ``index`` captures its input and stops the pass.
-    tests/test_vlm.py checks the result against a full ``output_hidden_states`` forward for every family.
-    """
-    layers = decoder_layers(base)
-    if layers is None or index >= len(layers):  # unknown layout: the plain (slower) path
-        out = base(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
-        return out.hidden_states[index]
+@contextlib.contextmanager
+def _stop_before(layer: torch.nn.Module):
+    """Within the block, a forward that reaches ``layer`` records its input hidden state and stops there."""
     captured: list[torch.Tensor] = []
 
     def grab(_module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        captured.append(h)
+        captured.append(args[0] if args else kwargs["hidden_states"])
         raise _EarlyExit
 
-    handle = layers[index].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        base(**inputs, use_cache=False, return_dict=True)
+        yield captured
     except _EarlyExit:
         pass
     finally:
         handle.remove()
+
+
+def hidden_at(base, index: int, **kwargs: Any) -> torch.Tensor:
+    """``base(**kwargs)``'s ``output_hidden_states[index]`` (B, L, D), running no decoder layer >= ``index``.
+
+    ``index`` = the number of layers gives the last hidden state after the final norm (a full pass). Layers
+    above the feature layer cost a quarter of the text forward at the default 3/4 depth and change nothing
+    in the feature: a pre-hook on layer ``index`` captures its input and stops the pass. A KV cache passed
+    in ``kwargs`` is filled for the layers that ran. tests/test_vlm.py checks the values against a full
+    ``output_hidden_states`` forward for every family and that the layers above never run.
+    """
+    layers = decoder_layers(base)
+    if layers is None or index >= len(layers):
+        if layers is not None and index == len(layers):
+            return base(**kwargs).last_hidden_state
+        return base(**kwargs, output_hidden_states=True).hidden_states[index]  # unknown layout: full pass
+    with _stop_before(layers[index]) as captured:
+        base(**kwargs)
     if not captured:
         raise RuntimeError(f"decoder layer {index} was never called: cannot take its input as the feature")
     return captured[0]
