@@ -25,7 +25,10 @@ def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     ev = summary["stages"]["evaluate"]["metrics"]
     assert set(ev) == {"behaviour", "bc", "extracted"}
     assert all(0.0 <= ev[k]["success_rate"] <= 1.0 for k in ev)
-    assert (out / "summary.md").read_text().startswith("# digiq pipeline summary")
+    md = (out / "summary.md").read_text()
+    assert md.startswith("# digiq pipeline summary")
+    acc = summary["stages"]["finetune_vlm"]["metrics"]["heldout_accuracy"]
+    assert f"| accuracy | {acc:.4f} |" in md and "| majority baseline |" in md  # Stage 1 in the summary
     # The critic was scored against the simulator's exact Q*.
     assert "val_qstar_top1_agreement" in summary["stages"]["train_critic"]["metrics"]
 

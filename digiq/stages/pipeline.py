@@ -261,6 +261,18 @@ def render_summary(summary: dict[str, Any]) -> str:
                     f"| {m.get('num_episodes', '')} |"
                 )
         lines.append("")
+    s1 = summary.get("stages", {}).get("finetune_vlm", {}).get("metrics", {})
+    if "heldout_accuracy" in s1:
+        majority = s1.get("heldout_labels", {}).get("majority_accuracy")
+        lines += [
+            "| Stage 1 (screen-change label, held-out) | value |",
+            "|---|---|",
+            f"| accuracy | {s1['heldout_accuracy']:.4f} |",
+            f"| AUC | {s1.get('heldout_auc', float('nan')):.4f} |",
+        ]
+        if majority is not None:
+            lines.append(f"| majority baseline | {majority:.4f} |")
+        lines.append("")
     crit = summary.get("stages", {}).get("train_critic", {}).get("metrics", {})
     if crit:
         keys = [k for k in crit if any(s in k for s in ("top1", "spearman", "pearson", "td_error"))]
