@@ -95,5 +95,9 @@ def test_wire_paths_chain_the_stages(tmp_path: Path) -> None:
     assert c["extract_policy"].critic.startswith(c["train_critic"].output_dir)
     assert c["extract_policy"].init_policy.startswith(c["train_bc"].output_dir)
     assert all(getattr(s, "seed", 7) == 7 for s in c.values())
+    # the off-the-shelf arm reads features from the model Stage 1 started from
+    base = pipeline.wire(pipeline.Config(output_dir=str(tmp_path), features_from="base"))
+    assert base["cache_features"].model.name_or_path == cfg.finetune_vlm.model.name_or_path
+    assert base["cache_features"].model.tiny_seed == cfg.finetune_vlm.model.tiny_seed
     # wiring does not mutate the user's config
     assert cfg.collect.output_dir != c["collect"].output_dir

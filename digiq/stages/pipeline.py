@@ -20,7 +20,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from digiq.config import check, save_config, to_dict
 from digiq.sim.collect import Config as CollectConfig
@@ -99,6 +99,11 @@ class Config:
     force: list[str] = dataclasses.field(default_factory=list)
     # Continue a killed run (the default behaviour of the pipeline anyway; kept for `--resume`).
     resume: bool = False
+    # Which VLM the Stage-2 features come from: 'stage1' = the fine-tuned model (Digi-Q); 'base' = the model
+    # Stage 1 started from (the paper's off-the-shelf ablation). On the simulated device with tiny random
+    # VLMs, 'base' ranks candidates better (docs/results.md: fine-tuning a from-scratch 4-layer model on one
+    # binary label specialises its features).
+    features_from: Literal["stage1", "base"] = "stage1"
     # torch threads (0 = torch's default). On a shared 2-core machine 1-2 is fastest.
     threads: int = 0
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
@@ -147,9 +152,15 @@ def wire(cfg: Config) -> dict[str, Any]:
     c["candidates"].policy = str(d["train_bc"] / train_bc.POLICY_DIR)
     c["cache_features"].dataset = str(d["candidates"])
     c["cache_features"].output_dir = str(d["cache_features"])
-    c["cache_features"].model = dataclasses.replace(
-        c["cache_features"].model, name_or_path=str(d["finetune_vlm"])
-    )
+    if cfg.features_from == "base":
+        base = c["finetune_vlm"].model
+        c["cache_features"].model = dataclasses.replace(
+            c["cache_features"].model, name_or_path=base.name_or_path, tiny_seed=base.tiny_seed
+        )
+    else:
+        c["cache_features"].model = dataclasses.replace(
+            c["cache_features"].model, name_or_path=str(d["finetune_vlm"])
+        )
     # Features must be read the way Stage 1 was trained to read the screen (same rendering of the action).
     c["cache_features"].rendering = c["finetune_vlm"].rendering
     c["train_critic"].dataset = str(d["candidates"])
