@@ -81,37 +81,35 @@ def main() -> None:
             wired["evaluate"],
         )
         rows.append({"seed": seed, "method": "pi_beta (BC)", "n": 0, **_pick(bc)})
-        arms = [("td", wired["train_critic"].features), ("mc", wired["train_critic"].features)]
+        features = wired["train_critic"].features
+        arms = [("td", "td", features), ("mc", "mc", features)]
         if args.pre_stage1:
-            arms.append(("td_pre", _pre_stage1_features(pcfg, wired, out)))
-        for arm, features in arms:
-            loss = arm.split("_")[0]
-            ccfg = dataclasses.replace(
+            arms.append(("td_pre", "td", _pre_stage1_features(pcfg, wired, out)))
+        for arm, loss, features in arms:
+            critic_dir = _run_once(
+                train_critic,
                 wired["train_critic"],
+                out / f"s{seed}/critic_{arm}",
+                "critic",
                 loss=loss,
                 features=features,
                 seed=seed,
-                output_dir=str(out / f"s{seed}/critic_{arm}"),
-                overwrite=True,
             )
-            if not is_complete(Path(ccfg.output_dir) / "critic"):
-                train_critic.run(ccfg)
-            cmetrics = json.loads((Path(ccfg.output_dir) / "metrics.json").read_text())
-            cmetrics.update(_last_validations(Path(ccfg.output_dir) / "metrics.jsonl"))
+            cmetrics = json.loads((critic_dir / "metrics.json").read_text())
+            cmetrics.update(_last_validations(critic_dir / "metrics.jsonl"))
             for n in args.ns if arm == "td" else [max(args.ns)]:
-                ecfg = dataclasses.replace(
+                extract_dir = _run_once(
+                    extract_policy,
                     wired["extract_policy"],
-                    critic=str(Path(ccfg.output_dir) / "critic"),
+                    out / f"s{seed}/extract_{arm}_n{n}",
+                    "policy",
+                    critic=str(critic_dir / "critic"),
                     features=features,
                     num_candidates=n,
                     seed=seed,
-                    output_dir=str(out / f"s{seed}/extract_{arm}_n{n}"),
-                    overwrite=True,
                 )
-                if not is_complete(Path(ecfg.output_dir) / "policy"):
-                    extract_policy.run(ecfg)
                 ev = _evaluate(
-                    str(Path(ecfg.output_dir) / "policy"),
+                    str(extract_dir / "policy"),
                     out / f"s{seed}/eval_{arm}_n{n}",
                     seed,
                     args.episodes,
@@ -135,6 +133,14 @@ def main() -> None:
     plot(rows, out / "ablation.png")
     print(text)
     print(f"wrote {out / 'ablation.md'} and {out / 'ablation.png'}")
+
+
+def _run_once(stage, base, folder: Path, product: str, **fields) -> Path:
+    """Run ``stage`` with ``base`` + ``fields`` into ``folder`` unless ``folder/product`` is already complete
+    (a re-run of the ablation resumes where it stopped); returns ``folder``."""
+    if not is_complete(folder / product):
+        stage.run(dataclasses.replace(base, output_dir=str(folder), overwrite=True, **fields))
+    return folder
 
 
 METHODS = {"td": "Digi-Q TD", "mc": "Digi-Q MC", "td_pre": "Digi-Q TD, pre-Stage-1 features"}
@@ -170,6 +176,10 @@ def _last_validations(path: Path, k: int = 5) -> dict[str, float]:
     }
 
 
+def _or_nan(x: float | None) -> float:
+    return np.nan if x is None else x
+
+
 def critic_table(rows: list[dict]) -> str:
     """Critic ranking quality per arm: mean +- std over seeds of top-1 agreement with argmax Q* and Spearman."""
     per: dict[str, dict[int, dict]] = {}
@@ -185,8 +195,8 @@ def critic_table(rows: list[dict]) -> str:
         rs = list(by_seed.values())
         t1 = np.array([r["critic_top1"] for r in rs], dtype=float)
         sp = np.array([r["critic_spearman"] for r in rs], dtype=float)
-        l5 = np.array([r.get("critic_top1_last5") or np.nan for r in rs], dtype=float)
-        s5 = np.array([r.get("critic_spearman_last5") or np.nan for r in rs], dtype=float)
+        l5 = np.array([_or_nan(r.get("critic_top1_last5")) for r in rs], dtype=float)
+        s5 = np.array([_or_nan(r.get("critic_spearman_last5")) for r in rs], dtype=float)
         lines.append(
             f"| {method} | {len(t1)} | {t1.mean():.3f} +- {t1.std():.3f} | {sp.mean():.3f} +- {sp.std():.3f} | "
             f"{', '.join(f'{x:.3f}' for x in t1)} | {np.mean(l5):.3f} +- {np.std(l5):.3f} | "

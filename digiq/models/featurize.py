@@ -114,7 +114,6 @@ class Featurizer:
         self.processor = processor
         self.family = processor.digiq_family
         self.layer = resolve_layer(model, layer)
-        self.num_layers = num_text_layers(self.hf)
         self.rendering = rendering
         self.batch_size = max(1, int(batch_size))
         self.device = next(self.hf.parameters()).device
