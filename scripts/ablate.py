@@ -6,8 +6,8 @@ per seed: trains a TD and an MC critic, extracts a policy for every N (TD) and f
 evaluates each on the simulator's held-out tasks. Writes `<out>/ablation.md` (tables), `ablation.json` and
 `ablation.png` (success vs N; TD, MC and pi_beta).
 
-With `--pre-stage1` it also caches features with the VLM *before* Stage-1 fine-tuning (the same tiny model
-at its initial weights, or the hub model for a real run) and trains a TD critic on them per seed (issue #4:
+With `--pre-stage1` it also caches features with the VLM *before* Stage-1 fine-tuning (the weights Stage 1
+started from: pi_beta's VLM with the pipeline's stage1_init=bc, the hub model for a real run) and trains a TD critic on them per seed (issue #4:
 the paper's "off-the-shelf features" arm, 31.9 vs 58.0 on Web Shopping), extracting at the largest N.
 
     PYTHONPATH=. python scripts/ablate.py --pipeline runs/pipeline --out runs/ablation --seeds 0 1 2 \
@@ -84,7 +84,7 @@ def main() -> None:
         features = wired["train_critic"].features
         arms = [("td", "td", features), ("mc", "mc", features)]
         if args.pre_stage1:
-            arms.append(("td_pre", "td", _pre_stage1_features(pcfg, wired, out)))
+            arms.append(("td_pre", "td", _pre_stage1_features(wired, out)))
         for arm, loss, features in arms:
             critic_dir = _run_once(
                 train_critic,
@@ -146,11 +146,11 @@ def _run_once(stage, base, folder: Path, product: str, **fields) -> Path:
 METHODS = {"td": "Digi-Q TD", "mc": "Digi-Q MC", "td_pre": "Digi-Q TD, pre-Stage-1 features"}
 
 
-def _pre_stage1_features(pcfg: pipeline.Config, wired: dict, out: Path) -> str:
+def _pre_stage1_features(wired: dict, out: Path) -> str:
     """Features of the same rows from the VLM Stage 1 started from (its initial weights), cached once."""
     folder = out / "features_pre_stage1"
     if not is_complete(folder):
-        base = pcfg.finetune_vlm.model  # the model (and tiny_seed) finetune-vlm loaded before training
+        base = wired["finetune_vlm"].model  # what finetune-vlm loaded before training (pi_beta by default)
         cfg = dataclasses.replace(
             wired["cache_features"],
             model=dataclasses.replace(

@@ -211,11 +211,15 @@ def test_two_process_ddp_matches_one_process(dataset, tmp_path):
 
 
 def test_dataclass_defaults_match_tiny_yaml():
-    """The pipeline runs Stage 1 from the dataclass defaults; they must be the tuned tiny.yaml recipe."""
+    """The pipeline runs Stage 1 from the dataclass defaults; they must be the tuned tiny.yaml recipe (whose
+    model is train-bc's policy folder, the pipeline's stage1_init=bc, of the default model's kind)."""
     from digiq.config import to_dict
+    from digiq.stages import train_bc
 
     tuned = to_dict(load_config(finetune_vlm.Config, ROOT / "configs/finetune-vlm/tiny.yaml", []))
     default = to_dict(finetune_vlm.Config())
+    assert tuned["model"].pop("name_or_path") == "runs/bc/" + train_bc.POLICY_DIR
+    assert default["model"].pop("name_or_path") == train_bc.Config().model.name_or_path
     for key in ("dataset", "output_dir", "wandb"):
         tuned.pop(key), default.pop(key)
     assert tuned == default

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from digiq.config import load_config
+from digiq.config import ConfigError, load_config
 from digiq.stages import pipeline
 from digiq.utils.io import is_complete
 
@@ -84,6 +84,14 @@ def _run_ablation(pipe: Path, out: Path, monkeypatch) -> None:
     assert not torch.allclose(pre.actions.float(), post.actions.float())
 
 
+def test_stage1_init_bc_refuses_a_model_it_would_ignore(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="stage1_init=model"):
+        load_config(
+            pipeline.Config, None, [f"output_dir={tmp_path}", "finetune_vlm.model.name_or_path=tiny:llava"]
+        )
+    load_config(pipeline.Config, None, ["finetune_vlm.model.name_or_path=tiny:llava", "stage1_init=model"])
+
+
 def test_wire_paths_chain_the_stages(tmp_path: Path) -> None:
     cfg = pipeline.Config(output_dir=str(tmp_path), seed=7)
     c = pipeline.wire(cfg)
@@ -95,9 +103,17 @@ def test_wire_paths_chain_the_stages(tmp_path: Path) -> None:
     assert c["extract_policy"].critic.startswith(c["train_critic"].output_dir)
     assert c["extract_policy"].init_policy.startswith(c["train_bc"].output_dir)
     assert all(getattr(s, "seed", 7) == 7 for s in c.values())
-    # the off-the-shelf arm reads features from the model Stage 1 started from
+    # Stage 1 starts from pi_beta's VLM (stage1_init=bc, the default) ...
+    policy = c["extract_policy"].init_policy
+    assert c["finetune_vlm"].model.name_or_path == policy == c["candidates"].policy
+    # ... and the off-the-shelf arm reads features from the model Stage 1 started from
     base = pipeline.wire(pipeline.Config(output_dir=str(tmp_path), features_from="base"))
-    assert base["cache_features"].model.name_or_path == cfg.finetune_vlm.model.name_or_path
-    assert base["cache_features"].model.tiny_seed == cfg.finetune_vlm.model.tiny_seed
+    assert base["cache_features"].model.name_or_path == policy
+    # stage1_init=model fine-tunes finetune_vlm.model as configured
+    own = pipeline.Config(output_dir=str(tmp_path), stage1_init="model", features_from="base")
+    w = pipeline.wire(own)
+    assert w["finetune_vlm"].model.name_or_path == own.finetune_vlm.model.name_or_path
+    assert w["cache_features"].model.name_or_path == own.finetune_vlm.model.name_or_path
+    assert w["cache_features"].model.tiny_seed == own.finetune_vlm.model.tiny_seed
     # wiring does not mutate the user's config
     assert cfg.collect.output_dir != c["collect"].output_dir
