@@ -29,6 +29,11 @@ def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     assert md.startswith("# digiq pipeline summary")
     acc = summary["stages"]["finetune_vlm"]["metrics"]["heldout_accuracy"]
     assert f"| accuracy | {acc:.4f} |" in md and "| majority baseline |" in md  # Stage 1 in the summary
+    # Stage 1 fine-tuned pi_beta's VLM (stage1_init=bc): BC ran first and its policy is Stage 1's model.
+    import yaml
+
+    s1 = yaml.safe_load((out / "finetune_vlm" / "config.yaml").read_text())
+    assert s1["model"]["name_or_path"] == str(out / "bc" / "policy")
     # The critic was scored against the simulator's exact Q*.
     assert "val_qstar_top1_agreement" in summary["stages"]["train_critic"]["metrics"]
 
