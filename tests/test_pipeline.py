@@ -97,6 +97,13 @@ def test_stage1_init_bc_refuses_a_model_it_would_ignore(tmp_path: Path) -> None:
     load_config(pipeline.Config, None, ["finetune_vlm.model.name_or_path=tiny:llava", "stage1_init=model"])
 
 
+def test_stage1_init_bc_needs_the_bc_stage(tmp_path: Path) -> None:
+    cfg = load_config(pipeline.Config, None, [f"output_dir={tmp_path}", "stages=[collect,finetune_vlm]"])
+    with pytest.raises(ConfigError, match="train_bc is not in `stages`"):
+        pipeline.run(cfg)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_wire_paths_chain_the_stages(tmp_path: Path) -> None:
     cfg = pipeline.Config(output_dir=str(tmp_path), seed=7)
     c = pipeline.wire(cfg)

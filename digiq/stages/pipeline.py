@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from digiq.config import check, save_config, to_dict
+from digiq.config import ConfigError, check, save_config, to_dict
 from digiq.sim.collect import Config as CollectConfig
 from digiq.sim.collect import run as run_collect
 from digiq.stages import (
@@ -244,6 +244,17 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
+    bc_folder = out / FOLDERS["train_bc"]
+    if (
+        cfg.stage1_init == "bc"
+        and "finetune_vlm" in cfg.stages
+        and "train_bc" not in cfg.stages
+        and not is_complete(bc_folder)
+    ):
+        raise ConfigError(
+            f"stage1_init=bc fine-tunes the behaviour-cloned policy, but {bc_folder} is not a finished "
+            "train_bc output and train_bc is not in `stages`: add it, or set stage1_init=model"
+        )
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     stage_cfgs = wire(cfg)
