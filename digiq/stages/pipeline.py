@@ -103,8 +103,8 @@ class Config:
     force: list[str] = dataclasses.field(default_factory=list)
     # Continue a killed run (the default behaviour of the pipeline anyway; kept for `--resume`).
     resume: bool = False
-    # The weights Stage 1 fine-tunes. 'bc' = the behaviour-cloned policy's VLM (train_bc's output; it must
-    # be the same kind of VLM, which the defaults are: tiny Idefics3 128 px / 16 px patches). 'model' =
+    # The weights Stage 1 fine-tunes. 'bc' = the behaviour-cloned policy's VLM (train_bc's output, whatever
+    # train_bc.model is; by default a tiny Idefics3, 128 px screens in 16 px patches). 'model' =
     # finetune_vlm.model as configured (a pretrained hub VLM such as LLaVA-1.5 on real data: the paper's
     # setting). Why 'bc' on the simulated device: the paper fine-tunes a *pretrained* VLM that already reads
     # screens and goals; a tiny model from random weights does not, and then Stage 1 both stalls below 90%
