@@ -31,6 +31,7 @@ import numpy as np
 from digiq.config import load_config
 from digiq.stages import cache_features, evaluate, extract_policy, pipeline, train_critic
 from digiq.utils.io import is_complete
+from digiq.utils.logging import read_metrics
 
 
 def _evaluate(policy: str, out: Path, seed: int, episodes: int, base: evaluate.Config) -> dict:
@@ -97,7 +98,7 @@ def main() -> None:
                 seed=seed,
             )
             cmetrics = json.loads((critic_dir / "metrics.json").read_text())
-            cmetrics.update(_last_validations(critic_dir / "metrics.jsonl"))
+            cmetrics.update(_last_validations(critic_dir))
             for n in args.ns if arm == "td" else [max(args.ns)]:
                 extract_dir = _run_once(
                     extract_policy,
@@ -164,11 +165,10 @@ def _pre_stage1_features(wired: dict, out: Path) -> str:
     return str(folder)
 
 
-def _last_validations(path: Path, k: int = 5) -> dict[str, float]:
+def _last_validations(run_dir: Path, k: int = 5) -> dict[str, float]:
     """Mean of the last ``k`` per-epoch validations: the final epoch alone swings by +-0.1 in top-1 on
     the tiny features (argmax over near-tied candidates), the mean of five is a steadier summary."""
-    vals = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    vals = [v for v in vals if "val_qstar_top1_agreement" in v][-k:]
+    vals = [v for v in read_metrics(run_dir) if "val_qstar_top1_agreement" in v][-k:]
     if not vals:
         return {}
     return {

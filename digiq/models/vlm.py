@@ -712,10 +712,10 @@ def hidden_at(base, index: int, **kwargs: Any) -> torch.Tensor:
     ``output_hidden_states`` forward for every family and that the layers above never run.
     """
     layers = decoder_layers(base)
-    if layers is None or index >= len(layers):
-        if layers is not None and index == len(layers):
-            return base(**kwargs).last_hidden_state
-        return base(**kwargs, output_hidden_states=True).hidden_states[index]  # unknown layout: full pass
+    if layers is not None and index == len(layers):
+        return base(**kwargs).last_hidden_state
+    if layers is None or index > len(layers):  # unknown layout: a full pass
+        return base(**kwargs, output_hidden_states=True).hidden_states[index]
     with _stop_before(layers[index]) as captured:
         base(**kwargs)
     if not captured:

@@ -157,6 +157,7 @@ def wire(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     d = {k: out / v for k, v in FOLDERS.items()}
     c = {name: dataclasses.replace(getattr(cfg, name)) for name in STAGES}
+    policy = str(d["train_bc"] / train_bc.POLICY_DIR)  # pi_beta: Stage 1's start, the candidates', Stage 3's
     for name in STAGES:
         if hasattr(c[name], "seed"):
             c[name].seed = cfg.seed
@@ -164,14 +165,12 @@ def wire(cfg: Config) -> dict[str, Any]:
     c["finetune_vlm"].dataset = str(d["collect"])
     c["finetune_vlm"].output_dir = str(d["finetune_vlm"])
     if cfg.stage1_init == "bc":
-        c["finetune_vlm"].model = dataclasses.replace(
-            c["finetune_vlm"].model, name_or_path=str(d["train_bc"] / train_bc.POLICY_DIR)
-        )
+        c["finetune_vlm"].model = dataclasses.replace(c["finetune_vlm"].model, name_or_path=policy)
     c["train_bc"].dataset = str(d["collect"])
     c["train_bc"].output_dir = str(d["train_bc"])
     c["candidates"].dataset = str(d["collect"])
     c["candidates"].output_dir = str(d["candidates"])
-    c["candidates"].policy = str(d["train_bc"] / train_bc.POLICY_DIR)
+    c["candidates"].policy = policy
     c["cache_features"].dataset = str(d["candidates"])
     c["cache_features"].output_dir = str(d["cache_features"])
     if cfg.features_from == "base":
@@ -192,7 +191,7 @@ def wire(cfg: Config) -> dict[str, Any]:
     c["extract_policy"].dataset = str(d["candidates"])
     c["extract_policy"].features = str(d["cache_features"])
     c["extract_policy"].critic = str(d["train_critic"] / "critic")
-    c["extract_policy"].init_policy = str(d["train_bc"] / train_bc.POLICY_DIR)
+    c["extract_policy"].init_policy = policy
     c["extract_policy"].output_dir = str(d["extract_policy"])
     c["extract_policy"].gamma = c["collect"].gamma
     c["evaluate"].output_dir = str(d["evaluate"])
