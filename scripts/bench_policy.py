@@ -31,7 +31,7 @@ def main() -> None:
         weighted_nll,
     )
     from digiq.models.vlm import load_vlm
-    from digiq.stages.train_bc import PolicyExamples, encode_examples
+    from digiq.training.policy_loop import PolicyExamples, encode_examples
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="data/sim")

@@ -24,7 +24,9 @@ import torch
 
 from digiq.data.features import FeatureCache
 from digiq.data.schema import split_by_trajectory
+from digiq.data.transitions import load_transitions
 from digiq.models.critic import Critic, CriticArch
+from digiq.sim.device import SimDevice
 from digiq.stages import train_critic as tc
 
 
@@ -94,11 +96,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tr, ds = tc.load_transitions(args.dataset, args.gamma)
+    tr, ds = load_transitions(args.dataset, args.gamma)
     train_rows, val_rows = split_by_trajectory(ds, args.val_fraction)
-    q_fn = tc._default_q_star_fn()
-    if q_fn is None:
-        raise SystemExit("the simulated device is needed for exact Q*")
+    q_fn = SimDevice().q_star
     results = {}
     for path in args.features:
         cache = FeatureCache.open(path)

@@ -16,9 +16,11 @@ from safetensors.torch import load_file
 
 from digiq.config import load_config
 from digiq.data.features import FeatureCache, write_cache
+from digiq.data.transitions import load_transitions
 from digiq.errors import DataError
 from digiq.models.critic import load_critic
 from digiq.stages import train_critic as tc
+from digiq.training.checkpoint import latest_checkpoint
 from digiq.utils.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +63,7 @@ def test_learns_tiny_mdp(mdp_inputs, tmp_path: Path, loss: str) -> None:
     assert metrics["val_q_mc_pearson"] > 0.3
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["val_qstar_top1_agreement"] == pytest.approx(metrics["val_qstar_top1_agreement"])
-    assert (out / "config.yaml").exists() and (out / "checkpoint" / "_COMPLETE").exists()
+    assert (out / "config.yaml").exists() and (latest_checkpoint(out) / "_COMPLETE").exists()
     critic = load_critic(out / "critic")
     # the saved critic reproduces the run's Q-values: score every (s, a) one-hot and compare argmax to Q*
     q_all = critic.q(torch.eye(mdp.S * mdp.A)).reshape(mdp.S, mdp.A).detach().numpy()
@@ -82,10 +84,12 @@ def test_resume_is_bitwise_identical(mdp_inputs, tmp_path: Path, monkeypatch: py
 
     real_save = tc.save_checkpoint
 
-    def save_then_die(out, critic, target, opt, step, epoch):
-        if epoch == 3:  # killed during epoch 3: its train logs are in metrics.jsonl, its checkpoint is not
+    def save_then_die(out, step, *args, position, **kwargs):
+        if (
+            position["epoch"] == 3
+        ):  # killed during epoch 3: its train logs are in metrics.jsonl, its checkpoint is not
             raise _Interrupted
-        real_save(out, critic, target, opt, step, epoch)
+        return real_save(out, step, *args, position=position, **kwargs)
 
     monkeypatch.setattr(tc, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupted):
@@ -94,8 +98,8 @@ def test_resume_is_bitwise_identical(mdp_inputs, tmp_path: Path, monkeypatch: py
     assert not (tmp_path / "part" / "critic").exists()
     resumed = tc.run(_cfg(ds, feats, tmp_path / "part", *extra, "resume=true"), q_star_fn=q_star_fn(qs))
     for name in ("model", "target", "optimizer"):
-        a = load_file(str(tmp_path / "full" / "checkpoint" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "part" / "checkpoint" / f"{name}.safetensors"))
+        a = load_file(str(latest_checkpoint(tmp_path / "full") / f"{name}.safetensors"))
+        b = load_file(str(latest_checkpoint(tmp_path / "part") / f"{name}.safetensors"))
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
@@ -136,7 +140,7 @@ def test_bf16_autocast_run(mdp_inputs, tmp_path: Path) -> None:
 
 def test_truncated_trajectories_are_terminal(tmp_path: Path) -> None:
     ds, _, _, _ = make_run_inputs(tmp_path, num_traj=20, horizon=2, gamma=GAMMA)
-    tr, raw = tc.load_transitions(ds, GAMMA)
+    tr, raw = load_transitions(ds, GAMMA)
     done_col = np.asarray(raw["done"])
     ends = [e - 1 for _, e in tr.traj_bounds]
     assert tr.num_truncated == int((~done_col[ends]).sum()) > 0

@@ -142,9 +142,9 @@ def test_lora_run_trains_adapters_only_and_saves_adapter(dataset, tmp_path):
             "rendering=text",
         )
     )
-    ckpt = load_file(str(out / "checkpoints/step-2/weights.safetensors"))
+    ckpt = load_file(str(out / "checkpoints/step-2/model.safetensors"))
     assert ckpt and all("lora_" in k for k in ckpt)
-    first = load_file(str(out / "checkpoints/step-1/weights.safetensors"))
+    first = load_file(str(out / "checkpoints/step-1/model.safetensors"))
     assert any(not torch.equal(first[k], ckpt[k]) for k in ckpt)
     assert (out / "model" / "adapter_config.json").is_file()
     model, processor = load_vlm(str(out / "model"))

@@ -25,6 +25,7 @@ from digiq.cli import main
 from digiq.data.features import FeatureCache
 from digiq.data.schema import INFO_FILE, load_dataset
 from digiq.errors import DataError
+from digiq.training.checkpoint import latest_checkpoint
 from digiq.utils.io import COMPLETE_MARKER, is_complete
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,7 +64,7 @@ def _progress(name: str, at_least: int):
 def test_sim_collect_kill_is_atomic_and_rerun_equals(tmp_path: Path) -> None:
     out = tmp_path / "sim"
     args = ["sim", "collect", f"output_dir={out}", "num_trajectories=250", "num_candidates=3",
-            "sim.width=90", "sim.height=160"]  # fmt: skip
+            "sim.width=90", "sim.height=160", "overwrite=true"]  # fmt: skip
     # A finished dataset from an earlier run (another seed) is what a user has at out when they re-collect.
     assert run_digiq(*args, "seed=7").returncode == 0
     before = tree_state(out)
@@ -210,13 +211,14 @@ def test_train_critic_sigkill_then_resume_is_bitwise_equal(tmp_path: Path) -> No
     out, ref = tmp_path / "run", tmp_path / "ref"
 
     def after_first_checkpoint(_: str) -> bool:
-        st = out / "checkpoint" / "trainer_state.json"
-        return is_complete(out / "checkpoint") and st.exists()
+        return latest_checkpoint(out) is not None
 
     k = kill_when([*args, f"output_dir={out}"], after_first_checkpoint)
     assert k.killed, k.stderr[-2000:]
     assert not (out / "critic").exists() and not (out / "metrics.json").exists()
-    killed_epoch = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["epoch"]
+    killed_epoch = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["position"][
+        "epoch"
+    ]
     assert killed_epoch < 6
     # a plain re-run refuses to clobber the interrupted run; --resume continues it
     r = run_digiq(*args, f"output_dir={out}")
@@ -274,7 +276,7 @@ def _json_or_none(path: Path) -> dict | None:
         return None
 
 
-def _safetensors_equal(a: Path, b: Path) -> list[str]:
+def _safetensors_differing(a: Path, b: Path) -> list[str]:
     """Names of the .safetensors files under ``a`` whose tensors differ (bitwise) from ``b``'s."""
     from safetensors.torch import load_file
 
@@ -302,11 +304,11 @@ def test_finetune_vlm_sigkill_then_resume_is_bitwise_equal(sim_dataset: Path, tm
     assert "resumed from" in r.stderr
     assert run_digiq(*args, f"output_dir={ref}").returncode == 0
     # weights of the final model and of every checkpoint (weights, Adam moments, RNG): bitwise
-    assert not _safetensors_equal(ref / "model", out / "model")
+    assert not _safetensors_differing(ref / "model", out / "model")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
         p.name for p in (ref / "checkpoints").iterdir()
     )
-    assert not _safetensors_equal(ref / "checkpoints", out / "checkpoints")
+    assert not _safetensors_differing(ref / "checkpoints", out / "checkpoints")
     ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (out, ref))
     ma.pop("seconds"), mb.pop("seconds")
     assert ma == mb  # held-out accuracy/AUC/loss/confusion identical
@@ -316,27 +318,28 @@ def test_finetune_vlm_sigkill_then_resume_is_bitwise_equal(sim_dataset: Path, tm
 
 
 # --------------------------------------------------------------------------------------------------
-# train-bc / extract-policy: <out>/checkpoint every train.save_every steps (digiq.utils.checkpoint)
+# train-bc / extract-policy: <out>/checkpoints/step-N every train.save_every steps (digiq.training.checkpoint)
 # --------------------------------------------------------------------------------------------------
 
 
 def _policy_kill_resume(args: list[str], out: Path, ref: Path, kill_step: int, total: int) -> None:
     def ready(_: str) -> bool:
-        st = _json_or_none(out / "checkpoint" / "trainer_state.json")
-        return is_complete(out / "checkpoint") and st is not None and st["step"] >= kill_step
+        ck = latest_checkpoint(out)
+        st = None if ck is None else _json_or_none(ck / "trainer_state.json")
+        return st is not None and st["step"] >= kill_step
 
     k = kill_when([*args, f"output_dir={out}"], ready)
     assert k.killed, k.stderr[-2000:]
-    killed_at = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+    killed_at = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["step"]
     assert killed_at < total, "the kill came after the last step: nothing left to resume"
     assert not is_complete(out / "policy") and not (out / "metrics.json").exists()
     r = run_digiq(*args, f"output_dir={out}", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {killed_at} / {total}" in r.stderr  # it continued, it did not start over
     assert run_digiq(*args, f"output_dir={ref}").returncode == 0
-    assert not _safetensors_equal(ref / "policy", out / "policy")  # the exported policy: bitwise
-    assert not _safetensors_equal(ref / "checkpoint", out / "checkpoint")  # weights, Adam, RNG
-    sa, sb = (json.loads((p / "checkpoint" / "trainer_state.json").read_text()) for p in (out, ref))
+    assert not _safetensors_differing(ref / "policy", out / "policy")  # the exported policy: bitwise
+    assert not _safetensors_differing(ref / "checkpoints", out / "checkpoints")  # weights, Adam, RNG
+    sa, sb = (json.loads((latest_checkpoint(p) / "trainer_state.json").read_text()) for p in (out, ref))
     assert sa == sb
     loss = [{r["step"]: r["train/loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())
              if "train/loss" in r} for p in (out, ref)]  # fmt: skip
@@ -373,7 +376,7 @@ def test_pipeline_sigkill_mid_stage_then_resume(tmp_path: Path) -> None:
     critic = out / FOLDERS["train_critic"]
 
     def in_train_critic(_: str) -> bool:  # epoch 1 of 2 checkpointed, the stage not finished
-        return is_complete(critic / "checkpoint") and not is_complete(critic)
+        return latest_checkpoint(critic) is not None and not is_complete(critic)
 
     k = kill_when(args, in_train_critic, timeout=540)
     assert k.killed, k.stderr[-2000:]

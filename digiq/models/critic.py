@@ -28,8 +28,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+from digiq.data.features import FeatureCache
+from digiq.data.transitions import check_candidate_counts
 from digiq.errors import DataError
 from digiq.utils.io import atomic_save_safetensors, atomic_write_json, require_complete, staged_dir
 
@@ -210,8 +213,6 @@ def save_critic(
 
 def load_critic(path: str | Path, device: str | torch.device = "cpu") -> Critic:
     """Rebuild a critic written by :func:`save_critic`."""
-    from safetensors.torch import load_file
-
     path = require_complete(path, "critic")
     meta = json.loads((path / CONFIG_FILE).read_text())
     critic = Critic(CriticArch.from_json(meta["arch"]))
@@ -226,3 +227,42 @@ def load_critic(path: str | Path, device: str | torch.device = "cpu") -> Critic:
 def critic_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON written next to a saved critic (arch + whatever the trainer added, e.g. gamma)."""
     return json.loads((Path(path) / CONFIG_FILE).read_text())
+
+
+def resolve_critic_dir(path: str | Path) -> Path:
+    """A :func:`save_critic` folder, or a train-critic output_dir holding one in ``critic/``."""
+    p = Path(path)
+    if (p / CONFIG_FILE).exists():
+        return p
+    if (p / "critic" / CONFIG_FILE).exists():
+        return p / "critic"
+    raise DataError(f"critic not found: {p} holds neither {CONFIG_FILE} nor critic/{CONFIG_FILE}")
+
+
+def open_critic_and_features(
+    critic_dir: str | Path,
+    features: str | Path,
+    ds: Any,
+    dataset: str | Path,
+    candidates: list[list[str]] | None = None,
+) -> tuple[Critic, FeatureCache, dict[str, Any]]:
+    """A trained critic and the feature cache it will score, checked against the dataset ``ds``.
+
+    The checks train-critic makes before training, made again before a critic is used: the cache belongs to
+    this dataset (row count and Arrow fingerprint), its N fits the candidate lists (when given), and its
+    widths are the critic's, so a mismatch is a DataError naming both sides instead of a matmul shape error
+    or, worse, silently scoring another dataset's features. Returns ``(critic, cache, critic metadata)``.
+    """
+    cdir = resolve_critic_dir(critic_dir)
+    cache = FeatureCache.open(features)
+    cache.check_against(len(ds), dataset_path=dataset, fingerprint=getattr(ds, "_fingerprint", None))
+    if candidates is not None:
+        check_candidate_counts(candidates, cache.num_candidates, dataset, features, ds)
+    critic = load_critic(cdir)
+    if (cache.state_dim, cache.action_dim) != (critic.arch.state_dim, critic.arch.action_dim):
+        raise DataError(
+            f"feature dims of {features} (state {cache.state_dim}, action {cache.action_dim}) do not match "
+            f"the critic {cdir} (state {critic.arch.state_dim}, action {critic.arch.action_dim}); "
+            "was the cache made with another model/layer than the critic was trained on?"
+        )
+    return critic, cache, critic_metadata(cdir)

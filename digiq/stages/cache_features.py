@@ -286,7 +286,7 @@ def run(cfg: Config) -> dict:
     from digiq.data.schema import load_dataset
     from digiq.models.featurize import Featurizer, resolve_layer
     from digiq.models.vlm import load_vlm
-    from digiq.utils.dist import make_accelerator
+    from digiq.training.accelerator import make_accelerator
 
     cfg.validate()
     out = Path(cfg.output_dir)

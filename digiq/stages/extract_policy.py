@@ -12,7 +12,7 @@ official actor, digiq_official.md section 3: invalid candidates get A = 0, A cla
 0.05 WebShop / 0.10 general). The critic is frozen, so the selection is computed once, before training (the
 official re-scores 16 resampled indices per batch, the same set for every row; with all N scored at once
 the result is the same selection without the sampling noise). Training is cross-entropy on the selected
-action's tokens starting from pi_beta (:func:`digiq.stages.train_bc.fit_policy`), logging the token KL to
+action's tokens starting from pi_beta (:func:`digiq.training.policy_loop.fit_policy`), logging the token KL to
 pi_beta. ``loss: awr`` weights the best candidate of every state by ``exp(A / awr_beta)`` instead (the
 official ``awr`` knob uses beta = 0.01).
 
@@ -32,23 +32,23 @@ import numpy as np
 import torch
 
 from digiq.actions import parse_action
-from digiq.config import LoraConfig, WandbConfig, check, save_config, to_dict
+from digiq.config import LoraConfig, ModelConfig, WandbConfig, check, save_config, to_dict
 from digiq.data.schema import load_dataset, undecoded_view
 from digiq.errors import DataError
-from digiq.models.policy import best_of_n, save_policy
-from digiq.stages.train_bc import (
-    POLICY_DIR,
-    PolicyExamples,
-    PolicyOptimConfig,
-    TrainLoopConfig,
-    fit_policy,
-    prepare_output,
-)
+from digiq.models.critic import open_critic_and_features
+from digiq.models.policy import best_of_n, read_spec, save_policy
+from digiq.models.vlm import load_vlm
+from digiq.sim.device import SimDevice
+from digiq.training.accelerator import make_accelerator
+from digiq.training.checkpoint import load_checkpoint
+from digiq.training.output import begin_output, check_output, finish_output
+from digiq.training.policy_loop import PolicyExamples, PolicyOptimConfig, TrainLoopConfig, fit_policy
 from digiq.utils.io import atomic_save_safetensors, atomic_write_json
 from digiq.utils.logging import MetricsLogger, get_logger
 from digiq.utils.seed import set_seed
 
 log = get_logger(__name__)
+POLICY_DIR = "policy"
 
 
 @dataclasses.dataclass
@@ -87,8 +87,10 @@ class Config:
     # Log the token-level KL(pi || pi_beta) on training batches (keeps a frozen copy of pi_beta in memory).
     log_kl: bool = True
     seed: int = 0
+    # Continue from the newest checkpoint in output_dir (set by --resume).
     resume: bool = False
-    overwrite: bool = True
+    # Replace a finished (or interrupted) run in output_dir instead of refusing it.
+    overwrite: bool = False
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
     def validate(self) -> None:
@@ -130,42 +132,20 @@ def candidate_table(candidates: list[list[str]], actions: list[str], n: int, sou
 def critic_scores(
     critic_path: str,
     features: str,
-    num_rows: int,
+    ds: Any,
+    dataset: str,
     n: int,
+    candidates: list[list[str]],
     chunk: int = 4096,
-    ds: Any = None,
-    dataset: str = "dataset",
-    candidates: list[list[str]] | None = None,
-):
-    """(q (R, n), v (R,), feature-valid (R, n)) from a trained critic on the cached features.
-
-    With ``ds``/``candidates`` the cache is checked against the dataset like train-critic does (fingerprint,
-    N vs the candidate lists) and its widths against the critic's, so a mismatched cache is a DataError
-    naming both sides instead of a matmul shape error (or silently scoring other candidates' features).
-    """
-    from digiq.data.features import FeatureCache
-    from digiq.models.critic import load_critic
-    from digiq.stages.train_critic import check_candidate_counts
-
-    cache = FeatureCache.open(features)
-    cache.check_against(
-        num_rows,
-        dataset_path=dataset,
-        fingerprint=getattr(ds, "_fingerprint", None) if ds is not None else None,
-    )
-    if candidates is not None:
-        check_candidate_counts(candidates, cache.num_candidates, dataset, features, ds)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q (R, n), v (R,), feature-valid (R, n)) from a trained critic on the cached features, after the
+    checks of :func:`digiq.models.critic.open_critic_and_features`."""
+    critic, cache, _ = open_critic_and_features(critic_path, features, ds, dataset, candidates)
     if cache.num_candidates < n:
         raise DataError(
             f"{features}: the cache holds {cache.num_candidates} candidates per row, fewer than {n}"
         )
-    critic = load_critic(critic_path)
-    if (cache.state_dim, cache.action_dim) != (critic.arch.state_dim, critic.arch.action_dim):
-        raise DataError(
-            f"feature dims of {features} (state {cache.state_dim}, action {cache.action_dim}) do not match "
-            f"the critic {critic_path} (state {critic.arch.state_dim}, action {critic.arch.action_dim}); "
-            "was the cache made with another model/layer than the critic was trained on?"
-        )
+    num_rows = len(ds)
     qs, vs = [], []
     for s in range(0, num_rows, chunk):
         qs.append(critic.q(cache.actions[s : s + chunk, :n].float()))
@@ -176,8 +156,6 @@ def critic_scores(
 
 def q_star_scores(state_keys: list[str], table: list[list[str]], gamma: float, valid: torch.Tensor):
     """Exact Q* of the simulated device; V = mean Q* over the state's valid candidates."""
-    from digiq.sim.device import SimDevice
-
     dev = SimDevice()
     q = torch.zeros(len(table), len(table[0]))
     for i, (key, cands) in enumerate(zip(state_keys, table)):
@@ -216,13 +194,11 @@ def select(
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    from digiq.config import ModelConfig
-    from digiq.models.policy import read_spec
-    from digiq.models.vlm import load_vlm
-
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
-    prepare_output(out, cfg.resume, cfg.overwrite, "extract-policy")
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
+    is_main = accelerator.is_main_process
+    resume_from = check_output(out, cfg.resume, cfg.overwrite, "extract-policy")
     set_seed(cfg.seed)
     ds = load_dataset(cfg.dataset)
     cols = ds.select_columns(["action", "candidates", "state_key"])
@@ -232,13 +208,7 @@ def run(cfg: Config) -> dict[str, Any]:
     valid = torch.tensor([[parse_action(a).is_valid for a in row] for row in table], dtype=torch.bool)
     if cfg.scorer == "critic":
         q, v, fvalid = critic_scores(
-            cfg.critic,
-            cfg.features,
-            len(ds),
-            n,
-            ds=ds,
-            dataset=str(cfg.dataset),
-            candidates=list(cols["candidates"]),
+            cfg.critic, cfg.features, ds, str(cfg.dataset), n, list(cols["candidates"])
         )
         valid &= fvalid
     else:
@@ -250,11 +220,18 @@ def run(cfg: Config) -> dict[str, Any]:
         raise DataError(
             f"no state passes the advantage filter (threshold={cfg.threshold}); lower threshold or check the critic"
         )
-    save_config(cfg, out)
-    atomic_save_safetensors(
-        {"index": torch.as_tensor(index), "advantage": torch.as_tensor(adv), "q": q.float(), "v": v.float()},
-        out / "selection.safetensors",
-    )
+    begin_output(out, cfg.overwrite, accelerator)
+    if is_main:
+        save_config(cfg, out)
+        atomic_save_safetensors(
+            {
+                "index": torch.as_tensor(index),
+                "advantage": torch.as_tensor(adv),
+                "q": q.float(),
+                "v": v.float(),
+            },
+            out / "selection.safetensors",
+        )
     targets = [table[int(r)][int(index[int(r)])] for r in rows]
     examples = PolicyExamples(
         undecoded_view(ds, ["screenshot", "observation"]),
@@ -267,37 +244,44 @@ def run(cfg: Config) -> dict[str, Any]:
     model, processor = load_vlm(ModelConfig(name_or_path=cfg.init_policy), cfg.lora, for_training=True)
     spec = read_spec(cfg.init_policy)
     ref = load_vlm(ModelConfig(name_or_path=cfg.init_policy))[0] if cfg.log_kl else None
-    logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=True, resume=cfg.resume)
-    logger.log({f"select/{k}": x for k, x in stats.items()}, 0)
+    resume_step = load_checkpoint(resume_from).step if resume_from else None
+    logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=is_main, resume_step=resume_step)
+    if resume_from is None:
+        logger.log({f"select/{k}": x for k, x in stats.items()}, 0)
     metrics: dict[str, Any] = dict(stats)
-    metrics.update(
-        fit_policy(
-            model,
-            processor,
-            spec,
-            examples,
-            out,
-            cfg.train,
-            cfg.optim,
-            cfg.seed,
-            cfg.resume,
-            logger,
-            ref,
-            desc="extract-policy",
-        )
+    model, fit = fit_policy(
+        accelerator,
+        model,
+        processor,
+        spec,
+        examples,
+        out,
+        cfg.train,
+        cfg.optim,
+        cfg.seed,
+        resume_from,
+        logger,
+        ref,
+        desc="extract-policy",
     )
-    extra = {
-        "stage": "extract-policy",
-        "scorer": cfg.scorer,
-        "threshold": cfg.threshold,
-        "num_candidates": n,
-        "loss": cfg.loss,
-        "init_policy": cfg.init_policy,
-    }
-    save_policy(model, processor, out / POLICY_DIR, spec, extra)
+    metrics.update(fit)
     metrics["seconds"] = time.perf_counter() - t0
-    logger.log({f"final/{k}": x for k, x in metrics.items()}, int(metrics["steps"]))
+    if is_main:
+        extra = {
+            "stage": "extract-policy",
+            "scorer": cfg.scorer,
+            "threshold": cfg.threshold,
+            "num_candidates": n,
+            "loss": cfg.loss,
+            "init_policy": cfg.init_policy,
+        }
+        save_policy(model, processor, out / POLICY_DIR, spec, extra)
+        logger.log({f"final/{k}": x for k, x in metrics.items()}, int(metrics["steps"]))
+        atomic_write_json(out / "metrics.json", metrics)
+        finish_output(out, {"steps": int(metrics["steps"])})
+        log.info(
+            "extract-policy: kept %.3f of states, policy at %s", stats["kept_fraction"], out / POLICY_DIR
+        )
     logger.finish()
-    atomic_write_json(out / "metrics.json", metrics)
-    log.info("extract-policy: kept %.3f of states, policy at %s", stats["kept_fraction"], out / POLICY_DIR)
+    accelerator.wait_for_everyone()
     return metrics

@@ -3,28 +3,28 @@
 Digi-Q's off-the-shelf VLM features make the critic ignore the action (paper: 31.9% vs 58.0% on Web
 Shopping); this stage teaches the VLM which actions matter before its features are frozen for Stage 2.
 For each dataset row we build the prompt for (s_t, goal, previous action, dataset action), label it with
-:func:`digiq.data.labels.screen_changed` (s_t vs s_{t+1}, eps 30 at 0.25x, construct_sft_data.py:23-37) and
+:func:`digiq.data.labels.screen_changed` (s_t vs s_{t+1}, eps 30 at 0.25x; DigiRL-agent/digiq @ 8181379,
+``construct_sft_data.py:23-37``) and
 train cross-entropy on the answer token "Yes"/"No" at the last prompt position.
 
     digiq finetune-vlm --config configs/finetune-vlm/tiny.yaml dataset=data/sim output_dir=runs/vlm
     digiq finetune-vlm --config configs/finetune-vlm/tiny.yaml output_dir=runs/vlm --resume
-    accelerate launch --config_file configs/accelerate/ddp_4gpu.yaml -m digiq finetune-vlm \\
+    accelerate launch --config_file configs/accelerate/ddp_multi_gpu.yaml -m digiq finetune-vlm \\
         --config configs/finetune-vlm/llava-1.5-7b.yaml dataset=data/aitw output_dir=runs/vlm7b
 
 Outputs (``output_dir``): ``config.yaml``, ``metrics.jsonl`` (+ wandb, offline by default),
-``checkpoints/step-N/`` (trainable weights, optimizer, scheduler, RNG as safetensors; step and data
-position in JSON), ``model/`` (``save_pretrained`` model + processor, loadable with ``load_vlm``),
+``checkpoints/step-N/`` (trainable weights, optimizer, scheduler, RNG and data position: the layout of
+:mod:`digiq.training.checkpoint`), ``model/`` (``save_pretrained`` model + processor, loadable with ``load_vlm``),
 ``metrics.json`` (final held-out accuracy / AUC / confusion matrix, majority baseline, time), and
 ``_COMPLETE`` once everything is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -32,12 +32,30 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
 
+from digiq.actions import ActionType, parse_action
 from digiq.config import LoraConfig, ModelConfig, OptimConfig, WandbConfig, check, save_config, to_dict
+from digiq.data.labels import label_stats, screen_changed
+from digiq.data.schema import (
+    decode_batch,
+    iter_decoded_rows,
+    load_dataset,
+    split_by_trajectory,
+    undecoded_view,
+)
 from digiq.errors import DataError
-from digiq.utils.io import atomic_write_json, is_complete, mark_complete, staged_dir
+from digiq.models.prompts import make_inputs, previous_action_from_observation, yes_no_token_ids
+from digiq.models.vlm import answer_logits, load_vlm, save_vlm
+from digiq.training.accelerator import make_accelerator
+from digiq.training.checkpoint import load_checkpoint, save_checkpoint, trainable_state
+from digiq.training.data_order import epoch_order
+from digiq.training.output import begin_output, check_output, finish_output
+from digiq.training.schedule import make_scheduler
+from digiq.utils.io import atomic_write_json, staged_dir
 from digiq.utils.logging import MetricsLogger, get_logger
-from digiq.utils.seed import rng_state, set_rng_state, set_seed
+from digiq.utils.seed import set_seed
 
 log = get_logger(__name__)
 
@@ -171,9 +189,6 @@ class Stage1Data:
     """Rows of a dataset with their screen-change labels; builds model inputs for index batches."""
 
     def __init__(self, path: str, eps: float, scale: float, processor: Any, rendering: str) -> None:
-        from digiq.data.labels import screen_changed
-        from digiq.data.schema import iter_decoded_rows, load_dataset, undecoded_view
-
         self.path = path
         self.ds = load_dataset(path)
         self.processor = processor
@@ -188,9 +203,6 @@ class Stage1Data:
         self.kinds = np.asarray([action_kind(a) for a in self.ds["action"]])
 
     def batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        from digiq.data.schema import decode_batch
-        from digiq.models.prompts import make_inputs, previous_action_from_observation
-
         got = decode_batch(self.view[[int(r) for r in rows]], self.path)
         inputs = make_inputs(
             self.processor,
@@ -205,8 +217,6 @@ class Stage1Data:
 
 def action_kind(action: str) -> str:
     """The action's type for per-type metrics: ``tap``, ``swipe``, ``type``, ``press_back``, ..."""
-    from digiq.actions import ActionType, parse_action
-
     a = parse_action(action)
     if a.type is ActionType.DUAL_POINT:
         return "tap" if a.is_tap else "swipe"
@@ -240,102 +250,16 @@ def param_groups(model: torch.nn.Module, lr: float, vision_lr_scale: float) -> l
     return [{"params": rest, "lr": lr}, {"params": vision, "lr": lr * vision_lr_scale}]
 
 
-def epoch_order(train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
-    """The training rows in epoch ``epoch``'s order (a pure function: resume replays it exactly)."""
-    rng = np.random.default_rng([seed, epoch])
-    return train_rows[rng.permutation(len(train_rows))]
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``opt.state_dict()`` into safetensors-able tensors and a JSON-able rest (no pickles)."""
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, float]] = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu()
-            else:
-                scalars.setdefault(str(pid), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(
-    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    for pid, sc in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(sc)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def save_checkpoint(
-    ckpt_root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, position: dict
-) -> Path:
-    """``checkpoints/step-N/``: weights.safetensors (trainable params), optimizer.safetensors +
-    optimizer.json, rng.safetensors, state.json (step, data position, scheduler)."""
-    from safetensors.torch import save_file
-
-    final = ckpt_root / f"step-{step}"
-    with staged_dir(final, overwrite=True) as tmp:
-        save_file(_trainable_state(model), str(tmp / "weights.safetensors"))
-        opt_tensors, opt_meta = _optimizer_tensors(opt)
-        save_file({k: v.contiguous() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
-        atomic_write_json(tmp / "optimizer.json", opt_meta)
-        save_file(rng_state(), str(tmp / "rng.safetensors"))
-        atomic_write_json(tmp / "state.json", {"step": step, **position, "scheduler": sched.state_dict()})
-    return final
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = [p for p in ckpt_root.glob("step-*") if is_complete(p)] if ckpt_root.is_dir() else []
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
-
-
-def _prune(ckpt_root: Path, keep: int) -> None:
-    done = sorted(
-        (p for p in ckpt_root.glob("step-*") if is_complete(p)), key=lambda p: int(p.name.split("-")[1])
-    )
-    for p in done[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # The recipe
 # --------------------------------------------------------------------------------------------------
 
 
-def _lr_lambda(total: int, warmup: int, kind: str):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        prog = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * prog)) if kind == "cosine" else 1.0 - prog
-
-    return f
-
-
 @torch.no_grad()
 def evaluate(
-    model, data: Stage1Data, rows: np.ndarray, accelerator, yes_id: int, no_id: int, bs: int
+    model: Any, data: Stage1Data, rows: np.ndarray, accelerator: Accelerator, yes_id: int, no_id: int, bs: int
 ) -> dict:
     """Held-out accuracy, AUC, confusion matrix and loss; rows are sharded over processes and gathered."""
-    from digiq.models.vlm import answer_logits
-
     model.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
     per = math.ceil(len(rows) / world)
@@ -382,33 +306,12 @@ def evaluate(
 
 
 def run(cfg: Config) -> dict:
-    from digiq.data.labels import label_stats
-    from digiq.data.schema import split_by_trajectory
-    from digiq.models.prompts import yes_no_token_ids
-    from digiq.models.vlm import answer_logits, load_vlm, save_vlm
-    from digiq.utils.dist import make_accelerator
-
     t0 = time.time()
     out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
     accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, find_unused_parameters=True)
     main = accelerator.is_main_process
-    if not cfg.resume and out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise FileExistsError(
-                f"{out} is not empty: pass --resume to continue it or overwrite=true to replace it"
-            )
-        accelerator.wait_for_everyone()
-        if main:
-            shutil.rmtree(out)
-    accelerator.wait_for_everyone()
-    resume_from = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        log.warning("resume: no finished checkpoint under %s, starting from scratch", ckpt_root)
+    resume_from = check_output(out, cfg.resume, cfg.overwrite, "finetune-vlm")
     set_seed(cfg.seed)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
 
     model, processor = load_vlm(cfg.model, lora=cfg.lora, for_training=True)
     yes_id, no_id = yes_no_token_ids(processor)
@@ -420,6 +323,11 @@ def run(cfg: Config) -> dict:
         val_rows = val_rows[: cfg.max_val_rows]
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise DataError(f"{cfg.dataset}: need trajectories in both the train and held-out split")
+    world = accelerator.num_processes
+    global_bs = cfg.batch_size * world
+    batches_per_epoch = len(train_rows) // global_bs  # drop the ragged tail: equal work on every rank
+    if batches_per_epoch == 0:
+        raise DataError(f"{cfg.dataset}: {len(train_rows)} training rows < one global batch of {global_bs}")
     tr_stats, va_stats = label_stats(data.labels[train_rows]), label_stats(data.labels[val_rows])
     # Class balance before training (the majority baseline is the accuracy to beat).
     log.info(
@@ -433,6 +341,9 @@ def run(cfg: Config) -> dict:
         100 * va_stats["positive_fraction"],
         va_stats["majority_accuracy"],
     )
+    begin_output(out, cfg.overwrite, accelerator)
+    if main:
+        save_config(cfg, out)
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -443,42 +354,26 @@ def run(cfg: Config) -> dict:
         weight_decay=cfg.optim.weight_decay,
         betas=cfg.optim.betas,
     )
-    world = accelerator.num_processes
-    global_bs = cfg.batch_size * world
-    batches_per_epoch = len(train_rows) // global_bs  # drop the ragged tail: equal work on every rank
-    if batches_per_epoch == 0:
-        raise DataError(f"{cfg.dataset}: {len(train_rows)} training rows < one global batch of {global_bs}")
     steps_per_epoch = batches_per_epoch // cfg.grad_accum
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    warmup = int(cfg.optim.warmup_ratio * total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, warmup, cfg.optim.scheduler))
+    sched = make_scheduler(opt, cfg.optim.scheduler, total_steps, cfg.optim.warmup_ratio)
 
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume_from is not None:
-        from safetensors.torch import load_file
-
-        state = json.loads((resume_from / "state.json").read_text())
-        weights = load_file(str(resume_from / "weights.safetensors"))
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
-        if missing:
-            raise DataError(
-                f"{resume_from}: checkpoint lacks trainable parameter(s) {missing[:3]}: different model?"
-            )
-        model.load_state_dict(weights, strict=False)
-        _load_optimizer(
-            opt,
-            load_file(str(resume_from / "optimizer.safetensors")),
-            json.loads((resume_from / "optimizer.json").read_text()),
-        )
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(load_file(str(resume_from / "rng.safetensors")))
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        ck = load_checkpoint(resume_from)
+        ck.restore_trainable(model)
+        ck.restore_optimizer(opt)
+        ck.restore_scheduler(sched)
+        ck.restore_rng()
+        step, epoch, batch_in_epoch = ck.step, ck.position["epoch"], ck.position["batch_in_epoch"]
         log.info("resumed from %s: step %d, epoch %d, batch %d", resume_from, step, epoch, batch_in_epoch)
 
     model, opt = accelerator.prepare(model, opt)
-    logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=main, resume=resume_from is not None)
+    logger = MetricsLogger(
+        out, cfg.wandb, to_dict(cfg), enabled=main, resume_step=step if resume_from is not None else None
+    )
     log.info(
         "%s: %d trainable params; effective batch %d = %d x %d processes x %d accum; %d steps",
         cfg.model.name_or_path,
@@ -490,16 +385,11 @@ def run(cfg: Config) -> dict:
         total_steps,
     )
 
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=total_steps, initial=step, desc="finetune-vlm", disable=not (main and cfg.progress))
     rank = accelerator.process_index
     last_eval: dict = {}
     marks = {"eval": -1, "ckpt": -1}  # the step of the last eval / checkpoint
     running: list[float] = []
-
-    def position() -> dict:
-        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
 
     def checkpoint() -> None:
         if marks["ckpt"] == step:
@@ -507,19 +397,10 @@ def run(cfg: Config) -> dict:
         marks["ckpt"] = step
         accelerator.wait_for_everyone()
         if main:
-            save_checkpoint(
-                ckpt_root,
-                step,
-                unwrap_for_save(),
-                opt.optimizer if hasattr(opt, "optimizer") else opt,
-                sched,
-                position(),
-            )
-            _prune(ckpt_root, cfg.keep_checkpoints)
+            weights = {"model": trainable_state(accelerator.unwrap_model(model))}
+            position = {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
+            save_checkpoint(out, step, weights, opt, sched, position, keep=cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
-
-    def unwrap_for_save():
-        return accelerator.unwrap_model(model)
 
     def do_eval() -> dict:
         marks["eval"] = step
@@ -539,10 +420,11 @@ def run(cfg: Config) -> dict:
         return res
 
     while step < total_steps and epoch < cfg.epochs:
-        order = epoch_order(train_rows, cfg.seed, epoch)
+        order = train_rows[epoch_order(len(train_rows), cfg.seed, epoch)]
         while batch_in_epoch + cfg.grad_accum <= batches_per_epoch and step < total_steps:
             opt.zero_grad(set_to_none=True)
             loss_sum = 0.0
+            lr = opt.param_groups[0]["lr"]  # the rate of this update (the scheduler moves it after the step)
             for micro in range(cfg.grad_accum):
                 b = batch_in_epoch + micro
                 rows = order[
@@ -550,8 +432,9 @@ def run(cfg: Config) -> dict:
                 ]
                 inputs, y = data.batch(rows)
                 inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
-                ctx = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else _null()
-                with ctx, accelerator.autocast():
+                last = micro == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
                     logits = answer_logits(model, inputs)
                     loss = yes_no_loss(logits, y.to(logits.device), yes_id, no_id) / cfg.grad_accum
                 accelerator.backward(loss)
@@ -566,7 +449,7 @@ def run(cfg: Config) -> dict:
             running.append(loss_sum)
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
-                logger.log({"train/loss": float(np.mean(running)), "train/lr": sched.get_last_lr()[0]}, step)
+                logger.log({"train/loss": float(np.mean(running)), "train/lr": lr}, step)
                 bar.set_postfix(loss=f"{np.mean(running):.4f}")
                 running = []
             if cfg.eval_every and step % cfg.eval_every == 0:
@@ -602,7 +485,7 @@ def run(cfg: Config) -> dict:
     }
     accelerator.wait_for_everyone()
     if main:
-        final = unwrap_for_save()
+        final = accelerator.unwrap_model(model)
         with staged_dir(out / "model", overwrite=True) as tmp:
             save_vlm(
                 final,
@@ -613,8 +496,7 @@ def run(cfg: Config) -> dict:
                 tiny_seed=cfg.model.tiny_seed,
             )
         atomic_write_json(out / "metrics.json", summary)
-        logger.finish()
-        mark_complete(out, {"steps": step})
+        finish_output(out, {"steps": step})
         log.info(
             "done in %.0fs: held-out accuracy %.4f (majority %.4f), AUC %.4f -> %s",
             elapsed,
@@ -623,13 +505,6 @@ def run(cfg: Config) -> dict:
             summary["heldout_auc"],
             out / "model",
         )
+    logger.finish()
     accelerator.wait_for_everyone()
     return summary
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -270,11 +270,13 @@ def run(cfg: Config) -> dict[str, Any]:
             log.info("[%s] complete at %s: skipped", name, folder)
             continue
         scfg = stage_cfgs[name]
-        if hasattr(scfg, "overwrite"):
-            scfg.overwrite = True
-        if folder.exists() and hasattr(scfg, "resume") and not forced:
+        resumable = hasattr(scfg, "resume") and folder.exists() and not forced
+        if resumable:
             scfg.resume = True  # a folder without its marker: a killed run of this stage
             log.info("[%s] resuming the unfinished run in %s", name, folder)
+        elif hasattr(scfg, "overwrite"):
+            # forced, or a killed run of a stage that cannot resume: its old output goes
+            scfg.overwrite = True
         log.info("[%s] running -> %s", name, folder)
         t0 = time.perf_counter()
         metrics = _run_stage(name, scfg, cfg)

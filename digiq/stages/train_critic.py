@@ -6,7 +6,7 @@
     digiq train-critic ... --resume                                       # continue from the last epoch
     accelerate launch --multi_gpu --num_processes 2 -m digiq train-critic ...   # multi-GPU (DDP)
 
-TD (digiq_official.md section 3, ``trainer.py:133-176``)::
+TD (DigiRL-agent/digiq @ 8181379, ``trainer.py:133-176``)::
 
     J_Q = (Q_i(s,a) - r - gamma (1-d) V_targ(s'))^2        J_V = (V_i(s) - Q_targ(s,a'))^2
 
@@ -18,15 +18,15 @@ rewards with ``gamma`` (the official loader also recomputes it, ``offpolicy_trai
 
 All features sit in (device) memory as one tensor; a batch is a tensor gather by sampled row indices.
 Outputs in ``output_dir``: ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` (final validation
-metrics), ``checkpoint/`` (model, target, optimiser as safetensors + ``trainer_state.json``) and the final
-``critic/`` (load with :func:`digiq.models.critic.load_critic`).
+metrics), ``checkpoints/step-N/`` (one per epoch, the layout of :mod:`digiq.training.checkpoint`: critic,
+EMA target, optimiser, scheduler, RNG) and the final ``critic/`` (load with
+:func:`digiq.models.critic.load_critic`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -34,35 +34,29 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from digiq.config import OptimConfig, WandbConfig, check, save_config, to_dict
 from digiq.data.features import FeatureCache
-from digiq.data.schema import (
-    discounted_returns,
-    load_dataset,
-    next_row_index,
-    split_by_trajectory,
-    trajectory_bounds,
-)
+from digiq.data.schema import split_by_trajectory
+from digiq.data.transitions import Transitions, check_candidate_counts, load_transitions
 from digiq.errors import DataError
 from digiq.losses import mc_loss, td_q_loss, td_v_loss
 from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
-from digiq.utils.io import (
-    atomic_save_safetensors,
-    atomic_write_json,
-    atomic_write_text,
-    is_complete,
-    staged_dir,
-)
+from digiq.sim.device import SimDevice
+from digiq.training.accelerator import make_accelerator
+from digiq.training.checkpoint import full_state, load_checkpoint, save_checkpoint
+from digiq.training.output import begin_output, check_output, finish_output
+from digiq.training.schedule import make_scheduler
+from digiq.utils.io import atomic_write_json
 from digiq.utils.logging import MetricsLogger, get_logger
-from digiq.utils.seed import rng_state, set_rng_state, set_seed
+from digiq.utils.seed import set_seed
 from digiq.utils.stats import pearson, spearman
 
 log = get_logger(__name__)
 
 # q_star_fn(state_key, candidate_action_strings, gamma) -> exact Q* per candidate (np.ndarray (N,)).
 QStarFn = Callable[[str, list[str], float], np.ndarray]
-CHECKPOINT_DIR = "checkpoint"
 CRITIC_DIR = "critic"
 
 
@@ -127,10 +121,12 @@ class Config:
     eval_batch_size: int = 4096
     # Log training losses every this many steps.
     log_every: int = 20
+    # Keep the newest this many epoch checkpoints (older ones are deleted).
+    keep_checkpoints: int = 2
     seed: int = 0
-    # Continue from <output_dir>/checkpoint (set by --resume).
+    # Continue from the newest checkpoint in output_dir (set by --resume).
     resume: bool = False
-    # Replace a previous run in output_dir instead of refusing.
+    # Replace a finished (or interrupted) run in output_dir instead of refusing it.
     overwrite: bool = False
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
@@ -142,92 +138,14 @@ class Config:
         check(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
         check(self.batch_size > 0 and self.steps_per_epoch > 0 and self.epochs > 0, "batch/steps/epochs > 0")
         check(self.eval_batch_size > 0 and self.log_every > 0, "eval_batch_size and log_every must be > 0")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         check(all(w > 0 for w in (*self.critic.q_hidden, *self.critic.v_hidden)), "hidden widths must be > 0")
         self.optim.validate("optim")
 
 
 # --------------------------------------------------------------------------------------------------
-# Data
+# Exact-Q* validation data
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Transitions:
-    """Per-row scalars of the dataset (numpy), aligned with the feature cache rows."""
-
-    reward: np.ndarray  # float32 (R,)
-    done: np.ndarray  # float32 (R,), 1 also for the last row of a truncated trajectory
-    mc_return: np.ndarray  # float32 (R,), recomputed with gamma
-    next_idx: np.ndarray  # int64 (R,), the row of s_{t+1}; the row itself where terminal (masked by done)
-    candidates: list[list[str]]
-    state_key: list[str]
-    traj_bounds: list[tuple[int, int]]
-    num_truncated: int = 0
-
-
-def load_transitions(path: str | Path, gamma: float) -> tuple[Transitions, Any]:
-    """Read the scalar columns (never the images) and derive done/next-row/return arrays."""
-    ds = load_dataset(path)
-    cols = ds.select_columns(["traj_id", "step_id", "reward", "done", "candidates", "state_key"])
-    reward = np.asarray(cols["reward"], dtype=np.float32)
-    done = np.asarray(cols["done"], dtype=bool)
-    bounds = trajectory_bounds(cols)
-    next_idx = next_row_index(cols)  # -1 after the last step of each trajectory
-    truncated = 0
-    mc = np.zeros(len(reward), dtype=np.float32)
-    for s, e in bounds:
-        mc[s:e] = discounted_returns(reward[s:e], gamma)
-        if not done[e - 1]:
-            truncated += 1
-    terminal = next_idx < 0
-    done_f = (done | terminal).astype(np.float32)
-    next_idx = np.where(terminal, np.arange(len(reward)), next_idx)
-    tr = Transitions(
-        reward=reward,
-        done=done_f,
-        mc_return=mc,
-        next_idx=next_idx,
-        candidates=list(cols["candidates"]),
-        state_key=list(cols["state_key"]),
-        traj_bounds=bounds,
-        num_truncated=truncated,
-    )
-    return tr, ds
-
-
-def check_candidate_counts(
-    candidates: list[list[str]], n: int, dataset: object, features: object, ds: Any = None
-) -> None:
-    """Raise a DataError unless the feature cache's N fits the dataset's candidate lists.
-
-    cache-features stores N = the longest candidate list (at least 1: the dataset action), padding shorter
-    rows; so a row with more than N candidates, or no row with exactly N, means the cache belongs to other
-    candidates.
-    """
-    sizes = np.asarray([max(1, len(c)) for c in candidates])
-    if len(sizes) == 0:
-        return
-    over = np.flatnonzero(sizes > n)
-    if len(over) or sizes.max() != n:
-        r = int(over[0]) if len(over) else int(np.argmax(sizes))
-        loc = f"row {r}"
-        if ds is not None:
-            ids = ds.select_columns(["traj_id", "step_id"])[r]  # never decode images on the error path
-            loc = f"trajectory {ids['traj_id']}, step {ids['step_id']} (row {r})"
-        raise DataError(
-            f"{dataset}: {loc} has {int(sizes[r])} candidate(s) (longest list: {int(sizes.max())}) but the "
-            f"feature cache {features} holds N={n} per row: it was cached for other candidates; re-run "
-            "`digiq cache-features`"
-        )
-
-
-def _default_q_star_fn() -> QStarFn | None:
-    try:
-        from digiq.sim.device import SimConfig, SimDevice
-    except ImportError:
-        return None
-    dev = SimDevice(SimConfig())
-    return lambda key, actions, gamma: np.asarray(dev.q_star(key, actions, gamma), dtype=np.float64)
 
 
 def q_star_table(
@@ -427,117 +345,36 @@ def qstar_metrics(
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
-
-
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(
-    out: Path, critic: Critic, target: Critic | None, opt: torch.optim.Optimizer, step: int, epoch: int
-) -> None:
-    """``checkpoint/``: model/target/optimizer/rng safetensors + trainer_state.json, replaced atomically."""
-    opt_tensors, opt_meta = _flatten_optimizer(opt)
-    with staged_dir(out / CHECKPOINT_DIR, overwrite=True) as tmp:
-        atomic_save_safetensors(
-            {k: v.detach().cpu() for k, v in critic.state_dict().items()}, tmp / "model.safetensors"
-        )
-        if target is not None:
-            atomic_save_safetensors(
-                {k: v.detach().cpu() for k, v in target.state_dict().items()}, tmp / "target.safetensors"
-            )
-        atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
-        atomic_save_safetensors(rng_state(), tmp / "rng_state.safetensors")
-        atomic_write_json(
-            tmp / "trainer_state.json",
-            {"step": step, "epoch": epoch, "arch": critic.arch.to_json(), "optimizer": opt_meta},
-        )
-
-
-def load_checkpoint_state(out: Path) -> dict[str, Any]:
-    """Read ``checkpoint/`` into plain tensors/dicts (the caller builds modules and checks dims)."""
-    from safetensors.torch import load_file
-
-    ck = out / CHECKPOINT_DIR
-    state = json.loads((ck / "trainer_state.json").read_text())
-    state["model"] = load_file(str(ck / "model.safetensors"))
-    state["target"] = (
-        load_file(str(ck / "target.safetensors")) if (ck / "target.safetensors").exists() else None
-    )
-    state["optimizer_state"] = _unflatten_optimizer(
-        load_file(str(ck / "optimizer.safetensors")), state["optimizer"]
-    )
-    state["rng"] = load_file(str(ck / "rng_state.safetensors"))
-    return state
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metrics.jsonl lines logged after the checkpoint a run resumes from (they will be re-logged)."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError:
-            # A SIGKILL in the middle of an append leaves half a line: drop it (it is re-logged).
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= last_step:
-            keep.append(ln)
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-
-
-def _lr_factor(step: int, total: int, optim: OptimConfig) -> float:
-    warm = int(optim.warmup_ratio * total)
-    if step < warm:
-        return (step + 1) / warm
-    if optim.scheduler == "constant":
-        return 1.0
-    progress = (step - warm) / max(1, total - warm)
-    if optim.scheduler == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# --------------------------------------------------------------------------------------------------
 # Recipe
 # --------------------------------------------------------------------------------------------------
+
+
+def _resume_state(resume_from: Path, arch: CriticArch, features: str) -> tuple[Any, CriticArch]:
+    """The checkpoint to continue from and the critic architecture it was trained with."""
+    ck = load_checkpoint(resume_from)
+    ck_arch = CriticArch.from_json(ck.extra["arch"])
+    if (ck_arch.state_dim, ck_arch.action_dim) != (arch.state_dim, arch.action_dim):
+        raise DataError(
+            f"feature dims of {features} (state {arch.state_dim}, action {arch.action_dim}) do not match "
+            f"the checkpoint in {resume_from} (state {ck_arch.state_dim}, action {ck_arch.action_dim}): "
+            "resume with the features the run started with, or start a new output_dir"
+        )
+    if ck_arch != arch:
+        log.warning("critic settings differ from the checkpoint's; using the checkpoint's %s", ck_arch)
+    return ck, ck_arch
 
 
 def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     """Train the critic; returns the final validation metrics (also written to metrics.json).
 
-    ``q_star_fn`` overrides the exact-Q* source for validation (default: the simulated device, if present).
+    ``q_star_fn`` overrides the exact-Q* source for validation (default: the simulated device).
     """
-    from tqdm.auto import tqdm
-
-    from digiq.utils.dist import make_accelerator
-
     out = Path(cfg.output_dir)
     # Mixed precision is applied by this stage (torch.autocast), not by accelerate: accelerate's state is a
     # process-wide singleton that refuses a second, different mixed_precision in the same process (as an
     # in-process pipeline or test session would ask for). None = keep whatever the process already has.
     accelerator = make_accelerator(
-        mixed_precision=None,  # type: ignore[arg-type]
-        cpu=None if cfg.device == "auto" else cfg.device == "cpu",
+        mixed_precision=None, cpu=None if cfg.device == "auto" else cfg.device == "cpu"
     )
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -547,17 +384,8 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     local_batch = cfg.batch_size // world
     device = accelerator.device
 
-    has_ckpt = is_complete(out / CHECKPOINT_DIR)
-    if has_ckpt and not cfg.resume and not cfg.overwrite:
-        raise FileExistsError(
-            f"{out} already holds a critic run; pass --resume to continue it or overwrite=true to start over"
-        )
-    resuming = cfg.resume and has_ckpt
-    if cfg.resume and not has_ckpt:
-        log.warning("resume requested but %s has no finished checkpoint: starting from scratch", out)
-    set_seed(cfg.seed + rank)
-
-    # ---- inputs -------------------------------------------------------------------------------
+    resume_from = check_output(out, cfg.resume, cfg.overwrite, "train-critic")
+    # ---- inputs (checked before the output folder is touched) ---------------------------------------
     tr, ds = load_transitions(cfg.dataset, cfg.gamma)
     feats = FeatureCache.open(cfg.features)
     # The fingerprint catches a cache made for another dataset of the same length, and the candidate count
@@ -578,6 +406,19 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         raise DataError(
             f"backup_action=candidate needs candidates in the feature cache, {cfg.features} has N=1"
         )
+    arch = CriticArch(
+        state_dim=feats.state_dim,
+        action_dim=feats.action_dim,
+        q_hidden=tuple(cfg.critic.q_hidden),
+        v_hidden=tuple(cfg.critic.v_hidden),
+        layer_norm=cfg.critic.layer_norm,
+        aggregate=cfg.critic.aggregate,
+    )
+    ck = None
+    if resume_from is not None:
+        ck, arch = _resume_state(resume_from, arch, cfg.features)
+    begin_output(out, cfg.overwrite, accelerator)
+    set_seed(cfg.seed + rank)
 
     data = DeviceData(
         state=feats.state.to(device),
@@ -591,39 +432,18 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     del feats
 
     # ---- model ----------------------------------------------------------------------------------
-    arch = CriticArch(
-        state_dim=data.state.shape[1],
-        action_dim=data.actions.shape[2],
-        q_hidden=tuple(cfg.critic.q_hidden),
-        v_hidden=tuple(cfg.critic.v_hidden),
-        layer_norm=cfg.critic.layer_norm,
-        aggregate=cfg.critic.aggregate,
-    )
-    ck: dict[str, Any] | None = None
-    if resuming:
-        ck = load_checkpoint_state(out)
-        ck_arch = CriticArch.from_json(ck["arch"])
-        if (ck_arch.state_dim, ck_arch.action_dim) != (arch.state_dim, arch.action_dim):
-            raise DataError(
-                f"feature dims of {cfg.features} (state {arch.state_dim}, action {arch.action_dim}) do not match "
-                f"the checkpoint in {out / CHECKPOINT_DIR} (state {ck_arch.state_dim}, action {ck_arch.action_dim}): "
-                "resume with the features the run started with, or start a new output_dir"
-            )
-        if ck_arch != arch:
-            log.warning("critic settings differ from the checkpoint's; using the checkpoint's %s", ck_arch)
-        arch = ck_arch
     torch.manual_seed(cfg.seed)  # identical init on every rank
     critic = Critic(arch).to(device)
     train_t = torch.as_tensor(train_rows, device=device)
     if ck is not None:
-        critic.load_state_dict(ck["model"])
+        critic.load_state_dict(ck.weights("model"))
     elif cfg.critic.normalize_inputs:
         s_mean, s_std = feature_stats(data.state, train_t)
         a_mean, a_std = feature_stats(data.actions, train_t)
         critic.set_normalization(s_mean, s_std, a_mean, a_std)
     target = make_target(critic) if cfg.loss == "td" else None
-    if target is not None and ck is not None and ck["target"] is not None:
-        target.load_state_dict(ck["target"])
+    if target is not None and ck is not None and ck.weights("target") is not None:
+        target.load_state_dict(ck.weights("target"))
     opt = torch.optim.Adam(
         critic.parameters(),
         lr=cfg.optim.lr,
@@ -631,11 +451,14 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         weight_decay=cfg.optim.weight_decay,
         foreach=True,
     )
+    total = cfg.epochs * cfg.steps_per_epoch
+    sched = make_scheduler(opt, cfg.optim.scheduler, total, cfg.optim.warmup_ratio)
     start_step, start_epoch = 0, 0
     if ck is not None:
-        opt.load_state_dict(ck["optimizer_state"])
-        set_rng_state(ck["rng"])
-        start_step, start_epoch = int(ck["step"]), int(ck["epoch"])
+        ck.restore_optimizer(opt)
+        ck.restore_scheduler(sched)
+        ck.restore_rng()
+        start_step, start_epoch = ck.step, int(ck.position["epoch"])
     # DDP by hand (not accelerator.prepare) so that no process-wide autocast wrapper is attached to forward.
     model: torch.nn.Module = critic
     if world > 1:
@@ -652,22 +475,17 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     if is_main and cfg.q_star == "auto" and len(val_rows):
         sim_rows = [r for r in val_rows.tolist() if tr.state_key[r] and len(tr.candidates[r]) == N and N >= 2]
         if sim_rows:
-            fn = q_star_fn or _default_q_star_fn()
-            if fn is None:
-                log.warning("simulated rows found but digiq.sim is unavailable: skipping the Q* metrics")
-            else:
-                try:
-                    qs_rows, qs_table = q_star_table(tr, np.asarray(sim_rows), N, cfg.gamma, fn)
-                except Exception as e:  # noqa: BLE001 - a metric source must not kill the training run
-                    log.warning("exact Q* unavailable for these state keys (%s): skipping the Q* metrics", e)
+            fn = q_star_fn or SimDevice().q_star
+            try:
+                qs_rows, qs_table = q_star_table(tr, np.asarray(sim_rows), N, cfg.gamma, fn)
+            except Exception as e:  # noqa: BLE001 - a metric source must not kill the training run
+                log.warning("exact Q* unavailable for these state keys (%s): skipping the Q* metrics", e)
 
-    total = cfg.epochs * cfg.steps_per_epoch
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
-    if is_main and resuming:
-        _truncate_metrics(out / "metrics.jsonl", start_step)
-    logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=is_main, resume=resuming)
+    logger = MetricsLogger(
+        out, cfg.wandb, to_dict(cfg), enabled=is_main, resume_step=start_step if ck is not None else None
+    )
     log.info(
         "critic: %d train / %d val rows, N=%d, Ds=%d, Da=%d, %d params, %d steps on %s x%d",
         len(train_rows), len(val_rows), N, arch.state_dim, arch.action_dim,
@@ -694,15 +512,15 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
                     col = torch.multinomial(valid_cpu[idx_cpu], 1, generator=gen).squeeze(1)
                 col = col.to(device, non_blocking=True)
             idx = idx_cpu.to(device, non_blocking=True)
-            for g in opt.param_groups:
-                g["lr"] = cfg.optim.lr * _lr_factor(step, total, cfg.optim)
+            lr = opt.param_groups[0]["lr"]  # the rate of this update (the scheduler moves it after the step)
             loss, parts = train_step(model, critic, target, opt, data, idx, cfg, col, autocast)
+            sched.step()
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
                 logs = {k: float(v) for k, v in parts.items()}
                 logs["loss"] = float(loss)
-                logs["lr"] = opt.param_groups[0]["lr"]
+                logs["lr"] = lr
                 if not math.isfinite(logs["loss"]):
                     raise DataError(f"critic loss became {logs['loss']} at step {step}: lower optim.lr")
                 logger.log({f"train/{k}": v for k, v in logs.items()}, step)
@@ -712,7 +530,13 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
             metrics = evaluate(critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table)
             metrics.update(epoch=float(epoch + 1))
             logger.log(metrics, step)
-            save_checkpoint(out, critic, target, opt, step, epoch + 1)
+            weights = {"model": full_state(critic)}
+            if target is not None:
+                weights["target"] = full_state(target)
+            save_checkpoint(
+                out, step, weights, opt, sched, position={"epoch": epoch + 1},
+                extra={"arch": arch.to_json()}, keep=cfg.keep_checkpoints,
+            )  # fmt: skip
             shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val_")}
             log.info("epoch %d/%d step %d: %s", epoch + 1, cfg.epochs, step, shown)
         accelerator.wait_for_everyone()
@@ -730,6 +554,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         )  # fmt: skip
         atomic_write_json(out / "metrics.json", {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                                  for k, v in metrics.items()})  # fmt: skip
+        finish_output(out, {"step": step})
         log.info("critic written to %s", out / CRITIC_DIR)
     logger.finish()
     accelerator.wait_for_everyone()

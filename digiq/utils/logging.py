@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from digiq.config import WandbConfig
+from digiq.utils.io import atomic_write_text
 
 _FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -31,6 +32,8 @@ class MetricsLogger:
     """Appends ``{"step": .., **metrics}`` lines to ``<run_dir>/metrics.jsonl`` and mirrors them to wandb.
 
     Construct it on every process; only the main process writes (``enabled=False`` elsewhere).
+    ``resume_step=None`` starts a new file; a resumed run passes the step of its checkpoint, and the lines
+    logged after it (by the run that was killed) are dropped, since they will be logged again.
     """
 
     def __init__(
@@ -39,7 +42,7 @@ class MetricsLogger:
         wandb_cfg: WandbConfig | None = None,
         config: dict[str, Any] | None = None,
         enabled: bool = True,
-        resume: bool = False,
+        resume_step: int | None = None,
     ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -47,8 +50,11 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        resume = resume_step is not None
         if not resume and self.path.exists():
             self.path.unlink()
+        if resume:
+            _truncate(self.path, resume_step)
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
             import wandb
 
@@ -86,6 +92,21 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _truncate(path: Path, last_step: int) -> None:
+    """Drop the lines logged after ``last_step`` (and a line torn by a kill in the middle of an append)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -1,0 +1,15 @@
+"""The training toolkit every trainer shares (train-critic, finetune-vlm, train-bc, extract-policy).
+
+One place for what a trainer needs besides its model and loss:
+
+* :mod:`digiq.training.accelerator`: the one place accelerate is configured;
+* :mod:`digiq.training.output`: the output-folder rule (refuse a used folder unless ``--resume`` or
+  ``overwrite=true``) and the completion marker;
+* :mod:`digiq.training.checkpoint`: one checkpoint layout (``checkpoints/step-N/``: weights, optimizer,
+  scheduler, RNG and data position as safetensors + JSON, no pickles) and bitwise ``--resume``;
+* :mod:`digiq.training.schedule`: one learning-rate schedule (warm-up, then constant / linear / cosine);
+* :mod:`digiq.training.data_order`: the deterministic per-epoch shuffle a resumed run replays;
+* :mod:`digiq.training.policy_loop`: the generative-policy training loop of train-bc and extract-policy.
+
+Stages import this package; it imports ``data``, ``models`` and ``utils`` only, never a stage.
+"""

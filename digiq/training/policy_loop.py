@@ -1,0 +1,255 @@
+"""The generative-policy training loop shared by ``digiq train-bc`` and ``digiq extract-policy``.
+
+Both fine-tune a VLM policy with cross-entropy on target action tokens: train-bc on the dataset actions
+(pi_beta), extract-policy on the Best-of-N selected candidates, starting from pi_beta (optionally weighted
+per row, and logging the token KL to pi_beta). :func:`fit_policy` is that loop: checkpointed every
+``save_every`` steps in the layout of :mod:`digiq.training.checkpoint` and resumable bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import Image as HFImage
+from tqdm.auto import tqdm
+
+from digiq.config import OptimConfig, check
+from digiq.data.schema import decode_batch, decode_image
+from digiq.errors import DataError
+from digiq.models.policy import (
+    PolicySpec,
+    collate_encoded,
+    encode_row,
+    format_action,
+    masked_token_kl,
+    policy_logits,
+    target_ids,
+    weighted_nll,
+)
+from digiq.training.checkpoint import load_checkpoint, save_checkpoint, trainable_state
+from digiq.training.data_order import epoch_order
+from digiq.training.schedule import make_scheduler
+from digiq.utils.logging import MetricsLogger, get_logger
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class PolicyOptimConfig(OptimConfig):
+    """AdamW for the policy; a subclass so partial overrides keep these defaults."""
+
+    # Full fine-tuning of a tiny random VLM learns fast at 1e-3; use ~1e-4 (LoRA) / 1e-5 (full) on real models.
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    scheduler: Literal["cosine", "constant", "linear"] = "cosine"
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainLoopConfig:
+    # Global batch size (split across processes).
+    batch_size: int = 16
+    # Passes over the training rows (fractional allowed); `max_steps` > 0 overrides it.
+    epochs: float = 2.0
+    max_steps: int = 0
+    # Log the training loss every this many optimiser steps.
+    log_every: int = 10
+    # Write <output_dir>/checkpoints/step-N every this many steps (and at the end); resumable with --resume.
+    save_every: int = 200
+    # Keep the newest this many checkpoints (older ones are deleted).
+    keep_checkpoints: int = 2
+    # Mixed precision ('bf16' on recent GPUs).
+    mixed_precision: Literal["no", "bf16"] = "no"
+
+    def validate(self, where: str = "train") -> None:
+        check(self.batch_size > 0, f"{where}.batch_size must be > 0")
+        check(self.epochs > 0 or self.max_steps > 0, f"{where}: epochs or max_steps must be > 0")
+        check(self.log_every > 0 and self.save_every > 0, f"{where}.log_every / save_every must be > 0")
+        check(self.keep_checkpoints >= 1, f"{where}.keep_checkpoints must be >= 1")
+
+
+@dataclasses.dataclass
+class PolicyExamples:
+    """Rows to imitate: the dataset (images decoded lazily), row indices, target action strings, weights."""
+
+    dataset: Any  # a schema.undecoded_view: images are decoded by us, so a broken one names its row
+    rows: np.ndarray  # int64 (M,)
+    targets: list[str]  # AutoUI strings, one per row
+    weights: np.ndarray | None = None  # float32 (M,) or None (= 1)
+    source: str = "dataset"  # the dataset path, named in image errors
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx: Sequence[int]) -> tuple[list, list[str], list[str], np.ndarray | None]:
+        rows = [int(self.rows[i]) for i in idx]
+        got = decode_batch(self.dataset[rows], self.source)
+        w = None if self.weights is None else self.weights[list(idx)]
+        return got["screenshot"], got["observation"], [self.targets[i] for i in idx], w
+
+
+def encode_examples(
+    processor: Any, examples: PolicyExamples, spec: PolicySpec, progress: bool = True
+) -> list[dict[str, torch.Tensor]]:
+    """Every example as model-ready tensors, computed once before training (see :func:`encode_row`).
+
+    Screenshots are decoded once per distinct PNG (the simulated device has a finite set of screens; real
+    data simply has one per row) and rows with the same screenshot share one set of image tensors, so the
+    memory is one pixel tensor per distinct screen plus the token ids.
+    """
+    ds = examples.dataset
+    rows = [int(r) for r in examples.rows]
+    raw = ds.cast_column("screenshot", HFImage(decode=False)).select_columns(["screenshot"])[rows][
+        "screenshot"
+    ]
+    ids = ds.select_columns(["traj_id", "step_id"])[rows]
+    observations = ds.select_columns(["observation"])[rows]["observation"]
+    images: dict[bytes, Any] = {}
+    shared: dict[bytes, dict[str, torch.Tensor]] = {}
+    out: list[dict[str, torch.Tensor]] = []
+    for i in tqdm(range(len(rows)), disable=not progress, desc="encode rows", unit="row"):
+        key = raw[i]["bytes"] or (Path(raw[i]["path"]).read_bytes() if raw[i].get("path") else b"")
+        if key not in images:
+            # decode_image: a missing/corrupt screenshot is a DataError naming trajectory, step and column
+            img = decode_image(raw[i], examples.source, ids["traj_id"][i], ids["step_id"][i], "screenshot")
+            images[key] = img.convert("RGB")
+        text = format_action(examples.targets[i], spec.action_format, spec.precision)
+        enc = encode_row(processor, images[key], observations[i], text, spec)
+        T = int(enc["input_ids"].shape[1])
+        image_keys = [k for k, v in enc.items() if not (v.dim() == 2 and tuple(v.shape) == (1, T))]
+        if key in shared:
+            enc.update(shared[key])
+        else:
+            shared[key] = {k: enc[k] for k in image_keys}
+        out.append(enc)
+    return out
+
+
+def warn_long_targets(processor: Any, spec: PolicySpec, targets: Sequence[str]) -> None:
+    """Warn when a target action is longer than generation may emit (it would be cut at act time)."""
+    lengths = [
+        len(target_ids(processor, format_action(t, spec.action_format, spec.precision), spec))
+        for t in targets
+    ]
+    longest = max(lengths) if lengths else 0
+    if longest > spec.max_new_tokens:
+        log.warning(
+            "the longest target is %d tokens but policy.max_new_tokens=%d: generation will cut such actions",
+            longest,
+            spec.max_new_tokens,
+        )
+
+
+def fit_policy(
+    accelerator: Accelerator,
+    model: Any,
+    processor: Any,
+    spec: PolicySpec,
+    examples: PolicyExamples,
+    out: Path,
+    train: TrainLoopConfig,
+    optim: OptimConfig,
+    seed: int,
+    resume_from: Path | None,
+    logger: MetricsLogger,
+    ref_model: Any = None,
+    desc: str = "train-bc",
+) -> tuple[Any, dict[str, float]]:
+    """Cross-entropy on the target action tokens (weighted per row), checkpointed and resumable.
+
+    With ``ref_model`` (pi_beta) the token-level KL(pi || pi_beta) on the batch is logged every
+    ``log_every`` steps. Returns the trained model (unwrapped) and the final metrics (``loss_first``,
+    ``loss_last``, ``steps``, ...).
+    """
+    is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    n = len(examples)
+    steps_per_epoch = max(1, n // train.batch_size)
+    total = train.max_steps or max(1, int(math.ceil(train.epochs * steps_per_epoch)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    sched = make_scheduler(opt, optim.scheduler, total, optim.warmup_ratio)
+    start = 0
+    if resume_from is not None:
+        ck = load_checkpoint(resume_from)
+        ck.restore_trainable(model)
+        ck.restore_optimizer(opt)
+        ck.restore_scheduler(sched)
+        ck.restore_rng()
+        start = ck.step
+        log.info("resumed from %s at step %d / %d", resume_from, start, total)
+    model.train()
+    model, opt = accelerator.prepare(model, opt)
+    device = accelerator.device
+    if ref_model is not None:
+        ref_model.to(device).eval().requires_grad_(False)
+    if train.batch_size % world:
+        raise DataError(f"train.batch_size {train.batch_size} is not divisible by {world} processes")
+    local_bs = train.batch_size // world
+
+    encoded = encode_examples(processor, examples, spec, progress=is_main)
+    pad_id = processor.tokenizer.pad_token_id
+    bar = tqdm(total=total, initial=start, disable=not is_main, desc=desc)
+    losses: list[float] = []
+    first_loss = None
+    last_kl = float("nan")
+    t0 = time.perf_counter()
+    for step in range(start, total):
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = epoch_order(n, seed, epoch)
+        idx = order[pos * train.batch_size : (pos + 1) * train.batch_size]
+        idx = idx[rank * local_bs : (rank + 1) * local_bs]
+        batch = collate_encoded([encoded[int(i)] for i in idx], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        weights = None if examples.weights is None else examples.weights[idx]
+        lr = opt.param_groups[0]["lr"]  # the rate of this update (the scheduler moves it after the step)
+        with accelerator.autocast():
+            logits = policy_logits(model, batch)
+            w = None if weights is None else torch.as_tensor(weights, device=device)
+            loss = weighted_nll(logits, batch["labels"], w)
+        accelerator.backward(loss)
+        if optim.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, optim.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        first_loss = value if first_loss is None else first_loss
+        losses.append(value)
+        bar.update(1)
+        done = step + 1
+        if done % train.log_every == 0 or done == total:
+            row = {"train/loss": float(np.mean(losses[-train.log_every :])), "train/lr": lr}
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logits = policy_logits(ref_model, batch)
+                    last_kl = float(masked_token_kl(logits.detach(), ref_logits, batch["labels"]))
+                    row["train/kl_to_beta"] = last_kl
+            logger.log(row, done)
+            bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+        if done % train.save_every == 0 or done == total:
+            accelerator.wait_for_everyone()
+            if is_main:
+                weights_now = {"model": trainable_state(accelerator.unwrap_model(model))}
+                save_checkpoint(
+                    out, done, weights_now, opt, sched, extra={"total": total}, keep=train.keep_checkpoints
+                )
+            accelerator.wait_for_everyone()
+    bar.close()
+    metrics = {
+        "steps": float(total),
+        "steps_this_run": float(total - start),
+        "loss_first": float(first_loss) if first_loss is not None else float("nan"),
+        "loss_last": float(np.mean(losses[-max(1, min(10, len(losses))) :])) if losses else float("nan"),
+        "train_seconds": time.perf_counter() - t0,
+        "rows": float(n),
+        "kl_to_beta": last_kl,
+    }
+    return accelerator.unwrap_model(model), metrics
