@@ -360,6 +360,29 @@ def exists_train_critic(w: World, t: Path):
     return argv, run, [str(run), "--resume"]
 
 
+def exists_train_bc(w: World, t: Path):
+    run = t / "run"
+    shutil.copytree(w.policy().parent, run)
+    argv = ["train-bc", f"dataset={w.good}", f"output_dir={run}", "max_rows=4", *BC]
+    return argv, run, [str(run), "finished train-bc run", "overwrite=true"]
+
+
+def exists_extract_policy(w: World, t: Path):
+    run = t / "run"
+    argv = ["extract-policy", f"dataset={w.good}", f"init_policy={w.policy()}", f"output_dir={run}",
+            "scorer=q_star", "threshold=-1", *EXTRACT]  # fmt: skip
+    assert main(argv) == 0
+    return argv, run, [str(run), "finished extract-policy run", "overwrite=true"]
+
+
+def other_dataset_features_evaluate(w: World, t: Path):
+    """evaluate checks the cache against the dataset as train-critic does: same length is not enough."""
+    ds = variant(w, t / "ds", _set("task", 0, "a different goal"))
+    argv = ["evaluate", "mode=offline", f"dataset={ds}", f"policy={w.policy()}", f"output_dir={t / 'out'}",
+            f"features={w.feats}", f"critic={w.critic_run}"]  # fmt: skip
+    return argv, None, ["fingerprint"]
+
+
 def exists_report(w: World, t: Path):
     out = t / "rep"
     assert main(["report", f"dataset={w.good}", f"output_dir={out}", "max_trajectories=1"]) == 0
@@ -406,7 +429,7 @@ def corrupt_screenshot_candidates(w: World, t: Path):
 
 
 def corrupt_screenshot_evaluate(w: World, t: Path):
-    from digiq.stages.train_bc import successful_rows
+    from digiq.data.transitions import successful_rows
 
     ok = successful_rows(load_dataset(w.good).select_columns(["traj_id", "reward"]))
     assert len(ok), "the fixture dataset needs a successful trajectory"
@@ -468,11 +491,14 @@ CASES = {
         n_mismatch_critic,
         n_mismatch_report,
         other_dataset_features,
+        other_dataset_features_evaluate,
         empty_dataset,
         not_a_dataset,
         exists_sim_collect,
         exists_cache_features,
         exists_train_critic,
+        exists_train_bc,
+        exists_extract_policy,
         exists_report,
         corrupt_screenshot_finetune_vlm,
         corrupt_screenshot_train_bc,

@@ -25,6 +25,7 @@ from digiq.data.labels import DEFAULT_EPS, DEFAULT_SCALE, screen_diff
 from digiq.data.schema import FEATURES, discounted_returns, save_dataset
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
 from digiq.sim.device import SimConfig, SimDevice
+from digiq.utils.io import refuse_finished
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -58,8 +59,8 @@ class Config:
     num_candidates: int = 0
     # Seed of the task order, the behaviour policy and the candidate sampler (same seed = same dataset).
     seed: int = 0
-    # Replace an existing finished dataset at output_dir.
-    overwrite: bool = True
+    # Replace a finished output at output_dir instead of refusing it.
+    overwrite: bool = False
     # The simulated device.
     sim: SimConfig = dataclasses.field(default_factory=SimConfig)
     # Noise of the behaviour policy.
@@ -144,6 +145,7 @@ def collect_columns(cfg: Config, device: SimDevice | None = None, progress: bool
 def run(cfg: Config) -> dict:
     from datasets import Dataset
 
+    refuse_finished(cfg.output_dir, cfg.overwrite)
     t0 = time.perf_counter()
     dev = SimDevice(cfg.sim)
     cols, stats = collect_columns(cfg, dev)

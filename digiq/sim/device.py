@@ -27,7 +27,6 @@ Design (issue #2, item 5):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 from collections import OrderedDict
 
@@ -400,9 +399,3 @@ class SimDevice:
         q = self.q_star(s, acts, gamma)
         best = q.max()
         return [a for a, v in zip(acts, q) if v >= best - 1e-12]
-
-
-@functools.lru_cache(maxsize=4)
-def default_device() -> SimDevice:
-    """A shared default-config device (rendering and value caches are reused)."""
-    return SimDevice(SimConfig())

@@ -27,6 +27,7 @@ from digiq.data.schema import FEATURES, dataset_info, decode_batch, load_dataset
 from digiq.errors import DataError
 from digiq.sim.behaviour import BehaviourConfig
 from digiq.sim.device import SimConfig
+from digiq.utils.io import refuse_finished
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -53,7 +54,8 @@ class Config:
     # Use only the first max_rows rows (0 = all); for smoke runs. The output holds only those rows.
     max_rows: int = 0
     seed: int = 0
-    overwrite: bool = True
+    # Replace a finished output at output_dir instead of refusing it.
+    overwrite: bool = False
     sim: SimConfig = dataclasses.field(default_factory=SimConfig)
     behaviour: BehaviourConfig = dataclasses.field(default_factory=BehaviourConfig)
 
@@ -146,6 +148,7 @@ def _seed(seed: int, batch: int, attempt: int) -> int:
 
 
 def run(cfg: Config) -> dict[str, float]:
+    refuse_finished(cfg.output_dir, cfg.overwrite)
     t0 = time.perf_counter()
     ds = load_dataset(cfg.dataset)
     if cfg.max_rows:

@@ -23,13 +23,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from digiq.actions import Action, ActionType, parse_action
 from digiq.config import check, save_config
+from digiq.data.schema import decode_batch, load_dataset, undecoded_view
+from digiq.data.transitions import load_transitions, successful_rows
 from digiq.errors import DataError
-from digiq.sim.device import SimConfig
+from digiq.models.critic import open_critic_and_features
+from digiq.models.policy import generate_actions, load_policy, load_policy_fn
+from digiq.sim.device import SimConfig, SimDevice
+from digiq.sim.rollout import builtin_policy_fn, evaluate_policy
 from digiq.utils.io import atomic_write_json
 from digiq.utils.logging import get_logger
+from digiq.utils.stats import pearson
 
 log = get_logger(__name__)
 BUILTINS = ("behaviour", "optimal", "random")
@@ -105,15 +113,10 @@ def _direction(a: Action) -> str:
 
 
 def evaluate_sim(cfg: Config) -> dict[str, Any]:
-    from digiq.sim.device import SimDevice
-    from digiq.sim.rollout import builtin_policy_fn, evaluate_policy
-
     dev = SimDevice(cfg.sim)
     if cfg.policy in BUILTINS:
         fn = builtin_policy_fn(cfg.policy, dev, seed=cfg.seed)
     else:
-        from digiq.models.policy import load_policy_fn
-
         fn = load_policy_fn(
             cfg.policy,
             cfg.temperature,
@@ -127,14 +130,10 @@ def evaluate_sim(cfg: Config) -> dict[str, Any]:
 
 
 def evaluate_offline(cfg: Config) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    from digiq.data.schema import decode_batch, load_dataset, undecoded_view
-    from digiq.models.policy import generate_actions, load_policy
-    from digiq.stages.train_bc import successful_rows
-
     ds = load_dataset(cfg.dataset)
     res: dict[str, Any] = {"policy": cfg.policy, "dataset": cfg.dataset}
+    if cfg.critic:  # cheap and checks its inputs: before the policy's generation, so a mismatch fails fast
+        res.update(critic_metrics(cfg, ds))
     rows = successful_rows(ds.select_columns(["traj_id", "reward"]))
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
@@ -165,27 +164,25 @@ def evaluate_offline(cfg: Config) -> dict[str, Any]:
         type_match=float(np.mean(types)),
         rows_compared=len(matches),
     )
-    if cfg.critic:
-        res.update(critic_metrics(cfg, ds))
     return res
 
 
 def critic_metrics(cfg: Config, ds: Any) -> dict[str, float]:
-    """Q / V / A of the dataset actions and corr(Q, discounted return) over all rows."""
-    import torch
+    """Q / V / A of the dataset actions and corr(Q, discounted return) over all rows.
 
-    from digiq.data.features import FeatureCache
-    from digiq.models.critic import load_critic
-    from digiq.utils.stats import pearson
-
-    cache = FeatureCache.open(cfg.features)
-    cache.check_against(len(ds))
-    critic = load_critic(cfg.critic)
+    The cache is checked against the dataset as train-critic checks it (rows, fingerprint, widths), and the
+    return is recomputed from the rewards with the critic's own gamma: the dataset's stored ``mc_return``
+    may have been written with another discount.
+    """
+    critic, cache, meta = open_critic_and_features(cfg.critic, cfg.features, ds, cfg.dataset)
+    gamma = float(meta.get("gamma", 0.95))
     with torch.no_grad():
         q = critic.q(cache.actions[:, 0].float()).numpy()
         v = critic.v(cache.state.float()).numpy()
-    mc = np.asarray(ds["mc_return"], dtype=np.float64)
+    tr, _ = load_transitions(cfg.dataset, gamma)
+    mc = tr.mc_return.astype(np.float64)
     return {
+        "critic/gamma": gamma,
         "critic/q_mean": float(q.mean()),
         "critic/v_mean": float(v.mean()),
         "critic/advantage_mean": float((q - v).mean()),

@@ -27,11 +27,22 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from digiq.actions import Action, ActionType, parse_action
 from digiq.config import check
+from digiq.data.schema import iter_decoded_rows, load_dataset, trajectory_bounds
+from digiq.data.transitions import load_transitions
 from digiq.errors import DataError
-from digiq.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_dir
+from digiq.models.critic import open_critic_and_features
+from digiq.sim.device import SimDevice
+from digiq.utils.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    refuse_finished,
+    staged_dir,
+)
 from digiq.utils.logging import get_logger
 from digiq.utils.stats import pearson
 from digiq.viz import HIGHLIGHT, colour, draw_actions, hex_colour
@@ -68,8 +79,8 @@ class Config:
     plot_rows: int = 20000
     # Page title.
     title: str = "digiq Q-value viewer"
-    # Replace a finished report at output_dir.
-    overwrite: bool = True
+    # Replace a finished output at output_dir instead of refusing it.
+    overwrite: bool = False
 
     def validate(self) -> None:
         check(bool(self.dataset), "dataset must be set (a dataset folder)")
@@ -83,18 +94,6 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Values
 # --------------------------------------------------------------------------------------------------
-
-
-def resolve_critic_dir(path: str | Path) -> Path:
-    """A `save_critic` folder, or a train-critic output_dir holding one in ``critic/``."""
-    from digiq.models.critic import CONFIG_FILE
-
-    p = Path(path)
-    if (p / CONFIG_FILE).exists():
-        return p
-    if (p / "critic" / CONFIG_FILE).exists():
-        return p / "critic"
-    raise DataError(f"critic not found: {p} holds neither {CONFIG_FILE} nor critic/{CONFIG_FILE}")
 
 
 @torch.no_grad()
@@ -117,15 +116,6 @@ def critic_values(
     if not qs:
         return np.zeros((0, actions.shape[1] if all_candidates else 1)), np.zeros(0)
     return torch.cat(qs).numpy(), torch.cat(vs).numpy()
-
-
-def _q_star_fn() -> Any:
-    try:
-        from digiq.sim.device import SimConfig, SimDevice
-    except ImportError:
-        return None
-    dev = SimDevice(SimConfig())
-    return lambda key, acts, gamma: np.asarray(dev.q_star(key, acts, gamma), dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,28 +300,12 @@ def _candidate_rows(
 
 def run(cfg: Config) -> dict[str, Any]:
     """Write the report folder; returns a summary (also written to ``summary.json``)."""
-    from tqdm.auto import tqdm
-
-    from digiq.data.schema import iter_decoded_rows, load_dataset, trajectory_bounds
-    from digiq.stages.train_critic import load_transitions
-
+    refuse_finished(cfg.output_dir, cfg.overwrite)
     ds = load_dataset(cfg.dataset)
     critic = feats = None
     meta: dict[str, Any] = {}
     if cfg.critic:
-        from digiq.data.features import FeatureCache
-        from digiq.models.critic import critic_metadata, load_critic
-
-        cdir = resolve_critic_dir(cfg.critic)
-        critic = load_critic(cdir, "cpu")
-        meta = critic_metadata(cdir)
-        feats = FeatureCache.open(cfg.features)
-        feats.check_against(len(ds), dataset_path=cfg.dataset, fingerprint=ds._fingerprint)
-        if (feats.state_dim, feats.action_dim) != (critic.arch.state_dim, critic.arch.action_dim):
-            raise DataError(
-                f"feature dims of {cfg.features} (state {feats.state_dim}, action {feats.action_dim}) do not "
-                f"match the critic {cdir} (state {critic.arch.state_dim}, action {critic.arch.action_dim})"
-            )
+        critic, feats, meta = open_critic_and_features(cfg.critic, cfg.features, ds, cfg.dataset)
     gamma = cfg.gamma if cfg.gamma is not None else float(meta.get("gamma", 0.95))
     tr, _ = load_transitions(cfg.dataset, gamma)
     bounds = trajectory_bounds(ds.select_columns(["traj_id"]))
@@ -340,9 +314,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     qstar_fn = None
     if cfg.q_star == "auto" and any(tr.state_key[s] for s, _ in shown):
-        qstar_fn = _q_star_fn()
-        if qstar_fn is None:
-            log.warning("simulated rows found but digiq.sim is unavailable: no Q* column")
+        qstar_fn = SimDevice().q_star
 
     # Values for the plots: Q(s, a_dataset) and V(s) on the first plot_rows rows.
     plots: dict[str, bytes] = {}

@@ -93,6 +93,16 @@ def clear_complete(directory: str | Path) -> None:
         (Path(directory) / COMPLETE_MARKER).unlink()
 
 
+def refuse_finished(final: str | Path, overwrite: bool) -> None:
+    """Raise unless ``final`` is free to be written: a finished output is replaced only with ``overwrite``.
+
+    Stages call it before their work starts, so a refusal costs nothing; :func:`staged_dir` calls it again
+    before the swap."""
+    final = Path(final)
+    if final.exists() and not overwrite and is_complete(final):
+        raise FileExistsError(f"{final} already holds a finished output; pass overwrite=true to replace it")
+
+
 @contextlib.contextmanager
 def staged_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``final`` and is marked complete.
@@ -101,8 +111,7 @@ def staged_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     never at ``final``; an existing finished ``final`` is untouched unless ``overwrite``.
     """
     final = Path(final)
-    if final.exists() and not overwrite and is_complete(final):
-        raise FileExistsError(f"{final} already holds a finished output; pass overwrite=true to replace it")
+    refuse_finished(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
