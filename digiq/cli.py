@@ -103,7 +103,7 @@ def _usage() -> str:
         "usage: digiq <command> [--config FILE.yaml] [--resume] [--print-config] [key=value ...]\n\n"
         f"commands:\n{rows}\n\n"
         "Run `digiq <command> --help` for the command's config fields. Overrides use dotted keys, e.g.\n"
-        "  digiq train-critic --config configs/train-critic/td.yaml critic.loss=mc output_dir=runs/mc\n"
+        "  digiq train-critic --config configs/train-critic/td.yaml critic_loss=mc output_dir=runs/mc\n"
     )
 
 

@@ -93,7 +93,7 @@ def main() -> None:
                 wired["train_critic"],
                 out / f"s{seed}/critic_{arm}",
                 "critic",
-                loss=loss,
+                critic_loss=loss,
                 features=features,
                 seed=seed,
             )
@@ -105,7 +105,7 @@ def main() -> None:
                     wired["extract_policy"],
                     out / f"s{seed}/extract_{arm}_n{n}",
                     "policy",
-                    critic=str(critic_dir / "critic"),
+                    critic_dir=str(critic_dir / "critic"),
                     features=features,
                     num_candidates=n,
                     seed=seed,
@@ -123,8 +123,8 @@ def main() -> None:
                         "method": METHODS[arm],
                         "n": n,
                         **_pick(ev),
-                        "critic_top1": cmetrics.get("val_qstar_top1_agreement"),
-                        "critic_spearman": cmetrics.get("val_qstar_spearman"),
+                        "critic_top1": cmetrics.get("val/qstar_top1_agreement"),
+                        "critic_spearman": cmetrics.get("val/qstar_spearman"),
                         "critic_top1_last5": cmetrics.get("top1_last5"),
                         "critic_spearman_last5": cmetrics.get("spearman_last5"),
                     }
@@ -168,12 +168,12 @@ def _pre_stage1_features(wired: dict, out: Path) -> str:
 def _last_validations(run_dir: Path, k: int = 5) -> dict[str, float]:
     """Mean of the last ``k`` per-epoch validations: the final epoch alone swings by +-0.1 in top-1 on
     the tiny features (argmax over near-tied candidates), the mean of five is a steadier summary."""
-    vals = [v for v in read_metrics(run_dir) if "val_qstar_top1_agreement" in v][-k:]
+    vals = [v for v in read_metrics(run_dir) if "val/qstar_top1_agreement" in v][-k:]
     if not vals:
         return {}
     return {
-        "top1_last5": float(np.mean([v["val_qstar_top1_agreement"] for v in vals])),
-        "spearman_last5": float(np.nanmean([v["val_qstar_spearman"] for v in vals])),
+        "top1_last5": float(np.mean([v["val/qstar_top1_agreement"] for v in vals])),
+        "spearman_last5": float(np.nanmean([v["val/qstar_spearman"] for v in vals])),
     }
 
 

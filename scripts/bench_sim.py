@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from digiq.sim import collect
-from digiq.sim.device import SimDevice
+from digiq.sim.phone import SimPhone
 from digiq.sim.rollout import builtin_policy_fn, evaluate_policy
 
 
@@ -22,21 +22,21 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/bench_sim")
     ap.add_argument("--episodes", type=int, default=200)
     args = ap.parse_args()
-    dev = SimDevice()
+    phone = SimPhone()
     report: dict = {}
     for policy in ("behaviour", "optimal", "random"):
         for split in ("train", "test"):
-            res = evaluate_policy(builtin_policy_fn(policy, dev, seed=0), split, args.episodes, 0, dev)
+            res = evaluate_policy(builtin_policy_fn(policy, phone, seed=0), split, args.episodes, 0, phone)
             res.pop("per_task")
             report[f"{policy}/{split}"] = res
             print(
                 f"{policy:9s} {split:5s} success {res['success_rate']:.3f} "
                 f"[{res['ci_low']:.3f}, {res['ci_high']:.3f}] mean steps {res['mean_steps']:.2f}"
             )
-    tasks = dev.tasks("train") + dev.tasks("test")
-    report["tasks"] = {"train": len(dev.tasks("train")), "test": len(dev.tasks("test"))}
-    report["states_per_task"] = sorted({dev.num_states(t) for t in tasks})
-    report["states_total"] = sum(dev.num_states(t) for t in tasks)
+    tasks = phone.tasks("train") + phone.tasks("test")
+    report["tasks"] = {"train": len(phone.tasks("train")), "test": len(phone.tasks("test"))}
+    report["states_per_task"] = sorted({phone.num_states(t) for t in tasks})
+    report["states_total"] = sum(phone.num_states(t) for t in tasks)
     out = Path(args.out) / "data"
     t0 = time.perf_counter()
     stats = collect.run(collect.Config(output_dir=str(out), num_trajectories=500))

@@ -26,7 +26,7 @@ from digiq.data.features import FeatureCache
 from digiq.data.schema import split_by_trajectory
 from digiq.data.transitions import load_transitions
 from digiq.models.critic import Critic, CriticArch
-from digiq.sim.device import SimDevice
+from digiq.sim.phone import SimPhone
 from digiq.stages import train_critic as tc
 
 
@@ -98,7 +98,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tr, ds = load_transitions(args.dataset, args.gamma)
     train_rows, val_rows = split_by_trajectory(ds, args.val_fraction)
-    q_fn = SimDevice().q_star
+    q_fn = SimPhone().q_star
     results = {}
     for path in args.features:
         cache = FeatureCache.open(path)
@@ -109,21 +109,21 @@ def main() -> None:
             probe(cache.state.float(), cache.actions, cache.valid, qs_train, qs_val, args.steps, seed=s)
             for s in args.seeds
         ]
-        t1 = np.array([r["val_qstar_top1_agreement"] for r in runs])
-        sp = np.array([r["val_qstar_spearman"] for r in runs])
+        t1 = np.array([r["val/qstar_top1_agreement"] for r in runs])
+        sp = np.array([r["val/qstar_spearman"] for r in runs])
         results[path] = {
             "top1_mean": float(t1.mean()),
             "top1_std": float(t1.std()),
             "spearman_mean": float(sp.mean()),
             "spearman_std": float(sp.std()),
-            "dataset_action_optimal": runs[0]["val_qstar_dataset_action_optimal"],
-            "random_candidate_optimal": runs[0]["val_qstar_random_optimal"],
+            "dataset_action_optimal": runs[0]["val/qstar_dataset_action_optimal"],
+            "random_candidate_optimal": runs[0]["val/qstar_random_optimal"],
             "seeds": args.seeds,
         }
         print(
             f"{path}: Q*-probe top-1 {t1.mean():.3f} +- {t1.std():.3f}, Spearman {sp.mean():.3f} +- {sp.std():.3f} "
-            f"(dataset action optimal {runs[0]['val_qstar_dataset_action_optimal']:.3f}, random candidate "
-            f"{runs[0]['val_qstar_random_optimal']:.3f})"
+            f"(dataset action optimal {runs[0]['val/qstar_dataset_action_optimal']:.3f}, random candidate "
+            f"{runs[0]['val/qstar_random_optimal']:.3f})"
         )
     print(json.dumps(results, indent=2))
 

@@ -273,7 +273,13 @@ def dim_mismatch_resume(w: World, t: Path):
 
 def dim_mismatch_report(w: World, t: Path):
     f = _features_for(w.good, t / "f", dim=D + 4)
-    argv = ["report", f"dataset={w.good}", f"features={f}", f"critic={w.critic_run}", f"output_dir={t / 'o'}"]
+    argv = [
+        "report",
+        f"dataset={w.good}",
+        f"features={f}",
+        f"critic_dir={w.critic_run}",
+        f"output_dir={t / 'o'}",
+    ]
     return argv, None, ["do not match the critic", "state 12"]
 
 
@@ -291,7 +297,13 @@ def n_mismatch_critic(w: World, t: Path):
 
 def n_mismatch_report(w: World, t: Path):
     f = _features_for(w.good, t / "f", n=N + 1)
-    argv = ["report", f"dataset={w.good}", f"features={f}", f"critic={w.critic_run}", f"output_dir={t / 'o'}"]
+    argv = [
+        "report",
+        f"dataset={w.good}",
+        f"features={f}",
+        f"critic_dir={w.critic_run}",
+        f"output_dir={t / 'o'}",
+    ]
     return argv, None, ["N=4"]
 
 
@@ -379,7 +391,7 @@ def other_dataset_features_evaluate(w: World, t: Path):
     """evaluate checks the cache against the dataset as train-critic does: same length is not enough."""
     ds = variant(w, t / "ds", _set("task", 0, "a different goal"))
     argv = ["evaluate", "mode=offline", f"dataset={ds}", f"policy={w.policy()}", f"output_dir={t / 'out'}",
-            f"features={w.feats}", f"critic={w.critic_run}"]  # fmt: skip
+            f"features={w.feats}", f"critic_dir={w.critic_run}"]  # fmt: skip
     return argv, None, ["fingerprint"]
 
 
@@ -453,14 +465,14 @@ EXTRACT = ["train.batch_size=2", "train.max_steps=1", "wandb.mode=disabled", "lo
 def dim_mismatch_extract_policy(w: World, t: Path):
     f = _features_for(w.good, t / "f", dim=D + 4)
     argv = ["extract-policy", f"dataset={w.good}", f"init_policy={w.policy()}", f"output_dir={t / 'out'}",
-            "scorer=critic", f"features={f}", f"critic={w.critic_run / 'critic'}", *EXTRACT]  # fmt: skip
+            "scorer=critic", f"features={f}", f"critic_dir={w.critic_run / 'critic'}", *EXTRACT]  # fmt: skip
     return argv, None, ["do not match the critic", "state 12", "state 8"]
 
 
 def n_mismatch_extract_policy(w: World, t: Path):
     f = _features_for(w.good, t / "f", n=N - 1)
     argv = ["extract-policy", f"dataset={w.good}", f"init_policy={w.policy()}", f"output_dir={t / 'out'}",
-            "scorer=critic", f"features={f}", f"critic={w.critic_run / 'critic'}", "num_candidates=2",
+            "scorer=critic", f"features={f}", f"critic_dir={w.critic_run / 'critic'}", "num_candidates=2",
             *EXTRACT]  # fmt: skip
     return argv, None, [_loc(w, 0), "N=2"]
 
@@ -559,7 +571,9 @@ def test_unparsable_actions_are_invalid_actions_not_crashes(world: World, tmp_pa
     )
     rep = tmp_path / "r"
     assert (
-        main(["report", f"dataset={ds}", f"features={f}", f"critic={tmp_path / 'c'}", f"output_dir={rep}"])
+        main(
+            ["report", f"dataset={ds}", f"features={f}", f"critic_dir={tmp_path / 'c'}", f"output_dir={rep}"]
+        )
         == 0
     )
     assert is_complete(rep)

@@ -51,18 +51,18 @@ def _cfg(ds: Path, feats: Path, out: Path, *extra: str) -> tc.Config:
 def test_learns_tiny_mdp(mdp_inputs, tmp_path: Path, loss: str) -> None:
     ds, feats, mdp, qs = mdp_inputs
     out = tmp_path / loss
-    metrics = tc.run(_cfg(ds, feats, out, f"loss={loss}", "epochs=6"), q_star_fn=q_star_fn(qs))
+    metrics = tc.run(_cfg(ds, feats, out, f"critic_loss={loss}", "epochs=6"), q_star_fn=q_star_fn(qs))
     rows = [r for r in read_metrics(out) if "train/loss" in r]
     first, last = np.mean([r["train/loss"] for r in rows[:2]]), np.mean([r["train/loss"] for r in rows[-3:]])
     assert last < 0.5 * first, (first, last)
     # ranking of candidates vs exact Q*: far above a random pick and high in absolute terms
-    assert metrics["val_qstar_states"] > 20
-    assert metrics["val_qstar_top1_agreement"] >= 0.8
-    assert metrics["val_qstar_top1_agreement"] > metrics["val_qstar_random_optimal"] + 0.3
-    assert metrics["val_qstar_spearman"] >= 0.5
-    assert metrics["val_q_mc_pearson"] > 0.3
+    assert metrics["val/qstar_states"] > 20
+    assert metrics["val/qstar_top1_agreement"] >= 0.8
+    assert metrics["val/qstar_top1_agreement"] > metrics["val/qstar_random_optimal"] + 0.3
+    assert metrics["val/qstar_spearman"] >= 0.5
+    assert metrics["val/q_mc_pearson"] > 0.3
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["val_qstar_top1_agreement"] == pytest.approx(metrics["val_qstar_top1_agreement"])
+    assert saved["val/qstar_top1_agreement"] == pytest.approx(metrics["val/qstar_top1_agreement"])
     assert (out / "config.yaml").exists() and (latest_checkpoint(out) / "_COMPLETE").exists()
     critic = load_critic(out / "critic")
     # the saved critic reproduces the run's Q-values: score every (s, a) one-hot and compare argmax to Q*
@@ -134,7 +134,7 @@ def test_input_errors(mdp_inputs, tmp_path: Path) -> None:
 def test_bf16_autocast_run(mdp_inputs, tmp_path: Path) -> None:
     ds, feats, _, _ = mdp_inputs
     m = tc.run(_cfg(ds, feats, tmp_path / "bf16", "mixed_precision=bf16", "epochs=2", "q_star=skip"))
-    assert np.isfinite(m["val_td_error"])
+    assert np.isfinite(m["val/td_error"])
     assert load_critic(tmp_path / "bf16" / "critic").state_mean.dtype == torch.float32
 
 

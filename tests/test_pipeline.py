@@ -35,7 +35,7 @@ def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     s1 = yaml.safe_load((out / "finetune_vlm" / "config.yaml").read_text())
     assert s1["model"]["name_or_path"] == str(out / "bc" / "policy")
     # The critic was scored against the simulator's exact Q*.
-    assert "val_qstar_top1_agreement" in summary["stages"]["train_critic"]["metrics"]
+    assert "val/qstar_top1_agreement" in summary["stages"]["train_critic"]["metrics"]
 
     # A second run finds every stage complete and recomputes nothing (same summary times).
     before = json.loads((out / "summary.json").read_text())
@@ -112,7 +112,7 @@ def test_wire_paths_chain_the_stages(tmp_path: Path) -> None:
     assert c["cache_features"].model.name_or_path == c["finetune_vlm"].output_dir
     assert c["cache_features"].rendering == c["finetune_vlm"].rendering
     assert c["train_critic"].features == c["cache_features"].output_dir
-    assert c["extract_policy"].critic.startswith(c["train_critic"].output_dir)
+    assert c["extract_policy"].critic_dir.startswith(c["train_critic"].output_dir)
     assert c["extract_policy"].init_policy.startswith(c["train_bc"].output_dir)
     assert all(getattr(s, "seed", 7) == 7 for s in c.values())
     # Stage 1 starts from pi_beta's VLM (stage1_init=bc, the default) ...

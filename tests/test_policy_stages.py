@@ -165,7 +165,7 @@ def test_extract_policy_step_changes_policy(work, scorer) -> None:
         state, actions = torch.randn(len(ds), 8, generator=g), torch.randn(len(ds), 4, 8, generator=g)
         write_cache(d / "feats", state, actions, overwrite=True)
         save_critic(Critic(CriticArch(8, 8, (16,), (16,))), d / "critic")
-        extra = [f"features={d / 'feats'}", f"critic={d / 'critic'}", "threshold=0.0"]
+        extra = [f"features={d / 'feats'}", f"critic_dir={d / 'critic'}", "threshold=0.0"]
     out = d / f"extract_{scorer}"
     cfg = load_config(
         extract_policy.Config,
@@ -265,13 +265,13 @@ def test_evaluate_sim_and_offline(work) -> None:
 
 @pytest.mark.slow
 def test_act_cli_prints_the_action(work, tmp_path) -> None:
-    from digiq.sim.device import SimDevice
+    from digiq.sim.phone import SimPhone
 
     d, _, _ = work
-    dev = SimDevice()
-    task = dev.tasks("test")[0]
+    phone = SimPhone()
+    task = phone.tasks("test")[0]
     png = tmp_path / "screen.png"
-    dev.render(dev.reset(task)).save(png)
+    phone.render(phone.reset(task)).save(png)
     cmd = [
         sys.executable,
         "-m",

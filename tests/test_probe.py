@@ -34,6 +34,6 @@ def test_probe_ranks_well_only_when_features_hold_qstar() -> None:
     good = probe_features.probe(s, a, None, tr, va, **kw)
     s, a, tr, va = _problem(informative=False)
     bad = probe_features.probe(s, a, None, tr, va, **kw)
-    assert good["val_qstar_top1_agreement"] > 0.8 and good["val_qstar_spearman"] > 0.8
+    assert good["val/qstar_top1_agreement"] > 0.8 and good["val/qstar_spearman"] > 0.8
     # noise features: about chance (1/6 for a unique optimum among 6 candidates)
-    assert bad["val_qstar_top1_agreement"] < 0.4 and abs(bad["val_qstar_spearman"]) < 0.3
+    assert bad["val/qstar_top1_agreement"] < 0.4 and abs(bad["val/qstar_spearman"]) < 0.3

@@ -20,7 +20,7 @@ from digiq.data.schema import load_dataset, trajectory_bounds
 from digiq.models.critic import Critic, CriticArch, load_critic, save_critic
 from digiq.sim.collect import Config as CollectConfig
 from digiq.sim.collect import run as collect_run
-from digiq.sim.device import SimConfig, SimDevice
+from digiq.sim.phone import SimConfig, SimPhone
 from digiq.stages import report
 from digiq.viz import HIGHLIGHT, draw_actions
 
@@ -111,7 +111,7 @@ def _run_report(setup: dict, out: Path, **kw) -> dict:
 def test_report_dom_matches_critic(setup) -> None:
     out = setup["tmp"] / "report"
     summary = _run_report(
-        setup, out, features=str(setup["feats"]), critic=str(setup["critic"]), max_trajectories=3
+        setup, out, features=str(setup["feats"]), critic_dir=str(setup["critic"]), max_trajectories=3
     )
     assert (out / "_COMPLETE").exists() and (out / "plots" / "q_vs_mc.png").exists()
     dom = parse(out / "index.html")
@@ -127,13 +127,13 @@ def test_report_dom_matches_critic(setup) -> None:
     # Q, V, Q-V and Q* on the page equal the critic / simulator computed here directly.
     critic = load_critic(setup["critic"])
     cache = FeatureCache.open(setup["feats"])
-    dev = SimDevice(SimConfig())
+    phone = SimPhone(SimConfig())
     with torch.no_grad():
         for step in dom.steps:
             r = step["row"]
             q = critic.q(cache.actions[r]).double().numpy()
             v = float(critic.v(cache.state[r]))
-            qstar = dev.q_star(ds[r]["state_key"], ds[r]["candidates"], 0.9)  # gamma from critic.json
+            qstar = phone.q_star(ds[r]["state_key"], ds[r]["candidates"], 0.9)  # gamma from critic.json
             chosen = [c["index"] for c in step["cands"] if "chosen" in c["classes"]]
             assert chosen == [int(np.argmax(q))]
             assert [c["index"] for c in step["cands"] if "dataset" in c["classes"]] == [0]
@@ -163,7 +163,7 @@ def test_report_rejects_mismatched_cache(setup) -> None:
 
     bad = write_cache(setup["tmp"] / "feats_short", torch.zeros(3, DS), torch.zeros(3, N, DA), overwrite=True)
     with pytest.raises(DataError, match="rows"):
-        _run_report(setup, setup["tmp"] / "r_bad", features=str(bad), critic=str(setup["critic"]))
+        _run_report(setup, setup["tmp"] / "r_bad", features=str(bad), critic_dir=str(setup["critic"]))
     assert not (setup["tmp"] / "r_bad").exists()
 
 
@@ -204,7 +204,7 @@ def test_report_renders_in_chromium(setup, tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     cmd = [
         sys.executable, "-m", "digiq", "report", f"dataset={setup['data']}", f"features={setup['feats']}",
-        f"critic={setup['critic']}", f"output_dir={out}", "max_trajectories=2",
+        f"critic_dir={setup['critic']}", f"output_dir={out}", "max_trajectories=2",
     ]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     shot = tmp_path / "shot.png"

@@ -17,7 +17,7 @@ from digiq.actions import make_observation, parse_action
 from digiq.config import load_config
 from digiq.data.schema import INFO_FILE, dataset_info, discounted_returns, load_dataset, trajectory_bounds
 from digiq.sim import collect, rollout
-from digiq.sim.device import SimConfig, SimDevice
+from digiq.sim.phone import SimConfig, SimPhone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_collect_writes_valid_dataset(tmp_path: Path) -> None:
     assert info["source"] == "sim" and info["gamma"] == 0.9 and info["sim"]["width"] == 90
     assert 0.0 <= info["success_rate"] <= 1.0 and info["num_steps"] == len(ds) == stats["num_steps"]
     assert 0.0 < info["screen_change_fraction"] < 1.0
-    dev = SimDevice(cfg.sim)
+    phone = SimPhone(cfg.sim)
     bounds = trajectory_bounds(ds)
     assert len(bounds) == 12
     rows = ds.to_dict()
@@ -49,14 +49,14 @@ def test_collect_writes_valid_dataset(tmp_path: Path) -> None:
         prev = None
         for i in range(s, e):
             key = rows["state_key"][i]
-            state = dev.state_from_key(key)
+            state = phone.state_from_key(key)
             assert rows["observation"][i] == make_observation(rows["task"][i], prev)
             assert rows["candidates"][i][0] == rows["action"][i] and len(rows["candidates"][i]) == 4
             # the stored transition is the device's: reward, next screen, next row's state
-            nxt, r, _ = dev.transition(state, rows["action"][i])
+            nxt, r, _ = phone.transition(state, rows["action"][i])
             assert r == rows["reward"][i]
             shot = Image.open(io.BytesIO(rows["next_screenshot"][i]["bytes"]))
-            assert np.array_equal(np.asarray(shot), np.asarray(dev.render(nxt)))
+            assert np.array_equal(np.asarray(shot), np.asarray(phone.render(nxt)))
             if i + 1 < e:
                 assert rows["state_key"][i + 1] == nxt.key
                 assert rows["screenshot"][i + 1]["bytes"] == rows["next_screenshot"][i]["bytes"]

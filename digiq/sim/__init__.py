@@ -11,20 +11,20 @@ Modules:
 * :mod:`digiq.sim.tasks`     the fixed task catalogue (``Task``, ``catalogue()``)
 * :mod:`digiq.sim.layout`    ``State``, widget boxes, hit-testing
 * :mod:`digiq.sim.render`    pillow drawing of a state
-* :mod:`digiq.sim.device`    ``SimDevice`` / ``SimConfig``: reset, step, render, state keys, q_star, v_star
+* :mod:`digiq.sim.phone`    ``SimPhone`` / ``SimConfig``: reset, step, render, state keys, q_star, v_star
 * :mod:`digiq.sim.behaviour` ``BehaviourPolicy`` / ``BehaviourConfig``: the noisy AutoUI-like data policy
 * :mod:`digiq.sim.rollout`   ``evaluate_policy`` and ``digiq sim rollout``
 * :mod:`digiq.sim.collect`   ``digiq sim collect``: trajectories in the digiq dataset schema
 
 Quick use::
 
-    from digiq.sim.device import SimDevice
-    dev = SimDevice()
-    task = dev.tasks("train")[0]
-    s = dev.reset(task)
-    s, reward, done = dev.step(s, 'Action Plan: [PRESS_HOME] ; Action Decision: "action_type": '
+    from digiq.sim.phone import SimPhone
+    phone = SimPhone()
+    task = phone.tasks("train")[0]
+    s = phone.reset(task)
+    s, reward, done = phone.step(s, 'Action Plan: [PRESS_HOME] ; Action Decision: "action_type": '
                                   '"PRESS_HOME", "touch_point": "[-1.0, -1.0]", ...')
-    dev.q_star(dev.state_key(s), dev.canonical_actions(s), gamma=0.95)
+    phone.q_star(phone.state_key(s), phone.canonical_actions(s), gamma=0.95)
 
 Measured numbers live in ``scripts/bench_sim.py``.
 """

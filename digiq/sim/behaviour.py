@@ -18,8 +18,8 @@ import numpy as np
 
 from digiq.actions import Action, ActionType
 from digiq.sim import layout as L
-from digiq.sim.device import SimDevice
 from digiq.sim.layout import State
+from digiq.sim.phone import SimPhone
 from digiq.sim.tasks import TEST_QUERIES, TRAIN_QUERIES
 
 MISTAKES = ("random_tap", "wrong_widget", "back", "home", "complete", "wrong_type", "swipe", "impossible")
@@ -63,8 +63,8 @@ class BehaviourConfig:
 class BehaviourPolicy:
     """``act(state) -> Action``; deterministic given ``seed`` and the sequence of calls."""
 
-    def __init__(self, device: SimDevice, seed: int = 0, config: BehaviourConfig | None = None) -> None:
-        self.device = device
+    def __init__(self, phone: SimPhone, seed: int = 0, config: BehaviourConfig | None = None) -> None:
+        self.phone = phone
         self.config = config or BehaviourConfig()
         self.rng = np.random.default_rng(seed)
         w = np.asarray(self.config.mistakes, dtype=np.float64)
@@ -93,7 +93,7 @@ class BehaviourPolicy:
         return a
 
     def _optimal(self, state: State) -> Action:
-        best = self.device.optimal_actions(state)
+        best = self.phone.optimal_actions(state)
         return self._realise(state, best[int(self.rng.integers(len(best)))])
 
     def _mistake(self, state: State) -> Action:
@@ -116,7 +116,7 @@ class BehaviourPolicy:
         if kind == "impossible":
             return Action.key(ActionType.STATUS_TASK_IMPOSSIBLE)
         if kind == "wrong_type":
-            task = self.device.task(state.task_id)
+            task = self.phone.task(state.task_id)
             pool = [q for q in (*TRAIN_QUERIES, *TEST_QUERIES) if q != task.query]
             return Action.type_text(pool[int(self.rng.integers(len(pool)))])
         # a stray vertical swipe
@@ -126,7 +126,7 @@ class BehaviourPolicy:
 
     # -- public API -------------------------------------------------------------------------------
     def act(self, state: State | str, p_optimal: float | None = None) -> Action:
-        s = self.device.state_from_key(state) if isinstance(state, str) else state
+        s = self.phone.state_from_key(state) if isinstance(state, str) else state
         p = self.config.p_optimal if p_optimal is None else p_optimal
         return self._optimal(s) if self.rng.random() < p else self._mistake(s)
 

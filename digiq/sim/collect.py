@@ -24,7 +24,7 @@ from digiq.config import to_dict
 from digiq.data.labels import DEFAULT_EPS, DEFAULT_SCALE, screen_diff
 from digiq.data.schema import FEATURES, discounted_returns, save_dataset
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
-from digiq.sim.device import SimConfig, SimDevice
+from digiq.sim.phone import SimConfig, SimPhone
 from digiq.utils.io import refuse_finished
 from digiq.utils.logging import get_logger
 
@@ -76,17 +76,17 @@ class Config:
         self.behaviour.validate()
 
 
-def collect_columns(cfg: Config, device: SimDevice | None = None, progress: bool = True) -> tuple[dict, dict]:
+def collect_columns(cfg: Config, phone: SimPhone | None = None, progress: bool = True) -> tuple[dict, dict]:
     """The dataset columns (dict of lists) and summary stats, without writing anything."""
     from tqdm.auto import tqdm
 
-    dev = device or SimDevice(cfg.sim)
-    tasks = dev.tasks(cfg.split)
+    phone = phone or SimPhone(cfg.sim)
+    tasks = phone.tasks(cfg.split)
     # Independent streams: task order, dataset actions, candidates.
     seeds = np.random.SeedSequence(cfg.seed).spawn(3)
     order_rng = np.random.default_rng(seeds[0])
-    pi = BehaviourPolicy(dev, seed=int(seeds[1].generate_state(1)[0]), config=cfg.behaviour)
-    cand_pi = BehaviourPolicy(dev, seed=int(seeds[2].generate_state(1)[0]), config=cfg.behaviour)
+    pi = BehaviourPolicy(phone, seed=int(seeds[1].generate_state(1)[0]), config=cfg.behaviour)
+    cand_pi = BehaviourPolicy(phone, seed=int(seeds[2].generate_state(1)[0]), config=cfg.behaviour)
 
     cols: dict[str, list] = {name: [] for name in FEATURES}
     order: list[int] = []
@@ -97,25 +97,25 @@ def collect_columns(cfg: Config, device: SimDevice | None = None, progress: bool
         if not order:  # a fresh seeded permutation per pass over the tasks: balanced task counts
             order = [int(i) for i in order_rng.permutation(len(tasks))]
         task = tasks[order.pop()]
-        state = dev.reset(task)
+        state = phone.reset(task)
         prev = None
         rewards: list[float] = []
         done = False
         step = 0
         while not done:
             action = pi.act(state)
-            nxt, reward, done = dev.step(state, action)
+            nxt, reward, done = phone.step(state, action)
             text = action.render()
             cols["traj_id"].append(traj)
             cols["step_id"].append(step)
             cols["task"].append(task.goal)
             cols["observation"].append(make_observation(task.goal, prev))
-            cols["screenshot"].append({"bytes": dev.render_png(state), "path": None})
-            cols["next_screenshot"].append({"bytes": dev.render_png(nxt), "path": None})
+            cols["screenshot"].append({"bytes": phone.render_png(state), "path": None})
+            cols["next_screenshot"].append({"bytes": phone.render_png(nxt), "path": None})
             cols["action"].append(text)
             cols["reward"].append(float(reward))
             cols["done"].append(bool(done))
-            cols["state_key"].append(dev.state_key(state))
+            cols["state_key"].append(phone.state_key(state))
             if cfg.num_candidates > 0:
                 extra = cand_pi.sample_candidates(state, cfg.num_candidates - 1)
                 cols["candidates"].append([text, *(a.render() for a in extra)])
@@ -123,7 +123,7 @@ def collect_columns(cfg: Config, device: SimDevice | None = None, progress: bool
                 cols["candidates"].append([])
             pair = (state.key, nxt.key)
             if pair not in changes:
-                a, b = dev.render_png(state), dev.render_png(nxt)
+                a, b = phone.render_png(state), phone.render_png(nxt)
                 changes[pair] = a != b and screen_change(a, b) > CHANGE_THRESHOLD
             changed += changes[pair]
             rewards.append(float(reward))
@@ -147,8 +147,8 @@ def run(cfg: Config) -> dict:
 
     refuse_finished(cfg.output_dir, cfg.overwrite)
     t0 = time.perf_counter()
-    dev = SimDevice(cfg.sim)
-    cols, stats = collect_columns(cfg, dev)
+    phone = SimPhone(cfg.sim)
+    cols, stats = collect_columns(cfg, phone)
     ds = Dataset.from_dict(cols, features=FEATURES)
     info = {
         "source": "sim",

@@ -27,7 +27,7 @@ HOME, SHOP, SEARCH, RESULTS, PRODUCT, SETTINGS, BROWSER = (
 )
 SCREENS = (HOME, SHOP, SEARCH, RESULTS, PRODUCT, SETTINGS, BROWSER)
 # Contents of the search field: nothing, the task's query, or any other text (shown as the task's decoy
-# query). Collapsing every wrong text to one state keeps the graph finite (documented in device.py).
+# query). Collapsing every wrong text to one state keeps the graph finite (documented in phone.py).
 Q_EMPTY, Q_OK, Q_BAD = 0, 1, 2
 NUM_RESULTS = 5
 VISIBLE_RESULTS = 3
@@ -67,7 +67,7 @@ def toggle_box(i: int) -> Box:
 @dataclasses.dataclass(frozen=True)
 class State:
     """One screen of one task. ``steps`` counts actions taken (for the horizon) and is NOT part of the
-    key: values are computed on the step-free graph (see device.py)."""
+    key: values are computed on the step-free graph (see phone.py)."""
 
     task_id: str
     screen: str = HOME

@@ -24,7 +24,7 @@ import numpy as np
 from digiq.actions import Action, ActionType, make_observation, parse_action
 from digiq.errors import DigiqError
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
-from digiq.sim.device import SimConfig, SimDevice
+from digiq.sim.phone import SimConfig, SimPhone
 from digiq.sim.tasks import TEST_QUERIES, TRAIN_QUERIES
 
 PolicyFn = Callable[[list[dict]], list[str]]
@@ -46,7 +46,7 @@ def evaluate_policy(
     split: str = "test",
     num_episodes: int = 200,
     seed: int = 0,
-    device: SimDevice | None = None,
+    phone: SimPhone | None = None,
     batch_size: int = 64,
     progress: bool = False,
 ) -> dict:
@@ -57,8 +57,8 @@ def evaluate_policy(
     INVALID actions: a no-op step). Returns ``success_rate, ci_low, ci_high, num_episodes, mean_steps``
     plus ``num_successes``, ``split`` and ``per_task`` ({task_id: [successes, episodes]}).
     """
-    dev = device or SimDevice()
-    tasks = dev.tasks(split)
+    phone = phone or SimPhone()
+    tasks = phone.tasks(split)
     if num_episodes <= 0:
         raise DigiqError(f"num_episodes must be > 0, got {num_episodes}")
     order = np.random.default_rng(seed).permutation(len(tasks))
@@ -71,16 +71,16 @@ def evaluate_policy(
         bar = tqdm(total=num_episodes, desc=f"rollout {split}", unit="ep")
     for start in range(0, num_episodes, batch_size):
         ids = list(range(start, min(num_episodes, start + batch_size)))
-        states = {i: dev.reset(episodes[i]) for i in ids}
+        states = {i: phone.reset(episodes[i]) for i in ids}
         prev: dict[int, Action | None] = dict.fromkeys(ids)
         active = list(ids)
         while active:
             batch = [
                 {
-                    "screenshot": dev.render(states[i]),
+                    "screenshot": phone.render(states[i]),
                     "observation": make_observation(episodes[i].goal, prev[i]),
                     "task": episodes[i].goal,
-                    "state_key": dev.state_key(states[i]),
+                    "state_key": phone.state_key(states[i]),
                 }
                 for i in active
             ]
@@ -90,7 +90,7 @@ def evaluate_policy(
             still = []
             for i, text in zip(active, actions):
                 a = parse_action(text) if isinstance(text, str) else text
-                states[i], reward, done = dev.step(states[i], a)
+                states[i], reward, done = phone.step(states[i], a)
                 prev[i] = a
                 lengths[i] += 1
                 if done:
@@ -122,14 +122,14 @@ def evaluate_policy(
 
 
 def builtin_policy_fn(
-    name: str, device: SimDevice, seed: int = 0, behaviour: BehaviourConfig | None = None
+    name: str, phone: SimPhone, seed: int = 0, behaviour: BehaviourConfig | None = None
 ) -> PolicyFn:
     """``behaviour`` (the data-collection policy), ``optimal`` (argmax Q*) or ``random``."""
     if name == "behaviour":
-        pi = BehaviourPolicy(device, seed=seed, config=behaviour)
+        pi = BehaviourPolicy(phone, seed=seed, config=behaviour)
         return lambda batch: [pi.act(b["state_key"]).render() for b in batch]
     if name == "optimal":
-        return lambda batch: [device.optimal_actions(b["state_key"])[0].render() for b in batch]
+        return lambda batch: [phone.optimal_actions(b["state_key"])[0].render() for b in batch]
     if name == "random":
         rng = np.random.default_rng(seed)
         keys = [
@@ -202,12 +202,12 @@ class Config:
 
 
 def run(cfg: Config) -> dict:
-    dev = SimDevice(cfg.sim)
+    phone = SimPhone(cfg.sim)
     if cfg.policy in ("behaviour", "optimal", "random"):
-        fn = builtin_policy_fn(cfg.policy, dev, seed=cfg.seed, behaviour=cfg.behaviour)
+        fn = builtin_policy_fn(cfg.policy, phone, seed=cfg.seed, behaviour=cfg.behaviour)
     else:
         fn = load_exported_policy(cfg.policy)
-    result = evaluate_policy(fn, cfg.split, cfg.num_episodes, cfg.seed, dev, cfg.batch_size, progress=True)
+    result = evaluate_policy(fn, cfg.split, cfg.num_episodes, cfg.seed, phone, cfg.batch_size, progress=True)
     result["policy"] = cfg.policy
     sys.stdout.write(
         f"{cfg.policy} on {cfg.split}: success {result['success_rate']:.3f} "

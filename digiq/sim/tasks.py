@@ -30,7 +30,7 @@ SHOP_HORIZON = 20
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One goal. ``kind`` picks the goal predicate (see ``SimDevice.is_goal``)."""
+    """One goal. ``kind`` picks the goal predicate (see ``SimPhone.is_goal``)."""
 
     task_id: str
     goal: str

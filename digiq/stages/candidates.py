@@ -26,7 +26,7 @@ from digiq.config import check, to_dict
 from digiq.data.schema import FEATURES, dataset_info, decode_batch, load_dataset, save_dataset, undecoded_view
 from digiq.errors import DataError
 from digiq.sim.behaviour import BehaviourConfig
-from digiq.sim.device import SimConfig
+from digiq.sim.phone import SimConfig
 from digiq.utils.io import refuse_finished
 from digiq.utils.logging import get_logger
 
@@ -78,10 +78,10 @@ def sim_candidates(
     from tqdm.auto import tqdm
 
     from digiq.sim.behaviour import BehaviourPolicy
-    from digiq.sim.device import SimDevice
+    from digiq.sim.phone import SimPhone
 
-    dev = SimDevice(sim)
-    pi = BehaviourPolicy(dev, seed=seed, config=behaviour)
+    phone = SimPhone(sim)
+    pi = BehaviourPolicy(phone, seed=seed, config=behaviour)
     out = []
     for i, (a, key) in enumerate(tqdm(list(zip(actions, state_keys)), desc="candidates (sim)", unit="row")):
         if not key:

@@ -2,7 +2,7 @@
 
     digiq evaluate policy=runs/extract/policy                    # sim: held-out test tasks, 95% CI
     digiq evaluate policy=behaviour num_episodes=200             # built-ins: behaviour, optimal, random
-    digiq evaluate mode=offline policy=runs/bc/policy dataset=data/aitw critic=runs/critic/critic \\
+    digiq evaluate mode=offline policy=runs/bc/policy dataset=data/aitw critic_dir=runs/critic/critic \\
         features=runs/feats                                      # no emulator: offline metrics
 
 ``sim`` reuses :func:`digiq.sim.rollout.evaluate_policy` (Wilson 95% interval). ``offline`` reports the
@@ -33,7 +33,7 @@ from digiq.data.transitions import load_transitions, successful_rows
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
 from digiq.models.policy import generate_actions, load_policy, load_policy_fn
-from digiq.sim.device import SimConfig, SimDevice
+from digiq.sim.phone import SimConfig, SimPhone
 from digiq.sim.rollout import builtin_policy_fn, evaluate_policy
 from digiq.utils.io import atomic_write_json
 from digiq.utils.logging import get_logger
@@ -61,7 +61,7 @@ class Config:
     max_new_tokens: int | None = None
     # offline: the dataset, and optionally a critic + its feature cache.
     dataset: str = ""
-    critic: str = ""
+    critic_dir: str = ""
     features: str = ""
     # offline: AitW tap-match radius (fraction of the screen).
     tap_threshold: float = 0.14
@@ -75,7 +75,7 @@ class Config:
         check(self.num_episodes > 0 and self.batch_size > 0, "num_episodes and batch_size must be > 0")
         check(self.mode != "offline" or bool(self.dataset), "mode=offline needs dataset=<folder>")
         check(self.mode != "offline" or self.policy not in BUILTINS, "built-in policies need mode=sim")
-        check(bool(self.critic) == bool(self.features), "critic and features go together")
+        check(bool(self.critic_dir) == bool(self.features), "critic_dir and features go together")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,9 +113,9 @@ def _direction(a: Action) -> str:
 
 
 def evaluate_sim(cfg: Config) -> dict[str, Any]:
-    dev = SimDevice(cfg.sim)
+    phone = SimPhone(cfg.sim)
     if cfg.policy in BUILTINS:
-        fn = builtin_policy_fn(cfg.policy, dev, seed=cfg.seed)
+        fn = builtin_policy_fn(cfg.policy, phone, seed=cfg.seed)
     else:
         fn = load_policy_fn(
             cfg.policy,
@@ -124,7 +124,7 @@ def evaluate_sim(cfg: Config) -> dict[str, Any]:
             batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens,
         )
-    res = evaluate_policy(fn, cfg.split, cfg.num_episodes, cfg.seed, dev, cfg.batch_size, progress=True)
+    res = evaluate_policy(fn, cfg.split, cfg.num_episodes, cfg.seed, phone, cfg.batch_size, progress=True)
     res["policy"] = cfg.policy
     return res
 
@@ -132,7 +132,9 @@ def evaluate_sim(cfg: Config) -> dict[str, Any]:
 def evaluate_offline(cfg: Config) -> dict[str, Any]:
     ds = load_dataset(cfg.dataset)
     res: dict[str, Any] = {"policy": cfg.policy, "dataset": cfg.dataset}
-    if cfg.critic:  # cheap and checks its inputs: before the policy's generation, so a mismatch fails fast
+    if (
+        cfg.critic_dir
+    ):  # cheap and checks its inputs: before the policy's generation, so a mismatch fails fast
         res.update(critic_metrics(cfg, ds))
     rows = successful_rows(ds.select_columns(["traj_id", "reward"]))
     if cfg.max_rows:
@@ -174,7 +176,7 @@ def critic_metrics(cfg: Config, ds: Any) -> dict[str, float]:
     return is recomputed from the rewards with the critic's own gamma: the dataset's stored ``mc_return``
     may have been written with another discount.
     """
-    critic, cache, meta = open_critic_and_features(cfg.critic, cfg.features, ds, cfg.dataset)
+    critic, cache, meta = open_critic_and_features(cfg.critic_dir, cfg.features, ds, cfg.dataset)
     gamma = float(meta.get("gamma", 0.95))
     with torch.no_grad():
         q = critic.q(cache.actions[:, 0].float()).numpy()

@@ -1,6 +1,6 @@
 """Stage 3: Best-of-N policy extraction from pi_beta with a frozen critic.
 
-    digiq extract-policy dataset=data/sim_cands features=runs/feats critic=runs/critic/critic \\
+    digiq extract-policy dataset=data/sim_cands features=runs/feats critic_dir=runs/critic/critic \\
         init_policy=runs/bc/policy output_dir=runs/extract
     digiq extract-policy ... num_candidates=4          # the N ablation (1 = dataset action only)
     digiq extract-policy ... scorer=q_star             # oracle: exact Q* of the simulated device
@@ -13,7 +13,7 @@ official actor, digiq_official.md section 3: invalid candidates get A = 0, A cla
 official re-scores 16 resampled indices per batch, the same set for every row; with all N scored at once
 the result is the same selection without the sampling noise). Training is cross-entropy on the selected
 action's tokens starting from pi_beta (:func:`digiq.training.policy_loop.fit_policy`), logging the token KL to
-pi_beta. ``loss: awr`` weights the best candidate of every state by ``exp(A / awr_beta)`` instead (the
+pi_beta. ``extraction_loss: awr`` weights the best candidate of every state by ``exp(A / awr_beta)`` instead (the
 official ``awr`` knob uses beta = 0.01).
 
 ``scorer: q_star`` replaces the learned critic by the simulator's exact Q* (V = mean Q* over the valid
@@ -38,7 +38,7 @@ from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
 from digiq.models.policy import best_of_n, read_spec, save_policy
 from digiq.models.vlm import load_vlm
-from digiq.sim.device import SimDevice
+from digiq.sim.phone import SimPhone
 from digiq.training.accelerator import make_accelerator
 from digiq.training.checkpoint import load_checkpoint
 from digiq.training.output import begin_output, check_output, finish_output
@@ -64,18 +64,19 @@ class Config:
     # Feature cache aligned with the dataset rows (digiq cache-features / import); scorer=critic only.
     features: str = ""
     # Trained critic folder (digiq train-critic writes <output_dir>/critic); scorer=critic only.
-    critic: str = ""
+    critic_dir: str = ""
     # pi_beta: the export of digiq train-bc (<output_dir>/policy).
     init_policy: str = "runs/bc/policy"
     output_dir: str = "runs/extract"
     # critic = the learned Q/V heads on cached features; q_star = the simulator's exact Q* (oracle ablation).
     scorer: Literal["critic", "q_star"] = "critic"
-    # Use only the first N candidates (0 = all stored). N = 1: the dataset action only (advantage-filtered BC).
-    num_candidates: int = 0
+    # Score the first N stored candidates ('all' = every stored one). N = 1: the dataset action only
+    # (advantage-filtered BC).
+    num_candidates: int | Literal["all"] = "all"
     # Imitate the best candidate when its clamped advantage exceeds this (official 0.05 webshop, 0.10 general).
     threshold: float = 0.10
     # best_of_n = the Digi-Q actor; awr = best candidate of every state weighted by exp(A / awr_beta).
-    loss: Literal["best_of_n", "awr"] = "best_of_n"
+    extraction_loss: Literal["best_of_n", "awr"] = "best_of_n"
     awr_beta: float = 0.05
     # Cap of the AWR weights (exp overflows quickly at small beta).
     awr_max_weight: float = 20.0
@@ -97,10 +98,13 @@ class Config:
         check(bool(self.dataset) and bool(self.init_policy), "dataset and init_policy must be set")
         if self.scorer == "critic":
             check(
-                bool(self.features) and bool(self.critic),
-                "scorer=critic needs features=<cache> and critic=<dir>",
+                bool(self.features) and bool(self.critic_dir),
+                "scorer=critic needs features=<cache> and critic_dir=<dir>",
             )
-        check(self.num_candidates >= 0, "num_candidates must be >= 0 (0 = all)")
+        check(
+            self.num_candidates == "all" or self.num_candidates >= 1,
+            f"num_candidates must be >= 1 or 'all', got {self.num_candidates!r}",
+        )
         check(self.awr_beta > 0 and self.awr_max_weight > 0, "awr_beta and awr_max_weight must be > 0")
         check(0 <= self.gamma < 1, "gamma must be in [0, 1)")
         self.train.validate()
@@ -112,12 +116,15 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 
 
-def candidate_table(candidates: list[list[str]], actions: list[str], n: int, source: str) -> list[list[str]]:
-    """The first ``n`` candidates per row (all when n = 0), checked: same count, index 0 = dataset action."""
+def candidate_table(
+    candidates: list[list[str]], actions: list[str], n: int | Literal["all"], source: str
+) -> list[list[str]]:
+    """The first ``n`` candidates per row (``"all"``: as many as every row has), checked: same count, index 0
+    = dataset action."""
     if not candidates or any(len(c) == 0 for c in candidates):
         i = next((k for k, c in enumerate(candidates) if len(c) == 0), 0)
         raise DataError(f"{source}: row {i} has no candidates; run `digiq candidates` first")
-    width = min(len(c) for c in candidates) if n == 0 else n
+    width = min(len(c) for c in candidates) if n == "all" else n
     for i, c in enumerate(candidates):
         if len(c) < width:
             raise DataError(f"{source}: row {i} has {len(c)} candidates, fewer than num_candidates={width}")
@@ -156,12 +163,12 @@ def critic_scores(
 
 def q_star_scores(state_keys: list[str], table: list[list[str]], gamma: float, valid: torch.Tensor):
     """Exact Q* of the simulated device; V = mean Q* over the state's valid candidates."""
-    dev = SimDevice()
+    phone = SimPhone()
     q = torch.zeros(len(table), len(table[0]))
     for i, (key, cands) in enumerate(zip(state_keys, table)):
         if not key:
             raise DataError(f"row {i}: empty state_key; scorer=q_star needs simulated data")
-        q[i] = torch.as_tensor(np.asarray(dev.q_star(key, cands, gamma), dtype=np.float32))
+        q[i] = torch.as_tensor(np.asarray(phone.q_star(key, cands, gamma), dtype=np.float32))
     w = valid.float()
     v = (q * w).sum(1) / w.sum(1).clamp_min(1.0)
     return q, v
@@ -181,7 +188,7 @@ def select(
         "kept_non_dataset_fraction": float((index[keep] != 0).float().mean()) if keep.any() else 0.0,
         "valid_candidate_fraction": float(valid.float().mean()),
     }
-    if cfg.loss == "best_of_n":
+    if cfg.extraction_loss == "best_of_n":
         rows = torch.nonzero(keep).squeeze(1)
         weights = None
     else:  # AWR on every state whose best candidate is valid
@@ -208,7 +215,7 @@ def run(cfg: Config) -> dict[str, Any]:
     valid = torch.tensor([[parse_action(a).is_valid for a in row] for row in table], dtype=torch.bool)
     if cfg.scorer == "critic":
         q, v, fvalid = critic_scores(
-            cfg.critic, cfg.features, ds, str(cfg.dataset), n, list(cols["candidates"])
+            cfg.critic_dir, cfg.features, ds, str(cfg.dataset), n, list(cols["candidates"])
         )
         valid &= fvalid
     else:
@@ -272,7 +279,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "scorer": cfg.scorer,
             "threshold": cfg.threshold,
             "num_candidates": n,
-            "loss": cfg.loss,
+            "extraction_loss": cfg.extraction_loss,
             "init_policy": cfg.init_policy,
         }
         save_policy(model, processor, out / POLICY_DIR, spec, extra)

@@ -405,8 +405,8 @@ def run(cfg: Config) -> dict:
     def do_eval() -> dict:
         marks["eval"] = step
         res = evaluate(model, data, val_rows, accelerator, yes_id, no_id, cfg.eval_batch_size)
-        flat = {f"eval/{k}": v for k, v in res.items() if k not in ("confusion", "by_action")}
-        flat.update({f"eval/accuracy_{k}": v["accuracy"] for k, v in res["by_action"].items()})
+        flat = {f"val/{k}": v for k, v in res.items() if k not in ("confusion", "by_action")}
+        flat.update({f"val/accuracy_{k}": v["accuracy"] for k, v in res["by_action"].items()})
         logger.log(flat, step)
         log.info(
             "step %d eval: acc %.4f auc %.4f loss %.4f confusion %s (majority %.3f)",

@@ -1,7 +1,7 @@
 """``digiq pipeline``: the whole Digi-Q pipeline on the simulated device, resumable stage by stage.
 
     digiq pipeline                                   # defaults: configs/pipeline/default.yaml values
-    digiq pipeline output_dir=runs/p2 seed=1 train_critic.loss=mc
+    digiq pipeline output_dir=runs/p2 seed=1 train_critic.critic_loss=mc
     digiq pipeline --resume                          # continue a killed run (finished stages are skipped)
 
 Stages, each writing its own folder under ``output_dir`` and handing off through files only::
@@ -190,7 +190,7 @@ def wire(cfg: Config) -> dict[str, Any]:
     c["train_critic"].gamma = c["collect"].gamma
     c["extract_policy"].dataset = str(d["candidates"])
     c["extract_policy"].features = str(d["cache_features"])
-    c["extract_policy"].critic = str(d["train_critic"] / "critic")
+    c["extract_policy"].critic_dir = str(d["train_critic"] / "critic")
     c["extract_policy"].init_policy = policy
     c["extract_policy"].output_dir = str(d["extract_policy"])
     c["extract_policy"].gamma = c["collect"].gamma

@@ -1,6 +1,6 @@
 """``digiq report``: a static, self-contained HTML Q-value viewer for a dataset (+ feature cache + critic).
 
-    digiq report dataset=data/sim features=runs/feats critic=runs/critic_td output_dir=runs/report
+    digiq report dataset=data/sim features=runs/feats critic_dir=runs/critic_td output_dir=runs/report
     digiq report dataset=data/sim output_dir=runs/report_data          # no critic: trajectories + actions
 
 For the first ``max_trajectories`` trajectories the page shows every step's screenshot with its candidate
@@ -35,7 +35,7 @@ from digiq.data.schema import iter_decoded_rows, load_dataset, trajectory_bounds
 from digiq.data.transitions import load_transitions
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
-from digiq.sim.device import SimDevice
+from digiq.sim.phone import SimPhone
 from digiq.utils.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -61,7 +61,7 @@ class Config:
     features: str = ""
     # Trained critic: a `save_critic` folder or a `digiq train-critic` output_dir (its critic/ is used).
     # Empty: no values, the page shows trajectories and candidate actions only.
-    critic: str = ""
+    critic_dir: str = ""
     output_dir: str = "runs/report"
     # Show the first this many trajectories (in dataset order).
     max_trajectories: int = 10
@@ -84,7 +84,10 @@ class Config:
 
     def validate(self) -> None:
         check(bool(self.dataset), "dataset must be set (a dataset folder)")
-        check(not self.critic or bool(self.features), "a critic needs features (its feature cache) to be set")
+        check(
+            not self.critic_dir or bool(self.features),
+            "a critic needs features (its feature cache) to be set",
+        )
         check(self.max_trajectories > 0, "max_trajectories must be > 0")
         check(16 <= self.image_width <= 2048, "image_width must be in [16, 2048]")
         check(self.gamma is None or 0.0 <= self.gamma < 1.0, f"gamma must be in [0, 1), got {self.gamma}")
@@ -304,8 +307,8 @@ def run(cfg: Config) -> dict[str, Any]:
     ds = load_dataset(cfg.dataset)
     critic = feats = None
     meta: dict[str, Any] = {}
-    if cfg.critic:
-        critic, feats, meta = open_critic_and_features(cfg.critic, cfg.features, ds, cfg.dataset)
+    if cfg.critic_dir:
+        critic, feats, meta = open_critic_and_features(cfg.critic_dir, cfg.features, ds, cfg.dataset)
     gamma = cfg.gamma if cfg.gamma is not None else float(meta.get("gamma", 0.95))
     tr, _ = load_transitions(cfg.dataset, gamma)
     bounds = trajectory_bounds(ds.select_columns(["traj_id"]))
@@ -314,14 +317,14 @@ def run(cfg: Config) -> dict[str, Any]:
 
     qstar_fn = None
     if cfg.q_star == "auto" and any(tr.state_key[s] for s, _ in shown):
-        qstar_fn = SimDevice().q_star
+        qstar_fn = SimPhone().q_star
 
     # Values for the plots: Q(s, a_dataset) and V(s) on the first plot_rows rows.
     plots: dict[str, bytes] = {}
     summary: dict[str, Any] = {
         "dataset": cfg.dataset,
         "features": cfg.features,
-        "critic": cfg.critic,
+        "critic_dir": cfg.critic_dir,
         "gamma": gamma,
         "num_rows": len(ds),
         "num_trajectories": len(bounds),
@@ -415,9 +418,9 @@ def run(cfg: Config) -> dict[str, Any]:
         summary["shown_argmax_q_star_optimal"] = float(np.mean(agree))
 
     meta_bits = [f"dataset <code>{html.escape(cfg.dataset)}</code>", f"{len(ds)} rows", f"gamma {gamma}"]
-    if cfg.critic:
+    if cfg.critic_dir:
         meta_bits += [
-            f"critic <code>{html.escape(cfg.critic)}</code>",
+            f"critic <code>{html.escape(cfg.critic_dir)}</code>",
             f"features <code>{html.escape(cfg.features)}</code>",
         ]
         meta_bits.append(f"Pearson(Q, MC) {_fmt(summary['q_mc_pearson'], 3)}")

@@ -43,7 +43,7 @@ from digiq.data.transitions import Transitions, check_candidate_counts, load_tra
 from digiq.errors import DataError
 from digiq.losses import mc_loss, td_q_loss, td_v_loss
 from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
-from digiq.sim.device import SimDevice
+from digiq.sim.phone import SimPhone
 from digiq.training.accelerator import make_accelerator
 from digiq.training.checkpoint import full_state, load_checkpoint, save_checkpoint
 from digiq.training.output import begin_output, check_output, finish_output
@@ -95,7 +95,7 @@ class Config:
     features: str = ""
     output_dir: str = "runs/critic"
     # td = Digi-Q's Bellman backup; mc = regress Q and V on the discounted return (the paper's ablation).
-    loss: Literal["td", "mc"] = "td"
+    critic_loss: Literal["td", "mc"] = "td"
     # Discount (official default.yaml:26).
     gamma: float = 0.95
     # Action a' in V's target Q_targ(s, a'): the dataset action (official default) or a random stored candidate.
@@ -220,7 +220,7 @@ def batch_loss(
     a = data.actions[idx, 0]
     q, v = model(s, a)  # (B, T) each
     T = q.shape[-1]
-    if cfg.loss == "mc":
+    if cfg.critic_loss == "mc":
         g = data.mc_return[idx].unsqueeze(-1).expand(-1, T)
         lq, lv = mc_loss(q, g), mc_loss(v, g)
     else:
@@ -291,12 +291,12 @@ def evaluate(
     v_np = torch.cat(v_s).cpu().double().numpy()
     td_np = torch.cat(td).cpu().double().numpy()
     mc = data.mc_return[torch.as_tensor(rows, device=data.mc_return.device)].cpu().double().numpy()
-    out["val_td_error"] = float(np.mean(td_np**2))
-    out["val_q_mc_mse"] = float(np.mean((q_np - mc) ** 2))
-    out["val_q_mc_pearson"] = pearson(q_np, mc)
-    out["val_v_mc_pearson"] = pearson(v_np, mc)
-    out["val_q_mean"] = float(q_np.mean())
-    out["val_mc_mean"] = float(mc.mean())
+    out["val/td_error"] = float(np.mean(td_np**2))
+    out["val/q_mc_mse"] = float(np.mean((q_np - mc) ** 2))
+    out["val/q_mc_pearson"] = pearson(q_np, mc)
+    out["val/v_mc_pearson"] = pearson(v_np, mc)
+    out["val/q_mean"] = float(q_np.mean())
+    out["val/mc_mean"] = float(mc.mean())
     if qstar_rows is not None and qstar is not None and len(qstar_rows):
         out.update(qstar_metrics(critic, data, qstar_rows, qstar, eval_batch_size))
     return out
@@ -334,13 +334,13 @@ def qstar_metrics(
         if not math.isnan(rho):
             rhos.append(rho)
     return {
-        "val_qstar_top1_agreement": float(np.mean(agree)),
-        "val_qstar_spearman": float(np.mean(rhos)) if rhos else float("nan"),
-        "val_qstar_states": float(len(rows)),
-        "val_qstar_spearman_states": float(len(rhos)),
+        "val/qstar_top1_agreement": float(np.mean(agree)),
+        "val/qstar_spearman": float(np.mean(rhos)) if rhos else float("nan"),
+        "val/qstar_states": float(len(rows)),
+        "val/qstar_spearman_states": float(len(rhos)),
         # Context: how often the dataset action / a uniformly random candidate is Q*-optimal.
-        "val_qstar_dataset_action_optimal": float(np.mean(behaviour)),
-        "val_qstar_random_optimal": float(np.mean(chance)),
+        "val/qstar_dataset_action_optimal": float(np.mean(behaviour)),
+        "val/qstar_random_optimal": float(np.mean(chance)),
     }
 
 
@@ -441,7 +441,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         s_mean, s_std = feature_stats(data.state, train_t)
         a_mean, a_std = feature_stats(data.actions, train_t)
         critic.set_normalization(s_mean, s_std, a_mean, a_std)
-    target = make_target(critic) if cfg.loss == "td" else None
+    target = make_target(critic) if cfg.critic_loss == "td" else None
     if target is not None and ck is not None and ck.weights("target") is not None:
         target.load_state_dict(ck.weights("target"))
     opt = torch.optim.Adam(
@@ -475,7 +475,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     if is_main and cfg.q_star == "auto" and len(val_rows):
         sim_rows = [r for r in val_rows.tolist() if tr.state_key[r] and len(tr.candidates[r]) == N and N >= 2]
         if sim_rows:
-            fn = q_star_fn or SimDevice().q_star
+            fn = q_star_fn or SimPhone().q_star
             try:
                 qs_rows, qs_table = q_star_table(tr, np.asarray(sim_rows), N, cfg.gamma, fn)
             except Exception as e:  # noqa: BLE001 - a metric source must not kill the training run
@@ -505,7 +505,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         for _ in range(cfg.steps_per_epoch):
             idx_cpu = train_cpu[torch.randint(len(train_cpu), (local_batch,), generator=gen)]
             col = None
-            if cfg.loss == "td" and cfg.backup_action == "candidate":
+            if cfg.critic_loss == "td" and cfg.backup_action == "candidate":
                 if valid_cpu is None:
                     col = torch.randint(N, (local_batch,), generator=gen)
                 else:
@@ -537,7 +537,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
                 out, step, weights, opt, sched, position={"epoch": epoch + 1},
                 extra={"arch": arch.to_json()}, keep=cfg.keep_checkpoints,
             )  # fmt: skip
-            shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val_")}
+            shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/")}
             log.info("epoch %d/%d step %d: %s", epoch + 1, cfg.epochs, step, shown)
         accelerator.wait_for_everyone()
     bar.close()
@@ -549,7 +549,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         save_critic(
             critic,
             out / CRITIC_DIR,
-            extra={"gamma": cfg.gamma, "loss": cfg.loss, "step": step, "features": str(cfg.features),
+            extra={"gamma": cfg.gamma, "critic_loss": cfg.critic_loss, "step": step, "features": str(cfg.features),
                    "dataset": str(cfg.dataset)},
         )  # fmt: skip
         atomic_write_json(out / "metrics.json", {k: (None if isinstance(v, float) and math.isnan(v) else v)

@@ -85,7 +85,7 @@ class _Graph:
     valid: np.ndarray  # (S, K) bool: a real canonical action (False = padding)
 
 
-class SimDevice:
+class SimPhone:
     """A deterministic simulated phone. The task catalogue does not depend on any seed."""
 
     def __init__(self, config: SimConfig | None = None) -> None:
