@@ -21,6 +21,10 @@ import textwrap
 import typing
 from collections.abc import Sequence
 
+from digiq import __version__
+from digiq.config import ConfigError, load_config, to_dict
+from digiq.errors import DigiqError
+
 # name -> (module, one-line help). Modules define ``Config`` (a dataclass) and ``run(cfg)``; a module may set
 # ``POSITIONAL = "<field>"`` to accept one bare word (``digiq theory q-learning``).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -75,7 +79,6 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 def describe_config(cls: type, prefix: str = "") -> list[str]:
     """Human-readable lines ``key = default  # comment`` for every (nested) field of a config class."""
-    from digiq.config import to_dict
 
     lines: list[str] = []
     comments = _field_comments(cls)
@@ -118,13 +121,9 @@ def _resolve(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from digiq.config import ConfigError, load_config, to_dict
-    from digiq.errors import DigiqError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("--version", "-V"):
-        from digiq import __version__
-
         print(f"digiq {__version__}")
         return 0
     name, rest = _resolve(argv)

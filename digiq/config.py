@@ -24,6 +24,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
+from digiq.utils.io import atomic_write_text
+
 T = TypeVar("T")
 
 CONFIG_FILENAME = "config.yaml"
@@ -306,7 +308,6 @@ def load_config(
 
 def save_config(cfg: Any, out_dir: str | Path, filename: str = CONFIG_FILENAME) -> Path:
     """Write the resolved config as YAML next to a stage's outputs (atomically)."""
-    from digiq.utils.io import atomic_write_text
 
     path = Path(out_dir) / filename
     text = f"# resolved {type(cfg).__name__}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -38,6 +38,11 @@ import threading
 import time
 from pathlib import Path
 
+from digiq.actions import Action
+from digiq.data.features import write_manifest, write_shard
+from digiq.data.schema import FEATURES, discounted_returns, save_dataset
+from digiq.utils.io import staged_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -47,9 +52,6 @@ TRAJ, STEPS, CANDS, DIM = 1296, 20, 16, 4096
 def make_dataset(path: Path, num_traj: int, steps: int, cands: int) -> int:
     from datasets import Dataset
     from PIL import Image
-
-    from digiq.actions import Action
-    from digiq.data.schema import FEATURES, discounted_returns, save_dataset
 
     buf = io.BytesIO()
     Image.new("RGB", (1, 1)).save(buf, format="PNG")
@@ -78,9 +80,6 @@ def make_dataset(path: Path, num_traj: int, steps: int, cands: int) -> int:
 def make_cache(path: Path, rows: int, cands: int, dim: int, shard_rows: int) -> int:
     """Random fp16 features written shard by shard; returns the feature bytes (state + actions)."""
     import torch
-
-    from digiq.data.features import write_manifest, write_shard
-    from digiq.utils.io import staged_dir
 
     g = torch.Generator().manual_seed(0)
     with staged_dir(path, overwrite=True) as tmp:

@@ -18,20 +18,21 @@ import time
 import numpy as np
 import torch
 
+from digiq.config import ModelConfig
+from digiq.data.schema import load_dataset
+from digiq.models.policy import (
+    PolicySpec,
+    build_training_batch,
+    collate_encoded,
+    format_action,
+    policy_logits,
+    weighted_nll,
+)
+from digiq.models.vlm import load_vlm
+from digiq.training.policy_loop import PolicyExamples, encode_examples
+
 
 def main() -> None:
-    from digiq.config import ModelConfig
-    from digiq.data.schema import load_dataset
-    from digiq.models.policy import (
-        PolicySpec,
-        build_training_batch,
-        collate_encoded,
-        format_action,
-        policy_logits,
-        weighted_nll,
-    )
-    from digiq.models.vlm import load_vlm
-    from digiq.training.policy_loop import PolicyExamples, encode_examples
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="data/sim")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from digiq.errors import DataError
-from digiq.utils.io import atomic_save_safetensors, atomic_write_json, is_complete
+from digiq.utils.io import atomic_save_safetensors, atomic_write_json, is_complete, staged_dir
 
 FORMAT = "digiq-features-v1"
 MANIFEST = "manifest.json"
@@ -296,7 +296,6 @@ def write_cache(
     overwrite: bool = False,
 ) -> Path:
     """Write a whole in-memory cache (tests, ``digiq import``, small runs) through a staged directory."""
-    from digiq.utils.io import staged_dir
 
     R = int(state.shape[0])
     meta = dict(meta or {})

@@ -40,8 +40,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from digiq.config import check
+from digiq.actions import goal_from_observation, parse_action
+from digiq.config import check, to_dict
+from digiq.data.schema import FEATURES, discounted_returns, save_dataset
 from digiq.errors import DataError, where
+from digiq.utils.io import atomic_save_safetensors, atomic_write_json, is_complete, staged_dir
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -451,8 +454,6 @@ def _trajectories(cfg: Config) -> Iterator[_Traj]:
 
 def _rows(cfg: Config, trajs: list[_Traj], ids: list[int]) -> Iterator[tuple[dict, list, Any]]:
     """(encoded-ready row, locs, features-or-None) for every step, in dataset order."""
-    from digiq.actions import goal_from_observation
-    from digiq.data.schema import discounted_returns
 
     resolvers: dict[Path, _ImageResolver] = {}
     for tr, tid in zip(trajs, ids):
@@ -512,11 +513,6 @@ def run(cfg: Config) -> ImportSummary:
     from datasets import Dataset, load_from_disk
     from datasets.arrow_writer import ArrowWriter
     from tqdm.auto import tqdm
-
-    from digiq.actions import parse_action
-    from digiq.config import to_dict
-    from digiq.data.schema import FEATURES, save_dataset
-    from digiq.utils.io import is_complete
 
     output = Path(cfg.output)
     for target in [output] + ([Path(cfg.features_output)] if cfg.features_output else []):
@@ -649,8 +645,6 @@ def write_feature_cache(
     ``image_features`` the state is a zero column (Ds = 1), noted in the manifest (``state_features``).
     """
     import torch
-
-    from digiq.utils.io import atomic_save_safetensors, atomic_write_json, staged_dir
 
     n_rows = len(action_rows)
     if n_rows == 0:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, Features, Image, List, Value, load_from_disk
 
-from digiq.errors import DataError
-from digiq.utils.io import is_complete, staged_dir
+from digiq.errors import DataError, where
+from digiq.utils.io import atomic_write_json, is_complete, staged_dir
 
 FEATURES = Features(
     {
@@ -144,7 +144,6 @@ def validate_dataset(ds: Dataset, source: str = "dataset") -> None:
 
 def save_dataset(ds: Dataset, path: str | Path, info: dict | None = None, overwrite: bool = True) -> Path:
     """``save_to_disk`` into a staged folder, renamed into place with a completion marker."""
-    from digiq.utils.io import atomic_write_json
 
     path = Path(path)
     with staged_dir(path, overwrite=overwrite) as tmp:
@@ -184,8 +183,6 @@ def decode_image(cell: dict | None, source: str, traj: object, step: object, col
     import io
 
     from PIL import Image as PILImage
-
-    from digiq.errors import where
 
     loc = where(source, traj, step, column)
     if cell is None or (cell.get("bytes") is None and not cell.get("path")):

@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from digiq.actions import Action, ActionType
+from digiq.config import check
 from digiq.sim import layout as L
 from digiq.sim.layout import State
 from digiq.sim.phone import SimPhone
@@ -50,7 +51,6 @@ class BehaviourConfig:
     p_case_noise: float = 0.2
 
     def validate(self, where: str = "behaviour") -> None:
-        from digiq.config import check
 
         check(0 <= self.p_optimal <= 1, f"{where}.p_optimal must be in [0, 1]")
         check(0 <= self.p_optimal_candidates <= 1, f"{where}.p_optimal_candidates must be in [0, 1]")

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 
 from digiq.actions import make_observation
-from digiq.config import to_dict
+from digiq.config import check, to_dict
 from digiq.data.labels import DEFAULT_EPS, DEFAULT_SCALE, screen_diff
 from digiq.data.schema import FEATURES, discounted_returns, save_dataset
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
@@ -67,7 +67,6 @@ class Config:
     behaviour: BehaviourConfig = dataclasses.field(default_factory=BehaviourConfig)
 
     def validate(self) -> None:
-        from digiq.config import check
 
         check(self.num_trajectories > 0, "num_trajectories must be > 0")
         check(0.0 <= self.gamma < 1.0, f"gamma must be in [0, 1), got {self.gamma}")

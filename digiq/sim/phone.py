@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from digiq.actions import Action, ActionType, parse_action
+from digiq.config import check
 from digiq.errors import DigiqError
 from digiq.sim import layout as L
 from digiq.sim.layout import State
@@ -67,7 +68,6 @@ class SimConfig:
     image_cache_size: int = 512
 
     def validate(self, where: str = "sim") -> None:
-        from digiq.config import check
 
         check(32 <= self.width <= 2048 and 32 <= self.height <= 4096, f"{where}: screen size out of range")
         check(self.image_cache_size >= 0, f"{where}.image_cache_size must be >= 0")

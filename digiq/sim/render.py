@@ -14,7 +14,7 @@ import zlib
 from PIL import Image, ImageDraw, ImageFont
 
 from digiq.sim import layout as L
-from digiq.sim.tasks import SHOPS, TOGGLES, Task
+from digiq.sim.tasks import ALL_QUERIES, SHOPS, TOGGLES, Task
 
 SHOP_COLOURS = ((25, 90, 200), (235, 120, 20), (30, 150, 70))
 SETTINGS_COLOUR = (100, 104, 116)
@@ -56,7 +56,6 @@ def item_colour(query: str, i: int) -> tuple[int, int, int]:
 def query_colour(query: str) -> tuple[int, int, int]:
     """The search field's swatch colour. By catalogue position, so a query and its decoy (the next query in
     the catalogue) never share a colour and typing the wrong query is a visible change (> eps)."""
-    from digiq.sim.tasks import ALL_QUERIES
 
     if query in ALL_QUERIES:
         return ITEM_PALETTE[ALL_QUERIES.index(query) % len(ITEM_PALETTE)]

@@ -22,10 +22,13 @@ from typing import Literal
 import numpy as np
 
 from digiq.actions import Action, ActionType, make_observation, parse_action
+from digiq.config import check, save_config
 from digiq.errors import DigiqError
+from digiq.models.policy import load_policy_fn
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
 from digiq.sim.phone import SimConfig, SimPhone
 from digiq.sim.tasks import TEST_QUERIES, TRAIN_QUERIES
+from digiq.utils.io import atomic_write_json
 
 PolicyFn = Callable[[list[dict]], list[str]]
 
@@ -159,17 +162,11 @@ def builtin_policy_fn(
 
 
 def load_exported_policy(path: str) -> PolicyFn:
-    """A Stage-3 export (``digiq.models.policy.load_policy_fn``), imported lazily."""
+    """A Stage-3 export (``digiq.models.policy.load_policy_fn``)."""
     if not Path(path).exists():
         raise DigiqError(
             f"policy {path!r} is neither a built-in policy (behaviour, optimal, random) nor an existing folder"
         )
-    try:
-        from digiq.models.policy import load_policy_fn  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise DigiqError(
-            f"cannot load the exported policy at {path}: digiq.models.policy.load_policy_fn is unavailable ({e})"
-        ) from e
     return load_policy_fn(path)
 
 
@@ -193,7 +190,6 @@ class Config:
     behaviour: BehaviourConfig = dataclasses.field(default_factory=BehaviourConfig)
 
     def validate(self) -> None:
-        from digiq.config import check
 
         check(self.num_episodes > 0, "num_episodes must be > 0")
         check(self.batch_size > 0, "batch_size must be > 0")
@@ -215,9 +211,6 @@ def run(cfg: Config) -> dict:
         f"mean steps {result['mean_steps']:.2f}\n"
     )
     if cfg.output_dir:
-        from digiq.config import save_config
-        from digiq.utils.io import atomic_write_json
-
         out = Path(cfg.output_dir)
         save_config(cfg, out)
         atomic_write_json(out / "rollout.json", result)

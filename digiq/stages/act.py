@@ -18,6 +18,7 @@ from typing import Any
 from digiq.actions import Action, make_observation, parse_action
 from digiq.config import check
 from digiq.errors import DigiqError
+from digiq.models.policy import generate_texts, load_policy, parse_policy_output
 
 
 @dataclasses.dataclass
@@ -63,7 +64,6 @@ def act(
     seed: int = 0,
 ) -> dict[str, Any]:
     """One action for one screen (the function behind the CLI, usable in-process)."""
-    from digiq.models.policy import generate_texts, parse_policy_output
 
     prev = parse_action(previous_action) if previous_action.strip() else None
     observation = make_observation(goal, prev)
@@ -73,8 +73,6 @@ def act(
 
 def run(cfg: Config) -> dict[str, Any]:
     from PIL import Image, UnidentifiedImageError
-
-    from digiq.models.policy import load_policy
 
     path = Path(cfg.image)
     if not path.is_file():

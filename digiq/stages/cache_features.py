@@ -33,7 +33,12 @@ import torch
 
 from digiq.config import ModelConfig, check, save_config, to_dict
 from digiq.data.features import DTYPES, shard_name, write_manifest, write_shard
+from digiq.data.schema import iter_decoded_rows, load_dataset
 from digiq.errors import DataError
+from digiq.models.featurize import Featurizer, resolve_layer
+from digiq.models.prompts import previous_action_from_observation
+from digiq.models.vlm import load_vlm
+from digiq.training.accelerator import make_accelerator
 from digiq.utils.io import atomic_write_json, clear_complete, is_complete, mark_complete
 from digiq.utils.logging import get_logger
 
@@ -227,8 +232,6 @@ def row_actions(action: str, candidates: list[str]) -> list[str]:
 
 def compute_shard(featurizer, ds, start: int, end: int, n: int, dtype: torch.dtype, pbar=None):
     """Features of dataset rows ``start..end``: state (n_rows, D), actions (n_rows, N, D), valid (n_rows, N)."""
-    from digiq.data.schema import iter_decoded_rows
-    from digiq.models.prompts import previous_action_from_observation
 
     sub = ds.select(range(start, end))
     cols = ["screenshot", "task", "observation", "action", "candidates"]
@@ -282,11 +285,6 @@ def run(cfg: Config) -> dict:
     ``skipped_shards`` (this process), ``rows_per_s``, ``num_shards``.
     """
     from tqdm.auto import tqdm
-
-    from digiq.data.schema import load_dataset
-    from digiq.models.featurize import Featurizer, resolve_layer
-    from digiq.models.vlm import load_vlm
-    from digiq.training.accelerator import make_accelerator
 
     cfg.validate()
     out = Path(cfg.output_dir)

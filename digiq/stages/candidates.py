@@ -25,8 +25,9 @@ from digiq.actions import parse_action
 from digiq.config import check, to_dict
 from digiq.data.schema import FEATURES, dataset_info, decode_batch, load_dataset, save_dataset, undecoded_view
 from digiq.errors import DataError
-from digiq.sim.behaviour import BehaviourConfig
-from digiq.sim.phone import SimConfig
+from digiq.models.policy import generate_actions, load_policy
+from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
+from digiq.sim.phone import SimConfig, SimPhone
 from digiq.utils.io import refuse_finished
 from digiq.utils.logging import get_logger
 
@@ -77,9 +78,6 @@ def sim_candidates(
     """[dataset action] + n-1 draws of the scripted behaviour policy (one seeded stream, dataset order)."""
     from tqdm.auto import tqdm
 
-    from digiq.sim.behaviour import BehaviourPolicy
-    from digiq.sim.phone import SimPhone
-
     phone = SimPhone(sim)
     pi = BehaviourPolicy(phone, seed=seed, config=behaviour)
     out = []
@@ -95,8 +93,6 @@ def sim_candidates(
 def policy_candidates(ds, cfg: Config) -> tuple[list[list[str]], int]:
     """[dataset action] + n-1 samples of the policy; returns the lists and the number of invalid draws left."""
     from tqdm.auto import tqdm
-
-    from digiq.models.policy import generate_actions, load_policy
 
     model, processor, spec = load_policy(cfg.policy)
     n_extra = cfg.num_candidates - 1

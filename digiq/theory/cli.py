@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 from digiq.config import ConfigError, check, save_config
+from digiq.theory import chain, tabular
 from digiq.theory.common import Result, summary_json, write_result
+from digiq.theory.plots import plot_result
 
 POSITIONAL = "experiment"
 
@@ -125,7 +127,6 @@ class Config:
 
 def run_experiment(name: str, cfg: Config) -> Result:
     """Run one experiment with the knobs of ``cfg`` (no files written)."""
-    from digiq.theory import chain, tabular
 
     t, c, seed = cfg.tabular, cfg.chain, cfg.seed
     nn = dict(alpha=c.alpha, epsilon=c.epsilon, hidden=c.hidden, optimizer=c.optimizer)
@@ -176,8 +177,6 @@ def run(cfg: Config) -> dict[str, Result]:
         res.summary["seconds"] = round(time.perf_counter() - t0, 2)
         write_result(res, out)
         if cfg.plot:
-            from digiq.theory.plots import plot_result
-
             plot_result(res, out / f"{name}.png")
         results[name] = res
         scalars = {k: v for k, v in summary_json(res.summary).items() if not isinstance(v, (list, dict))}
