@@ -1,6 +1,6 @@
 """The AitW action space and the AutoUI / DigiRL action string.
 
-The official agents emit (digirl_aitw.md section 2)::
+The official agents emit AutoUI strings (the format of https://github.com/DigiRL-agent/digirl/issues/1)::
 
     Action Plan: [DUAL_POINT,TYPE] ; Action Decision: "action_type": "DUAL_POINT",
     "touch_point": "[0.7852, 0.6779]", "lift_point": "[0.7852, 0.6779]", "typed_text": ""

@@ -3,8 +3,8 @@
 Every argument of a loss must have exactly the same shape: ``(B,)`` for one head, or ``(B, T)`` for T twin
 heads (broadcast the per-transition reward / done / return to ``(B, T)`` explicitly at the call site). The
 official MC ablation regressed ``(B, 1)`` outputs on ``(B,)`` returns, which broadcasts to a ``(B, B)``
-error matrix and trains every prediction toward the batch-mean return (digiq_official.md section 3, "MC
-ablation"); these functions raise instead.
+error matrix and trains every prediction toward the batch-mean return (DigiRL-agent/digiq @ 8181379,
+``digiq/algorithms/digiq/trainer.py:158-176``); these functions raise instead.
 
 Reduction: mean over the batch (dim 0), **sum** over any trailing dims, so ``(B, 2)`` twin predictions give
 the official total ``MSE(q1) + MSE(q2)`` (``trainer.py:189``) and ``(B,)`` gives a plain MSE.

@@ -18,7 +18,7 @@ from digiq.actions import (
     render_action,
 )
 
-# Verbatim from the DigiRL issue #1 dump (digirl_aitw.md section 2).
+# Verbatim from the DigiRL issue #1 dump (https://github.com/DigiRL-agent/digirl/issues/1).
 OFFICIAL = (
     'Action Plan: [DUAL_POINT,DUAL_POINT,PRESS_HOME,DUAL_POINT] ; Action Decision: "action_type": "DUAL_POINT", '
     '"touch_point": "[0.7852, 0.6779]", "lift_point": "[0.7852, 0.6779]", "typed_text": ""'

@@ -10,9 +10,11 @@ Shared contract between ``digiq cache-features`` (writes), ``digiq import`` (wri
 - ``shard-XXXXX.safetensors``: ``state`` (n, Ds) = f(s_t); ``actions`` (n, N, Da) = f(s_t, a_i), i = 0 the
   dataset action and i >= 1 the row's ``candidates[i]``; optional ``valid`` (n, N) bool (False = padding).
 
-The official pipeline keeps these as numpy arrays inside a pickled ``.pt`` (digiq_official.md section 1,
-``q_rep_out_list``); a list instead of an array there breaks training (section 7, item 4). Here every shard
-is checked for shape, dtype and finiteness when opened, and errors name the shard and dataset row.
+The official pipeline keeps these as numpy arrays inside a pickled ``.pt`` (``q_rep_out_list``,
+DigiRL-agent/digiq @ 8181379, ``postprocess_data/vlm_infer/vllm_based/vllm_infer_batched.py:89``); a list
+instead of an array there breaks training (the gradio path writes one, ``client.py:103``, and
+``digiq/data/utils.py:91`` needs ``.shape``). Here every shard is checked for shape, dtype and finiteness when
+opened, and errors name the shard and dataset row.
 """
 
 from __future__ import annotations

@@ -1,15 +1,17 @@
 """``digiq import``: official Digi-Q / DigiRL ``.pt`` trajectory files -> a digiq dataset (+ feature cache).
 
-An official file is a ``list`` of trajectories, each a ``list`` of step ``dict`` s (digiq_official.md
-section 1, digirl_aitw.md section 1). We read it with ``torch.load(weights_only=True)`` and an allow-list of
-numpy globals (the official loader uses ``weights_only=False``, offpolicy_train_loop.py:106, which runs any
-pickled code); arbitrary pickles load only with ``trust_pickle=true``.
+An official file is a ``list`` of trajectories, each a ``list`` of step ``dict`` s (DigiRL-agent/digiq @
+8181379, ``digiq/algorithms/offpolicy_train_loop.py:106-112``; DigiRL:
+https://github.com/DigiRL-agent/digirl/issues/1). We read it with ``torch.load(weights_only=True)`` and an
+allow-list of numpy globals (the official loader uses ``weights_only=False``, offpolicy_train_loop.py:106,
+which runs any pickled code); arbitrary pickles load only with ``trust_pickle=true``.
 
 Quirks handled (each is tested in tests/test_importer.py):
 
 * ``action_list``: a list, or one ``"<split>"``-joined string (generate_more_click_images_batched.py:107);
-  index 0 is the dataset action and becomes ``candidates``. A doubly-joined list (merge_slices.py:26, bug 3
-  in digiq_official.md section 7) is detected and refused.
+  index 0 is the dataset action and becomes ``candidates``. A doubly-joined list (the vLLM path joins it
+  again: DigiRL-agent/digiq @ 8181379, ``postprocess_data/vlm_infer/vllm_based/merge_slices.py:26``) is
+  detected and refused.
 * ``q_rep_out_list``: an ``(N, D)`` array (vLLM path) or a Python list of ``(D,)`` arrays (gradio path,
   client.py:103); only read when ``features_output`` is set.
 * ``image_path``: the NEXT screenshot in raw collections (``{id}_{t+1}.png``, s_0 is ``{id}_0.png``), the
@@ -73,7 +75,8 @@ class Config:
     # 'next' = s_{t+1} (raw collection: {id}_{t+1}.png, s_0 = {id}_0.png); 'auto' = 'current' for a
     # trajectory whose steps have next_image_path, else 'next'.
     image_path_mode: Literal["auto", "current", "next"] = "auto"
-    # Discount used to recompute mc_return (DigiRL collected with 0.95, digirl_aitw.md section 1).
+    # Discount used to recompute mc_return (DigiRL collected with 0.95: the step dump in
+    # https://github.com/DigiRL-agent/digirl/issues/1 has mc_return 0.8145 = 0.95^4).
     gamma: float = 0.95
     # Load with full pickle (runs code from the file). Only for files from a source you trust.
     trust_pickle: bool = False
@@ -691,7 +694,7 @@ def write_feature_cache(
             "layer": -1,
             "rendering": "imported",
             "state_features": (
-                "image_features (official BLIP-2 pooled, digiq_official.md section 1)"
+                "image_features (official BLIP-2 pooled, Salesforce/blip2-opt-2.7b)"
                 if has_state
                 else "none: zeros of dim 1 (the file has no image_features)"
             ),

@@ -1,11 +1,12 @@
 """The Stage-1 label: did the action visibly change the screen?
 
-Official rule (digiq_official.md section 4, ``construct_sft_data.py:23-37``): both screenshots at 0.25x
-resolution, ``diff = mean((s_t - s_{t+1})^2)`` over all pixels and channels on the 0-255 scale, answer
-"Yes" iff ``diff > 30``. The official images were pre-downscaled to 0.25x by a separate script; we resize
-both images here with PIL's BILINEAR filter (with ``reducing_gap=None``, PIL >= 9 antialiases when
-downscaling with BILINEAR, i.e. a triangle filter over the source footprint), so the label does not depend
-on how a dataset stores its screenshots.
+Official rule (DigiRL-agent/digiq @ 8181379,
+``postprocess_data/get_more_actions/construct_sft_data.py:23-37``): both screenshots at 0.25x resolution,
+``diff = mean((s_t - s_{t+1})^2)`` over all pixels and channels on the 0-255 scale, answer "Yes" iff
+``diff > 30``. The official images were pre-downscaled to 0.25x by a separate script; we resize both images
+here with PIL's BILINEAR filter (with ``reducing_gap=None``, PIL >= 9 antialiases when downscaling with
+BILINEAR, i.e. a triangle filter over the source footprint), so the label does not depend on how a dataset
+stores its screenshots.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Both twins of a head live in one :class:`EnsembleMLP` whose layers are batched m
 dimension, so a forward pass is one kernel per layer for both twins (faster than two ``nn.Linear`` stacks
 at the batch sizes we train with; see scripts/bench_critic.py).
 
-Differences from the official critic (digiq_official.md sections 2, 7), all deliberate:
+Differences from the official critic (DigiRL-agent/digiq @ 8181379, ``digiq/models/critic.py:29-72``; the
+files named below are in that repository), all deliberate:
 
 - the target network starts as an exact copy of the online network (:func:`make_target`); the official
   ``target_critic`` is a second, independently random initialisation (``autoui_agent.py:73-74``);

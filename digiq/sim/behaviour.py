@@ -1,13 +1,13 @@
 """A noisy scripted behaviour policy for the simulated device, tuned to AutoUI-like success (~20-35%).
 
-The official offline data comes from AutoUI and DigiRL checkpoints whose success on AitW is 20-70%
-(digiq_paper.md); the point of Digi-Q is to extract a better policy than the data's. This policy mimics
-AutoUI's failure modes: with probability ``p_optimal`` it takes a shortest-path action (the argmax of the
-exact Q*, tap jittered inside the widget), otherwise a plausible mistake: a random tap, the wrong
-widget (wrong app, wrong result), back / home, typing a wrong query, a stray swipe, or a premature
-STATUS_TASK_COMPLETE (AutoUI's most damaging habit). ``sample_candidates`` draws from the same mixture
-with a lower ``p_optimal`` (a higher temperature), as the official candidates are sampled at T=1.2
-(digiq_official.md: get_more_actions_batched.py:77).
+The official offline data was collected by AutoUI, whose success on AitW is about 20-28% (Digi-Q paper,
+arXiv:2502.15760, Table 1); the point of Digi-Q is to extract a better policy than the data's. This policy
+mimics AutoUI's failure modes: with probability ``p_optimal`` it takes a shortest-path action (the argmax of
+the exact Q*, tap jittered inside the widget), otherwise a plausible mistake: a random tap, the wrong widget
+(wrong app, wrong result), back / home, typing a wrong query, a stray swipe, or a premature
+STATUS_TASK_COMPLETE (AutoUI's most damaging habit). ``sample_candidates`` draws from the same mixture with a
+lower ``p_optimal`` (a higher temperature), as the official candidates are sampled at T=1.2
+(DigiRL-agent/digiq @ 8181379, ``postprocess_data/get_more_actions/get_more_actions_batched.py:77``).
 """
 
 from __future__ import annotations

@@ -29,10 +29,11 @@ from digiq.utils.io import refuse_finished
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
-# The Stage-1 label (digiq_official.md, construct_sft_data.py:23-37): mean squared difference of the two
-# screenshots at 0.25x scale on 0-255, "Yes" if > 30.
-# The Stage-1 rule itself (digiq/data/labels.py), so the simulator's statistics and tests use exactly the
-# label that finetune-vlm trains on (same scale, eps and resampling filter).
+# The Stage-1 label (DigiRL-agent/digiq @ 8181379,
+# postprocess_data/get_more_actions/construct_sft_data.py:23-37): mean squared difference of the two
+# screenshots at 0.25x scale on 0-255, "Yes" if > 30. The Stage-1 rule itself (digiq/data/labels.py), so the
+# simulator's statistics and tests use exactly the label that finetune-vlm trains on (same scale, eps and
+# resampling filter).
 CHANGE_SCALE = DEFAULT_SCALE
 CHANGE_THRESHOLD = DEFAULT_EPS
 

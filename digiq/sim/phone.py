@@ -11,8 +11,8 @@ Design (issue #2, item 5):
   TYPE *replaces* the field's text (AitW's type appends; replacing keeps the state finite).
 * **Judge.** Reward 1 on the step whose next state satisfies the goal, and the episode ends there;
   STATUS_TASK_COMPLETE / STATUS_TASK_IMPOSSIBLE end it with reward 0 (a goal state has already ended the
-  episode, so "complete" is only ever premature); reaching ``task.max_steps`` ends it too (truncation
-  is terminal, as in the official data: digirl_aitw.md).
+  episode, so "complete" is only ever premature); reaching ``task.max_steps`` ends it too (truncation is
+  terminal, as in the official data: DigiRL-agent/digiq @ 8181379, ``digiq/environment/android/env.py:346``).
 * **Values.** Q*/V* are the infinite-horizon discounted values on the step-free graph with goal states
   absorbing (V* = 0 there). The horizon is deliberately NOT part of the state: the optimal path of
   every task is far shorter than its horizon (tested), so it never binds for the optimal policy, and the

@@ -1,9 +1,10 @@
 """The fixed task catalogue of the simulated device: AitW-style goals with disjoint train / test splits.
 
-Two families, as in AitW (digirl_aitw.md): *general* device tasks ("Turn on wifi", "Open the settings";
-horizon 10, the DigiRL general horizon) and *web shopping* tasks ("Go to shopmart.com, search for \"usb
-cable\", and select the first entry"; horizon 20, the DigiRL webshop horizon). The catalogue is a pure
-function of this module (no seed), so a ``task_id`` names the same task in every process.
+Two families, as in AitW and the DigiRL task sets (https://github.com/DigiRL-agent/digirl): *general* device
+tasks ("Turn on wifi", "Open the settings"; horizon 10, the DigiRL general horizon) and *web shopping* tasks
+("Go to shopmart.com, search for \"usb cable\", and select the first entry"; horizon 20, the DigiRL webshop
+horizon). The catalogue is a pure function of this module (no seed), so a ``task_id`` names the same task in
+every process.
 
 Splits are disjoint by task: the test split holds out one (shop, query) pair in three (every shop and query
 is seen in training, never together: see :func:`shopping_split`) and other toggle goals / apps, so a test

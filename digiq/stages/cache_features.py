@@ -5,9 +5,10 @@
     accelerate launch --multi_gpu --num_processes 8 -m digiq cache-features ...
 
 The official pipeline gets these features from gradio endpoints (about 8 h) or a forked vLLM (about 1 h),
-sampling at temperature 0.2 (digiq_official.md section 5). Here they are exact and deterministic
-(:mod:`digiq.models.featurize`): with the ``text`` rendering the image + goal prefix is encoded once per
-state and its KV cache is shared by the state-only prompt and all N action suffixes.
+sampling at temperature 0.2 (DigiRL-agent/digiq @ 8181379,
+``postprocess_data/vlm_infer/gradio_based/host.py:98``). Here they are exact and deterministic
+(:mod:`digiq.models.featurize`): with the ``text`` rendering the image + goal prefix is encoded once per state
+and its KV cache is shared by the state-only prompt and all N action suffixes.
 
 Output: the feature-cache format of :mod:`digiq.data.features` (``manifest.json``, ``shard-XXXXX.safetensors``,
 ``_COMPLETE``). Rows are cut into fixed shards of ``shard_rows``; rank r of W computes shards r, r+W, ...,

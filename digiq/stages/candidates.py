@@ -3,13 +3,13 @@
     digiq candidates dataset=data/sim output_dir=data/sim_cands source=policy policy=runs/bc/policy
     digiq candidates dataset=data/sim output_dir=data/sim_cands source=sim num_candidates=8
 
-Index 0 is always the dataset action (the official also forces it into the set, digiq_official.md
-section 3); indices 1..N-1 are samples from pi_beta. ``source: policy`` samples a behaviour-cloned VLM policy
-(an export of ``digiq train-bc``, or any VLM folder) at ``temperature`` (official: AutoUI at 1.2,
-``get_more_actions_batched.py:77``) and re-samples invalid outputs up to ``max_resamples`` times (official:
-3), keeping the last draw when all fail (invalid candidates get A = 0 in Best-of-N). ``source: sim`` uses the
-simulated device's scripted behaviour policy (needs ``state_key``). Deterministic under ``seed``; the new
-dataset is written to a new folder atomically.
+Index 0 is always the dataset action (the official also forces it into the set: DigiRL-agent/digiq @ 8181379,
+``digiq/algorithms/digiq/trainer.py:248-250``); indices 1..N-1 are samples from pi_beta. ``source: policy``
+samples a behaviour-cloned VLM policy (an export of ``digiq train-bc``, or any VLM folder) at ``temperature``
+(official: AutoUI at 1.2, ``get_more_actions_batched.py:77``) and re-samples invalid outputs up to
+``max_resamples`` times (official: 3), keeping the last draw when all fail (invalid candidates get A = 0 in
+Best-of-N). ``source: sim`` uses the simulated device's scripted behaviour policy (needs ``state_key``).
+Deterministic under ``seed``; the new dataset is written to a new folder atomically.
 """
 
 from __future__ import annotations

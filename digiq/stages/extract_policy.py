@@ -8,13 +8,14 @@
 For every state the N stored candidates (``candidates`` column, index 0 = dataset action; feature-cache
 ``actions[:, i]`` = f(s, candidates[i])) are scored by the critic, and the policy imitates
 ``argmax_i Q(s, a_i)`` when ``Q - V`` exceeds ``threshold`` (:func:`digiq.models.policy.best_of_n`, the
-official actor, digiq_official.md section 3: invalid candidates get A = 0, A clamped to [0, 1], threshold
-0.05 WebShop / 0.10 general). The critic is frozen, so the selection is computed once, before training (the
-official re-scores 16 resampled indices per batch, the same set for every row; with all N scored at once
-the result is the same selection without the sampling noise). Training is cross-entropy on the selected
-action's tokens starting from pi_beta (:func:`digiq.training.policy_loop.fit_policy`), logging the token KL to
-pi_beta. ``extraction_loss: awr`` weights the best candidate of every state by ``exp(A / awr_beta)`` instead (the
-official ``awr`` knob uses beta = 0.01).
+official actor of DigiRL-agent/digiq @ 8181379, ``digiq/algorithms/digiq/trainer.py:248-294``: invalid
+candidates get A = 0, A clamped to [0, 1], threshold 0.05 WebShop / 0.10 general). The critic is frozen, so
+the selection is computed once, before training (the official re-scores 16 resampled indices per batch, the
+same set for every row; with all N scored at once the result is the same selection without the sampling
+noise). Training is cross-entropy on the selected action's tokens starting from pi_beta
+(:func:`digiq.training.policy_loop.fit_policy`), logging the token KL to pi_beta. ``extraction_loss: awr``
+weights the best candidate of every state by ``exp(A / awr_beta)`` instead (the official ``awr`` knob uses
+beta = 0.01).
 
 ``scorer: q_star`` replaces the learned critic by the simulator's exact Q* (V = mean Q* over the valid
 candidates of the state, a Monte-Carlo V of the candidate sampler): the extraction's upper bound given the

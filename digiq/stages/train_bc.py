@@ -59,7 +59,7 @@ class PolicyFormatConfig:
     # Generation cap; must cover the longest target (a warning says when a target is cut).
     max_new_tokens: int = 24
     # Sampling of the exported policy at act/evaluate time: false = greedy. The official evaluation samples
-    # at temperature 0.8 (digiq_official.md section 3, "Policy model").
+    # at temperature 0.8 (DigiRL-agent/digiq @ 8181379, ``scripts/config/main/train_and_eval.yaml:15``).
     do_sample: bool = False
     temperature: float = 1.0
 

@@ -8,7 +8,8 @@ a product of D bootstrapped backups, which is what makes depth and gamma -> 1 ha
 Encoding (why 257 parameters): input = (s / (D-1), a) with a in {0, 1}, output = the scalar Q(s, a);
 2*64 + 64 + 64*1 + 1 = 257. A scalar-state input with one output per action would be 1*64+64+64*2+2 = 258;
 a scalar input with a single output (193) could not tell the two actions apart. Feeding the action as an
-input mirrors Digi-Q's critic, which scores f(s, a) and outputs one number (digiq_official.md).
+input mirrors Digi-Q's critic, which scores f(s, a) and outputs one number (DigiRL-agent/digiq @ 8181379,
+``digiq/models/critic.py:156-157``).
 
 Data: online epsilon-greedy (epsilon = 0.3) with *exploring starts* (each episode begins at a uniformly random
 state). Uniform starts stand in for an offline dataset that covers every screen; they remove the exploration
@@ -81,7 +82,8 @@ def train_chain(
     ``oracle[r]``: regress on Q*(s, a) instead (same data, network and optimiser, no bootstrapping), which
     measures how well the network can fit Q* at all; the gap to it is what bootstrapping adds.
     ``optimizer``: 'adam' (default; step size ``alpha``) or 'sgd'.
-    ``digiq_td[r]``: Digi-Q's TD critic instead (digiq_official.md section 3, trainer.py:133-176): a second
+    ``digiq_td[r]``: Digi-Q's TD critic instead (DigiRL-agent/digiq @ 8181379,
+    ``digiq/algorithms/digiq/trainer.py:133-176``): a second
     MLP V(s) (1 -> hidden -> 1) and EMA target copies of both (rate ``tau``, official 0.1 per step);
     Q(s, a) <- r + gamma (1 - d) V_targ(s') and V(s) <- Q_targ(s, a_data), the SARSA-style in-sample backup
     with no max. (We copy the online weights into the targets at the start; the official target critic is
