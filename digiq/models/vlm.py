@@ -108,13 +108,7 @@ def _tokenizer_corpus() -> list[str]:
         "Open the settings",
         'Go to shopmart.com, search for "usb cable", and select the first entry',
     ]
-    try:  # the simulated device's goals (pure function of the catalogue, no seed)
-        from digiq.sim.tasks import catalogue
-
-        for tasks in catalogue().values():
-            goals.extend(t.goal for t in tasks)
-    except Exception:  # noqa: BLE001 - the sim is optional for the tokenizer
-        pass
+    goals.extend(_frozen_sim_goals())
     actions: list[Action] = []
     for _ in range(400):
         y, x = rng.random(), rng.random()
@@ -142,6 +136,14 @@ def _tokenizer_corpus() -> list[str]:
             texts.extend([head + "x" + tail + ans + word + "</s>"] * 20)
     texts.extend(goals * 5)
     return texts
+
+
+def _frozen_sim_goals() -> list[str]:
+    """The simulated device's goals, frozen as package data (see the file's header for why)."""
+    from importlib.resources import files
+
+    text = (files("digiq.models") / "assets" / "tiny_tokenizer_goals.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
 @functools.lru_cache(maxsize=4)
