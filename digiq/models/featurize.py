@@ -35,7 +35,7 @@ from PIL import Image
 from digiq.actions import Action
 from digiq.models.families import FAMILIES
 from digiq.models.prompts import Rendering, make_inputs, processor_call, split_prompt
-from digiq.models.vlm import default_feature_layer, extract_features, hidden_at, num_text_layers, unwrap
+from digiq.models.vlm import extract_features, hidden_at, resolve_layer, unwrap
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -44,18 +44,6 @@ log = get_logger(__name__)
 def _text(x: Action | str | None) -> str | None:
     """A hashable identity of a prompt part (an Action renders to the string the prompt is built from)."""
     return x.render() if isinstance(x, Action) else x
-
-
-def resolve_layer(model: Any, layer: int | None) -> int:
-    """The ``output_hidden_states`` index of ``layer`` (None = default intermediate layer, -1 = last)."""
-    hf = unwrap(model)
-    n = num_text_layers(hf)
-    if layer is None:
-        layer = default_feature_layer(hf)
-    index = layer if layer >= 0 else n + 1 + layer
-    if not 0 <= index <= n:
-        raise ValueError(f"layer {layer} is out of range for a text model with {n} layers")
-    return index
 
 
 @torch.no_grad()

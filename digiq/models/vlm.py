@@ -176,10 +176,8 @@ def _no_crop(processor) -> None:
 
 
 def _is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
+    from peft import PeftModel  # a dependency, imported here: importing it (with transformers) takes seconds
+
     return isinstance(model, PeftModel)
 
 
@@ -241,10 +239,6 @@ def num_text_layers(model) -> int:
     return int(text.num_hidden_layers)
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # --------------------------------------------------------------------------------------------------
 # Forward passes: answer logits and features
 # --------------------------------------------------------------------------------------------------
@@ -258,10 +252,20 @@ def unwrap(model):
     return m
 
 
-def default_feature_layer(model) -> int:
-    """An intermediate layer (3/4 of the depth): the default feature layer for Stage 2."""
+def resolve_layer(model, layer: int | None) -> int:
+    """The ``output_hidden_states`` index of feature layer ``layer``: the one place it is resolved.
+
+    ``layer`` counts like ``output_hidden_states``: 0 = token embeddings, k = output of decoder layer k;
+    negative counts from the end with ``-1`` = the last layer's output *after the final norm*. ``None`` = an
+    intermediate layer at 3/4 of the depth (at least 1), the default feature layer for Stage 2.
+    """
     n = num_text_layers(unwrap(model))
-    return max(1, (3 * n) // 4)
+    if layer is None:
+        layer = max(1, (3 * n) // 4)
+    index = layer if layer >= 0 else n + 1 + layer
+    if not 0 <= index <= n:
+        raise ValueError(f"layer {layer} is out of range for a text model with {n} layers")
+    return index
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -284,20 +288,12 @@ def answer_logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def extract_features(model, inputs: dict[str, torch.Tensor], layer: int | None = None) -> torch.Tensor:
     """The hidden state (B, D) of text-model layer ``layer`` at the last non-pad token, no LM head.
 
-    ``layer`` counts like ``output_hidden_states``: 0 = token embeddings, k = output of decoder layer k;
-    negative counts from the end with ``-1`` = the last layer's output *after the final norm* (the
-    official gradio path's ``layer_id=-1``, host.py:78-84). ``None`` = :func:`default_feature_layer`.
-    Deterministic: no generation, no sampling (the official path samples at temperature 0.2).
+    ``layer`` as in :func:`resolve_layer` (``-1`` is the official gradio path's ``layer_id=-1``,
+    host.py:78-84). Deterministic: no generation, no sampling (the official path samples at temperature 0.2).
     """
     hf = unwrap(model)
-    n = num_text_layers(hf)
-    if layer is None:
-        layer = default_feature_layer(hf)
-    index = layer if layer >= 0 else n + 1 + layer
-    if not 0 <= index <= n:
-        raise ValueError(f"layer {layer} is out of range for a text model with {n} layers")
     base = hf.model  # the *Model under *ForConditionalGeneration: no LM head
-    hidden = hidden_at(base, index, **inputs, use_cache=False, return_dict=True)
+    hidden = hidden_at(base, resolve_layer(hf, layer), **inputs, use_cache=False, return_dict=True)
     idx = last_token_index(inputs["attention_mask"]).to(hidden.device)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 

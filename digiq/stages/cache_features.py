@@ -284,8 +284,8 @@ def run(cfg: Config) -> dict:
     from tqdm.auto import tqdm
 
     from digiq.data.schema import load_dataset
-    from digiq.models.featurize import Featurizer, resolve_layer
-    from digiq.models.vlm import load_vlm
+    from digiq.models.featurize import Featurizer
+    from digiq.models.vlm import load_vlm, resolve_layer
     from digiq.utils.dist import make_accelerator
 
     cfg.validate()
