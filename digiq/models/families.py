@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any
 
 from digiq.models import tiny
@@ -155,8 +154,8 @@ SMOLVLM = replace(
     name="smolvlm",
     model_types=("smolvlm",),
     head="<|im_start|>User:<image>",
-    tiny_processor=partial(tiny.idefics3_processor, image_processor="SmolVLMImageProcessorPil"),
-    tiny_config=partial(tiny.idefics3_config, config="SmolVLMConfig"),
+    tiny_processor=functools.partial(tiny.idefics3_processor, image_processor="SmolVLMImageProcessorPil"),
+    tiny_config=functools.partial(tiny.idefics3_config, config="SmolVLMConfig"),
 )
 
 # google/paligemma-3b-pt-224: no chat template. The processor prepends the image tokens and BOS and appends

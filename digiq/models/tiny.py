@@ -65,7 +65,8 @@ def parse_tiny_name(name: str) -> tuple[str, TinySpec]:
 
 # Every family's special tokens, in one shared vocabulary. Frozen with the training text: a family that needs
 # another special token adds it in its own tiny processor builder (``tokenizer.add_special_tokens`` appends
-# ids after the existing ones, as PaliGemma's processor does), so the other families' ids never move.
+# ids after the existing ones, as PaliGemma's processor does with its loc / seg tokens), so the other
+# families' ids never move.
 SPECIAL_TOKENS = [
     "<pad>",
     "<s>",
