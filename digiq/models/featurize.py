@@ -33,34 +33,17 @@ import torch
 from PIL import Image
 
 from digiq.actions import Action
+from digiq.models.families import FAMILIES
 from digiq.models.prompts import Rendering, make_inputs, processor_call, split_prompt
-from digiq.models.vlm import default_feature_layer, extract_features, hidden_at, num_text_layers, unwrap
+from digiq.models.vlm import extract_features, hidden_at, resolve_layer, unwrap
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-# Families whose text prefix can be shared: causal attention over the whole prompt, image tokens inside
-# the prefix. PaliGemma attends bidirectionally over image + prompt (prefix-LM), so a later token changes
-# earlier states and nothing can be shared; it falls back to full forwards.
-PREFIX_FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl", "idefics3", "smolvlm")
-MROPE_FAMILIES = ("qwen2-vl", "qwen2.5-vl")
 
 
 def _text(x: Action | str | None) -> str | None:
     """A hashable identity of a prompt part (an Action renders to the string the prompt is built from)."""
     return x.render() if isinstance(x, Action) else x
-
-
-def resolve_layer(model: Any, layer: int | None) -> int:
-    """The ``output_hidden_states`` index of ``layer`` (None = default intermediate layer, -1 = last)."""
-    hf = unwrap(model)
-    n = num_text_layers(hf)
-    if layer is None:
-        layer = default_feature_layer(hf)
-    index = layer if layer >= 0 else n + 1 + layer
-    if not 0 <= index <= n:
-        raise ValueError(f"layer {layer} is out of range for a text model with {n} layers")
-    return index
 
 
 @torch.no_grad()
@@ -120,7 +103,8 @@ class Featurizer:
         params = inspect.signature(self.base.forward).parameters
         # transformers 5.x renamed past_key_values -> cache (the old name is deprecated until 5.40).
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.prefix_sharing = prefix_sharing and rendering == "text" and self.family in PREFIX_FAMILIES
+        # FamilySpec.prefix_sharing: causal attention over the whole prompt, image tokens inside the prefix.
+        self.prefix_sharing = prefix_sharing and rendering == "text" and FAMILIES[self.family].prefix_sharing
         if prefix_sharing and rendering == "text" and not self.prefix_sharing:
             log.warning(
                 "prefix sharing is not supported for VLM family %r; using full forwards (slower, same values)",
@@ -240,7 +224,7 @@ class Featurizer:
         inputs = {key: v.to(self.device) for key, v in inputs.items()}
         pos_kw: dict[str, Any] = {}
         text_start = Lp
-        if self.family in MROPE_FAMILIES:
+        if FAMILIES[self.family].mrope:
             position_ids, deltas = self._rope_index(inputs)
             pos_kw["position_ids"] = position_ids
             text_start = Lp + int(deltas.reshape(-1)[0])
@@ -271,7 +255,7 @@ class Featurizer:
                 smask[i, : len(c)] = 1
             mask = torch.cat([torch.ones((m, Lp), dtype=torch.long), smask], dim=1).to(self.device)
             pos = (text_start + torch.arange(Ls)).expand(m, Ls).to(self.device)
-            if self.family in MROPE_FAMILIES:
+            if FAMILIES[self.family].mrope:
                 pos = pos.unsqueeze(0).expand(3, m, Ls)  # text tokens: the same position on t, h, w
             chunk_cache = DynamicCache(
                 [(k_.expand(m, -1, -1, -1), v_.expand(m, -1, -1, -1)) for k_, v_ in kv],

@@ -479,7 +479,7 @@ def save_policy(
     model: Any, processor: Any, out_dir: str | Path, spec: PolicySpec, extra: dict[str, Any] | None = None
 ) -> Path:
     """Export: merged ``save_pretrained`` weights + processor + ``digiq_policy.json`` (atomic folder)."""
-    from digiq.models.vlm import save_vlm, unwrap
+    from digiq.models.vlm import _is_peft, save_vlm, unwrap
 
     out_dir = Path(out_dir)
     m = getattr(model, "module", model)  # DDP
@@ -487,14 +487,6 @@ def save_policy(
         save_vlm(m if _is_peft(m) else unwrap(m), processor, tmp, merge_lora=True)
         atomic_write_json(tmp / POLICY_FILE, {**spec.to_json(), **(extra or {})})
     return out_dir
-
-
-def _is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PeftModel)
 
 
 def read_spec(path: str | Path, default: PolicySpec | None = None) -> PolicySpec:

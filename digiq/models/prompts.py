@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from digiq.actions import Action, ActionType, parse_action
+from digiq.models.families import FAMILIES
 
 Rendering = Literal["text", "overlay"]
 RENDERINGS = ("text", "overlay")
@@ -41,26 +42,9 @@ ANSWER_INSTRUCTION = (
 STATE_QUESTION = "Is the goal already complete on this screen?"
 
 # family -> (head, tail, answer_prefix): full prompt text = head + user_text + tail, the answer follows
-# as answer_prefix + "Yes"/"No". The heads hold the family's image placeholder, which the processor
-# expands into the image's tokens. These are the shapes of the real chat templates (llava-hf
-# "USER: <image>\n... ASSISTANT:", Qwen's ChatML with vision tokens, Idefics3 / SmolVLM "User:<image>...
-# <end_of_utterance>\nAssistant:"); PaliGemma has none: its processor prepends the image tokens and BOS
-# and appends "\n" itself.
-TEMPLATES: dict[str, tuple[str, str, str]] = {
-    "llava": ("USER: <image>\n", " ASSISTANT:", " "),
-    "qwen2-vl": (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-        "<|vision_start|><|image_pad|><|vision_end|>",
-        "<|im_end|>\n<|im_start|>assistant\n",
-        "",
-    ),
-    "idefics3": ("<|begin_of_text|>User:<image>", "<end_of_utterance>\nAssistant:", " "),
-    "smolvlm": ("<|im_start|>User:<image>", "<end_of_utterance>\nAssistant:", " "),
-    "paligemma": ("", "", ""),
-}
-TEMPLATES["qwen2.5-vl"] = TEMPLATES["qwen2-vl"]
-# Text a processor appends to the prompt by itself (PaliGemma ends every prompt with "\n").
-IMPLICIT_TAIL: dict[str, str] = {"paligemma": "\n"}
+# as answer_prefix + "Yes"/"No". A view of the registry (digiq.models.families), where each template is
+# described, for readers of the tuples (policy export, tests).
+TEMPLATES: dict[str, tuple[str, str, str]] = {name: f.template for name, f in FAMILIES.items()}
 
 
 def family_name(family_or_processor: Any) -> str:
@@ -71,8 +55,8 @@ def family_name(family_or_processor: Any) -> str:
         fam = getattr(family_or_processor, "digiq_family", None)
         if fam is None:
             raise ValueError("processor has no digiq_family: load it with digiq.models.vlm.load_vlm")
-    if fam not in TEMPLATES:
-        raise ValueError(f"no prompt template for VLM family {fam!r}; known: {sorted(TEMPLATES)}")
+    if fam not in FAMILIES:
+        raise ValueError(f"no prompt template for VLM family {fam!r}; known: {sorted(FAMILIES)}")
     return fam
 
 
@@ -170,10 +154,10 @@ def split_prompt(
     instruction and the assistant generation prompt. With ``rendering="overlay"`` the text split is the
     same, but the image differs per action, so only ``text`` prompts can share a prefix KV cache.
     """
-    head, tail, _ = TEMPLATES[family_name(family_or_processor)]
-    prefix = head + user_prefix(goal, previous_action)
+    fam = FAMILIES[family_name(family_or_processor)]
+    prefix = fam.head + user_prefix(goal, previous_action)
     question = STATE_QUESTION if action is None else "Action: " + action_text(action, rendering)
-    return prefix, question + ANSWER_INSTRUCTION + tail
+    return prefix, question + ANSWER_INSTRUCTION + fam.tail
 
 
 def build_prompt(
@@ -189,7 +173,7 @@ def build_prompt(
 
 
 def answer_prefix(family_or_processor: Any) -> str:
-    return TEMPLATES[family_name(family_or_processor)][2]
+    return FAMILIES[family_name(family_or_processor)].answer_prefix
 
 
 def previous_action_from_observation(observation: str) -> str:
@@ -284,23 +268,24 @@ def make_inputs(
 def processor_call(
     processor: Any, images: Sequence[Image.Image], texts: Sequence[str]
 ) -> dict[str, torch.Tensor]:
-    """Run the processor with the per-family quirks (nested images for Idefics3, no labels for PaliGemma)."""
-    fam = family_name(processor)
+    """Run the processor with its family's image-input quirks; never returns labels."""
+    fam = FAMILIES[family_name(processor)]
     processor.tokenizer.padding_side = "left"
-    imgs: Any = [[im] for im in images] if fam in ("idefics3", "smolvlm") else list(images)
+    imgs: Any = [[im] for im in images] if fam.nested_images else list(images)
     out = processor(images=imgs, text=list(texts), padding=True, return_tensors="pt")
     out = dict(out)
     out.pop("labels", None)  # PaliGemma returns labels when it sees a suffix; we never pass one
-    out.pop("token_type_ids", None) if fam != "paligemma" else None
+    if not fam.keeps_token_type_ids:
+        out.pop("token_type_ids", None)
     return out
 
 
 def yes_no_token_ids(processor: Any) -> tuple[int, int]:
     """``(yes_id, no_id)``: the first token of the answer "Yes" / "No" right after the generation prompt."""
-    fam = family_name(processor)
+    fam = FAMILIES[family_name(processor)]
     tok = processor.tokenizer
-    head, tail, ans = TEMPLATES[fam]
-    base = "x" + tail + IMPLICIT_TAIL.get(fam, "")
+    ans = fam.answer_prefix
+    base = "x" + fam.tail + fam.implicit_tail
     ids = []
     for word in ("Yes", "No"):
         a = tok(base, add_special_tokens=False)["input_ids"]

@@ -36,9 +36,9 @@ from digiq.config import ModelConfig, check, save_config, to_dict
 from digiq.data.features import DTYPES, shard_name, write_manifest, write_shard
 from digiq.data.schema import iter_decoded_rows, load_dataset
 from digiq.errors import DataError
-from digiq.models.featurize import Featurizer, resolve_layer
+from digiq.models.featurize import Featurizer
 from digiq.models.prompts import previous_action_from_observation
-from digiq.models.vlm import load_vlm
+from digiq.models.vlm import load_vlm, resolve_layer
 from digiq.training.accelerator import make_accelerator
 from digiq.utils.io import atomic_write_json, clear_complete, is_complete, mark_complete
 from digiq.utils.logging import get_logger
