@@ -45,6 +45,9 @@ class FamilySpec:
     image_only: bool = False
     # Attribute of the ``*Model`` (under ``*ForConditionalGeneration``) holding the text decoder's ``layers``.
     text_decoder: str = "language_model"
+    # Module names of the vision side (tower and projector) in parameter names: finetune-vlm trains them at
+    # its own learning rate (``vision_lr_scale``).
+    vision_modules: tuple[str, ...] = ("vision_tower", "multi_modal_projector")
     # Causal attention over the whole prompt with the image inside the prefix: Stage 2 may encode a state's
     # prefix once and run its N candidates' suffixes on the prefix's KV cache (digiq.models.featurize).
     prefix_sharing: bool = True
@@ -120,6 +123,7 @@ QWEN2_VL = FamilySpec(
     tiny_config=tiny.qwen2_vl_config,
     processor_class="Qwen2VLProcessor",
     image_only=True,
+    vision_modules=("visual",),
     mrope=True,
 )
 
@@ -145,6 +149,7 @@ IDEFICS3 = FamilySpec(
     nested_images=True,
     processor_class="Idefics3Processor",
     text_decoder="text_model",
+    vision_modules=("vision_model", "connector"),
 )
 
 # HuggingFaceTB/SmolVLM-Instruct: Idefics3's layout with a ChatML start token. Loaded with the Idefics3

@@ -1,10 +1,11 @@
 """Exact, fast VLM features for Stage 2: f(s) and f(s, a_i) for a state and N candidate actions.
 
-The official pipeline extracts LLaVA features through gradio endpoints (about 8 h) or a forked vLLM (about
-1 h), sampling at temperature 0.2 (digiq_official.md section 5, ``host.py:78-84``), so its features are
-noisy. Here a feature is the hidden state of one text-model layer at the last prompt token (the position
-that predicts the Yes/No answer, :func:`digiq.models.vlm.extract_features`), computed deterministically in
-eval mode without the LM head.
+The official pipeline extracts LLaVA features through gradio endpoints (about 8 h) or a forked vLLM (about 1
+h), sampling at temperature 0.2 (DigiRL-agent/digiq @ 8181379,
+``postprocess_data/vlm_infer/gradio_based/host.py:78-84,98``), so its features are noisy. Here a feature is
+the hidden state of one text-model layer at the last prompt token (the position that predicts the Yes/No
+answer, :func:`digiq.models.vlm.extract_features`), computed deterministically in eval mode without the LM
+head.
 
 Two ways to compute the same numbers:
 

@@ -16,9 +16,9 @@ export (:func:`save_policy`) is a plain ``save_pretrained`` folder plus ``digiq_
 the prompt template, the action format and the generation settings, so the model can be used with plain
 ``transformers`` (tests/test_policy.py does exactly that).
 
-Best-of-N selection (:func:`best_of_n`) follows the official actor (digiq_official.md section 3, "Actor:
-Best-of-N", ``trainer.py:235-326``): A = Q - V per candidate, invalid candidates get A = 0, argmax, clamp
-A to [0, 1], keep the state when A > threshold.
+Best-of-N selection (:func:`best_of_n`) follows the official actor (DigiRL-agent/digiq @ 8181379,
+``digiq/algorithms/digiq/trainer.py:235-326``): A = Q - V per candidate, invalid candidates get A = 0, argmax,
+clamp A to [0, 1], keep the state when A > threshold.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from PIL import Image
 from digiq.actions import Action, ActionType, goal_from_observation, parse_action
 from digiq.errors import DigiqError
 from digiq.models.prompts import TEMPLATES, family_name, previous_action_from_observation, processor_call
+from digiq.models.vlm import is_peft, load_vlm, save_vlm, unwrap
 from digiq.utils.io import atomic_write_json, staged_dir
 
 POLICY_FILE = "digiq_policy.json"
@@ -301,10 +302,10 @@ def weighted_nll(
 ) -> torch.Tensor:
     """Cross-entropy on target tokens, mean over the (weighted) target tokens of the batch.
 
-    The official actor loss is ``-mean_batch(w * sum_tokens log clamp(p, 0.001, 0.99))``
-    (digiq_official.md section 3, ``trainer.py:308-311``). We average over target tokens instead of summing
-    per sequence (only a scale for sequences of similar length) and do not clamp p: the clamp removes
-    the gradient of every token the model already predicts with p > 0.99.
+    The official actor loss is ``-mean_batch(w * sum_tokens log clamp(p, 0.001, 0.99))`` (DigiRL-agent/digiq @
+    8181379, ``digiq/algorithms/digiq/trainer.py:308-311``). We average over target tokens instead of summing
+    per sequence (only a scale for sequences of similar length) and do not clamp p: the clamp removes the
+    gradient of every token the model already predicts with p > 0.99.
     """
     lp, mask = token_logprobs(logits, labels)
     w = mask.float()
@@ -452,10 +453,10 @@ def best_of_n(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pick the candidate to imitate per state: ``(index (B,), advantage (B,), keep (B,))``.
 
-    Official actor (digiq_official.md section 3, ``trainer.py:248-294``): A_i = Q(s, a_i) - V(s); invalid
-    candidates get A = 0; argmax_i; A clamped to [0, 1]; imitate when A > threshold (0.05 WebShop, 0.10
-    general). Ties go to the lowest index (the dataset action at 0 wins a tie). A kept state never points
-    at an invalid candidate (with threshold >= 0 that already holds since invalid A = 0).
+    Official actor (DigiRL-agent/digiq @ 8181379, ``digiq/algorithms/digiq/trainer.py:248-294``): A_i = Q(s,
+    a_i) - V(s); invalid candidates get A = 0; argmax_i; A clamped to [0, 1]; imitate when A > threshold (0.05
+    WebShop, 0.10 general). Ties go to the lowest index (the dataset action at 0 wins a tie). A kept state
+    never points at an invalid candidate (with threshold >= 0 that already holds since invalid A = 0).
     """
     if q.dim() != 2 or v.shape != (q.shape[0],):
         raise ValueError(f"expected q (B, N) and v (B,), got {tuple(q.shape)} and {tuple(v.shape)}")
@@ -479,12 +480,10 @@ def save_policy(
     model: Any, processor: Any, out_dir: str | Path, spec: PolicySpec, extra: dict[str, Any] | None = None
 ) -> Path:
     """Export: merged ``save_pretrained`` weights + processor + ``digiq_policy.json`` (atomic folder)."""
-    from digiq.models.vlm import _is_peft, save_vlm, unwrap
-
     out_dir = Path(out_dir)
     m = getattr(model, "module", model)  # DDP
     with staged_dir(out_dir, overwrite=True) as tmp:
-        save_vlm(m if _is_peft(m) else unwrap(m), processor, tmp, merge_lora=True)
+        save_vlm(m if is_peft(m) else unwrap(m), processor, tmp, merge_lora=True)
         atomic_write_json(tmp / POLICY_FILE, {**spec.to_json(), **(extra or {})})
     return out_dir
 
@@ -500,8 +499,6 @@ def read_spec(path: str | Path, default: PolicySpec | None = None) -> PolicySpec
 
 def load_policy(path: str | Path, device: str = "cpu", spec: PolicySpec | None = None):
     """``(model, processor, spec)`` from an export (or any VLM folder / ``tiny:`` id with ``spec``)."""
-    from digiq.models.vlm import load_vlm
-
     path_s = str(path)
     if not path_s.startswith("tiny:") and not Path(path_s).exists():
         raise DigiqError(f"policy not found: {path_s}")

@@ -1,10 +1,10 @@
 """Prompts for the VLM critic: one place that turns (screenshot, goal, previous action, action) into inputs.
 
-The official Stage 1 asks one Yes/No question per action type (digiq_official.md section 4,
-``construct_sft_data.py:60-78``): a "cursor" question for taps, "will this action effectively ..." for
-TYPE / PRESS_*, and "Is this action effective?" as the fallback. We keep those questions and add the goal
-and the previous action to the text, which the official LLaVA prompt leaves out (the critic there gets
-them from separate RoBERTa encoders; here the VLM feature has to carry them).
+The official Stage 1 asks one Yes/No question per action type (DigiRL-agent/digiq @ 8181379,
+``postprocess_data/get_more_actions/construct_sft_data.py:60-78``): a "cursor" question for taps, "will this
+action effectively ..." for TYPE / PRESS_*, and "Is this action effective?" as the fallback. We keep those
+questions and add the goal and the previous action to the text, which the official LLaVA prompt leaves out
+(the critic there gets them from separate RoBERTa encoders; here the VLM feature has to carry them).
 
 Two renderings of the candidate action:
 
@@ -98,7 +98,8 @@ def describe_action(action: Action | str | None) -> str:
 
 
 def action_text(action: Action | str, rendering: Rendering = "text") -> str:
-    """The action-dependent part of the prompt: the action and its per-type question (official section 4)."""
+    """The action-dependent part of the prompt: the action and its per-type question (the official
+    ``construct_sft_data.py:60-78``)."""
     a = _as_action(action) or Action.invalid("", "empty action")
     if a.type is ActionType.DUAL_POINT and a.is_tap:
         if rendering == "overlay":

@@ -28,7 +28,8 @@ import torch
 from digiq.config import LoraConfig, ModelConfig
 from digiq.errors import DigiqError
 from digiq.models.families import BY_MODEL_TYPE, FAMILIES
-from digiq.models.tiny import TinySpec, default_tokenizer, parse_tiny_name
+from digiq.models.tiny import TinySpec, parse_tiny_name
+from digiq.models.tiny_text import default_tokenizer
 from digiq.utils.io import atomic_write_json
 from digiq.utils.logging import get_logger
 
@@ -148,7 +149,7 @@ def load_vlm(cfg: ModelConfig | str, lora: LoraConfig | None = None, for_trainin
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    if lora is not None and lora.enabled and not _is_peft(model):
+    if lora is not None and lora.enabled and not is_peft(model):
         model = apply_lora(model, lora)
     return model, processor
 
@@ -175,7 +176,7 @@ def _no_crop(processor) -> None:
         ip.size = {"height": side, "width": side}
 
 
-def _is_peft(model: Any) -> bool:
+def is_peft(model: Any) -> bool:
     from peft import PeftModel  # a dependency, imported here: importing it (with transformers) takes seconds
 
     return isinstance(model, PeftModel)
@@ -186,7 +187,7 @@ def apply_lora(model, lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    if _is_peft(model):
+    if is_peft(model):
         raise DigiqError("model already has LoRA adapters; refusing to wrap a PeftModel twice")
     pattern = re.compile(lora.target_modules)
     if not any(pattern.fullmatch(n) for n, _ in model.named_modules()):
@@ -219,7 +220,7 @@ def save_vlm(
     out_dir.mkdir(parents=True, exist_ok=True)
     family = getattr(processor, "digiq_family", None) or family_of(model)
     meta: dict[str, Any] = {"family": family}
-    if _is_peft(model):
+    if is_peft(model):
         if merge_lora:
             model = model.merge_and_unload()
         else:
@@ -247,7 +248,7 @@ def num_text_layers(model) -> int:
 def unwrap(model):
     """The HF ``*ForConditionalGeneration`` model under a PeftModel / DDP wrapper."""
     m = getattr(model, "module", model)  # DDP
-    if _is_peft(m):
+    if is_peft(m):
         m = m.get_base_model()
     return m
 

@@ -46,8 +46,9 @@ from digiq.data.schema import (
     undecoded_view,
 )
 from digiq.errors import DataError
+from digiq.models.families import FAMILIES
 from digiq.models.prompts import make_inputs, previous_action_from_observation, yes_no_token_ids
-from digiq.models.vlm import answer_logits, load_vlm, save_vlm
+from digiq.models.vlm import answer_logits, family_of, load_vlm, save_vlm
 from digiq.training.accelerator import make_accelerator
 from digiq.training.checkpoint import load_checkpoint, save_checkpoint, trainable_state
 from digiq.training.data_order import epoch_order
@@ -236,17 +237,17 @@ def accuracy_by_kind(pred: np.ndarray, labels: np.ndarray, kinds: np.ndarray) ->
     return out
 
 
-VISION_PARAM = re.compile(r"(^|\.)(visual|vision_tower|vision_model|multi_modal_projector|connector)\.")
-
-
 def param_groups(model: torch.nn.Module, lr: float, vision_lr_scale: float) -> list[dict[str, Any]]:
-    """Trainable parameters as AdamW groups: the vision side at ``lr * vision_lr_scale``, the rest at ``lr``.
+    """Trainable parameters as AdamW groups: the vision side (the family's ``vision_modules``) at
+    ``lr * vision_lr_scale``, the rest at ``lr``.
 
     Always two groups (one may be empty) so a checkpoint's optimizer state lines up on resume."""
+    names = "|".join(re.escape(m) for m in FAMILIES[family_of(model)].vision_modules)
+    vision_param = re.compile(rf"(^|\.)({names})\.")
     vision, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (vision if VISION_PARAM.search(name) else rest).append(p)
+            (vision if vision_param.search(name) else rest).append(p)
     return [{"params": rest, "lr": lr}, {"params": vision, "lr": lr * vision_lr_scale}]
 
 
