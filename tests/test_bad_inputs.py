@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +26,6 @@ from digiq.cli import main
 from digiq.data.features import write_cache
 from digiq.data.schema import FEATURES, load_dataset, save_dataset
 from digiq.utils.io import COMPLETE_MARKER, is_complete
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 D = 8
 N = 3

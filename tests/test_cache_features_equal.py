@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -13,7 +11,6 @@ from digiq.models import featurize
 from digiq.models.featurize import Featurizer, reference_features
 from digiq.models.vlm import TinySpec, build_tiny_vlm
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SPEC = TinySpec(hidden=64, layers=3, heads=4, kv_heads=2, vision_hidden=64, vision_layers=1, image_size=56)
 GOAL = 'Go to shopmart.com, search for "usb cable", and select the first entry'
 PREV = Action.tap(0.1, 0.5).render()

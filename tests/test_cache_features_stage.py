@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from killresume import digiq_env
 from PIL import Image, ImageDraw
 
 from digiq.actions import Action, ActionType, make_observation
@@ -25,8 +25,6 @@ from digiq.models.vlm import load_vlm
 from digiq.stages import cache_features as cf
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 def _screen(k: int) -> Image.Image:
@@ -167,7 +165,7 @@ def test_cli_and_finetune_folder(dataset: Path, tmp_path: Path) -> None:
     model, proc = load_vlm("tiny:qwen2-vl")
     save_vlm(model, proc, tmp_path / "finetune" / "model")
     out = tmp_path / "feats"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = digiq_env()
     cmd = [sys.executable, "-m", "digiq", "cache-features", f"dataset={dataset}", f"output_dir={out}"]
     cmd += [f"model.name_or_path={tmp_path / 'finetune'}", "shard_rows=4", "device=cpu"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -189,7 +187,7 @@ def test_cli_and_finetune_folder(dataset: Path, tmp_path: Path) -> None:
 @pytest.mark.distributed
 def test_two_processes_give_identical_features(dataset: Path, full_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "feats2"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = digiq_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "digiq", "cache-features", f"dataset={dataset}", f"output_dir={out}", "shard_rows=2"]
     cmd += ["device=cpu"]

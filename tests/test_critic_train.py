@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from critic_mdp import make_run_inputs, q_star_fn
+from killresume import digiq_env
 from safetensors.torch import load_file
 
 from digiq.config import load_config
@@ -24,13 +24,6 @@ from digiq.training.checkpoint import latest_checkpoint
 from digiq.utils.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "PYTHONPATH": str(ROOT),
-    "OMP_NUM_THREADS": "1",
-}
 GAMMA = 0.9
 
 
@@ -156,12 +149,12 @@ def test_cli(mdp_inputs, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "digiq", "train-critic", "--config", "configs/train-critic/td.yaml",
            f"dataset={ds}", f"features={feats}", f"output_dir={tmp_path / 'cli'}", "epochs=1", "steps_per_epoch=5",
            "critic.q_hidden=[16]", "critic.v_hidden=[16]", "wandb.mode=disabled", "q_star=skip"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=ROOT, env=digiq_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert load_critic(tmp_path / "cli" / "critic").arch.q_hidden == (16,)
     cmd[cmd.index(f"features={feats}")] = f"features={tmp_path / 'missing'}"
     cmd[cmd.index(f"output_dir={tmp_path / 'cli'}")] = f"output_dir={tmp_path / 'cli2'}"
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=ROOT, env=digiq_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "feature cache not found" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -174,7 +167,7 @@ def test_two_process_ddp(mdp_inputs, tmp_path: Path) -> None:
            "train-critic", f"dataset={ds}", f"features={feats}", f"output_dir={out}", "epochs=2",
            "steps_per_epoch=10", "batch_size=32", "critic.q_hidden=[16]", "critic.v_hidden=[16]",
            "wandb.mode=disabled", "q_star=skip", "device=cpu"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=ROOT, env=digiq_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     critic = load_critic(out / "critic")
     assert critic.q(torch.zeros(3, critic.arch.action_dim)).shape == (3,)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from killresume import digiq_env
 from safetensors.torch import load_file
-from vlm_helpers import make_dataset
 
 from digiq.config import load_config
 from digiq.models.vlm import answer_logits, build_tiny_vlm, load_vlm
@@ -21,13 +20,11 @@ from digiq.utils.io import is_complete
 from digiq.utils.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("data") / "ds", n_traj=8, steps=4)
+@pytest.fixture
+def dataset(synthetic_dataset: Path) -> Path:
+    return synthetic_dataset
 
 
 # tiny.yaml fine-tunes train-bc's policy folder; these tests start from a random tiny Qwen2-VL instead
@@ -168,13 +165,7 @@ def test_two_process_ddp_matches_one_process(dataset, tmp_path):
         "optim.max_grad_norm=0",
         QWEN,
     ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = digiq_env()
     cmd = [
         sys.executable,
         "-m",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import fractions
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -13,15 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from killresume import digiq_env
 from PIL import Image
 
 from digiq.actions import Action, ActionType, make_observation
 from digiq.data.importer import Config, load_pt, run
 from digiq.data.schema import COLUMNS, discounted_returns, load_dataset
 from digiq.errors import DataError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 N_CAND = 3
 D_FEAT = 6
@@ -586,7 +583,7 @@ def test_cli_subprocess_refuses_pickle(raw_setup, tmp_path: Path) -> None:
     pt = tmp_path / "evil.pt"
     torch.save(data, pt)
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env = digiq_env()
     cmd = [sys.executable, "-m", "digiq", "import", str(pt), f"output={tmp_path / 'o'}", f"image_root={root}"]
     res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, res.stderr

@@ -11,7 +11,6 @@ bytes, Arrow rows); see docs/reliability.md for the table.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,6 @@ from digiq.data.schema import INFO_FILE, load_dataset
 from digiq.errors import DataError
 from digiq.training.checkpoint import latest_checkpoint
 from digiq.utils.io import COMPLETE_MARKER, is_complete
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 pytestmark = pytest.mark.slow
 
@@ -156,21 +152,6 @@ def test_import_kill_leaves_nothing_finished_and_rerun_equals(tmp_path: Path) ->
 # --------------------------------------------------------------------------------------------------
 # cache-features: resumable in place (shards)
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sim_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from digiq.config import load_config
-    from digiq.sim import collect
-
-    out = tmp_path_factory.mktemp("simds") / "ds"
-    cfg = load_config(
-        collect.Config,
-        None,
-        [f"output_dir={out}", "num_trajectories=5", "num_candidates=3", "sim.width=90", "sim.height=160"],
-    )
-    collect.run(cfg)
-    return out
 
 
 def test_cache_features_sigkill_then_resume_is_bitwise_equal(sim_dataset: Path, tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -29,9 +28,6 @@ from digiq.models.policy import (
     target_ids,
     weighted_nll,
 )
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 ACTIONS = [
     Action.tap(0.7852, 0.6779),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from killresume import digiq_env
 
 from digiq.config import load_config
 from digiq.data.schema import load_dataset
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 # Every test here but the action-matching one trains or rolls out a tiny VLM: end-to-end, so marked slow.
 slow = pytest.mark.slow
@@ -281,7 +279,7 @@ def test_act_cli_prints_the_action(work, tmp_path) -> None:
         f"image={png}",
         f"goal={task.goal}",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = digiq_env()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])

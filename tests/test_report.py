@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html.parser
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from killresume import digiq_env
 from PIL import Image
 
 from digiq.actions import Action, ActionType
@@ -201,7 +201,7 @@ CHROMIUM = next(
 def test_report_renders_in_chromium(setup, tmp_path) -> None:
     """The CLI writes the page; headless Chromium renders it non-blank with the highlight colour visible."""
     out = tmp_path / "report"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env = digiq_env()
     cmd = [
         sys.executable, "-m", "digiq", "report", f"dataset={setup['data']}", f"features={setup['feats']}",
         f"critic_dir={setup['critic']}", f"output_dir={out}", "max_trajectories=2",

@@ -4,7 +4,6 @@ another way, and the CLI (PNG + CSV, deterministic under a seed). Sizes are redu
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from killresume import digiq_env
 
 from digiq.config import ConfigError, load_config
 from digiq.theory import chain as C
@@ -258,7 +258,7 @@ def test_run_all_writes_every_png_and_csv(tmp_path: Path) -> None:
 
 
 def test_cli_positional_and_errors(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env = digiq_env()
     cmd = [sys.executable, "-m", "digiq", "theory"]
     p = subprocess.run(
         [*cmd, "value-iteration", f"output_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True

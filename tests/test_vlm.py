@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from PIL import Image
@@ -21,7 +19,6 @@ from digiq.models.vlm import (
     save_vlm,
 )
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PORTRAIT = Image.new("RGB", (90, 160), (200, 100, 50))
 
 
