@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from digiq.config import load_config
 from digiq.models.vlm import answer_logits, build_tiny_vlm, load_vlm
 from digiq.stages import finetune_vlm
+from digiq.training.policy_loop import POLICY_DIR
 from digiq.utils.io import is_complete
 from digiq.utils.logging import read_metrics
 
@@ -216,7 +217,7 @@ def test_dataclass_defaults_match_tiny_yaml():
 
     tuned = to_dict(load_config(finetune_vlm.Config, ROOT / "configs/finetune-vlm/tiny.yaml", []))
     default = to_dict(finetune_vlm.Config())
-    assert tuned["model"].pop("name_or_path") == "runs/bc/" + train_bc.POLICY_DIR
+    assert tuned["model"].pop("name_or_path") == "runs/bc/" + POLICY_DIR
     assert default["model"].pop("name_or_path") == train_bc.Config().model.name_or_path
     for key in ("dataset", "output_dir", "wandb"):
         tuned.pop(key), default.pop(key)

@@ -13,7 +13,7 @@ candidates get A = 0, A clamped to [0, 1], threshold 0.05 WebShop / 0.10 general
 the selection is computed once, before training (the official re-scores 16 resampled indices per batch, the
 same set for every row; with all N scored at once the result is the same selection without the sampling
 noise). Training is cross-entropy on the selected action's tokens starting from pi_beta
-(:func:`digiq.training.policy_loop.fit_policy`), logging the token KL to pi_beta. ``extraction_loss: awr``
+(:func:`digiq.training.policy_loop.train_policy`), logging the token KL to pi_beta. ``extraction_loss: awr``
 weights the best candidate of every state by ``exp(A / awr_beta)`` instead (the official ``awr`` knob uses
 beta = 0.01).
 
@@ -25,7 +25,6 @@ candidates, useful to separate critic error from extraction error.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,23 +32,21 @@ import numpy as np
 import torch
 
 from digiq.actions import parse_action
-from digiq.config import LoraConfig, ModelConfig, WandbConfig, check, save_config, to_dict
+from digiq.config import LoraConfig, ModelConfig, WandbConfig, check, save_config
 from digiq.data.schema import load_dataset, undecoded_view
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
-from digiq.models.policy import best_of_n, read_spec, save_policy
+from digiq.models.policy import best_of_n, read_spec
 from digiq.models.vlm import load_vlm
 from digiq.sim.phone import SimPhone
 from digiq.training.accelerator import make_accelerator
-from digiq.training.checkpoint import load_checkpoint
-from digiq.training.output import begin_output, check_output, finish_output
-from digiq.training.policy_loop import PolicyExamples, PolicyOptimConfig, TrainLoopConfig, fit_policy
-from digiq.utils.io import atomic_save_safetensors, atomic_write_json
-from digiq.utils.logging import MetricsLogger, get_logger
+from digiq.training.output import begin_output, check_output
+from digiq.training.policy_loop import PolicyExamples, PolicyOptimConfig, TrainLoopConfig, train_policy
+from digiq.utils.io import atomic_save_safetensors
+from digiq.utils.logging import get_logger
 from digiq.utils.seed import set_seed
 
 log = get_logger(__name__)
-POLICY_DIR = "policy"
 
 
 @dataclasses.dataclass
@@ -202,7 +199,6 @@ def select(
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    t0 = time.perf_counter()
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
     is_main = accelerator.is_main_process
@@ -252,44 +248,15 @@ def run(cfg: Config) -> dict[str, Any]:
     model, processor = load_vlm(ModelConfig(name_or_path=cfg.init_policy), cfg.lora, for_training=True)
     spec = read_spec(cfg.init_policy)
     ref = load_vlm(ModelConfig(name_or_path=cfg.init_policy))[0] if cfg.log_kl else None
-    resume_step = load_checkpoint(resume_from).step if resume_from else None
-    logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=is_main, resume_step=resume_step)
-    if resume_from is None:
-        logger.log({f"select/{k}": x for k, x in stats.items()}, 0)
-    metrics: dict[str, Any] = dict(stats)
-    model, fit = fit_policy(
-        accelerator,
-        model,
-        processor,
-        spec,
-        examples,
-        out,
-        cfg.train,
-        cfg.optim,
-        cfg.seed,
-        resume_from,
-        logger,
-        ref,
-        desc="extract-policy",
-    )
-    metrics.update(fit)
-    metrics["seconds"] = time.perf_counter() - t0
-    if is_main:
-        extra = {
-            "stage": "extract-policy",
-            "scorer": cfg.scorer,
-            "threshold": cfg.threshold,
-            "num_candidates": n,
-            "extraction_loss": cfg.extraction_loss,
-            "init_policy": cfg.init_policy,
-        }
-        save_policy(model, processor, out / POLICY_DIR, spec, extra)
-        logger.log({f"final/{k}": x for k, x in metrics.items()}, int(metrics["steps"]))
-        atomic_write_json(out / "metrics.json", metrics)
-        finish_output(out, {"steps": int(metrics["steps"])})
-        log.info(
-            "extract-policy: kept %.3f of states, policy at %s", stats["kept_fraction"], out / POLICY_DIR
-        )
-    logger.finish()
-    accelerator.wait_for_everyone()
-    return metrics
+    export_info = {
+        "stage": "extract-policy",
+        "scorer": cfg.scorer,
+        "threshold": cfg.threshold,
+        "num_candidates": n,
+        "extraction_loss": cfg.extraction_loss,
+        "init_policy": cfg.init_policy,
+    }
+    return train_policy(
+        accelerator, cfg, model, processor, spec, examples, resume_from, export_info, ref_model=ref,
+        first_logs={f"select/{k}": x for k, x in stats.items()}, desc="extract-policy",
+    )  # fmt: skip

@@ -364,11 +364,8 @@ def run(cfg: Config) -> dict:
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
-        ck.restore_trainable(model)
-        ck.restore_optimizer(opt)
-        ck.restore_scheduler(sched)
-        ck.restore_rng()
-        step, epoch, batch_in_epoch = ck.step, ck.position["epoch"], ck.position["batch_in_epoch"]
+        step = ck.restore_training(model, opt, sched)
+        epoch, batch_in_epoch = ck.position["epoch"], ck.position["batch_in_epoch"]
         log.info("resumed from %s: step %d, epoch %d, batch %d", resume_from, step, epoch, batch_in_epoch)
 
     model, opt = accelerator.prepare(model, opt)

@@ -38,6 +38,7 @@ from digiq.stages import (
     train_bc,
     train_critic,
 )
+from digiq.training.policy_loop import POLICY_DIR
 from digiq.utils.io import atomic_write_json, atomic_write_text, is_complete, mark_complete
 from digiq.utils.logging import get_logger
 
@@ -157,7 +158,7 @@ def wire(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     d = {k: out / v for k, v in FOLDERS.items()}
     c = {name: dataclasses.replace(getattr(cfg, name)) for name in STAGES}
-    policy = str(d["train_bc"] / train_bc.POLICY_DIR)  # pi_beta: Stage 1's start, the candidates', Stage 3's
+    policy = str(d["train_bc"] / POLICY_DIR)  # pi_beta: Stage 1's start, the candidates', Stage 3's
     for name in STAGES:
         if hasattr(c[name], "seed"):
             c[name].seed = cfg.seed
@@ -202,8 +203,8 @@ def _policies_to_evaluate(cfg: Config) -> dict[str, str]:
     out = Path(cfg.output_dir)
     return {
         "behaviour": "behaviour",
-        "bc": str(out / FOLDERS["train_bc"] / train_bc.POLICY_DIR),
-        "extracted": str(out / FOLDERS["extract_policy"] / "policy"),
+        "bc": str(out / FOLDERS["train_bc"] / POLICY_DIR),
+        "extracted": str(out / FOLDERS["extract_policy"] / POLICY_DIR),
     }
 
 

@@ -9,44 +9,40 @@ pi_beta imitates the behaviour data, so it trains on successful **and** unsucces
 ``AutoModelForImageTextToText`` (LoRA or full fine-tuning); the target is the dataset action written in the
 policy's action format (:mod:`digiq.models.policy`). Outputs in ``output_dir``: ``config.yaml``,
 ``metrics.jsonl``, ``metrics.json``, ``checkpoints/`` (resumable) and ``policy/``, an export loadable with
-:func:`digiq.models.policy.load_policy` / plain ``transformers``. The training loop is
-:func:`digiq.training.policy_loop.fit_policy`, shared with ``digiq extract-policy``.
+:func:`digiq.models.policy.load_policy` / plain ``transformers``. The training is
+:func:`digiq.training.policy_loop.train_policy`, shared with ``digiq extract-policy``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from digiq.actions import parse_action
-from digiq.config import LoraConfig, ModelConfig, WandbConfig, check, save_config, to_dict
+from digiq.config import LoraConfig, ModelConfig, WandbConfig, check, save_config
 from digiq.data.schema import load_dataset, undecoded_view
 from digiq.data.transitions import successful_rows
 from digiq.errors import DataError
-from digiq.models.policy import ACTION_FORMATS, PolicySpec, save_policy
+from digiq.models.policy import ACTION_FORMATS, PolicySpec
 from digiq.models.vlm import load_vlm
 from digiq.training.accelerator import make_accelerator
-from digiq.training.checkpoint import load_checkpoint
-from digiq.training.output import begin_output, check_output, finish_output
+from digiq.training.output import begin_output, check_output
 from digiq.training.policy_loop import (
     PolicyExamples,
     PolicyOptimConfig,
     TrainLoopConfig,
-    fit_policy,
+    train_policy,
     warn_long_targets,
 )
-from digiq.utils.io import atomic_write_json
-from digiq.utils.logging import MetricsLogger, get_logger
+from digiq.utils.logging import get_logger
 from digiq.utils.seed import set_seed
 
 log = get_logger(__name__)
 # The default policy of the simulated pipeline (configs/train-bc/tiny.yaml uses the same).
 TINY_POLICY = "tiny:idefics3@image_size=128,patch=16"
-POLICY_DIR = "policy"
 
 
 @dataclasses.dataclass
@@ -137,7 +133,6 @@ def bc_examples(cfg: Config) -> PolicyExamples:
 
 
 def run(cfg: Config) -> dict[str, float]:
-    t0 = time.perf_counter()
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
     is_main = accelerator.is_main_process
@@ -150,35 +145,7 @@ def run(cfg: Config) -> dict[str, float]:
     if is_main:
         warn_long_targets(processor, spec, examples.targets[:2000])
         save_config(cfg, out)
-    resume_step = load_checkpoint(resume_from).step if resume_from else None
-    logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=is_main, resume_step=resume_step)
-    model, metrics = fit_policy(
-        accelerator,
-        model,
-        processor,
-        spec,
-        examples,
-        out,
-        cfg.train,
-        cfg.optim,
-        cfg.seed,
-        resume_from,
-        logger,
-    )
-    metrics["seconds"] = time.perf_counter() - t0
-    if is_main:
-        save_policy(model, processor, out / POLICY_DIR, spec, {"stage": "train-bc", "dataset": cfg.dataset})
-        logger.log({f"final/{k}": v for k, v in metrics.items()}, int(metrics["steps"]))
-        atomic_write_json(out / "metrics.json", metrics)
-        finish_output(out, {"steps": int(metrics["steps"])})
-        log.info(
-            "train-bc: %d steps, loss %.3f -> %.3f, policy at %s (%.0fs)",
-            metrics["steps"],
-            metrics["loss_first"],
-            metrics["loss_last"],
-            out / POLICY_DIR,
-            metrics["seconds"],
-        )
-    logger.finish()
-    accelerator.wait_for_everyone()
-    return metrics
+    return train_policy(
+        accelerator, cfg, model, processor, spec, examples, resume_from,
+        export_info={"stage": "train-bc", "dataset": cfg.dataset}, desc="train-bc",
+    )  # fmt: skip

@@ -169,6 +169,18 @@ class Checkpoint:
     def restore_rng(self) -> None:
         set_rng_state(load_file(str(self.path / "rng.safetensors")))
 
+    def restore_training(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> int:
+        """Everything a resumed trainer needs, in one call: trainable weights, optimizer, scheduler and RNG
+        (restore the RNG last: nothing may draw from it between here and the first resumed step). Returns
+        the step to continue from."""
+        self.restore_trainable(model)
+        self.restore_optimizer(optimizer)
+        self.restore_scheduler(scheduler)
+        self.restore_rng()
+        return self.step
+
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read the trainer state of a finished step folder (tensors are loaded by the ``restore_*`` calls)."""

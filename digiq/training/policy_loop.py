@@ -1,9 +1,10 @@
-"""The generative-policy training loop shared by ``digiq train-bc`` and ``digiq extract-policy``.
+"""The generative-policy training of ``digiq train-bc`` and ``digiq extract-policy``.
 
 Both fine-tune a VLM policy with cross-entropy on target action tokens: train-bc on the dataset actions
 (pi_beta), extract-policy on the Best-of-N selected candidates, starting from pi_beta (optionally weighted
 per row, and logging the token KL to pi_beta). :func:`fit_policy` is that loop: checkpointed every
-``save_every`` steps in the layout of :mod:`digiq.training.checkpoint` and resumable bit for bit.
+``save_every`` steps in the layout of :mod:`digiq.training.checkpoint` and resumable bit for bit;
+:func:`train_policy` is the whole run around it (metrics log, export, completion marker).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from accelerate import Accelerator
 from datasets import Image as HFImage
 from tqdm.auto import tqdm
 
-from digiq.config import OptimConfig, check
+from digiq.config import OptimConfig, check, to_dict
 from digiq.data.schema import decode_batch, decode_image
 from digiq.errors import DataError
 from digiq.models.policy import (
@@ -31,15 +32,20 @@ from digiq.models.policy import (
     format_action,
     masked_token_kl,
     policy_logits,
+    save_policy,
     target_ids,
     weighted_nll,
 )
 from digiq.training.checkpoint import load_checkpoint, save_checkpoint, trainable_state
 from digiq.training.data_order import epoch_order
+from digiq.training.output import finish_output
 from digiq.training.schedule import make_scheduler
+from digiq.utils.io import atomic_write_json
 from digiq.utils.logging import MetricsLogger, get_logger
 
 log = get_logger(__name__)
+# The exported policy inside a train-bc / extract-policy output_dir.
+POLICY_DIR = "policy"
 
 
 @dataclasses.dataclass
@@ -178,12 +184,7 @@ def fit_policy(
     sched = make_scheduler(opt, optim.scheduler, total, optim.warmup_ratio)
     start = 0
     if resume_from is not None:
-        ck = load_checkpoint(resume_from)
-        ck.restore_trainable(model)
-        ck.restore_optimizer(opt)
-        ck.restore_scheduler(sched)
-        ck.restore_rng()
-        start = ck.step
+        start = load_checkpoint(resume_from).restore_training(model, opt, sched)
         log.info("resumed from %s at step %d / %d", resume_from, start, total)
     model.train()
     model, opt = accelerator.prepare(model, opt)
@@ -253,3 +254,48 @@ def fit_policy(
         "kl_to_beta": last_kl,
     }
     return accelerator.unwrap_model(model), metrics
+
+
+def train_policy(
+    accelerator: Accelerator,
+    cfg: Any,
+    model: Any,
+    processor: Any,
+    spec: PolicySpec,
+    examples: PolicyExamples,
+    resume_from: Path | None,
+    export_info: dict[str, Any],
+    ref_model: Any = None,
+    first_logs: dict[str, float] | None = None,
+    desc: str = "train-bc",
+) -> dict[str, Any]:
+    """One whole policy run of train-bc or extract-policy, after the stage prepared its examples.
+
+    ``cfg`` is the stage's config (``output_dir``, ``train``, ``optim``, ``seed``, ``wandb``). Trains with
+    :func:`fit_policy`, then on the main process exports ``<output_dir>/policy`` (with ``export_info`` in
+    ``digiq_policy.json``), writes ``metrics.json`` (``first_logs`` and the loop's metrics) and marks the
+    folder finished. ``first_logs`` are also logged at step 0 of a fresh run.
+    """
+    out = Path(cfg.output_dir)
+    is_main = accelerator.is_main_process
+    resume_step = load_checkpoint(resume_from).step if resume_from is not None else None
+    logger = MetricsLogger(out, cfg.wandb, to_dict(cfg), enabled=is_main, resume_step=resume_step)
+    if first_logs and resume_from is None:
+        logger.log(first_logs, 0)
+    model, fit = fit_policy(
+        accelerator, model, processor, spec, examples, out, cfg.train, cfg.optim, cfg.seed, resume_from,
+        logger, ref_model, desc,
+    )  # fmt: skip
+    metrics: dict[str, Any] = {**(first_logs or {}), **fit}
+    if is_main:
+        save_policy(model, processor, out / POLICY_DIR, spec, export_info)
+        logger.log({f"final/{k}": v for k, v in fit.items()}, int(fit["steps"]))
+        atomic_write_json(out / "metrics.json", metrics)
+        finish_output(out, {"steps": int(fit["steps"])})
+        log.info(
+            "%s: %d steps, loss %.3f -> %.3f, policy at %s",
+            desc, fit["steps"], fit["loss_first"], fit["loss_last"], out / POLICY_DIR,
+        )  # fmt: skip
+    logger.finish()
+    accelerator.wait_for_everyone()
+    return metrics
