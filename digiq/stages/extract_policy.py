@@ -258,5 +258,5 @@ def run(cfg: Config) -> dict[str, Any]:
     }
     return train_policy(
         accelerator, cfg, model, processor, spec, examples, resume_from, export_info, ref_model=ref,
-        first_logs={f"select/{k}": x for k, x in stats.items()}, desc="extract-policy",
+        first_logs={f"select/{k}": x for k, x in stats.items()}, extra_metrics=stats, desc="extract-policy",
     )  # fmt: skip

@@ -267,14 +267,15 @@ def train_policy(
     export_info: dict[str, Any],
     ref_model: Any = None,
     first_logs: dict[str, float] | None = None,
+    extra_metrics: dict[str, Any] | None = None,
     desc: str = "train-bc",
 ) -> dict[str, Any]:
     """One whole policy run of train-bc or extract-policy, after the stage prepared its examples.
 
     ``cfg`` is the stage's config (``output_dir``, ``train``, ``optim``, ``seed``, ``wandb``). Trains with
     :func:`fit_policy`, then on the main process exports ``<output_dir>/policy`` (with ``export_info`` in
-    ``digiq_policy.json``), writes ``metrics.json`` (``first_logs`` and the loop's metrics) and marks the
-    folder finished. ``first_logs`` are also logged at step 0 of a fresh run.
+    ``digiq_policy.json``), writes ``metrics.json`` (``extra_metrics`` and the loop's metrics) and marks
+    the folder finished. ``first_logs`` are logged at step 0 of a fresh run.
     """
     out = Path(cfg.output_dir)
     is_main = accelerator.is_main_process
@@ -286,7 +287,7 @@ def train_policy(
         accelerator, model, processor, spec, examples, out, cfg.train, cfg.optim, cfg.seed, resume_from,
         logger, ref_model, desc,
     )  # fmt: skip
-    metrics: dict[str, Any] = {**(first_logs or {}), **fit}
+    metrics: dict[str, Any] = {**(extra_metrics or {}), **fit}
     if is_main:
         save_policy(model, processor, out / POLICY_DIR, spec, export_info)
         logger.log({f"final/{k}": v for k, v in fit.items()}, int(fit["steps"]))
