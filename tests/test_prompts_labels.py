@@ -146,3 +146,11 @@ def test_yes_no_loss_and_probability():
     good = yes_no_loss(logits, torch.tensor([1, 0]), 3, 4)
     bad = yes_no_loss(logits, torch.tensor([0, 1]), 3, 4)
     assert good < 0.1 < bad
+
+
+def test_yes_no_loss_builds_its_target_on_the_logits_device():
+    """Labels come from the CPU batch, logits from the accelerator: the target must follow the logits (on a
+    GPU the held-out evaluation crashed here). The meta device stands in for the GPU."""
+    logits = torch.zeros(3, 10, device="meta")
+    loss = yes_no_loss(logits, torch.tensor([1, 0, 1]), 3, 4, reduction="none")
+    assert loss.device.type == "meta" and tuple(loss.shape) == (3,)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.image_utils import SizeDict
 
 from digiq.config import LoraConfig, ModelConfig
 from digiq.errors import DigiqError
@@ -160,20 +161,30 @@ def _load_processor(path: str, family: str):
     return FAMILIES[family].processor_loader().from_pretrained(path)
 
 
-def _no_crop(processor) -> None:
-    """Portrait screens: resize the whole image, never centre-crop it (LLaVA's CLIP processor crops).
+def _size(size: Any, key: str) -> Any:
+    """``size[key]`` of an image processor's ``size`` / ``crop_size``: a ``dict`` in transformers 4, a
+    ``SizeDict`` (attributes, no ``dict`` base) in transformers 5."""
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
-    AitW / simulated screens are portrait: a centre crop would cut off the top and bottom bars.
+
+def _no_crop(processor) -> None:
+    """Portrait screens: resize the whole image to the crop's square, never centre-crop it.
+
+    AitW / simulated screens are portrait: LLaVA-1.5's CLIP processor (shortest edge 336, then a 336 centre
+    crop) would cut off the top and bottom bars. Without the crop, the shortest-edge resize alone gives a
+    746 x 336 image for a 1080 x 2400 screen, which the 336-px vision tower refuses: the size becomes the
+    crop's square instead.
     """
     ip = getattr(processor, "image_processor", None)
     if ip is None or not getattr(ip, "do_center_crop", False):
         return
     ip.do_center_crop = False
-    crop = getattr(ip, "crop_size", None) or {}
-    side = crop.get("height") if isinstance(crop, dict) else None
+    side = _size(getattr(ip, "crop_size", None), "height")
     size = getattr(ip, "size", None)
-    if side is not None and isinstance(size, dict) and ("shortest_edge" in size or "height" in size):
-        ip.size = {"height": side, "width": side}
+    if side is not None and (_size(size, "shortest_edge") or _size(size, "height")):
+        ip.size = SizeDict(height=side, width=side)
 
 
 def is_peft(model: Any) -> bool:

@@ -169,10 +169,16 @@ def confusion(pred: np.ndarray, labels: np.ndarray) -> list[list[int]]:
     ]
 
 
-def yes_no_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
-    """Cross-entropy of the answer token (full vocabulary, as SFT on "Yes"/"No" does)."""
+def yes_no_loss(
+    logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of the answer token (full vocabulary, as SFT on "Yes"/"No" does).
+
+    The target is built on the logits' device whatever the labels' device (labels come from the CPU batch,
+    logits from the GPU)."""
+    labels = labels.to(logits.device)
     target = torch.where(labels.bool(), torch.full_like(labels, yes_id), torch.full_like(labels, no_id))
-    return F.cross_entropy(logits.float(), target.long())
+    return F.cross_entropy(logits.float(), target.long(), reduction=reduction)
 
 
 def p_yes(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
@@ -276,9 +282,7 @@ def evaluate(
         with accelerator.autocast():
             logits = answer_logits(model, inputs)
         pr = p_yes(logits, yes_id, no_id).cpu()
-        lo = F.cross_entropy(
-            logits.float(), torch.where(y.bool(), torch.tensor(yes_id), torch.tensor(no_id)), reduction="none"
-        ).cpu()
+        lo = yes_no_loss(logits, y, yes_id, no_id, reduction="none").cpu()
         pad = bs - len(chunk)
         valid = torch.zeros(bs, dtype=torch.bool)
         valid[:n] = True
@@ -434,7 +438,7 @@ def run(cfg: Config) -> dict:
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
                     logits = answer_logits(model, inputs)
-                    loss = yes_no_loss(logits, y.to(logits.device), yes_id, no_id) / cfg.grad_accum
+                    loss = yes_no_loss(logits, y, yes_id, no_id) / cfg.grad_accum
                 accelerator.backward(loss)
                 # the logged loss is the mean over all processes' rows, not rank 0's share
                 loss_sum += float(accelerator.reduce(loss.detach(), reduction="mean"))
