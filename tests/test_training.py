@@ -13,11 +13,10 @@ from transformers import get_scheduler
 from digiq.errors import DataError, DigiqError
 from digiq.training.checkpoint import (
     finished_checkpoints,
-    full_state,
+    gather_weights,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
-    trainable_state,
 )
 from digiq.training.data_order import epoch_order
 from digiq.training.output import begin_output, check_output, finish_output
@@ -115,18 +114,21 @@ def test_checkpoint_round_trip_resumes_bitwise(tmp_path: Path) -> None:
     net2, opt2, sched2 = fresh()
     torch.manual_seed(1)
     first = _train(net2, opt2, sched2, 3)
-    weights = {"model": trainable_state(net2), "frozen": full_state(net2.frozen)}
-    save_checkpoint(tmp_path, 3, weights, opt2, sched2, position={"epoch": 0, "batch": 3}, extra={"k": 1})
-    assert set(weights["model"]) == {"head.weight", "head.bias"}  # frozen parameters are not "trainable"
+    save_checkpoint(
+        tmp_path, 3, net2, opt2, sched2, position={"epoch": 0, "batch": 3}, extra={"k": 1},
+        others={"frozen": net2.frozen},
+    )  # fmt: skip
+    saved = load_checkpoint(latest_checkpoint(tmp_path))
+    assert set(saved.weights()) == {"head.weight", "head.bias"}  # frozen parameters are not "trainable"
+    assert set(saved.weights("frozen")) == {"weight", "bias"}  # others are saved whole
+    assert set(gather_weights(net2, trainable_only=False)) == {"frozen.weight", "frozen.bias", "head.weight",
+                                                               "head.bias", "scale"}  # fmt: skip
 
     net3, opt3, sched3 = fresh()
     torch.manual_seed(123)  # whatever ran in between: restore_rng brings the stream back
     ck = load_checkpoint(latest_checkpoint(tmp_path))
     assert (ck.step, ck.position, ck.extra) == (3, {"epoch": 0, "batch": 3}, {"k": 1})
-    ck.restore_trainable(net3)
-    ck.restore_optimizer(opt3)
-    ck.restore_scheduler(sched3)
-    ck.restore_rng()
+    assert ck.restore_training(net3, opt3, sched3) == 3
     assert opt3.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]
     rest = _train(net3, opt3, sched3, 3)
     assert first + rest == straight
@@ -137,7 +139,7 @@ def test_checkpoint_round_trip_resumes_bitwise(tmp_path: Path) -> None:
 def test_checkpoint_prune_and_refusals(tmp_path: Path) -> None:
     net = _Net()
     for step in (1, 2, 3, 4):
-        save_checkpoint(tmp_path, step, {"model": trainable_state(net)}, keep=2)
+        save_checkpoint(tmp_path, step, net, keep=2)
     assert [p.name for p in finished_checkpoints(tmp_path)] == ["step-3", "step-4"]
     (tmp_path / "checkpoints" / "step-9").mkdir()  # half-written (no marker): never taken
     assert latest_checkpoint(tmp_path).name == "step-4"
@@ -145,14 +147,14 @@ def test_checkpoint_prune_and_refusals(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "checkpoints" / "step-9")
     other = torch.nn.Linear(3, 1)  # parameter names the checkpoint does not hold
     with pytest.raises(DataError, match="lacks 2 trainable parameter"):
-        load_checkpoint(latest_checkpoint(tmp_path)).restore_trainable(other)
+        load_checkpoint(latest_checkpoint(tmp_path)).restore_weights(other)
 
 
 def test_output_rule(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert check_output(out, resume=False, overwrite=False, what="x") is None  # fresh: nothing there
     begin_output(out, overwrite=False)
-    save_checkpoint(out, 5, {"model": trainable_state(_Net())})
+    save_checkpoint(out, 5, _Net())
     (out / "metrics.jsonl").write_text('{"step": 5}\n')
     with pytest.raises(FileExistsError, match="unfinished x run; pass --resume"):
         check_output(out, resume=False, overwrite=False, what="x")

@@ -45,7 +45,7 @@ from digiq.losses import mc_loss, td_q_loss, td_v_loss
 from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
 from digiq.sim.phone import SimPhone
 from digiq.training.accelerator import make_accelerator
-from digiq.training.checkpoint import full_state, load_checkpoint, save_checkpoint
+from digiq.training.checkpoint import load_checkpoint, save_checkpoint
 from digiq.training.output import begin_output, check_output, finish_output
 from digiq.training.schedule import make_scheduler
 from digiq.utils.io import atomic_write_json
@@ -436,14 +436,14 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     critic = Critic(arch).to(device)
     train_t = torch.as_tensor(train_rows, device=device)
     if ck is not None:
-        critic.load_state_dict(ck.weights("model"))
+        ck.restore_weights(critic, trainable_only=False)
     elif cfg.critic.normalize_inputs:
         s_mean, s_std = feature_stats(data.state, train_t)
         a_mean, a_std = feature_stats(data.actions, train_t)
         critic.set_normalization(s_mean, s_std, a_mean, a_std)
     target = make_target(critic) if cfg.critic_loss == "td" else None
     if target is not None and ck is not None and ck.weights("target") is not None:
-        target.load_state_dict(ck.weights("target"))
+        ck.restore_weights(target, "target", trainable_only=False)
     opt = torch.optim.Adam(
         critic.parameters(),
         lr=cfg.optim.lr,
@@ -455,9 +455,9 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     sched = make_scheduler(opt, cfg.optim.scheduler, total, cfg.optim.warmup_ratio)
     start_step, start_epoch = 0, 0
     if ck is not None:
-        ck.restore_optimizer(opt)
+        ck.restore_optimizer(critic, opt)
         ck.restore_scheduler(sched)
-        ck.restore_rng()
+        ck.restore_rng(rank)
         start_step, start_epoch = ck.step, int(ck.position["epoch"])
     # DDP by hand (not accelerator.prepare) so that no process-wide autocast wrapper is attached to forward.
     model: torch.nn.Module = critic
@@ -525,21 +525,18 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
                     raise DataError(f"critic loss became {logs['loss']} at step {step}: lower optim.lr")
                 logger.log({f"train/{k}": v for k, v in logs.items()}, step)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        # ---- end of epoch: validate + checkpoint (main process writes) ----
+        # ---- end of epoch: validate (main process) + checkpoint (every process; the main one writes) ----
         if is_main:
             metrics = evaluate(critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table)
             metrics.update(epoch=float(epoch + 1))
             logger.log(metrics, step)
-            weights = {"model": full_state(critic)}
-            if target is not None:
-                weights["target"] = full_state(target)
-            save_checkpoint(
-                out, step, weights, opt, sched, position={"epoch": epoch + 1},
-                extra={"arch": arch.to_json()}, keep=cfg.keep_checkpoints,
-            )  # fmt: skip
             shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/")}
             log.info("epoch %d/%d step %d: %s", epoch + 1, cfg.epochs, step, shown)
-        accelerator.wait_for_everyone()
+        save_checkpoint(
+            out, step, critic, opt, sched, position={"epoch": epoch + 1}, extra={"arch": arch.to_json()},
+            keep=cfg.keep_checkpoints, trainable_only=False, others=None if target is None else {"target": target},
+            accelerator=accelerator,
+        )  # fmt: skip
     bar.close()
 
     if is_main:

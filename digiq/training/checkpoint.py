@@ -1,16 +1,22 @@
-"""One checkpoint layout for every trainer, and bitwise ``--resume``.
+"""One checkpoint layout for every trainer, bitwise ``--resume``, and the same under DDP and FSDP.
 
 Layout under a run's ``output_dir`` (each step folder replaced atomically through
 :func:`digiq.utils.io.staged_dir`, so a kill never leaves a half-written checkpoint that looks finished)::
 
     checkpoints/step-<N>/
         model.safetensors        trainable parameters (LoRA adapters under peft; everything when fully trained)
-        <name>.safetensors       further weights a trainer keeps (the critic's EMA ``target``)
-        optimizer.safetensors    per-parameter optimiser tensors, keys "<param index>.<name>"
-        rng.safetensors          python / numpy / torch RNG states (digiq.utils.seed)
+        <name>.safetensors       further modules a trainer keeps (the critic's EMA ``target``)
+        optimizer.safetensors    per-parameter optimiser tensors, keys "<parameter name>.<state name>"
+        rng-<rank>.safetensors   python / numpy / torch RNG states of every process (digiq.utils.seed)
         trainer_state.json       step, data position, scheduler state, optimiser hyper-parameters and
-                                 scalars, free ``extra`` keys
+                                 scalars, process count, free ``extra`` keys
         _COMPLETE
+
+Weights and optimiser state are *full* (unsharded) state dicts keyed by parameter name, gathered with
+``torch.distributed.checkpoint.state_dict`` (https://pytorch.org/docs/stable/distributed.checkpoint.html):
+under FSDP the shards are gathered to the main process, which alone writes; on resume every process reads
+the files and the same API shards them again, so a checkpoint written by any number of processes (and by
+DDP or FSDP) resumes under any other. :func:`save_checkpoint` is therefore called by *every* process.
 
 The newest ``keep`` finished step folders are kept. No pickles (TRL #3247): ``torch.save`` of an optimiser
 state dict is a pickle, so its tensors go to safetensors and the rest to JSON.
@@ -25,7 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from digiq.errors import DataError
 from digiq.utils.io import atomic_save_safetensors, atomic_write_json, is_complete, staged_dir
@@ -34,6 +50,8 @@ from digiq.utils.seed import rng_state, set_rng_state
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 MODEL_WEIGHTS = "model"
+# Gather to full tensors, on the CPU (under FSDP only the main process receives them).
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def step_dir(output_dir: str | Path, step: int) -> Path:
@@ -58,75 +76,109 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (what a resumed run must restore), detached on the CPU."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when the parameters are FSDP shards (DTensors): state dicts must then be gathered / re-sharded."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole ``state_dict`` (parameters and buffers), detached on the CPU: for small heads."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def inner(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's ``AcceleratedOptimizer`` wrapper (the one the state API reads)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def gather_weights(model: torch.nn.Module, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+    """The full state dict of ``model`` on the CPU (its trainable parameters only by default).
+
+    Collective: every process calls it; under FSDP only the main process gets the tensors (the others an
+    empty dict). ``model`` is the unwrapped module (``accelerator.unwrap_model``): under FSDP2 that is the
+    sharded module itself.
+    """
+    state = get_model_state_dict(model, options=_FULL)
+    keep = trainable_names(model) if trainable_only else set(state)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if k in keep}
+
+
+def _flatten_optimizer(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in sd["state"].items():
+    for name, st in osd.get("state", {}).items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
             else:
-                scalars.setdefault(str(idx), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars.setdefault(str(name), {})[k] = v
+    return tensors, {"param_groups": osd.get("param_groups", []), "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = t
-    for idx, d in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(d)
+        name, k = key.rsplit(".", 1)  # parameter names hold dots, optimiser state names do not
+        state.setdefault(name, {})[k] = t
+    for name, d in meta.get("scalars", {}).items():
+        state.setdefault(name, {}).update(d)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
-    weights: dict[str, dict[str, torch.Tensor]],
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     position: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     keep: int = 2,
-) -> Path:
+    trainable_only: bool = True,
+    others: dict[str, torch.nn.Module] | None = None,
+    accelerator: Accelerator | None = None,
+) -> Path | None:
     """Write ``checkpoints/step-<step>/`` and prune all but the newest ``keep`` finished ones.
 
-    ``weights`` maps a file stem to a state dict: ``{"model": trainable_state(model)}``, plus e.g.
-    ``{"target": full_state(target)}``. ``position`` is the data position a resumed run continues from.
-    Call it on the main process only: it writes files.
+    Call it on every process (gathering is collective); the main process writes, the others wait.
+    ``model`` (unwrapped) is what ``optimizer`` trains: its trainable parameters are saved, or its whole
+    state with ``trainable_only=False`` (small heads with buffers); ``others`` are further modules saved
+    whole (``{"target": target}``). ``position`` is the data position a resumed run continues from.
+    Returns the folder on the main process.
     """
-    final = step_dir(output_dir, step)
-    state: dict[str, Any] = {"step": int(step), "position": position or {}, "extra": extra or {}}
-    with staged_dir(final, overwrite=True) as tmp:
-        for stem, tensors in weights.items():
-            atomic_save_safetensors(tensors, tmp / f"{stem}.safetensors")
-        if optimizer is not None:
-            tensors, state["optimizer"] = _flatten_optimizer(optimizer)
-            atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
-        if scheduler is not None:
-            state["scheduler"] = scheduler.state_dict()
-        atomic_save_safetensors(rng_state(), tmp / "rng.safetensors")
-        atomic_write_json(tmp / STATE_FILE, state)
-    for old in finished_checkpoints(output_dir)[: -max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+    weights = {MODEL_WEIGHTS: gather_weights(model, trainable_only)}
+    for stem, module in (others or {}).items():
+        weights[stem] = gather_weights(module, trainable_only=False)
+    osd = get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer is not None else None
+    world = accelerator.num_processes if accelerator is not None else 1
+    rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+    final = None
+    if accelerator is None or accelerator.is_main_process:
+        final = step_dir(output_dir, step)
+        state: dict[str, Any] = {
+            "step": int(step), "position": position or {}, "extra": extra or {}, "processes": world,
+        }  # fmt: skip
+        with staged_dir(final, overwrite=True) as tmp:
+            for stem, tensors in weights.items():
+                atomic_save_safetensors(tensors, tmp / f"{stem}.safetensors")
+            if osd is not None:
+                tensors, state["optimizer"] = _flatten_optimizer(osd)
+                atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
+            if scheduler is not None:
+                state["scheduler"] = scheduler.state_dict()
+            for rank, rng in enumerate(rngs):
+                atomic_save_safetensors(rng, tmp / f"rng-{rank}.safetensors")
+            atomic_write_json(tmp / STATE_FILE, state)
+        for old in finished_checkpoints(output_dir)[: -max(1, keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return final
 
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A finished checkpoint read back: apply its parts with the ``restore_*`` methods."""
+    """A finished checkpoint read back: apply its parts with the ``restore_*`` methods (on every process,
+    after ``accelerator.prepare``: under FSDP the full tensors are sharded onto the prepared model)."""
 
     path: Path
     step: int
@@ -138,47 +190,53 @@ class Checkpoint:
         f = self.path / f"{stem}.safetensors"
         return load_file(str(f)) if f.is_file() else None
 
-    def restore_trainable(self, model: torch.nn.Module, stem: str = MODEL_WEIGHTS) -> None:
-        """Copy the saved trainable parameters into ``model``; every trainable parameter must be there."""
+    def restore_weights(
+        self, model: torch.nn.Module, stem: str = MODEL_WEIGHTS, trainable_only: bool = True
+    ) -> None:
+        """Load the saved tensors into ``model`` (unwrapped); every trainable parameter (with
+        ``trainable_only``) or every state entry must be there, and nothing the model lacks."""
         state = self.weights(stem)
         if state is None:
             raise DataError(f"{self.path}: checkpoint has no {stem}.safetensors")
-        params = dict(model.named_parameters())
-        wanted = {n for n, p in params.items() if p.requires_grad}
+        wanted = trainable_names(model) if trainable_only else set(model.state_dict())
         missing = sorted(wanted - set(state))
         if missing:
             raise DataError(
                 f"{self.path}: checkpoint lacks {len(missing)} trainable parameter(s) of the model, e.g. "
                 f"{missing[0]!r}; was it written by a run with different model / LoRA settings?"
             )
-        with torch.no_grad():
-            for n, t in state.items():
-                if n not in params:
-                    raise DataError(f"{self.path}: checkpoint parameter {n!r} does not exist in the model")
-                params[n].copy_(t.to(params[n].dtype))
+        unknown = sorted(set(state) - set(model.state_dict()))
+        if unknown:
+            raise DataError(f"{self.path}: checkpoint parameter {unknown[0]!r} does not exist in the model")
+        options = StateDictOptions(full_state_dict=is_sharded(model), strict=False)
+        set_model_state_dict(model, state, options=options)
 
-    def restore_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+    def restore_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if "optimizer" in self.state:
             tensors = load_file(str(self.path / "optimizer.safetensors"))
-            optimizer.load_state_dict(_unflatten_optimizer(tensors, self.state["optimizer"]))
+            osd = _unflatten_optimizer(tensors, self.state["optimizer"])
+            options = StateDictOptions(full_state_dict=is_sharded(model))
+            set_optimizer_state_dict(model, optimizer, osd, options=options)
 
     def restore_scheduler(self, scheduler: Any) -> None:
         if "scheduler" in self.state:
             scheduler.load_state_dict(self.state["scheduler"])
 
-    def restore_rng(self) -> None:
-        set_rng_state(load_file(str(self.path / "rng.safetensors")))
+    def restore_rng(self, rank: int = 0) -> None:
+        """This process's RNG state (a checkpoint of fewer processes gives the extra ranks rank 0's)."""
+        f = self.path / f"rng-{rank}.safetensors"
+        set_rng_state(load_file(str(f if f.is_file() else self.path / "rng-0.safetensors")))
 
     def restore_training(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0
     ) -> int:
         """Everything a resumed trainer needs, in one call: trainable weights, optimizer, scheduler and RNG
         (restore the RNG last: nothing may draw from it between here and the first resumed step). Returns
         the step to continue from."""
-        self.restore_trainable(model)
-        self.restore_optimizer(optimizer)
+        self.restore_weights(model)
+        self.restore_optimizer(model, optimizer)
         self.restore_scheduler(scheduler)
-        self.restore_rng()
+        self.restore_rng(rank)
         return self.step
 
 
