@@ -50,7 +50,7 @@ from digiq.models.families import FAMILIES
 from digiq.models.prompts import make_inputs, previous_action_from_observation, yes_no_token_ids
 from digiq.models.vlm import answer_logits, family_of, load_vlm, save_vlm
 from digiq.training.accelerator import make_accelerator
-from digiq.training.checkpoint import load_checkpoint, save_checkpoint, trainable_state
+from digiq.training.checkpoint import inner, load_checkpoint, save_checkpoint
 from digiq.training.data_order import epoch_order
 from digiq.training.output import begin_output, check_output, finish_output
 from digiq.training.schedule import make_scheduler
@@ -365,14 +365,14 @@ def run(cfg: Config) -> dict:
         total_steps = min(total_steps, cfg.max_steps)
     sched = make_scheduler(opt, cfg.optim.scheduler, total_steps, cfg.optim.warmup_ratio)
 
+    model, opt = accelerator.prepare(model, opt)
+    rank = accelerator.process_index
     step, epoch, batch_in_epoch = 0, 0, 0
-    if resume_from is not None:
+    if resume_from is not None:  # after prepare: under FSDP the full tensors are sharded onto the model
         ck = load_checkpoint(resume_from)
-        step = ck.restore_training(model, opt, sched)
+        step = ck.restore_training(accelerator.unwrap_model(model), inner(opt), sched, rank)
         epoch, batch_in_epoch = ck.position["epoch"], ck.position["batch_in_epoch"]
         log.info("resumed from %s: step %d, epoch %d, batch %d", resume_from, step, epoch, batch_in_epoch)
-
-    model, opt = accelerator.prepare(model, opt)
     logger = MetricsLogger(
         out, cfg.wandb, to_dict(cfg), enabled=main, resume_step=step if resume_from is not None else None
     )
@@ -388,7 +388,6 @@ def run(cfg: Config) -> dict:
     )
 
     bar = tqdm(total=total_steps, initial=step, desc="finetune-vlm", disable=not (main and cfg.progress))
-    rank = accelerator.process_index
     last_eval: dict = {}
     marks = {"eval": -1, "ckpt": -1}  # the step of the last eval / checkpoint
     running: list[float] = []
@@ -397,12 +396,11 @@ def run(cfg: Config) -> dict:
         if marks["ckpt"] == step:
             return
         marks["ckpt"] = step
-        accelerator.wait_for_everyone()
-        if main:
-            weights = {"model": trainable_state(accelerator.unwrap_model(model))}
-            position = {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
-            save_checkpoint(out, step, weights, opt, sched, position, keep=cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        position = {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
+        save_checkpoint(
+            out, step, accelerator.unwrap_model(model), inner(opt), sched, position,
+            keep=cfg.keep_checkpoints, accelerator=accelerator,
+        )  # fmt: skip
 
     def do_eval() -> dict:
         marks["eval"] = step
@@ -442,8 +440,8 @@ def run(cfg: Config) -> dict:
                 accelerator.backward(loss)
                 # the logged loss is the mean over all processes' rows, not rank 0's share
                 loss_sum += float(accelerator.reduce(loss.detach(), reduction="mean"))
-            if cfg.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            if cfg.optim.max_grad_norm > 0:  # the prepared parameters: FSDP replaces the modules' parameters
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
             opt.step()
             sched.step()
             step += 1

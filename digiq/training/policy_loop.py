@@ -10,6 +10,7 @@ per row, and logging the token KL to pi_beta). :func:`fit_policy` is that loop: 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from digiq.models.policy import (
     target_ids,
     weighted_nll,
 )
-from digiq.training.checkpoint import load_checkpoint, save_checkpoint, trainable_state
+from digiq.training.checkpoint import inner, load_checkpoint, save_checkpoint
 from digiq.training.data_order import epoch_order
 from digiq.training.output import finish_output
 from digiq.training.schedule import make_scheduler
@@ -74,9 +75,17 @@ class TrainLoopConfig:
     keep_checkpoints: int = 2
     # Mixed precision ('bf16' on recent GPUs).
     mixed_precision: Literal["no", "bf16"] = "no"
+    # How rows become model inputs. 'once': every row encoded before training, rows with the same screenshot
+    # sharing its pixels (fastest on one CPU: the simulator's screens repeat). 'lazy': each process encodes
+    # only the rows of its batches, in DataLoader workers, while the model trains (a real dataset's pixels
+    # for every row would not fit in each GPU process's memory). 'auto': 'once' for one CPU process.
+    encode: Literal["auto", "once", "lazy"] = "auto"
+    # DataLoader worker processes of the lazy encoding (0 = in the training process).
+    num_workers: int = 2
 
     def validate(self, where: str = "train") -> None:
         check(self.batch_size > 0, f"{where}.batch_size must be > 0")
+        check(self.num_workers >= 0, f"{where}.num_workers must be >= 0")
         check(self.epochs > 0 or self.max_steps > 0, f"{where}: epochs or max_steps must be > 0")
         check(self.log_every > 0 and self.save_every > 0, f"{where}.log_every / save_every must be > 0")
         check(self.keep_checkpoints >= 1, f"{where}.keep_checkpoints must be >= 1")
@@ -139,6 +148,54 @@ def encode_examples(
     return out
 
 
+def encode_example(
+    processor: Any, examples: PolicyExamples, spec: PolicySpec, i: int
+) -> dict[str, torch.Tensor]:
+    """Example ``i`` as model-ready tensors (the lazy twin of :func:`encode_examples`, equal values)."""
+    shots, observations, targets, _ = examples.batch([i])
+    text = format_action(targets[0], spec.action_format, spec.precision)
+    return encode_row(processor, shots[0].convert("RGB"), observations[0], text, spec)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Examples as ``(index, model inputs)``: from a list encoded up front, or encoded on demand."""
+
+    def __init__(self, processor: Any, examples: PolicyExamples, spec: PolicySpec, encoded: list | None):
+        self.processor, self.examples, self.spec, self.encoded = processor, examples, spec, encoded
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[int, dict[str, torch.Tensor]]:
+        if self.encoded is not None:
+            return i, self.encoded[i]
+        return i, encode_example(self.processor, self.examples, self.spec, i)
+
+
+def _collate(items: list[tuple[int, dict[str, torch.Tensor]]], pad_id: int) -> tuple[list[int], dict]:
+    return [i for i, _ in items], collate_encoded([e for _, e in items], pad_id)
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """This process's example indices for optimiser steps ``start .. total - 1``: each epoch's order is a
+    pure function of (seed, epoch), each step takes the next ``batch`` of it, and the process its slice."""
+
+    def __init__(self, n: int, batch: int, seed: int, start: int, total: int, rank: int, world: int) -> None:
+        self.n, self.batch, self.seed, self.start, self.total = n, batch, seed, start, total
+        self.local = batch // world
+        self.rank = rank
+        self.steps_per_epoch = max(1, n // batch)
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            epoch, pos = divmod(step, self.steps_per_epoch)
+            idx = epoch_order(self.n, self.seed, epoch)[pos * self.batch : (pos + 1) * self.batch]
+            yield idx[self.rank * self.local : (self.rank + 1) * self.local].tolist()
+
+
 def warn_long_targets(processor: Any, spec: PolicySpec, targets: Sequence[str]) -> None:
     """Warn when a target action is longer than generation may emit (it would be cut at act time)."""
     lengths = [
@@ -177,37 +234,40 @@ def fit_policy(
     """
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     n = len(examples)
-    steps_per_epoch = max(1, n // train.batch_size)
-    total = train.max_steps or max(1, int(math.ceil(train.epochs * steps_per_epoch)))
+    total = train.max_steps or max(1, int(math.ceil(train.epochs * max(1, n // train.batch_size))))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
     sched = make_scheduler(opt, optim.scheduler, total, optim.warmup_ratio)
-    start = 0
-    if resume_from is not None:
-        start = load_checkpoint(resume_from).restore_training(model, opt, sched)
-        log.info("resumed from %s at step %d / %d", resume_from, start, total)
     model.train()
     model, opt = accelerator.prepare(model, opt)
+    start = 0
+    if resume_from is not None:  # after prepare: under FSDP the full tensors are sharded onto the model
+        ck = load_checkpoint(resume_from)
+        start = ck.restore_training(accelerator.unwrap_model(model), inner(opt), sched, rank)
+        log.info("resumed from %s at step %d / %d", resume_from, start, total)
     device = accelerator.device
     if ref_model is not None:
         ref_model.to(device).eval().requires_grad_(False)
     if train.batch_size % world:
         raise DataError(f"train.batch_size {train.batch_size} is not divisible by {world} processes")
-    local_bs = train.batch_size // world
 
-    encoded = encode_examples(processor, examples, spec, progress=is_main)
+    encode = train.encode
+    if encode == "auto":
+        encode = "once" if world == 1 and device.type == "cpu" else "lazy"
+    encoded = encode_examples(processor, examples, spec, progress=is_main) if encode == "once" else None
     pad_id = processor.tokenizer.pad_token_id
+    loader = torch.utils.data.DataLoader(
+        _Rows(processor, examples, spec, encoded),
+        batch_sampler=_StepBatches(n, train.batch_size, seed, start, total, rank, world),
+        collate_fn=functools.partial(_collate, pad_id=pad_id),
+        num_workers=train.num_workers if encode == "lazy" else 0,
+    )
     bar = tqdm(total=total, initial=start, disable=not is_main, desc=desc)
     losses: list[float] = []
     first_loss = None
     last_kl = float("nan")
     t0 = time.perf_counter()
-    for step in range(start, total):
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = epoch_order(n, seed, epoch)
-        idx = order[pos * train.batch_size : (pos + 1) * train.batch_size]
-        idx = idx[rank * local_bs : (rank + 1) * local_bs]
-        batch = collate_encoded([encoded[int(i)] for i in idx], pad_id)
+    for step, (idx, batch) in enumerate(loader, start=start):
         batch = {k: v.to(device) for k, v in batch.items()}
         weights = None if examples.weights is None else examples.weights[idx]
         lr = opt.param_groups[0]["lr"]  # the rate of this update (the scheduler moves it after the step)
@@ -216,8 +276,8 @@ def fit_policy(
             w = None if weights is None else torch.as_tensor(weights, device=device)
             loss = weighted_nll(logits, batch["labels"], w)
         accelerator.backward(loss)
-        if optim.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, optim.max_grad_norm)
+        if optim.max_grad_norm > 0:  # the prepared parameters: FSDP replaces the modules' parameters
+            accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -236,13 +296,10 @@ def fit_policy(
             logger.log(row, done)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}")
         if done % train.save_every == 0 or done == total:
-            accelerator.wait_for_everyone()
-            if is_main:
-                weights_now = {"model": trainable_state(accelerator.unwrap_model(model))}
-                save_checkpoint(
-                    out, done, weights_now, opt, sched, extra={"total": total}, keep=train.keep_checkpoints
-                )
-            accelerator.wait_for_everyone()
+            save_checkpoint(
+                out, done, accelerator.unwrap_model(model), inner(opt), sched, extra={"total": total},
+                keep=train.keep_checkpoints, accelerator=accelerator,
+            )  # fmt: skip
     bar.close()
     metrics = {
         "steps": float(total),
