@@ -89,7 +89,9 @@ class ModelConfig:
     # random tiny model built from a config object (families: llava, qwen2-vl, qwen2.5-vl, idefics3,
     # smolvlm, paligemma). Nothing is downloaded when HF_HUB_OFFLINE=1 or the path is local.
     name_or_path: str = "tiny:llava"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Weights' dtype. 'auto': bfloat16 on a GPU for the frozen models of inference stages (cache-features,
+    # candidates, evaluate), float32 for models that train (mixed precision keeps float32 master weights).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
     attn_implementation: str | None = "sdpa"
     # Seed for the random weights of 'tiny:' models.

@@ -278,3 +278,34 @@ def test_greedy_policy_fn_memoises_by_screen_and_prompt(tiny, tmp_path, monkeypa
     seen.clear()
     fs(batch)
     assert seen == [4]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "idefics3"])
+def test_samples_share_one_prefill_per_state(family) -> None:
+    """k samples per state run the prompt's prefill (its hundreds of image tokens included) once per state,
+    where generate(num_return_sequences=k) runs it k times, and decode as generate does: at a vanishing
+    temperature every sample is the greedy output."""
+    from digiq.models.vlm import build_tiny_vlm, decoder_layers
+
+    model, processor = build_tiny_vlm(family)
+    spec = PolicySpec(family=family, action_format="compact", max_new_tokens=6)
+    shots = _screens(3)
+    calls: list[tuple[int, int]] = []  # (rows, tokens) of every pass through the first decoder layer
+
+    def record(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        calls.append((int(hidden.shape[0]), int(hidden.shape[1])))
+
+    handle = decoder_layers(model.model)[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        greedy = generate_texts(model, processor, shots, OBS[:3], spec, temperature=0.0)
+        prompt_len = calls[0][1]
+        calls.clear()
+        sampled = generate_texts(
+            model, processor, shots, OBS[:3], spec, num_samples=4, temperature=1e-6, seed=0
+        )
+    finally:
+        handle.remove()
+    prefill_tokens = sum(r * t for r, t in calls if t > 1)
+    assert prefill_tokens == 3 * (prompt_len - 1)  # once per state: generate would run 4 * 3 * prompt_len
+    assert sampled == [[g[0]] * 4 for g in greedy]

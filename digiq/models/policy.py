@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -35,9 +36,11 @@ import torch
 from PIL import Image
 
 from digiq.actions import Action, ActionType, goal_from_observation, parse_action
+from digiq.config import ModelConfig
 from digiq.errors import DigiqError
+from digiq.models.families import FAMILIES
 from digiq.models.prompts import TEMPLATES, family_name, previous_action_from_observation, processor_call
-from digiq.models.vlm import is_peft, load_vlm, save_vlm, unwrap
+from digiq.models.vlm import inference_device, inference_dtype, is_peft, load_vlm, save_vlm, unwrap
 from digiq.utils.io import atomic_write_json, staged_dir
 
 POLICY_FILE = "digiq_policy.json"
@@ -396,11 +399,19 @@ def generate_texts(
         kwargs.update(do_sample=False)
     was_training = model.training
     model.eval()
-    fork = torch.random.fork_rng(devices=[]) if seed is not None else _nullcontext()
+    dev = _device(model)
+    fork = (
+        torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
+        if seed is not None
+        else _nullcontext()
+    )
     with fork:
         if seed is not None:
             torch.manual_seed(seed)
-        out = model.generate(**enc, **kwargs)
+        if num_samples > 1 and FAMILIES[spec.family].prefix_sharing:
+            out = _generate_from_one_prefill(model, enc, num_samples, FAMILIES[spec.family].mrope, kwargs)
+        else:
+            out = model.generate(**enc, **kwargs)
     if was_training:
         model.train()
     new = out[:, enc["input_ids"].shape[1] :]
@@ -410,6 +421,43 @@ def generate_texts(
     texts = [t.strip() for t in texts]
     B = len(screenshots)
     return [texts[i * num_samples : (i + 1) * num_samples] for i in range(B)]
+
+
+# Per-token inputs besides the ids: cut with the prompt, repeated with the samples.
+_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def _generate_from_one_prefill(
+    model: Any, enc: dict[str, torch.Tensor], k: int, mrope: bool, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """``generate(num_return_sequences=k)`` that encodes each prompt (image included) once instead of k times.
+
+    ``generate`` repeats every input k times before its first forward, so the vision tower and the prompt's
+    prefill run k times per state (15 of the 16 candidates per state in Digi-Q's sampling are such repeats).
+    Here the prompt minus its last token is run once, its KV cache repeated k times, and ``generate``
+    continues from it: it runs the last prompt token and decodes, as it would have. The positions of the
+    prefill are the ones ``generate`` gives left-padded prompts (``attention_mask.cumsum - 1``); Qwen-VL's
+    M-RoPE positions are computed by the model, which keeps the per-row offset for decoding in
+    ``rope_deltas`` (repeated here as the cache is). Tests check the outputs equal ``generate``'s.
+    """
+    mask = enc["attention_mask"]
+    head = {key: (v[:, :-1] if key in _PER_TOKEN else v) for key, v in enc.items()}
+    if not mrope:
+        pos = mask[:, :-1].long().cumsum(-1) - 1
+        head["position_ids"] = pos.masked_fill(mask[:, :-1] == 0, 1)
+    cache = model(**head, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(k)
+    base = unwrap(model).model
+    if mrope and getattr(base, "rope_deltas", None) is not None:
+        base.rope_deltas = base.rope_deltas.repeat_interleave(k, 0)
+    rest = {key: enc[key].repeat_interleave(k, 0) for key in _PER_TOKEN if key in enc}
+    kwargs = {**kwargs, "num_return_sequences": 1, _cache_kw(model): cache}
+    return model.generate(**rest, **kwargs)
+
+
+def _cache_kw(model: Any) -> str:
+    """transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns until it is removed)."""
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
 
 class _nullcontext:
@@ -497,12 +545,17 @@ def read_spec(path: str | Path, default: PolicySpec | None = None) -> PolicySpec
     return default
 
 
-def load_policy(path: str | Path, device: str = "cpu", spec: PolicySpec | None = None):
-    """``(model, processor, spec)`` from an export (or any VLM folder / ``tiny:`` id with ``spec``)."""
+def load_policy(
+    path: str | Path, device: str | torch.device = "auto", dtype: str = "auto", spec: PolicySpec | None = None
+):
+    """``(model, processor, spec)`` from an export (or any VLM folder / ``tiny:`` id with ``spec``), for
+    inference: on ``device`` (``auto`` = a GPU when visible) in ``dtype`` (``auto`` = bfloat16 on a GPU,
+    float32 on the CPU; see :func:`digiq.models.vlm.inference_dtype`)."""
     path_s = str(path)
     if not path_s.startswith("tiny:") and not Path(path_s).exists():
         raise DigiqError(f"policy not found: {path_s}")
-    model, processor = load_vlm(path_s)
+    device = inference_device(device)
+    model, processor = load_vlm(ModelConfig(name_or_path=path_s, dtype=inference_dtype(dtype, device)))
     if path_s.startswith("tiny:"):
         spec = spec or PolicySpec(family=processor.digiq_family)
     else:
@@ -514,16 +567,17 @@ def load_policy_fn(
     path: str | Path,
     temperature: float | None = None,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | torch.device = "auto",
     batch_size: int = 64,
     max_new_tokens: int | None = None,
+    dtype: str = "auto",
 ) -> Callable[[list[dict]], list[str]]:
     """The simulator's rollout callable for an exported policy: dicts -> AutoUI strings.
 
     Greedy unless the export (or ``temperature`` > 0) asks for sampling; sampled calls are seeded by
     ``seed`` plus a call counter, so a rollout is reproducible.
     """
-    model, processor, spec = load_policy(path, device)
+    model, processor, spec = load_policy(path, device, dtype)
     if temperature is not None:
         spec = dataclasses.replace(spec, do_sample=temperature > 0, temperature=temperature or 1.0)
     if max_new_tokens is not None:

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from digiq.actions import Action, make_observation, parse_action
 from digiq.config import check
@@ -34,6 +34,10 @@ class Config:
     # None = the export's setting; 0 = greedy; > 0 = sample at this temperature.
     temperature: float | None = None
     seed: int = 0
+    # Where the policy runs ('auto' = a GPU when visible) and its weights' dtype ('auto' = bfloat16 on a
+    # GPU, float32 on the CPU).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     def validate(self) -> None:
         check(bool(self.policy), "policy must be set (an exported policy folder)")
@@ -81,7 +85,7 @@ def run(cfg: Config) -> dict[str, Any]:
         image = Image.open(path).convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise DigiqError(f"{path}: not a readable image: {e}") from e
-    model, processor, spec = load_policy(cfg.policy)
+    model, processor, spec = load_policy(cfg.policy, cfg.device, cfg.dtype)
     result = act(model, processor, spec, image, cfg.goal, cfg.previous_action, cfg.temperature, cfg.seed)
     sys.stdout.write(json.dumps(result) + "\n")
     return result

@@ -52,6 +52,10 @@ class Config:
     max_resamples: int = 3
     # States per generation call.
     batch_size: int = 16
+    # Where the policy runs ('auto' = a GPU when visible) and its weights' dtype ('auto' = bfloat16 on a
+    # GPU, float32 on the CPU).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Use only the first max_rows rows (0 = all); for smoke runs. The output holds only those rows.
     max_rows: int = 0
     seed: int = 0
@@ -94,7 +98,7 @@ def policy_candidates(ds, cfg: Config) -> tuple[list[list[str]], int]:
     """[dataset action] + n-1 samples of the policy; returns the lists and the number of invalid draws left."""
     from tqdm.auto import tqdm
 
-    model, processor, spec = load_policy(cfg.policy)
+    model, processor, spec = load_policy(cfg.policy, cfg.device, cfg.dtype)
     n_extra = cfg.num_candidates - 1
     actions = ds["action"]
     out = [[a] for a in actions]

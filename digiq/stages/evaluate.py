@@ -54,6 +54,10 @@ class Config:
     num_episodes: int = 100
     # Episodes stepped together (the policy's generation batch).
     batch_size: int = 32
+    # Where the policy runs ('auto' = a GPU when visible) and its weights' dtype ('auto' = bfloat16 on a
+    # GPU, float32 on the CPU).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # None = the export's setting; 0 = greedy; > 0 = sample at this temperature (official eval: 0.8).
     temperature: float | None = None
     seed: int = 0
@@ -121,8 +125,10 @@ def evaluate_sim(cfg: Config) -> dict[str, Any]:
             cfg.policy,
             cfg.temperature,
             cfg.seed,
+            device=cfg.device,
             batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens,
+            dtype=cfg.dtype,
         )
     res = evaluate_policy(fn, cfg.split, cfg.num_episodes, cfg.seed, phone, cfg.batch_size, progress=True)
     res["policy"] = cfg.policy
@@ -141,7 +147,7 @@ def evaluate_offline(cfg: Config) -> dict[str, Any]:
         rows = rows[: cfg.max_rows]
     if len(rows) == 0:
         raise DataError(f"{cfg.dataset}: no successful trajectory to compare the policy's actions with")
-    model, processor, spec = load_policy(cfg.policy)
+    model, processor, spec = load_policy(cfg.policy, cfg.device, cfg.dtype)
     view = undecoded_view(ds, ["screenshot", "observation", "action"])  # decoded per batch, named errors
     matches, types = [], []
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="evaluate (offline)", unit="batch"):

@@ -37,7 +37,7 @@ from digiq.data.schema import load_dataset, undecoded_view
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
 from digiq.models.policy import best_of_n, read_spec
-from digiq.models.vlm import load_vlm
+from digiq.models.vlm import inference_dtype, load_vlm
 from digiq.sim.phone import SimPhone
 from digiq.training.accelerator import make_accelerator
 from digiq.training.output import begin_output, check_output
@@ -80,6 +80,10 @@ class Config:
     awr_max_weight: float = 20.0
     # Discount of the exact Q* (scorer=q_star); the critic's own gamma is used otherwise.
     gamma: float = 0.95
+    # How init_policy is loaded for training (dtype, attention, gradient checkpointing); its name_or_path
+    # stays empty: the model is init_policy. The frozen pi_beta copy for the KL log is loaded in bfloat16
+    # on a GPU (it only runs forwards), in float32 on the CPU.
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path=""))
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     train: TrainLoopConfig = dataclasses.field(default_factory=lambda: TrainLoopConfig(epochs=2.0))
     optim: ExtractOptimConfig = dataclasses.field(default_factory=ExtractOptimConfig)
@@ -94,6 +98,10 @@ class Config:
 
     def validate(self) -> None:
         check(bool(self.dataset) and bool(self.init_policy), "dataset and init_policy must be set")
+        check(
+            self.model.name_or_path in ("", self.init_policy),
+            "model.name_or_path is not used (the policy trained is init_policy); leave it empty",
+        )
         if self.scorer == "critic":
             check(
                 bool(self.features) and bool(self.critic_dir),
@@ -245,9 +253,13 @@ def run(cfg: Config) -> dict[str, Any]:
         source=str(cfg.dataset),
     )
 
-    model, processor = load_vlm(ModelConfig(name_or_path=cfg.init_policy), cfg.lora, for_training=True)
+    policy_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.init_policy)
+    model, processor = load_vlm(policy_cfg, cfg.lora, for_training=True)
     spec = read_spec(cfg.init_policy)
-    ref = load_vlm(ModelConfig(name_or_path=cfg.init_policy))[0] if cfg.log_kl else None
+    ref = None
+    if cfg.log_kl:
+        ref_dtype = inference_dtype("auto", accelerator.device)
+        ref = load_vlm(dataclasses.replace(policy_cfg, dtype=ref_dtype, gradient_checkpointing=False))[0]
     export_info = {
         "stage": "extract-policy",
         "scorer": cfg.scorer,
