@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from digiq.actions import Action, ActionType, make_observation
 from digiq.config import load_config
 from digiq.data.features import FeatureCache
-from digiq.data.schema import FEATURES, save_dataset
+from digiq.data.schema import FEATURES, load_dataset, save_dataset
 from digiq.errors import DataError
 from digiq.models.featurize import reference_features
 from digiq.models.prompts import previous_action_from_observation
@@ -197,3 +197,29 @@ def test_two_processes_give_identical_features(dataset: Path, full_run: Path, tm
     a, b = FeatureCache.open(out), FeatureCache.open(full_run)
     torch.testing.assert_close(a.state, b.state, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.actions, b.actions, atol=1e-5, rtol=0)
+
+
+def test_decoding_in_dataloader_workers_gives_the_same_cache(
+    dataset: Path, full_run: Path, tmp_path: Path
+) -> None:
+    """Screenshots read and decoded in 2 worker processes (the GPU default): the same features, bitwise."""
+    cf.run(_cfg(dataset, tmp_path / "w", "num_workers=2"))
+    a, b = FeatureCache.open(tmp_path / "w"), FeatureCache.open(full_run)
+    assert torch.equal(a.state, b.state) and torch.equal(a.actions, b.actions)
+    assert json.loads((tmp_path / "w" / "manifest.json").read_text())["model_dtype"] == "float32"  # auto, CPU
+
+
+def test_a_broken_screenshot_decoded_in_a_worker_is_one_line(tmp_path: Path) -> None:
+    from datasets import Image as HFImage
+
+    ds = make_dataset(tmp_path / "ds")
+    raw = load_dataset(ds).cast_column("screenshot", HFImage(decode=False)).to_dict()
+    raw["screenshot"][3] = {"bytes": b"\x89PNG garbage", "path": None}
+    features = FEATURES.copy()
+    features["screenshot"] = HFImage(decode=False)
+    broken = Dataset.from_dict(raw, features=features)
+    save_dataset(broken.cast_column("screenshot", HFImage()), tmp_path / "bad")
+    with pytest.raises(DataError) as err:
+        cf.run(_cfg(tmp_path / "bad", tmp_path / "out", "num_workers=2"))
+    msg = str(err.value)
+    assert "\n" not in msg and "screenshot" in msg and "Traceback" not in msg, msg

@@ -34,11 +34,11 @@ import torch
 
 from digiq.config import ModelConfig, check, save_config, to_dict
 from digiq.data.features import DTYPES, shard_name, write_manifest, write_shard
-from digiq.data.schema import iter_decoded_rows, load_dataset
+from digiq.data.schema import decode_batch, load_dataset, undecoded_view
 from digiq.errors import DataError
 from digiq.models.featurize import Featurizer
 from digiq.models.prompts import previous_action_from_observation
-from digiq.models.vlm import load_vlm, resolve_layer
+from digiq.models.vlm import inference_dtype, load_vlm, resolve_layer
 from digiq.training.accelerator import make_accelerator
 from digiq.utils.io import atomic_write_json, clear_complete, is_complete, mark_complete
 from digiq.utils.logging import get_logger
@@ -57,8 +57,9 @@ class Config:
     # Output folder of the feature cache (written in place with an in_progress.json; see the module doc).
     output_dir: str = "runs/features"
     # The frozen VLM: Stage 1's `<finetune_output>/model` (the finetune output folder itself also works),
-    # any local save_pretrained folder or hub id, or 'tiny:llava' for an un-fine-tuned baseline.
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    # any local save_pretrained folder or hub id, or 'tiny:llava' for an un-fine-tuned baseline. Its dtype
+    # 'auto' computes in bfloat16 on a GPU (the frozen model only runs forwards), float32 on the CPU.
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(dtype="auto"))
     # Text-model layer whose hidden state is the feature (output_hidden_states indexing: 0 = embeddings,
     # k = output of decoder layer k, -1 = last layer after the final norm); null = 3/4 of the depth.
     layer: int | None = None
@@ -76,6 +77,9 @@ class Config:
     batch_size: int = 32
     # 'auto' = CUDA when visible, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # DataLoader workers that read and decode the screenshots while the model runs (null: 4 on a GPU, none
+    # on the CPU, where they would take the model's cores).
+    num_workers: int | None = None
     # Continue an interrupted run (also automatic when output_dir holds a matching in_progress.json).
     resume: bool = False
     # Delete whatever is in output_dir (another run's shards or a finished cache) and start over.
@@ -88,6 +92,7 @@ class Config:
         check(bool(self.output_dir), "output_dir must be set")
         check(self.shard_rows > 0, f"shard_rows must be > 0, got {self.shard_rows}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        check(self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0 or null")
         check(self.max_shards is None or self.max_shards >= 0, "max_shards must be >= 0 or null")
         check(
             Path(self.dataset).resolve() != Path(self.output_dir).resolve(),
@@ -120,13 +125,17 @@ def _model_stamp(name: str) -> list[Any]:
     )
 
 
-def run_identity(cfg: Config, model_path: str, layer: int, fingerprint: str, num_rows: int, n: int) -> dict:
-    """Everything that determines the cached numbers; a resumed run must match it exactly."""
+def run_identity(
+    cfg: Config, model: ModelConfig, layer: int, fingerprint: str, num_rows: int, n: int
+) -> dict:
+    """Everything that determines the cached numbers; a resumed run must match it exactly. ``model`` is the
+    model as loaded (its path resolved, its dtype too: 'auto' differs between a GPU and a CPU)."""
+    model_path = model.name_or_path
     ident = {
         "model": model_path,
         "model_stamp": _model_stamp(model_path),
-        "model_dtype": cfg.model.dtype,
-        "tiny_seed": cfg.model.tiny_seed if model_path.startswith("tiny:") else None,
+        "model_dtype": model.dtype,
+        "tiny_seed": model.tiny_seed if model_path.startswith("tiny:") else None,
         "layer": layer,
         "rendering": cfg.rendering,
         "dataset_fingerprint": fingerprint,
@@ -231,11 +240,41 @@ def row_actions(action: str, candidates: list[str]) -> list[str]:
     return [action, *list(candidates)[1:]]
 
 
-def compute_shard(featurizer, ds, start: int, end: int, n: int, dtype: torch.dtype, pbar=None):
-    """Features of dataset rows ``start..end``: state (n_rows, D), actions (n_rows, N, D), valid (n_rows, N)."""
+class _ShardRows(torch.utils.data.Dataset):
+    """The featurizer's input for dataset row ``start + i``: (screenshot, goal, previous action, actions).
+    Images are decoded here (not by datasets), so a missing or corrupt screenshot names its trajectory /
+    step; in DataLoader workers this runs beside the model (a DataLoader keeps the order)."""
 
-    sub = ds.select(range(start, end))
-    cols = ["screenshot", "task", "observation", "action", "candidates"]
+    COLUMNS = ["screenshot", "task", "observation", "action", "candidates", "traj_id", "step_id"]
+
+    def __init__(self, ds, start: int, end: int) -> None:
+        self.view, self.source = undecoded_view(ds, self.COLUMNS), ds_path(ds)
+        self.start, self.end = start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i: int):
+        r = {k: v[0] for k, v in decode_batch(self.view[[self.start + i]], self.source).items()}
+        acts = row_actions(r["action"], r["candidates"] or [])
+        return r["screenshot"], r["task"], previous_action_from_observation(r["observation"]), acts
+
+
+def _as_is(item):
+    return item
+
+
+def compute_shard(
+    featurizer, ds, start: int, end: int, n: int, dtype: torch.dtype, pbar=None, num_workers: int = 0
+):
+    """Features of dataset rows ``start..end``: state (n_rows, D), actions (n_rows, N, D), valid (n_rows, N)."""
+    rows_in = torch.utils.data.DataLoader(
+        _ShardRows(ds, start, end),
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=num_workers,
+        prefetch_factor=4 if num_workers else None,
+    )
     rows, batch = [], []
 
     def flush():
@@ -245,12 +284,16 @@ def compute_shard(featurizer, ds, start: int, end: int, n: int, dtype: torch.dty
                 pbar.update(1)
         batch.clear()
 
-    # Images are decoded here (not by datasets) so a missing or corrupt screenshot names its trajectory/step.
-    for r in iter_decoded_rows(sub, cols, source=ds_path(ds)):
-        acts = row_actions(r["action"], r["candidates"] or [])
-        batch.append((r["screenshot"], r["task"], previous_action_from_observation(r["observation"]), acts))
-        if featurizer.prefix_sharing or sum(len(b[3]) + 1 for b in batch) >= featurizer.batch_size:
-            flush()
+    try:
+        for item in rows_in:
+            batch.append(item)
+            if featurizer.prefix_sharing or sum(len(b[3]) + 1 for b in batch) >= featurizer.batch_size:
+                flush()
+    except DataError as e:
+        if not num_workers:
+            raise
+        # A worker's DataError comes back with the worker's traceback in its message: keep the one line.
+        raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
     if batch:
         flush()
     D = rows[0][0].shape[-1]
@@ -302,11 +345,16 @@ def run(cfg: Config) -> dict:
     fingerprint = ds._fingerprint
 
     model_path = resolve_model_path(cfg.model.name_or_path)
-    model_cfg = dataclasses.replace(cfg.model, name_or_path=model_path, gradient_checkpointing=False)
+    model_cfg = dataclasses.replace(
+        cfg.model,
+        name_or_path=model_path,
+        gradient_checkpointing=False,
+        dtype=inference_dtype(cfg.model.dtype, acc.device),
+    )
     model, processor = load_vlm(model_cfg)
     model.eval().to(acc.device)
     layer = resolve_layer(model, cfg.layer)
-    ident = run_identity(cfg, model_path, layer, fingerprint, R, N)
+    ident = run_identity(cfg, model_cfg, layer, fingerprint, R, N)
 
     decision = _prepare_output(out, ident, cfg)
     acc.wait_for_everyone()  # nobody writes before every process has looked at the folder
@@ -339,6 +387,7 @@ def run(cfg: Config) -> dict:
     skipped = [s for s in mine if s not in todo]
     if cfg.max_shards is not None:
         todo = todo[: cfg.max_shards]
+    workers = cfg.num_workers if cfg.num_workers is not None else (4 if acc.device.type == "cuda" else 0)
     featurizer = Featurizer(
         model,
         processor,
@@ -366,7 +415,8 @@ def run(cfg: Config) -> dict:
     computed = []
     for s in todo:
         start, end = bounds[s]
-        state, actions, valid = compute_shard(featurizer, ds, start, end, N, dtype, pbar)
+        with torch.inference_mode():
+            state, actions, valid = compute_shard(featurizer, ds, start, end, N, dtype, pbar, workers)
         write_shard(out, s, start, state, actions, valid if ragged else None)
         computed.append(s)
     pbar.close()
