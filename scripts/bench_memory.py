@@ -8,6 +8,8 @@ timeline) relative to the feature bytes. Target: peak RSS < 1.5x the feature byt
 
     python scripts/bench_memory.py --scale 0.125        # quick check (~450 MB of features)
     python scripts/bench_memory.py                      # full size (~3.6 GB on disk and in RAM)
+    python scripts/bench_memory.py --meta               # 7B VLMs on the meta device: counts, FSDP classes,
+                                                        # per-GPU memory estimate of every stage (no data)
 
 The fixed interpreter overhead (torch + datasets imported, ~0.4-0.5 GB) is measured separately and reported
 so that small-scale ratios can be read: ``(peak - baseline) / feature_bytes`` is the part that scales.
@@ -151,6 +153,33 @@ def run_child(
     return peak, samples, secs
 
 
+def meta_report() -> str:
+    """Markdown: each real-size model's facts, then each stage's per-GPU estimate by component."""
+    from digiq.training.memory import REAL_MODELS, memory_table, model_facts
+
+    lines = [
+        "| model | parameters | vision + projector | FSDP wraps | LoRA r=128 params |",
+        "|---|---|---|---|---|",
+    ]
+    for name in REAL_MODELS:
+        f = model_facts(name)
+        lines.append(
+            f"| {name} | {f.params / 1e9:.3f}B | {f.vision_params / 1e6:.0f}M | {', '.join(f.wrap_classes)} "
+            f"| {f.lora_params / 1e6:.0f}M |"
+        )
+    rows = memory_table()
+    parts = list(dict.fromkeys(k for r in rows for k in r if k not in ("model", "stage", "total")))
+    lines += [
+        "",
+        "| model | stage | " + " | ".join(parts) + " | total GiB / GPU |",
+        "|---" * (len(parts) + 3) + "|",
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r[k]:.1f}" if k in r else "" for k in parts)
+        lines.append(f"| {r['model']} | {r['stage']} | {cells} | **{r['total']:.1f}** |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -162,7 +191,15 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the synthetic data (reuse with --reuse)")
     ap.add_argument("--reuse", action="store_true", help="reuse data already in --workdir")
     ap.add_argument("--json", default="", help="also write the result to this JSON file")
+    ap.add_argument(
+        "--meta",
+        action="store_true",
+        help="estimate 7B-model memory per stage instead (digiq.training.memory)",
+    )
     args = ap.parse_args()
+    if args.meta:
+        print(meta_report())
+        return
 
     work = Path(args.workdir)
     num_traj = max(2, round(TRAJ * args.scale))
