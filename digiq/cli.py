@@ -26,7 +26,10 @@ from digiq.config import ConfigError, load_config, to_dict
 from digiq.errors import DigiqError
 
 # name -> (module, one-line help). Modules define ``Config`` (a dataclass) and ``run(cfg)``; a module may set
-# ``POSITIONAL = "<field>"`` to accept one bare word (``digiq theory q-learning``).
+# ``POSITIONAL = "<field>"`` to accept one bare word (``digiq theory q-learning``), and sets
+# ``DISTRIBUTED = True`` when its ``run`` splits its work over the processes of a launcher (``accelerate
+# launch``, ``torchrun``). Under a launcher, the other commands run on the main process only: each process
+# would otherwise redo the same work and write the same output.
 COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("digiq.data.importer", "import official Digi-Q / DigiRL .pt trajectory files into a dataset"),
     "sim collect": (
@@ -179,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import yaml
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        if int(os.environ.get("RANK", "0")) > 0 and not getattr(module, "DISTRIBUTED", False):
             return 0
         result = module.run(cfg)
     except ConfigError as e:

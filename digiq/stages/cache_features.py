@@ -44,6 +44,8 @@ from digiq.utils.io import atomic_write_json, clear_complete, is_complete, mark_
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
+# Splits its work over the processes of a launcher (digiq.cli).
+DISTRIBUTED = True
 
 IN_PROGRESS = "in_progress.json"
 # safetensors dtype names of our storage dtypes (checked from the shard header without loading it).

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
 from digiq.actions import parse_action
 from digiq.config import check, to_dict
@@ -28,10 +31,13 @@ from digiq.errors import DataError
 from digiq.models.policy import generate_actions, load_policy
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
 from digiq.sim.phone import SimConfig, SimPhone
+from digiq.training.accelerator import make_accelerator
 from digiq.utils.io import refuse_finished
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
+# Splits its work over the processes of a launcher (digiq.cli).
+DISTRIBUTED = True
 
 
 @dataclasses.dataclass
@@ -80,8 +86,6 @@ def sim_candidates(
     actions: list[str], state_keys: list[str], n: int, seed: int, sim: SimConfig, behaviour: BehaviourConfig
 ) -> list[list[str]]:
     """[dataset action] + n-1 draws of the scripted behaviour policy (one seeded stream, dataset order)."""
-    from tqdm.auto import tqdm
-
     phone = SimPhone(sim)
     pi = BehaviourPolicy(phone, seed=seed, config=behaviour)
     out = []
@@ -94,21 +98,28 @@ def sim_candidates(
     return out
 
 
-def policy_candidates(ds, cfg: Config) -> tuple[list[list[str]], int]:
-    """[dataset action] + n-1 samples of the policy; returns the lists and the number of invalid draws left."""
-    from tqdm.auto import tqdm
+def policy_candidates(ds, cfg: Config, accelerator: Accelerator) -> tuple[list[list[str]], int]:
+    """[dataset action] + n-1 samples of the policy; returns the lists and the number of invalid draws left.
 
-    model, processor, spec = load_policy(cfg.policy, cfg.device, cfg.dtype)
+    Under a launcher, process r samples batches r, r + W, ... on its own device and the main process
+    gathers them; a batch's seeds depend only on (seed, batch, attempt), so the result is the same for any
+    number of processes."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device if cfg.device == "auto" else cfg.device
+    model, processor, spec = load_policy(cfg.policy, device, cfg.dtype)
     n_extra = cfg.num_candidates - 1
     actions = ds["action"]
     out = [[a] for a in actions]
     if n_extra == 0:
         return out, 0
     view = undecoded_view(ds, ["screenshot", "observation"])  # decoded per batch with named errors
-    invalid_left = 0
-    for b, start in enumerate(
-        tqdm(range(0, len(ds), cfg.batch_size), desc="candidates (policy)", unit="batch")
-    ):
+    starts = list(range(0, len(ds), cfg.batch_size))
+    mine: list[tuple[list[int], list[list[str]]]] = []
+    bar = tqdm(
+        desc="candidates (policy)", unit="batch", total=len(starts), disable=not accelerator.is_main_process
+    )
+    for b in range(rank, len(starts), world):
+        start = starts[b]
         rows = list(range(start, min(len(ds), start + cfg.batch_size)))
         got = decode_batch(view[rows], str(cfg.dataset))
         shots, obs = got["screenshot"], got["observation"]
@@ -137,6 +148,12 @@ def policy_candidates(ds, cfg: Config) -> tuple[list[list[str]], int]:
             )
             for (i, j), r in zip(bad, redo):
                 samples[i][j] = r[0]
+        mine.append((rows, samples))
+        bar.update(world)
+    bar.close()
+    done = gather_object(mine) if world > 1 else mine
+    invalid_left = 0
+    for rows, samples in done:
         for i, r in enumerate(rows):
             out[r].extend(samples[i])
             invalid_left += sum(not parse_action(s).is_valid for s in samples[i])
@@ -149,6 +166,7 @@ def _seed(seed: int, batch: int, attempt: int) -> int:
 
 def run(cfg: Config) -> dict[str, float]:
     refuse_finished(cfg.output_dir, cfg.overwrite)
+    accelerator = make_accelerator(cpu=None if cfg.device == "auto" else cfg.device == "cpu")
     t0 = time.perf_counter()
     ds = load_dataset(cfg.dataset)
     if cfg.max_rows:
@@ -158,7 +176,7 @@ def run(cfg: Config) -> dict[str, float]:
         cands = sim_candidates(actions, ds["state_key"], cfg.num_candidates, cfg.seed, cfg.sim, cfg.behaviour)
         invalid = 0
     else:
-        cands, invalid = policy_candidates(ds, cfg)
+        cands, invalid = policy_candidates(ds, cfg, accelerator)
     assert all(c[0] == a for c, a in zip(cands, actions))
     new = ds.remove_columns("candidates").add_column("candidates", cands, feature=FEATURES["candidates"])
     valid = np.array([[parse_action(x).is_valid for x in c[1:]] for c in cands], dtype=bool)
@@ -174,7 +192,9 @@ def run(cfg: Config) -> dict[str, float]:
         },
         "config_candidates": to_dict(cfg),
     }
-    save_dataset(new, cfg.output_dir, info, overwrite=cfg.overwrite)
+    if accelerator.is_main_process:
+        save_dataset(new, cfg.output_dir, info, overwrite=cfg.overwrite)
+    accelerator.wait_for_everyone()
     stats = {
         "rows": float(len(new)),
         "num_candidates": float(cfg.num_candidates),

@@ -59,6 +59,8 @@ from digiq.utils.logging import MetricsLogger, get_logger
 from digiq.utils.seed import set_seed
 
 log = get_logger(__name__)
+# Splits its work over the processes of a launcher (digiq.cli).
+DISTRIBUTED = True
 
 
 @dataclasses.dataclass

@@ -41,6 +41,8 @@ from digiq.utils.logging import get_logger
 from digiq.utils.seed import set_seed
 
 log = get_logger(__name__)
+# Splits its work over the processes of a launcher (digiq.cli).
+DISTRIBUTED = True
 # The default policy of the simulated pipeline (configs/train-bc/tiny.yaml uses the same).
 TINY_POLICY = "tiny:idefics3@image_size=128,patch=16"
 

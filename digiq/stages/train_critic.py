@@ -54,6 +54,8 @@ from digiq.utils.seed import set_seed
 from digiq.utils.stats import pearson, spearman
 
 log = get_logger(__name__)
+# Splits its work over the processes of a launcher (digiq.cli).
+DISTRIBUTED = True
 
 # q_star_fn(state_key, candidate_action_strings, gamma) -> exact Q* per candidate (np.ndarray (N,)).
 QStarFn = Callable[[str, list[str], float], np.ndarray]
