@@ -215,7 +215,9 @@ class Checkpoint:
         if "optimizer" in self.state:
             tensors = load_file(str(self.path / "optimizer.safetensors"))
             osd = _unflatten_optimizer(tensors, self.state["optimizer"])
-            options = StateDictOptions(full_state_dict=is_sharded(model))
+            # Not strict: a parameter that never received a gradient (LLaVA's unused vision post-layernorm)
+            # has no AdamW state, at saving as now.
+            options = StateDictOptions(full_state_dict=is_sharded(model), strict=False)
             set_optimizer_state_dict(model, optimizer, osd, options=options)
 
     def restore_scheduler(self, scheduler: Any) -> None:
