@@ -276,6 +276,7 @@ def compute_shard(
         collate_fn=_as_is,
         num_workers=num_workers,
         prefetch_factor=4 if num_workers else None,
+        generator=torch.Generator(),  # the workers' seed: not drawn from the caller's RNG stream
     )
     rows, batch = [], []
 

@@ -261,6 +261,9 @@ def fit_policy(
         batch_sampler=_StepBatches(n, train.batch_size, seed, start, total, rank, world),
         collate_fn=functools.partial(_collate, pad_id=pad_id),
         num_workers=train.num_workers if encode == "lazy" else 0,
+        # Its own generator: a DataLoader draws a seed for its workers when it starts, which must not come
+        # from the global RNG a resumed run restores (the RNG would be one draw ahead of an uninterrupted run).
+        generator=torch.Generator().manual_seed(seed),
     )
     bar = tqdm(total=total, initial=start, disable=not is_main, desc=desc)
     losses: list[float] = []
