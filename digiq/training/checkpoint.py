@@ -34,14 +34,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor
 
 from digiq.errors import DataError
 from digiq.utils.io import atomic_save_safetensors, atomic_write_json, is_complete, staged_dir
@@ -50,8 +42,19 @@ from digiq.utils.seed import rng_state, set_rng_state
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 MODEL_WEIGHTS = "model"
-# Gather to full tensors, on the CPU (under FSDP only the main process receives them).
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _dcp():
+    """torch.distributed.checkpoint's state-dict API, imported on first use: it takes ~1.4 s to import, which
+    every command would otherwise pay at start-up (measured with ``python -X importtime``)."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
+def _full() -> Any:
+    """Gather to full tensors, on the CPU (under FSDP only the main process receives them)."""
+    return _dcp().StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def step_dir(output_dir: str | Path, step: int) -> Path:
@@ -78,6 +81,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """True when the parameters are FSDP shards (DTensors): state dicts must then be gathered / re-sharded."""
+    from torch.distributed.tensor import DTensor  # with the state-dict API: see _dcp
+
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
@@ -97,7 +102,7 @@ def gather_weights(model: torch.nn.Module, trainable_only: bool = True) -> dict[
     empty dict). ``model`` is the unwrapped module (``accelerator.unwrap_model``): under FSDP2 that is the
     sharded module itself.
     """
-    state = get_model_state_dict(model, options=_FULL)
+    state = _dcp().get_model_state_dict(model, options=_full())
     keep = trainable_names(model) if trainable_only else set(state)
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if k in keep}
 
@@ -148,7 +153,9 @@ def save_checkpoint(
     weights = {MODEL_WEIGHTS: gather_weights(model, trainable_only)}
     for stem, module in (others or {}).items():
         weights[stem] = gather_weights(module, trainable_only=False)
-    osd = get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer is not None else None
+    osd = (
+        _dcp().get_optimizer_state_dict(model, optimizer, options=_full()) if optimizer is not None else None
+    )
     world = accelerator.num_processes if accelerator is not None else 1
     rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
     final = None
@@ -208,8 +215,8 @@ class Checkpoint:
         unknown = sorted(set(state) - set(model.state_dict()))
         if unknown:
             raise DataError(f"{self.path}: checkpoint parameter {unknown[0]!r} does not exist in the model")
-        options = StateDictOptions(full_state_dict=is_sharded(model), strict=False)
-        set_model_state_dict(model, state, options=options)
+        options = _dcp().StateDictOptions(full_state_dict=is_sharded(model), strict=False)
+        _dcp().set_model_state_dict(model, state, options=options)
 
     def restore_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if "optimizer" in self.state:
@@ -217,8 +224,8 @@ class Checkpoint:
             osd = _unflatten_optimizer(tensors, self.state["optimizer"])
             # Not strict: a parameter that never received a gradient (LLaVA's unused vision post-layernorm)
             # has no AdamW state, at saving as now.
-            options = StateDictOptions(full_state_dict=is_sharded(model), strict=False)
-            set_optimizer_state_dict(model, optimizer, osd, options=options)
+            options = _dcp().StateDictOptions(full_state_dict=is_sharded(model), strict=False)
+            _dcp().set_optimizer_state_dict(model, optimizer, osd, options=options)
 
     def restore_scheduler(self, scheduler: Any) -> None:
         if "scheduler" in self.state:
