@@ -9,7 +9,8 @@ One place for what a trainer needs besides its model and loss:
   scheduler, RNG and data position as safetensors + JSON, no pickles) and bitwise ``--resume``;
 * :mod:`digiq.training.schedule`: one learning-rate schedule (warm-up, then constant / linear / cosine);
 * :mod:`digiq.training.data_order`: the deterministic per-epoch shuffle a resumed run replays;
-* :mod:`digiq.training.policy_loop`: the generative-policy training loop of train-bc and extract-policy.
+* :mod:`digiq.training.policy_loop`: the generative-policy training loop of train-bc and extract-policy;
+* :mod:`digiq.training.memory`: the real-size (7B) models on the meta device and a per-GPU memory estimate.
 
 Stages import this package; it imports ``data``, ``models`` and ``utils`` only, never a stage.
 """
