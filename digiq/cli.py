@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "collect trajectories on the simulated device with the behaviour policy",
     ),
     "sim rollout": ("digiq.sim.rollout", "roll a policy out on the simulated device and report success"),
+    "pretrain-vlm": (
+        "digiq.stages.pretrain_vlm",
+        "pretrain a tiny VLM on synthetic GUI screens (grounding, reading, parsing goals)",
+    ),
     "finetune-vlm": ("digiq.stages.finetune_vlm", "Stage 1: fine-tune a VLM on the screen-change label"),
     "train-bc": ("digiq.stages.train_bc", "behaviour-clone a generative VLM policy (pi_beta)"),
     "candidates": (

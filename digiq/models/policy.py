@@ -187,6 +187,15 @@ def policy_prompt(observation: str, spec: PolicySpec) -> str:
     return head + policy_user_text(observation, spec) + tail
 
 
+def chat_inputs(
+    processor: Any, screenshots: Sequence[Image.Image], user_texts: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch of any user texts in the processor's chat template (one image each)."""
+    head, tail, _ = TEMPLATES[family_name(processor)]
+    texts = [head + u + tail for u in user_texts]
+    return processor_call(processor, [s.convert("RGB") for s in screenshots], texts)
+
+
 def build_policy_inputs(
     processor: Any, screenshots: Sequence[Image.Image], observations: Sequence[str], spec: PolicySpec
 ) -> dict[str, torch.Tensor]:
@@ -195,10 +204,11 @@ def build_policy_inputs(
     return processor_call(processor, [s.convert("RGB") for s in screenshots], texts)
 
 
-def target_ids(processor: Any, target: str, spec: PolicySpec) -> list[int]:
-    """Token ids of one target action text: answer prefix + text + EOS (tokenised without the prompt)."""
+def target_ids(processor: Any, target: str, spec: PolicySpec | None = None) -> list[int]:
+    """Token ids of one target text: answer prefix + text + EOS (tokenised without the prompt)."""
     tok = processor.tokenizer
-    ids = tok(TEMPLATES[spec.family][2] + target, add_special_tokens=False)["input_ids"]
+    family = spec.family if spec is not None else family_name(processor)
+    ids = tok(TEMPLATES[family][2] + target, add_special_tokens=False)["input_ids"]
     return [*ids, tok.eos_token_id]
 
 
@@ -217,9 +227,23 @@ def build_training_batch(
     keeps position ids = 0..n-1 for the real tokens, as ``generate`` computes them for left-padded prompts.
     """
     enc = build_policy_inputs(processor, screenshots, observations, spec)
+    return _append_targets(processor, enc, [target_ids(processor, t, spec) for t in targets])
+
+
+def build_chat_training_batch(
+    processor: Any, screenshots: Sequence[Image.Image], user_texts: Sequence[str], answers: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """:func:`build_training_batch` for any (image, user text) -> answer pairs (``digiq pretrain-vlm``)."""
+    enc = chat_inputs(processor, screenshots, user_texts)
+    return _append_targets(processor, enc, [target_ids(processor, a) for a in answers])
+
+
+def _append_targets(
+    processor: Any, enc: dict[str, torch.Tensor], target_lists: Sequence[list[int]]
+) -> dict[str, torch.Tensor]:
     ids, mask = enc["input_ids"], enc["attention_mask"].bool()
     B, L = ids.shape
-    tails = [torch.tensor(target_ids(processor, t, spec), dtype=ids.dtype) for t in targets]
+    tails = [torch.tensor(t, dtype=ids.dtype) for t in target_lists]
     lengths = [int(mask[i].sum()) + len(tails[i]) for i in range(B)]
     T = max(lengths)
     pad_id = processor.tokenizer.pad_token_id
@@ -371,8 +395,12 @@ def generate_texts(
     temperature: float | None = None,
     max_new_tokens: int | None = None,
     seed: int | None = None,
+    user_texts: Sequence[str] | None = None,
 ) -> list[list[str]]:
     """Raw generated texts (B lists of ``num_samples``); KV-cached decoding.
+
+    ``user_texts`` replaces the policy prompt built from ``observations`` by these user texts in the chat
+    template (``digiq pretrain-vlm`` asks its questions this way).
 
     ``temperature``: None = the spec's setting, 0 = greedy, > 0 = ancestral sampling at that temperature
     (no top-k / top-p, as the official candidate sampler). ``seed`` makes sampling reproducible without
@@ -381,7 +409,10 @@ def generate_texts(
     if temperature is None:  # the export's own setting
         temperature = spec.temperature if spec.do_sample else 0.0
     do_sample = temperature > 0
-    enc = build_policy_inputs(processor, screenshots, observations, spec)
+    if user_texts is not None:
+        enc = chat_inputs(processor, screenshots, user_texts)
+    else:
+        enc = build_policy_inputs(processor, screenshots, observations, spec)
     enc = {k: v.to(_device(model)) for k, v in enc.items()}
     tok = processor.tokenizer
     kwargs: dict[str, Any] = dict(
