@@ -7,9 +7,9 @@ evaluates each on the simulator's held-out tasks. Writes `<out>/ablation.md` (ta
 `ablation.png` (success vs N; TD, MC and pi_beta).
 
 With `--pre-stage1` it also caches features with the VLM *before* Stage-1 fine-tuning (the weights Stage 1
-started from: pi_beta's VLM with the pipeline's stage1_init=bc, the hub model for a real run) and trains a
-TD critic on them per seed (issue #4: the paper's "off-the-shelf features" arm, 31.9 vs 58.0 on Web
-Shopping), extracting at the largest N.
+started from: the shipped GUI-pretrained model with the pipeline's default stage1_init=pretrained, the hub
+model for a real run) and trains a TD critic on them per seed (issue #4: the paper's "off-the-shelf
+features" arm, 31.9 vs 58.0 on Web Shopping), extracting at the largest N.
 
     PYTHONPATH=. python scripts/ablate.py --pipeline runs/pipeline --out runs/ablation --seeds 0 1 2 \
         --ns 1 4 8 16 --pre-stage1

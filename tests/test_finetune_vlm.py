@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from digiq.config import load_config
 from digiq.models.vlm import answer_logits, build_tiny_vlm, load_vlm
 from digiq.stages import finetune_vlm
-from digiq.training.policy_loop import POLICY_DIR
 from digiq.utils.io import is_complete
 from digiq.utils.logging import read_metrics
 
@@ -211,13 +210,14 @@ def test_two_process_ddp_matches_one_process(dataset, tmp_path):
 
 def test_dataclass_defaults_match_tiny_yaml():
     """The pipeline runs Stage 1 from the dataclass defaults; they must be the tuned tiny.yaml recipe (whose
-    model is train-bc's policy folder, the pipeline's stage1_init=bc, of the default model's kind)."""
+    model is the shipped pretrained folder, the pipeline's stage1_init=pretrained, of the default model's kind)."""
     from digiq.config import to_dict
+    from digiq.models.shipped import GUI_TINY
     from digiq.stages import train_bc
 
     tuned = to_dict(load_config(finetune_vlm.Config, ROOT / "configs/finetune-vlm/tiny.yaml", []))
     default = to_dict(finetune_vlm.Config())
-    assert tuned["model"].pop("name_or_path") == "runs/bc/" + POLICY_DIR
+    assert tuned["model"].pop("name_or_path") == GUI_TINY
     assert default["model"].pop("name_or_path") == train_bc.Config().model.name_or_path
     for key in ("dataset", "output_dir", "wandb"):
         tuned.pop(key), default.pop(key)

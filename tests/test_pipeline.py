@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from digiq.config import ConfigError, load_config
+from digiq.errors import DigiqError
+from digiq.models.shipped import GUI_TINY, REBUILD, resolve_model_folder
 from digiq.stages import pipeline
 from digiq.utils.io import is_complete
 
@@ -29,11 +31,16 @@ def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     assert md.startswith("# digiq pipeline summary")
     acc = summary["stages"]["finetune_vlm"]["metrics"]["heldout_accuracy"]
     assert f"| accuracy | {acc:.4f} |" in md and "| majority baseline |" in md  # Stage 1 in the summary
-    # Stage 1 fine-tuned pi_beta's VLM (stage1_init=bc): BC ran first and its policy is Stage 1's model.
+    # Stage 1 and pi_beta both started from the shipped GUI-pretrained model (stage1_init=pretrained).
     import yaml
 
+    shipped = resolve_model_folder(GUI_TINY)
     s1 = yaml.safe_load((out / "finetune_vlm" / "config.yaml").read_text())
-    assert s1["model"]["name_or_path"] == str(out / "bc" / "policy")
+    assert s1["model"]["name_or_path"] == shipped
+    bc = yaml.safe_load((out / "bc" / "config.yaml").read_text())
+    assert bc["model"]["name_or_path"] == shipped
+    # The summary says on what machine the stage times were measured.
+    assert summary["machine"]["matmul_gflops"] > 0 and "GFLOP/s" in md
     # The critic was scored against the simulator's exact Q*.
     assert "val/qstar_top1_agreement" in summary["stages"]["train_critic"]["metrics"]
 
@@ -97,8 +104,22 @@ def test_stage1_init_bc_refuses_a_model_it_would_ignore(tmp_path: Path) -> None:
     load_config(pipeline.Config, None, ["finetune_vlm.model.name_or_path=tiny:llava", "stage1_init=model"])
 
 
+def test_stage1_init_pretrained_refuses_a_bc_model_it_would_ignore(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train_bc.model .* is ignored with stage1_init=pretrained"):
+        load_config(pipeline.Config, None, ["train_bc.model.name_or_path=tiny:llava"])
+    load_config(pipeline.Config, None, ["train_bc.model.name_or_path=tiny:llava", "stage1_init=bc"])
+
+
+def test_missing_pretrained_model_says_how_to_rebuild_it(tmp_path: Path) -> None:
+    with pytest.raises(DigiqError, match="not found"):
+        pipeline.wire(pipeline.Config(output_dir=str(tmp_path), pretrained=str(tmp_path / "nope")))
+    assert "digiq pretrain-vlm --config configs/pretrain-vlm/gui-tiny.yaml" in REBUILD[GUI_TINY]
+
+
 def test_stage1_init_bc_needs_the_bc_stage(tmp_path: Path) -> None:
-    cfg = load_config(pipeline.Config, None, [f"output_dir={tmp_path}", "stages=[collect,finetune_vlm]"])
+    cfg = load_config(
+        pipeline.Config, None, [f"output_dir={tmp_path}", "stages=[collect,finetune_vlm]", "stage1_init=bc"]
+    )
     with pytest.raises(ConfigError, match="train_bc is not in `stages`"):
         pipeline.run(cfg)
     assert not any(tmp_path.iterdir())  # refused before anything was written
@@ -115,12 +136,19 @@ def test_wire_paths_chain_the_stages(tmp_path: Path) -> None:
     assert c["extract_policy"].critic_dir.startswith(c["train_critic"].output_dir)
     assert c["extract_policy"].init_policy.startswith(c["train_bc"].output_dir)
     assert all(getattr(s, "seed", 7) == 7 for s in c.values())
-    # Stage 1 starts from pi_beta's VLM (stage1_init=bc, the default) ...
+    # Stage 1 and pi_beta start from the shipped pretrained model (stage1_init=pretrained, the default) ...
+    shipped = resolve_model_folder(GUI_TINY)
+    assert Path(shipped).is_dir()
+    assert c["finetune_vlm"].model.name_or_path == shipped == c["train_bc"].model.name_or_path
     policy = c["extract_policy"].init_policy
-    assert c["finetune_vlm"].model.name_or_path == policy == c["candidates"].policy
+    assert c["candidates"].policy == policy != shipped
     # ... and the off-the-shelf arm reads features from the model Stage 1 started from
     base = pipeline.wire(pipeline.Config(output_dir=str(tmp_path), features_from="base"))
-    assert base["cache_features"].model.name_or_path == policy
+    assert base["cache_features"].model.name_or_path == shipped
+    # stage1_init=bc: Stage 1 starts from pi_beta's VLM, pi_beta from train_bc.model as configured
+    bc = pipeline.wire(pipeline.Config(output_dir=str(tmp_path), stage1_init="bc", features_from="base"))
+    assert bc["finetune_vlm"].model.name_or_path == policy == bc["cache_features"].model.name_or_path
+    assert bc["train_bc"].model.name_or_path == pipeline.Config().train_bc.model.name_or_path
     # stage1_init=model fine-tunes finetune_vlm.model as configured
     own = pipeline.Config(output_dir=str(tmp_path), stage1_init="model", features_from="base")
     w = pipeline.wire(own)

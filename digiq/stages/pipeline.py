@@ -8,9 +8,9 @@ Stages, each writing its own folder under ``output_dir`` and handing off through
 
     collect -> train_bc -> finetune_vlm -> candidates -> cache_features -> train_critic -> extract_policy -> evaluate
 
-Stage 1 (``finetune_vlm``) starts from the behaviour-cloned policy's VLM (``stage1_init: bc``, the default):
-the tiny VLMs of the simulated device are random, and imitating the logged data is the only offline
-stand-in we have for the GUI pretraining of the paper's LLaVA (see ``Config.stage1_init``).
+pi_beta (``train_bc``) and Stage 1 (``finetune_vlm``) both start from the shipped GUI-pretrained tiny VLM
+(``data/pretrained/gui-tiny``, ``stage1_init: pretrained``, the default), as the paper's start from AutoUI and
+LLaVA-1.5: models that already read screens (see ``Config.stage1_init``).
 
 A stage whose folder holds a ``_COMPLETE`` marker is skipped; a folder without one is resumed (stages that
 support ``resume``) or rebuilt. The per-stage sections take any field of that stage's own config, except the
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from digiq.config import ConfigError, check, save_config, to_dict
+from digiq.models.shipped import GUI_TINY, resolve_model_folder
 from digiq.sim.collect import Config as CollectConfig
 from digiq.sim.collect import run as run_collect
 from digiq.stages import (
@@ -41,6 +42,7 @@ from digiq.stages import (
 from digiq.training.policy_loop import POLICY_DIR
 from digiq.utils.io import atomic_write_json, atomic_write_text, is_complete, mark_complete
 from digiq.utils.logging import get_logger
+from digiq.utils.machine import describe, matmul_gflops
 
 log = get_logger("pipeline")
 
@@ -104,16 +106,16 @@ class Config:
     force: list[str] = dataclasses.field(default_factory=list)
     # Continue a killed run (the default behaviour of the pipeline anyway; kept for `--resume`).
     resume: bool = False
-    # The weights Stage 1 fine-tunes. 'bc' = the behaviour-cloned policy's VLM (train_bc's output, whatever
-    # train_bc.model is; by default a tiny Idefics3, 128 px screens in 16 px patches). 'model' =
-    # finetune_vlm.model as configured (a pretrained hub VLM such as LLaVA-1.5 on real data: the paper's
-    # setting). Why 'bc' on the simulated device: the paper fine-tunes a *pretrained* VLM that already reads
-    # screens and goals; a tiny model from random weights does not, and then Stage 1 both stalls below 90%
-    # (0.850 held-out from random weights vs 0.922 from pi_beta's, same data and schedule) and specialises
-    # its features on the one binary label until they rank candidates worse than the random features it
-    # started from (docs/results.md). Imitating the logged actions is the only offline "GUI pretraining" we
-    # have; it never sees s_{t+1}, so it leaks nothing of the screen-change label.
-    stage1_init: Literal["bc", "model"] = "bc"
+    # The weights Stage 1 fine-tunes. 'pretrained' (default) = the GUI-pretrained model `pretrained`, which
+    # is then also pi_beta's start (train_bc.model): the paper's setting, a VLM that already reads screens
+    # (LLaVA-1.5) for the critic and a pretrained GUI policy (AutoUI) for pi_beta. 'bc' = the
+    # behaviour-cloned policy's VLM (train_bc's output, whatever train_bc.model is): the only offline
+    # "pretraining" before gui-tiny existed (0.922 held-out vs 0.850 from random weights, docs/results.md).
+    # 'model' = finetune_vlm.model as configured (a hub VLM such as LLaVA-1.5 on real data).
+    stage1_init: Literal["pretrained", "bc", "model"] = "pretrained"
+    # The pretrained VLM of stage1_init=pretrained: a save_pretrained folder (repository-relative paths are
+    # found from any working directory). The shipped one is made by `digiq pretrain-vlm`.
+    pretrained: str = GUI_TINY
     # Which VLM the Stage-2 features come from: 'stage1' = the fine-tuned model (Digi-Q); 'base' = the model
     # Stage 1 started from (the paper's off-the-shelf ablation).
     features_from: Literal["stage1", "base"] = "stage1"
@@ -135,8 +137,19 @@ class Config:
         default_model = finetune_vlm.Config().model.name_or_path
         check(
             self.stage1_init == "model" or self.finetune_vlm.model.name_or_path == default_model,
-            f"finetune_vlm.model ({self.finetune_vlm.model.name_or_path}) is ignored with stage1_init=bc "
-            "(Stage 1 starts from the behaviour-cloned policy); set stage1_init=model to fine-tune it",
+            f"finetune_vlm.model ({self.finetune_vlm.model.name_or_path}) is ignored with "
+            f"stage1_init={self.stage1_init} (Stage 1 starts from "
+            f"{'the behaviour-cloned policy' if self.stage1_init == 'bc' else 'pretrained=' + self.pretrained}); "
+            "set stage1_init=model to fine-tune it",
+        )
+        check(
+            self.stage1_init != "pretrained"
+            or self.train_bc.model.name_or_path == train_bc.Config().model.name_or_path,
+            f"train_bc.model ({self.train_bc.model.name_or_path}) is ignored with stage1_init=pretrained "
+            f"(pi_beta starts from pretrained={self.pretrained}); set `pretrained` instead, or stage1_init=bc",
+        )
+        check(
+            self.stage1_init != "pretrained" or bool(self.pretrained), "pretrained must name a model folder"
         )
 
 
@@ -167,6 +180,10 @@ def wire(cfg: Config) -> dict[str, Any]:
     c["finetune_vlm"].output_dir = str(d["finetune_vlm"])
     if cfg.stage1_init == "bc":
         c["finetune_vlm"].model = dataclasses.replace(c["finetune_vlm"].model, name_or_path=policy)
+    elif cfg.stage1_init == "pretrained":
+        start = resolve_model_folder(cfg.pretrained)
+        c["finetune_vlm"].model = dataclasses.replace(c["finetune_vlm"].model, name_or_path=start)
+        c["train_bc"].model = dataclasses.replace(c["train_bc"].model, name_or_path=start)
     c["train_bc"].dataset = str(d["collect"])
     c["train_bc"].output_dir = str(d["train_bc"])
     c["candidates"].dataset = str(d["collect"])
@@ -261,6 +278,8 @@ def run(cfg: Config) -> dict[str, Any]:
     summary_path = out / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.setdefault("stages", {})
+    summary["machine"] = describe()  # stage times only compare next to the machine's own speed
+    log.info("machine: %s", summary["machine"])
     forced = False
     for name in STAGES:
         if name not in cfg.stages:
@@ -288,6 +307,7 @@ def run(cfg: Config) -> dict[str, Any]:
         atomic_write_json(summary_path, summary)
         log.info("[%s] done in %.1f s", name, seconds)
     summary["total_seconds"] = round(sum(s.get("seconds", 0.0) for s in summary["stages"].values()), 1)
+    summary["machine"]["matmul_gflops_end"] = round(matmul_gflops(), 1)
     atomic_write_json(summary_path, summary)
     atomic_write_text(out / "summary.md", render_summary(summary))
     print(render_summary(summary))  # noqa: T201 - the CLI result
@@ -330,6 +350,14 @@ def render_summary(summary: dict[str, Any]) -> str:
     for name, s in summary.get("stages", {}).items():
         lines.append(f"| {name} | {s.get('seconds', '')} |")
     lines.append(f"| total | {summary.get('total_seconds', '')} |")
+    m = summary.get("machine")
+    if m:
+        lines += [
+            "",
+            f"Machine: {m.get('cores')} cores, {m.get('torch_threads')} torch threads, measured float32 matmul "
+            f"rate {m.get('matmul_gflops')} GFLOP/s at the start, {m.get('matmul_gflops_end', '?')} at the end "
+            "(machines of one kind differ 3x or more: compare stage times at this rate).",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,28 @@
+"""Models shipped in the repository's ``data/`` folder, and how a config names them.
+
+``data/pretrained/gui-tiny`` is the tiny VLM pretrained on synthetic GUI screens by ``digiq pretrain-vlm``
+(its model card says how). A config names it by the repository-relative path; :func:`resolve_model_folder`
+finds it from any working directory of an editable install and says how to rebuild it when it is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from digiq.errors import DigiqError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GUI_TINY = "data/pretrained/gui-tiny"
+REBUILD = {GUI_TINY: "digiq pretrain-vlm --config configs/pretrain-vlm/gui-tiny.yaml"}
+
+
+def resolve_model_folder(path: str) -> str:
+    """``path`` as given when it exists, else relative to the repository root; a clear error otherwise."""
+    p = Path(path)
+    if p.exists():
+        return str(p)
+    in_repo = REPO_ROOT / p
+    if not p.is_absolute() and in_repo.exists():
+        return str(in_repo)
+    hint = f"; rebuild it with `{REBUILD[path]}`" if path in REBUILD else ""
+    raise DigiqError(f"model folder {path} not found (nor under {REPO_ROOT}){hint}")
