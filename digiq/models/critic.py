@@ -10,8 +10,10 @@ files named below are in that repository), all deliberate:
 
 - the target network starts as an exact copy of the online network (:func:`make_target`); the official
   ``target_critic`` is a second, independently random initialisation (``autoui_agent.py:73-74``);
-- the twins are aggregated with ``min`` by default (clipped double-Q); ``aggregate="max"`` reproduces the
-  official ``torch.maximum`` (``trainer.py:185-186,264-265``);
+- the twins are aggregated with ``min`` by default (clipped double-Q); ``aggregate="max"`` is the official
+  ``torch.maximum`` used when scoring actions (``trainer.py:264-265``). The official TD backup does not
+  aggregate at all: head i is backed up from target head i (``trainer.py:148-152,173-175``), which
+  train-critic reproduces with ``critic.target_pairing: per_head`` (``aggregate: max`` alone does not);
 - optional LayerNorm after each hidden layer (the official MLPs have none) and input normalisation with
   feature mean/std measured on the training split and stored with the critic (raw VLM hidden states have
   a few huge-magnitude channels);

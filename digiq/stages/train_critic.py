@@ -11,9 +11,12 @@ TD (DigiRL-agent/digiq @ 8181379, ``trainer.py:133-176``)::
     J_Q = (Q_i(s,a) - r - gamma (1-d) V_targ(s'))^2        J_V = (V_i(s) - Q_targ(s,a'))^2
 
 with a' the dataset action (``backup_action: dataset``, the official default) or one random stored
-candidate per sample (``candidate``; the official draws one index for the whole batch). The targets use the
-twin-aggregated target heads (min by default: clipped double-Q); the official pairs head i with target
-head i and aggregates with max. MC: both heads regress on the discounted return, recomputed here from the
+candidate per sample (``candidate``; the official draws one index for the whole batch). Which target head
+backs up which online head is ``critic.target_pairing``: ``aggregate`` (default) backs up both heads from
+the twin-aggregated target (min by default: clipped double-Q); ``per_head`` backs up head i from target
+head i only, as the official code (``trainer.py:148-152,173-175``). ``critic.aggregate: max`` alone does
+not reproduce the official backup: it only sets the aggregation used for scoring (and for ``aggregate``
+pairing). MC: both heads regress on the discounted return, recomputed here from the
 rewards with ``gamma`` (the official loader also recomputes it, ``offpolicy_train_loop.py:110``).
 
 All features sit in (device) memory as one tensor; a batch is a tensor gather by sampled row indices.
@@ -70,8 +73,13 @@ class CriticNetConfig:
     v_hidden: tuple[int, ...] = (1024, 1024)
     # LayerNorm after every hidden layer (the official MLPs have none); stabilises TD on raw VLM features.
     layer_norm: bool = True
-    # Twin aggregation for targets and scoring: min = clipped double-Q; 'max' is the official choice.
+    # Twin aggregation when scoring (Q, V, advantages) and, with target_pairing=aggregate, in the TD
+    # targets: min = clipped double-Q; 'max' is the official scoring rule (trainer.py:264-265).
     aggregate: Literal["min", "max", "mean"] = "min"
+    # TD targets: 'aggregate' backs up both heads from the twin-aggregated target heads; 'per_head' backs
+    # up head i from target head i only (q_i <- r + gamma (1-d) V_targ_i(s'), v_i <- Q_targ_i(s, a')), the
+    # official backup (trainer.py:148-152,173-175).
+    target_pairing: Literal["aggregate", "per_head"] = "aggregate"
     # Standardise inputs with the feature mean/std of the training split (stored inside the critic).
     normalize_inputs: bool = True
 
@@ -209,6 +217,24 @@ class DeviceData:
     next_idx: torch.Tensor  # (R,) int64
 
 
+def backup_targets(
+    v_next_all: torch.Tensor, q_back_all: torch.Tensor, pairing: str, how: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-twin TD targets (B, T) for the online heads from the target heads' (B, T) outputs.
+
+    ``per_head``: twin i gets target twin i's value, unchanged (official ``trainer.py:148-152``);
+    ``aggregate``: every twin gets the twin-aggregate (``how``) of the target heads.
+    """
+    if pairing == "per_head":
+        return v_next_all, q_back_all
+    if pairing != "aggregate":
+        raise ValueError(f"unknown target_pairing {pairing!r}; use per_head or aggregate")
+    T = v_next_all.shape[-1]
+    v = aggregate_twins(v_next_all, how).unsqueeze(-1).expand(-1, T)
+    q = aggregate_twins(q_back_all, how).unsqueeze(-1).expand(-1, T)
+    return v, q
+
+
 def batch_loss(
     model: torch.nn.Module,
     target: Critic | None,
@@ -227,14 +253,17 @@ def batch_loss(
         lq, lv = mc_loss(q, g), mc_loss(v, g)
     else:
         assert target is not None
-        how = cfg.critic.aggregate
-        with torch.no_grad():
-            v_next = aggregate_twins(target.v_all(data.state[data.next_idx[idx]]), how).float()
-            a_back = a if backup_col is None else data.actions[idx, backup_col]
-            q_back = aggregate_twins(target.q_all(a_back), how).float()
         expand = lambda t: t.unsqueeze(-1).expand(-1, T)  # noqa: E731 - explicit (B,)->(B,T), no broadcasting
-        lq = td_q_loss(q.float(), expand(data.reward[idx]), expand(data.done[idx]), expand(v_next), cfg.gamma)
-        lv = td_v_loss(v.float(), expand(q_back))
+        with torch.no_grad():
+            a_back = a if backup_col is None else data.actions[idx, backup_col]
+            v_next, q_back = backup_targets(
+                target.v_all(data.state[data.next_idx[idx]]).float(),
+                target.q_all(a_back).float(),
+                cfg.critic.target_pairing,
+                cfg.critic.aggregate,
+            )
+        lq = td_q_loss(q.float(), expand(data.reward[idx]), expand(data.done[idx]), v_next, cfg.gamma)
+        lv = td_v_loss(v.float(), q_back)
     return lq + lv, {"loss_q": lq.detach(), "loss_v": lv.detach(), "q_mean": q.detach().mean()}
 
 
