@@ -32,6 +32,7 @@ from digiq.data.schema import decode_batch, load_dataset, undecoded_view
 from digiq.data.transitions import load_transitions, successful_rows
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
+from digiq.models.critic_text import build_inputs, score
 from digiq.models.policy import generate_actions, load_policy, load_policy_fn
 from digiq.sim.phone import SimConfig, SimPhone
 from digiq.sim.rollout import builtin_policy_fn, evaluate_policy
@@ -184,9 +185,9 @@ def critic_metrics(cfg: Config, ds: Any) -> dict[str, float]:
     """
     critic, cache, meta = open_critic_and_features(cfg.critic_dir, cfg.features, ds, cfg.dataset)
     gamma = float(meta.get("gamma", 0.95))
-    with torch.no_grad():
-        q = critic.q(cache.actions[:, 0].float()).numpy()
-        v = critic.v(cache.state.float()).numpy()
+    inputs = build_inputs(critic, cache.state, cache.actions, ds, cfg.features)
+    q_t, v_t = score(critic, inputs, torch.arange(len(ds)), 0)
+    q, v = q_t.numpy(), v_t.numpy()
     tr, _ = load_transitions(cfg.dataset, gamma)
     mc = tr.mc_return.astype(np.float64)
     return {

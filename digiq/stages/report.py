@@ -35,6 +35,7 @@ from digiq.data.schema import iter_decoded_rows, load_dataset, trajectory_bounds
 from digiq.data.transitions import load_transitions
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
+from digiq.models.critic_text import CriticInputs, build_inputs, score
 from digiq.sim.phone import SimPhone
 from digiq.utils.io import (
     atomic_write_bytes,
@@ -102,20 +103,20 @@ class Config:
 @torch.no_grad()
 def critic_values(
     critic: Any,
-    state: torch.Tensor,
-    actions: torch.Tensor,
+    inputs: CriticInputs,
     rows: np.ndarray,
     batch: int,
     all_candidates: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(Q (M, N) or (M, 1) for the dataset action only, V (M,)) for feature rows ``rows``, in float64."""
+    actions = inputs.actions
     qs, vs = [], []
     per = max(1, batch // (actions.shape[1] if all_candidates else 1))
     for i in range(0, len(rows), per):
         idx = torch.as_tensor(rows[i : i + per], dtype=torch.long)
-        a = actions[idx] if all_candidates else actions[idx, :1]
-        qs.append(critic.q(a).double())
-        vs.append(critic.v(state[idx]).double())
+        q, v = score(critic, inputs, idx, slice(None) if all_candidates else slice(0, 1))
+        qs.append(q.double())
+        vs.append(v.double())
     if not qs:
         return np.zeros((0, actions.shape[1] if all_candidates else 1)), np.zeros(0)
     return torch.cat(qs).numpy(), torch.cat(vs).numpy()
@@ -306,9 +307,11 @@ def run(cfg: Config) -> dict[str, Any]:
     refuse_finished(cfg.output_dir, cfg.overwrite)
     ds = load_dataset(cfg.dataset)
     critic = feats = None
+    inputs: CriticInputs | None = None
     meta: dict[str, Any] = {}
     if cfg.critic_dir:
         critic, feats, meta = open_critic_and_features(cfg.critic_dir, cfg.features, ds, cfg.dataset)
+        inputs = build_inputs(critic, feats.state, feats.actions, ds, cfg.features)
     gamma = cfg.gamma if cfg.gamma is not None else float(meta.get("gamma", 0.95))
     tr, _ = load_transitions(cfg.dataset, gamma)
     bounds = trajectory_bounds(ds.select_columns(["traj_id"]))
@@ -338,9 +341,8 @@ def run(cfg: Config) -> dict[str, Any]:
         rows = np.arange(s, e)
         if critic is not None:
             assert feats is not None
-            q_rows, v_rows = critic_values(
-                critic, feats.state, feats.actions, rows, cfg.eval_batch_size, True
-            )
+            assert inputs is not None
+            q_rows, v_rows = critic_values(critic, inputs, rows, cfg.eval_batch_size, True)
         # Decoded by schema.iter_decoded_rows: a corrupt screenshot names its trajectory/step (DataError).
         part = list(iter_decoded_rows(ds.select(range(s, e)), ds.column_names, source=str(cfg.dataset)))
         steps_html = []
@@ -403,7 +405,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     if critic is not None and feats is not None:
         prow = np.arange(min(len(ds), cfg.plot_rows))
-        q_d, v_d = critic_values(critic, feats.state, feats.actions, prow, cfg.eval_batch_size, False)
+        assert inputs is not None
+        q_d, v_d = critic_values(critic, inputs, prow, cfg.eval_batch_size, False)
         q_d = q_d[:, 0]
         mc = tr.mc_return[prow].astype(np.float64)
         plots = make_plots(q_d, v_d, np.concatenate(q_shown_all) if q_shown_all else np.zeros(0), mc)

@@ -46,6 +46,7 @@ from digiq.data.transitions import Transitions, check_candidate_counts, load_tra
 from digiq.errors import DataError
 from digiq.losses import mc_loss, td_q_loss, td_v_loss
 from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
+from digiq.models.critic_text import CriticInputs, TextEncoders, build_inputs, gather, score
 from digiq.sim.phone import SimPhone
 from digiq.training.accelerator import make_accelerator
 from digiq.training.checkpoint import load_checkpoint, save_checkpoint
@@ -66,6 +67,24 @@ CRITIC_DIR = "critic"
 
 
 @dataclasses.dataclass
+class CriticTextConfig:
+    # Hugging Face text encoder (AutoModel name or folder; official: roberta-base, default.yaml:19) that
+    # embeds the goal, the previous action's type and typed text, and each candidate's type and typed text
+    # (official critic.py:16-26,156-157). Empty: no text inputs.
+    encoder: str = ""
+    # One encoder per role (goal, action type, typed text) as the official three roberta-base; false = one
+    # encoder shared by all roles (a third of the parameters, one pass per batch).
+    separate: bool = True
+    # Train the encoders with the heads (official: the critic's optimiser covers them, trainer.py:54-55).
+    # false = frozen: each unique string is embedded once and cached next to the features.
+    finetune: bool = False
+    # Tokens per string (goals and typed texts are short).
+    max_length: int = 128
+    # Strings per encoder pass when embedding the frozen tables.
+    batch_size: int = 256
+
+
+@dataclasses.dataclass
 class CriticNetConfig:
     # Hidden widths of each twin Q head on f(s, a) (official: 10752-3840x3, with RoBERTa inputs).
     q_hidden: tuple[int, ...] = (1024, 1024)
@@ -80,6 +99,11 @@ class CriticNetConfig:
     # up head i from target head i only (q_i <- r + gamma (1-d) V_targ_i(s'), v_i <- Q_targ_i(s, a')), the
     # official backup (trainer.py:148-152,173-175).
     target_pairing: Literal["aggregate", "per_head"] = "aggregate"
+    # State features as frames [prev, cur] (step 0: [cur, cur]), as official offpolicy_train_loop.py:15-25.
+    frame_stack: bool = False
+    # Q's input: the action feature alone, or the V input first (official critic.py:157: state_action).
+    q_input: Literal["action", "state_action"] = "action"
+    text: CriticTextConfig = dataclasses.field(default_factory=CriticTextConfig)
     # Standardise inputs with the feature mean/std of the training split (stored inside the critic).
     normalize_inputs: bool = True
 
@@ -150,6 +174,12 @@ class Config:
         check(self.eval_batch_size > 0 and self.log_every > 0, "eval_batch_size and log_every must be > 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         check(all(w > 0 for w in (*self.critic.q_hidden, *self.critic.v_hidden)), "hidden widths must be > 0")
+        check(self.critic.text.max_length > 0, "critic.text.max_length must be > 0")
+        check(self.critic.text.batch_size > 0, "critic.text.batch_size must be > 0")
+        check(
+            bool(self.critic.text.encoder) or not self.critic.text.finetune,
+            "critic.text.finetune needs critic.text.encoder",
+        )
         self.optim.validate("optim")
 
 
@@ -215,6 +245,14 @@ class DeviceData:
     done: torch.Tensor  # (R,) float32
     mc_return: torch.Tensor  # (R,) float32
     next_idx: torch.Tensor  # (R,) int64
+    # What the critic reads (state/actions above, plus frame stacking and text ids/tables); None = the
+    # plain features (built from state/actions on first use).
+    inputs: CriticInputs | None = None
+
+    def critic_inputs(self) -> CriticInputs:
+        if self.inputs is None:
+            self.inputs = CriticInputs(self.state, self.actions)
+        return self.inputs
 
 
 def backup_targets(
@@ -244,9 +282,10 @@ def batch_loss(
     backup_col: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss for rows ``idx``; ``model`` is the (possibly DDP-wrapped) critic, called once via forward()."""
-    s = data.state[idx]
-    a = data.actions[idx, 0]
-    q, v = model(s, a)  # (B, T) each
+    inputs = data.critic_inputs()
+    online = getattr(model, "module", model)
+    b = gather(inputs, idx, 0, online.text)  # a fine-tuned encoder: one pass per encoder, with gradients
+    q, v = model(b.state, b.action, b.state_text, b.action_text)  # (B, T) each
     T = q.shape[-1]
     if cfg.critic_loss == "mc":
         g = data.mc_return[idx].unsqueeze(-1).expand(-1, T)
@@ -255,10 +294,14 @@ def batch_loss(
         assert target is not None
         expand = lambda t: t.unsqueeze(-1).expand(-1, T)  # noqa: E731 - explicit (B,)->(B,T), no broadcasting
         with torch.no_grad():
-            a_back = a if backup_col is None else data.actions[idx, backup_col]
+            nb = gather(inputs, data.next_idx[idx], None, target.text)
+            # The online batch's inputs serve the target too unless the target has its own (fine-tuned)
+            # encoders or backs up another candidate.
+            same = backup_col is None and (inputs.texts is None or inputs.tables is not None)
+            tb = b if same else gather(inputs, idx, 0 if backup_col is None else backup_col, target.text)
             v_next, q_back = backup_targets(
-                target.v_all(data.state[data.next_idx[idx]]).float(),
-                target.q_all(a_back).float(),
+                target.v_all(nb.state, nb.state_text).float(),
+                target.q_all(tb.action, tb.state, tb.state_text, tb.action_text).float(),
                 cfg.critic.target_pairing,
                 cfg.critic.aggregate,
             )
@@ -287,7 +330,8 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.optim.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm, foreach=True)
+        trainable = [p for p in critic.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm, foreach=True)
     opt.step()
     if target is not None:
         soft_update(target, critic, cfg.tau)
@@ -310,11 +354,11 @@ def evaluate(
     if len(rows) == 0:
         return out
     q_sa, v_s, td = [], [], []
+    inputs = data.critic_inputs()
     for i in range(0, len(rows), eval_batch_size):
         idx = torch.as_tensor(rows[i : i + eval_batch_size], device=data.state.device)
-        q = critic.q(data.actions[idx, 0]).float()
-        v = critic.v(data.state[idx]).float()
-        v_next = critic.v(data.state[data.next_idx[idx]]).float()
+        q, v = score(critic, inputs, idx, 0)
+        _, v_next = score(critic, inputs, data.next_idx[idx], 0)
         td.append(q - (data.reward[idx] + gamma * (1 - data.done[idx]) * v_next))
         q_sa.append(q)
         v_s.append(v)
@@ -346,7 +390,7 @@ def qstar_metrics(
     qs = []
     for i in range(0, len(rows), chunk):
         idx = torch.as_tensor(rows[i : i + chunk], device=data.actions.device)
-        qs.append(critic.q(data.actions[idx]).float().cpu())
+        qs.append(score(critic, data.critic_inputs(), idx, slice(None))[0].cpu())
     q = torch.cat(qs).double().numpy()  # (M, N)
     valid = (
         np.ones_like(q, dtype=bool)
@@ -444,10 +488,24 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         v_hidden=tuple(cfg.critic.v_hidden),
         layer_norm=cfg.critic.layer_norm,
         aggregate=cfg.critic.aggregate,
+        frame_stack=2 if cfg.critic.frame_stack else 1,
+        q_input=cfg.critic.q_input,
+        text_encoder=cfg.critic.text.encoder,
+        text_separate=cfg.critic.text.separate,
+        text_max_length=cfg.critic.text.max_length,
+        text_finetune=cfg.critic.text.finetune,
     )
     ck = None
     if resume_from is not None:
         ck, arch = _resume_state(resume_from, arch, cfg.features)
+    text = None
+    if arch.text_encoder:
+        check(
+            world == 1 or not arch.text_finetune,
+            "critic.text.finetune runs on one process (its encoder passes sit outside the DDP forward)",
+        )
+        text = TextEncoders.load(arch.text_encoder, arch.text_separate, arch.text_max_length)
+        arch = dataclasses.replace(arch, text_dim=text.hidden_size)
     begin_output(out, cfg.overwrite, accelerator)
     set_seed(cfg.seed + rank)
 
@@ -464,7 +522,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
 
     # ---- model ----------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    critic = Critic(arch).to(device)
+    critic = Critic(arch, text).to(device)
     train_t = torch.as_tensor(train_rows, device=device)
     if ck is not None:
         ck.restore_weights(critic, trainable_only=False)
@@ -475,8 +533,16 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     target = make_target(critic) if cfg.critic_loss == "td" else None
     if target is not None and ck is not None and ck.weights("target") is not None:
         ck.restore_weights(target, "target", trainable_only=False)
+    if arch.frame_stack > 1 or arch.text_encoder:
+        # Frozen encoders: every unique string embedded once (cached next to the features); fine-tuned
+        # ones embed each batch's unique strings in the step.
+        data.inputs = build_inputs(
+            critic, data.state, data.actions, ds, cfg.features, tables=not arch.text_finetune,
+            batch_size=cfg.critic.text.batch_size,
+        )  # fmt: skip
+    # One Adam over the heads and, when fine-tuned, the encoders (official trainer.py:54-55).
     opt = torch.optim.Adam(
-        critic.parameters(),
+        [p for p in critic.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
