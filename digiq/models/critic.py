@@ -161,6 +161,14 @@ class Critic(nn.Module):
         self.register_buffer("action_mean", torch.zeros(arch.action_dim))
         self.register_buffer("action_std", torch.ones(arch.action_dim))
 
+    def train(self, mode: bool = True) -> Critic:
+        """Train/eval the heads; the text encoders stay in eval mode (no dropout): a string has one
+        embedding per step, which embedding each unique string once per batch relies on."""
+        super().train(mode)
+        if self.text is not None:
+            self.text.eval()
+        return self
+
     @torch.no_grad()
     def set_normalization(
         self,

@@ -18,7 +18,9 @@ encoder (:func:`gather`). ``scripts/bench_critic.py`` measures the difference.
 Row layout: step 0 has no previous action; its previous type and text are the empty string (the official
 observation then has an empty "Previous Actions:" part, which the official parser passes whole to both
 encoders). An action that does not parse is passed whole to both the type and the text encoder, as the
-official ``critic.py:113-128``.
+official ``critic.py:113-128``. The encoders run without dropout (the critic keeps them in eval mode), so
+a string has one embedding per step: embedding each unique string once is then exact, not an
+approximation of per-occurrence dropout noise.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class TextEncoders(nn.Module):
     def __init__(self, models: dict[str, nn.Module], tokenizer: Any, max_length: int) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict({_KEYS[r]: m for r, m in models.items()})
+        # Right padding: the pooled output reads the first position, which left padding would make a pad
+        # token (and a string's embedding would then depend on the batch it was encoded in).
+        tokenizer.padding_side = "right"
         self.tokenizer = tokenizer
         self.max_length = max_length
         first = next(iter(models.values()))
