@@ -246,6 +246,28 @@ def make_plots(q_data: np.ndarray, v: np.ndarray, q_all: np.ndarray, mc: np.ndar
     return out
 
 
+def _text_inputs_html(inputs: CriticInputs, row: int, keep: list[int]) -> str:
+    """The strings a text-reading critic embeds for a row (goal, previous action, each shown candidate's
+    type | typed text), so a reader sees what V and Q were given; empty for critics without text."""
+    t = inputs.texts
+    if t is None:
+        return ""
+    s = t.strings
+
+    def q(x: str) -> str:
+        return f"&ldquo;{html.escape(x)}&rdquo;"
+
+    prev = f"{q(s['type'][int(t.prev_type[row])])} | {q(s['text'][int(t.prev_text[row])])}"
+    cands = "; ".join(
+        f"{i}: {q(s['type'][int(t.cand_type[row, i])])} | {q(s['text'][int(t.cand_text[row, i])])}"
+        for i in keep
+    )
+    return (
+        f'<p class="text-inputs">critic text inputs &middot; goal {q(s["goal"][int(t.goal[row])])} &middot; '
+        f"previous action {prev} &middot; candidates (type | text) {cands}</p>"
+    )
+
+
 def _candidate_rows(
     acts: list[Action],
     raw: list[str],
@@ -385,12 +407,13 @@ def run(cfg: Config) -> dict[str, Any]:
                 facts.append(f"V(s) = <b>{_fmt(v)}</b>")
             if row["done"]:
                 facts.append("done")
+            text_html = _text_inputs_html(inputs, r, keep) if inputs is not None else ""
             steps_html.append(
                 f'<div class="step" data-row="{r}" data-step="{row["step_id"]}">'
                 f'<img class="shot" width="{img.width}" height="{img.height}" alt="step {row["step_id"]}" '
                 f'src="{_img_data_uri(img, cfg.image_format)}">'
                 f'<div class="info"><p class="facts">{" &middot; ".join(facts)}</p>'
-                f"{_candidate_rows(acts, raw, q, v, qstar, chosen)}</div></div>"
+                f"{text_html}{_candidate_rows(acts, raw, q, v, qstar, chosen)}</div></div>"
             )
         first = ds[s]
         ret = float(tr.mc_return[s])

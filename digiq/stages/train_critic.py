@@ -644,7 +644,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
             critic,
             out / CRITIC_DIR,
             extra={"gamma": cfg.gamma, "critic_loss": cfg.critic_loss, "step": step, "features": str(cfg.features),
-                   "dataset": str(cfg.dataset)},
+                   "dataset": str(cfg.dataset), "val_fraction": cfg.val_fraction},
         )  # fmt: skip
         atomic_write_json(out / "metrics.json", {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                                  for k, v in metrics.items()})  # fmt: skip
