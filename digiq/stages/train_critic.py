@@ -19,6 +19,11 @@ not reproduce the official backup: it only sets the aggregation used for scoring
 pairing). MC: both heads regress on the discounted return, recomputed here from the
 rewards with ``gamma`` (the official loader also recomputes it, ``offpolicy_train_loop.py:110``).
 
+Inputs: the cached features alone by default; ``critic.frame_stack``, ``critic.q_input`` and
+``critic.text`` give the official critic's inputs (goal and action text through a Hugging Face encoder,
+``[prev, cur]`` state frames, Q reading the V input: :mod:`digiq.models.critic_text`,
+``configs/train-critic/official-aitw.yaml``).
+
 All features sit in (device) memory as one tensor; a batch is a tensor gather by sampled row indices.
 Outputs in ``output_dir``: ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` (final validation
 metrics), ``checkpoints/step-N/`` (one per epoch, the layout of :mod:`digiq.training.checkpoint`: critic,
