@@ -125,3 +125,39 @@ def test_finetuned_encoder_is_trained(encoder: str, imported, tmp_path: Path) ->
     v, goals = _values(tmp_path / "ft", ds, feats)
     win = torch.tensor([g == GOALS[0] for g in goals])
     assert v[win][:, -1].min() > v[~win][:, -1].max() + 0.5, v
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_finetuned_text_critic_resumes_bitwise(encoder: str, imported, tmp_path: Path, monkeypatch) -> None:
+    """Killed after its epoch-1 checkpoint and resumed: encoders, heads, target and Adam state bit for bit."""
+    from safetensors.torch import load_file
+
+    from digiq.training.checkpoint import latest_checkpoint
+
+    ds, feats = imported
+    extra = (f"critic.text.encoder={encoder}", "critic.text.finetune=true", "steps_per_epoch=10", "epochs=2")
+    _train(ds, feats, tmp_path / "full", *extra)
+    real_save = tc.save_checkpoint
+
+    def save_then_die(out, step, *args, position, **kwargs):
+        if position["epoch"] == 2:
+            raise _Interrupted
+        return real_save(out, step, *args, position=position, **kwargs)
+
+    monkeypatch.setattr(tc, "save_checkpoint", save_then_die)
+    with pytest.raises(_Interrupted):
+        _train(ds, feats, tmp_path / "part", *extra)
+    monkeypatch.setattr(tc, "save_checkpoint", real_save)
+    _train(ds, feats, tmp_path / "part", *extra, "resume=true")
+    for name in ("model", "target", "optimizer"):
+        a = load_file(str(latest_checkpoint(tmp_path / "full") / f"{name}.safetensors"))
+        b = load_file(str(latest_checkpoint(tmp_path / "part") / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        if name != "optimizer":  # the encoders are in the checkpoint
+            assert any(k.startswith("text.") for k in a), sorted(a)[:5]
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
