@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
@@ -106,6 +107,12 @@ def describe_config(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+def _is_sequence_field(cls: type, name: str) -> bool:
+    """Whether dataclass field ``name`` of ``cls`` is a list/tuple (takes several bare words)."""
+    tp = typing.get_type_hints(cls).get(name)
+    return typing.get_origin(tp) in (list, tuple)
+
+
 def _usage() -> str:
     width = max(len(k) for k in COMMANDS)
     rows = "\n".join(f"  {k.ljust(width)}  {v[1]}" for k, v in COMMANDS.items())
@@ -170,8 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognised argument {u!r} (overrides look like key=value)")
     bare = [o for o in overrides if "=" not in o]
     if bare:
-        if positional and len(bare) == 1:
-            overrides = [o for o in overrides if "=" in o] + [f"{positional}={bare[0]}"]
+        if positional and (len(bare) == 1 or _is_sequence_field(config_cls, positional)):
+            # A list field (`digiq import a.pt b.pt`) takes every bare word; JSON quoting keeps each path a
+            # single YAML string whatever characters it holds.
+            value = json.dumps(bare) if _is_sequence_field(config_cls, positional) else bare[0]
+            overrides = [o for o in overrides if "=" in o] + [f"{positional}={value}"]
         else:
             parser.error(f"unrecognised argument {bare[0]!r} (overrides look like key=value)")
     if args.resume:

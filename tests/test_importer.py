@@ -594,3 +594,51 @@ def test_cli_subprocess_refuses_pickle(raw_setup, tmp_path: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert "imported 3 trajectories, 9 steps" in ok.stdout
+
+
+def test_cli_several_files_as_arguments(raw_setup, post_setup, tmp_path: Path, capsys) -> None:
+    """`digiq import a.pt b.pt ...`: every bare word is an input file, concatenated in order."""
+    from digiq.cli import main
+
+    truth_a, pt_a, root = raw_setup
+    truth_b, pt_b = post_setup
+    out = tmp_path / "cli2"
+    assert main(["import", str(pt_a), str(pt_b), f"output={out}", f"image_root={root}"]) == 0
+    assert "5 trajectories, 16 steps" in capsys.readouterr().out
+    _check_rows(load_dataset(out), truth_a + truth_b, [0, 1, 2, 3, 4], gamma=0.95)
+    info = json.loads((out / "digiq_dataset.json").read_text())
+    assert info["inputs"] == [str(pt_a), str(pt_b)]
+
+
+class _RunsCode:
+    """A pickle payload that would run a shell command when unpickled with full pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_names_global_and_file(raw_setup, tmp_path: Path, capsys) -> None:
+    """A pickle calling os.system is refused in one line naming the global (posix.system) and the file."""
+    from digiq.cli import main
+
+    truth, _pt, root = raw_setup
+    data = raw_variant(truth)
+    marker = tmp_path / "pwned"
+    data[1][0]["extra"] = _RunsCode(marker)
+    data[2][0]["extra2"] = fractions.Fraction(1, 3)
+    pt = tmp_path / "evil file.pt"
+    torch.save(data, pt)
+    assert main(["import", str(pt), f"output={tmp_path / 'o'}", f"image_root={root}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    import os
+
+    system = f"{os.system.__module__}.system"  # posix.system on Linux
+    assert f"{pt}: refused to unpickle fractions.Fraction, {system}:" in err, err
+    assert "trust_pickle=true" in err
+    assert not marker.exists() and not (tmp_path / "o").exists()

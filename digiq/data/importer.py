@@ -25,6 +25,7 @@ Usage::
 
     digiq import general-1008trajs.pt output=data/general image_root=/data/digiq-images
     digiq import a.pt output=data/a features_output=features/a   # also cache the released LLaVA features
+    digiq import a.pt b.pt c.pt output=data/abc                  # several files, concatenated in order
 """
 
 from __future__ import annotations
@@ -158,6 +159,34 @@ def numpy_safe_globals() -> list[Any]:
     return allowed
 
 
+def _global_name(entry: Any) -> str:
+    if isinstance(entry, tuple):
+        return str(entry[1])
+    return f"{entry.__module__}.{entry.__qualname__}"
+
+
+def refused_globals(path: Path, error_text: str = "") -> list[str]:
+    """The globals of ``path``'s pickle outside the allow-list, e.g. ``['posix.system']``.
+
+    Read statically (``torch.serialization.get_unsafe_globals_in_checkpoint`` unpickles nothing), so every
+    refused global is named, not only the first one torch stopped at. Torch's own error text is the
+    fallback: its wording differs between "Unsupported global: GLOBAL x" and "unsupported GLOBAL x whose
+    module ... is blocked".
+    """
+    import torch
+
+    names: list[str] = []
+    try:
+        allowed = {_global_name(g) for g in numpy_safe_globals()}
+        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+    except Exception:  # noqa: BLE001 - a damaged file: fall back to the error text
+        names = []
+    if not names:
+        names = re.findall(r"GLOBAL ([\w.]+)|but got (<class '[^']+'>)", error_text)
+        names = [a or b for a, b in names]
+    return sorted(set(names))  # get_unsafe_globals_in_checkpoint has no stable order
+
+
 def load_pt(path: str | Path, trust_pickle: bool = False) -> Any:
     """``torch.load`` an official trajectory file; refuses pickled code unless ``trust_pickle``."""
     import torch
@@ -177,9 +206,9 @@ def load_pt(path: str | Path, trust_pickle: bool = False) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        m = re.search(r"(?:Unsupported global: GLOBAL|but got) (<class '[^']+'>|\S+)", text)
-        if "Weights only load failed" in text or m:
-            what = m.group(1) if m else "a global that is not allow-listed"
+        names = refused_globals(path, text)
+        if "Weights only load failed" in text or names:
+            what = ", ".join(names) if names else "a global that is not allow-listed"
             raise DataError(
                 f"{path}: refused to unpickle {what}: the file holds Python objects beyond lists, dicts, "
                 "strings, numbers, numpy arrays and tensors, and unpickling them can run arbitrary code. "

@@ -10,12 +10,17 @@ files named below are in that repository), all deliberate:
 
 - the target network starts as an exact copy of the online network (:func:`make_target`); the official
   ``target_critic`` is a second, independently random initialisation (``autoui_agent.py:73-74``);
-- the twins are aggregated with ``min`` by default (clipped double-Q); ``aggregate="max"`` reproduces the
-  official ``torch.maximum`` (``trainer.py:185-186,264-265``);
+- the twins are aggregated with ``min`` by default (clipped double-Q); ``aggregate="max"`` is the official
+  ``torch.maximum`` used when scoring actions (``trainer.py:264-265``). The official TD backup does not
+  aggregate at all: head i is backed up from target head i (``trainer.py:148-152,173-175``), which
+  train-critic reproduces with ``critic.target_pairing: per_head`` (``aggregate: max`` alone does not);
 - optional LayerNorm after each hidden layer (the official MLPs have none) and input normalisation with
   feature mean/std measured on the training split and stored with the critic (raw VLM hidden states have
   a few huge-magnitude channels);
-- no RoBERTa text encoders: the goal and action text already reach the VLM feature.
+- text encoders and frame stacking are optional (``text_encoder``, ``frame_stack``,
+  :mod:`digiq.models.critic_text`): with them the inputs are the official ones (``critic.py:156-157``),
+  without them V reads f(s) alone, which for imported data (single-frame BLIP-2 features) cannot tell two
+  goals on the same screen apart.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from digiq.utils.io import atomic_save_safetensors, atomic_write_json, require_c
 
 WEIGHTS_FILE = "critic.safetensors"
 CONFIG_FILE = "critic.json"
+TEXT_DIR = "text_encoder"
 
 
 @dataclasses.dataclass
@@ -52,6 +58,25 @@ class CriticArch:
     layer_norm: bool = True
     aggregate: Literal["min", "max", "mean"] = "min"
     num_twins: int = 2
+    # Frames of state features V (and Q, with q_input=state_action) reads: 2 = [prev, cur] (official
+    # offpolicy_train_loop.py:15-25). state_dim stays the width of one frame.
+    frame_stack: int = 1
+    # What Q reads besides the action feature: 'state_action' = the V input first (official critic.py:157).
+    q_input: Literal["action", "state_action"] = "action"
+    # Text encoder (Hugging Face name or folder, "" = none) and its pooled width; see critic_text.py.
+    text_encoder: str = ""
+    text_dim: int = 0
+    text_separate: bool = True
+    text_max_length: int = 128
+    text_finetune: bool = False
+
+    @property
+    def v_in(self) -> int:
+        return self.frame_stack * self.state_dim + 3 * self.text_dim
+
+    @property
+    def q_in(self) -> int:
+        return (self.v_in if self.q_input == "state_action" else 0) + 2 * self.text_dim + self.action_dim
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -120,16 +145,29 @@ def aggregate_twins(values: torch.Tensor, how: str) -> torch.Tensor:
 class Critic(nn.Module):
     """Twin Q heads on f(s, a) and twin V heads on f(s), with stored input normalisation."""
 
-    def __init__(self, arch: CriticArch) -> None:
+    def __init__(self, arch: CriticArch, text: nn.Module | None = None) -> None:
         super().__init__()
         self.arch = arch
-        self.q_net = EnsembleMLP(arch.action_dim, tuple(arch.q_hidden), arch.num_twins, arch.layer_norm)
-        self.v_net = EnsembleMLP(arch.state_dim, tuple(arch.v_hidden), arch.num_twins, arch.layer_norm)
+        if bool(arch.text_encoder) != (text is not None):
+            raise ValueError("a critic with text_encoder set needs its TextEncoders (and one without, none)")
+        self.text = text
+        if text is not None and not arch.text_finetune:
+            text.requires_grad_(False)
+        self.q_net = EnsembleMLP(arch.q_in, tuple(arch.q_hidden), arch.num_twins, arch.layer_norm)
+        self.v_net = EnsembleMLP(arch.v_in, tuple(arch.v_hidden), arch.num_twins, arch.layer_norm)
         # Identity normalisation until set_normalization() is called with train-split statistics.
         self.register_buffer("state_mean", torch.zeros(arch.state_dim))
         self.register_buffer("state_std", torch.ones(arch.state_dim))
         self.register_buffer("action_mean", torch.zeros(arch.action_dim))
         self.register_buffer("action_std", torch.ones(arch.action_dim))
+
+    def train(self, mode: bool = True) -> Critic:
+        """Train/eval the heads; the text encoders stay in eval mode (no dropout): a string has one
+        embedding per step, which embedding each unique string once per batch relies on."""
+        super().train(mode)
+        if self.text is not None:
+            self.text.eval()
+        return self
 
     @torch.no_grad()
     def set_normalization(
@@ -145,37 +183,83 @@ class Critic(nn.Module):
         self.action_mean.copy_(action_mean)
         self.action_std.copy_(action_std.clamp_min(1e-6))
 
-    def q_all(self, action_feats: torch.Tensor) -> torch.Tensor:
-        """Per-twin Q: (..., Da) -> (..., T)."""
+    def v_input(self, state_feats: torch.Tensor, state_text: torch.Tensor | None = None) -> torch.Tensor:
+        """The V head's input (..., v_in): ``[state_text, normalised frames]`` (official order, critic.py:156).
+
+        Each frame is standardised with the same single-frame statistics; text embeddings (pooled outputs,
+        tanh-bounded for RoBERTa) are not normalised, so a fine-tuned encoder is not tied to stale stats.
+        """
+        x = state_feats.to(self.state_mean.dtype)
+        if self.arch.frame_stack > 1:
+            x = ((x.unflatten(-1, (self.arch.frame_stack, -1)) - self.state_mean) / self.state_std).flatten(
+                -2
+            )
+        else:
+            x = (x - self.state_mean) / self.state_std
+        if self.arch.text_dim:
+            if state_text is None:
+                raise ValueError("this critic reads text embeddings: pass state_text")
+            x = torch.cat([state_text.to(x.dtype), x], dim=-1)
+        return x
+
+    def q_all(
+        self,
+        action_feats: torch.Tensor,
+        state_feats: torch.Tensor | None = None,
+        state_text: torch.Tensor | None = None,
+        action_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-twin Q: action feats (..., Da) (+ the state's inputs for q_input=state_action) -> (..., T)."""
         x = (action_feats.to(self.action_mean.dtype) - self.action_mean) / self.action_std
-        return self.q_net(x)
+        parts = []
+        if self.arch.q_input == "state_action":
+            if state_feats is None:
+                raise ValueError(
+                    "this critic's Q reads the state too (q_input=state_action): pass state_feats"
+                )
+            sx = self.v_input(state_feats, state_text)
+            if sx.dim() < x.dim():  # one state for k candidates: (B, Dv) -> (B, k, Dv)
+                sx = sx.unsqueeze(-2).expand(*x.shape[:-1], -1)
+            parts.append(sx)
+        if self.arch.text_dim:
+            if action_text is None:
+                raise ValueError("this critic reads text embeddings: pass action_text")
+            parts.append(action_text.to(x.dtype))
+        return self.q_net(torch.cat([*parts, x], dim=-1) if parts else x)
 
-    def v_all(self, state_feats: torch.Tensor) -> torch.Tensor:
-        """Per-twin V: (..., Ds) -> (..., T)."""
-        x = (state_feats.to(self.state_mean.dtype) - self.state_mean) / self.state_std
-        return self.v_net(x)
+    def v_all(self, state_feats: torch.Tensor, state_text: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-twin V: (..., F*Ds) (+ (..., 3H) text) -> (..., T)."""
+        return self.v_net(self.v_input(state_feats, state_text))
 
-    def q(self, action_feats: torch.Tensor) -> torch.Tensor:
-        """Twin-aggregated Q(s, a): (..., Da) -> (...)."""
-        return aggregate_twins(self.q_all(action_feats), self.arch.aggregate)
+    def q(self, action_feats: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        """Twin-aggregated Q(s, a): (..., Da) -> (...); extra inputs as :meth:`q_all`."""
+        return aggregate_twins(self.q_all(action_feats, *args), self.arch.aggregate)
 
-    def v(self, state_feats: torch.Tensor) -> torch.Tensor:
+    def v(self, state_feats: torch.Tensor, state_text: torch.Tensor | None = None) -> torch.Tensor:
         """Twin-aggregated V(s): (..., Ds) -> (...)."""
-        return aggregate_twins(self.v_all(state_feats), self.arch.aggregate)
+        return aggregate_twins(self.v_all(state_feats, state_text), self.arch.aggregate)
 
     def advantage(self, action_feats: torch.Tensor, state_feats: torch.Tensor) -> torch.Tensor:
-        """A(s, a_i) = Q(s, a_i) - V(s) for action feats (B, N, Da) and state feats (B, Ds) -> (B, N)."""
-        return self.q(action_feats) - self.v(state_feats).unsqueeze(-1)
+        """A(s, a_i) = Q(s, a_i) - V(s) for action feats (B, N, Da) and state feats (B, Ds) -> (B, N)
+        (critics without text inputs; see :func:`digiq.models.critic_text.score` otherwise)."""
+        return self.q(action_feats, state_feats) - self.v(state_feats).unsqueeze(-1)
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Shorthand for :func:`save_critic`."""
         return save_critic(self, path, extra)
 
     def forward(
-        self, state_feats: torch.Tensor, action_feats: torch.Tensor
+        self,
+        state_feats: torch.Tensor,
+        action_feats: torch.Tensor,
+        state_text: torch.Tensor | None = None,
+        action_text: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q per twin on f(s,a), V per twin on f(s)), both (B, T): one call so DDP sees every parameter."""
-        return self.q_all(action_feats), self.v_all(state_feats)
+        """(Q per twin on f(s,a), V per twin on f(s)), both (B, T): one call so DDP sees every head."""
+        return (
+            self.q_all(action_feats, state_feats, state_text, action_text),
+            self.v_all(state_feats, state_text),
+        )
 
 
 def make_target(critic: Critic) -> Critic:
@@ -208,6 +292,8 @@ def save_critic(
     state = {k: v.detach().cpu() for k, v in critic.state_dict().items()}
     with staged_dir(path, overwrite=overwrite) as tmp:
         atomic_save_safetensors(state, tmp / WEIGHTS_FILE)
+        if critic.text is not None:  # config + tokenizer; the weights are in WEIGHTS_FILE
+            critic.text.save_config(tmp / TEXT_DIR)
         atomic_write_json(tmp / CONFIG_FILE, {"arch": critic.arch.to_json(), **(extra or {})})
     return path
 
@@ -216,7 +302,15 @@ def load_critic(path: str | Path, device: str | torch.device = "cpu") -> Critic:
     """Rebuild a critic written by :func:`save_critic`."""
     path = require_complete(path, "critic")
     meta = json.loads((path / CONFIG_FILE).read_text())
-    critic = Critic(CriticArch.from_json(meta["arch"]))
+    arch = CriticArch.from_json(meta["arch"])
+    text = None
+    if arch.text_encoder:
+        from digiq.models.critic_text import TextEncoders
+
+        text = TextEncoders.load(
+            str(path / TEXT_DIR), arch.text_separate, arch.text_max_length, weights=False
+        )
+    critic = Critic(arch, text)
     state = load_file(str(path / WEIGHTS_FILE))
     try:
         critic.load_state_dict(state)

@@ -72,3 +72,31 @@ def default_corpus() -> tuple[str, ...]:
 def default_tokenizer(vocab_size: int = 2048):
     """The tokenizer of every ``tiny:`` model: :func:`build_tokenizer` on :func:`default_corpus`."""
     return build_tokenizer(default_corpus(), vocab_size)
+
+
+def save_tiny_text_encoder(
+    path: str, hidden: int = 32, layers: int = 1, heads: int = 2, seed: int = 0
+) -> str:
+    """A tiny random RoBERTa (with pooler) and the tiny tokenizer saved to ``path``, loadable offline with
+    ``AutoModel`` / ``AutoTokenizer``: the stand-in for ``roberta-base`` in tests and benchmarks."""
+    import torch
+    from transformers import RobertaConfig, RobertaModel
+
+    tok = default_tokenizer()
+    pad = int(tok.pad_token_id)
+    config = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        # RoBERTa numbers positions from pad + 1: room for 128 tokens (the critic's default max_length).
+        max_position_embeddings=pad + 130,
+        pad_token_id=pad,
+        bos_token_id=int(tok.bos_token_id),
+        eos_token_id=int(tok.eos_token_id),
+    )
+    torch.manual_seed(seed)
+    RobertaModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -32,6 +32,7 @@ from digiq.data.schema import decode_batch, load_dataset, undecoded_view
 from digiq.data.transitions import load_transitions, successful_rows
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
+from digiq.models.critic_text import build_inputs, score
 from digiq.models.policy import generate_actions, load_policy, load_policy_fn
 from digiq.sim.phone import SimConfig, SimPhone
 from digiq.sim.rollout import builtin_policy_fn, evaluate_policy
@@ -71,6 +72,13 @@ class Config:
     tap_threshold: float = 0.14
     # offline: evaluate at most this many successful-trajectory rows (0 = all).
     max_rows: int = 0
+    # offline critic report: the rows it scores. heldout = the trajectories the critic validated on (the last
+    # val_fraction of them, as train-critic splits); all = every row (e.g. another dataset).
+    rows: Literal["heldout", "all"] = "heldout"
+    # Held-out fraction; null = the critic's own (critic.json), 0.2 for critics that did not store it.
+    val_fraction: float | None = None
+    # Best-of-N threshold of the replacement statistics (official 0.05 webshop, 0.10 general).
+    threshold: float = 0.10
     output_dir: str = "runs/eval"
     sim: SimConfig = dataclasses.field(default_factory=SimConfig)
 
@@ -80,6 +88,11 @@ class Config:
         check(self.mode != "offline" or bool(self.dataset), "mode=offline needs dataset=<folder>")
         check(self.mode != "offline" or self.policy not in BUILTINS, "built-in policies need mode=sim")
         check(bool(self.critic_dir) == bool(self.features), "critic_dir and features go together")
+        check(
+            self.mode != "offline" or not critic_only(self.policy) or bool(self.critic_dir),
+            "mode=offline without a policy (policy=none) reports on a critic: set critic_dir and features",
+        )
+        check(self.val_fraction is None or 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,8 +148,15 @@ def evaluate_sim(cfg: Config) -> dict[str, Any]:
     return res
 
 
+def critic_only(policy: str) -> bool:
+    """``policy=none`` (or empty) in offline mode: a report on the critic alone."""
+    return policy.strip().lower() in ("", "none")
+
+
 def evaluate_offline(cfg: Config) -> dict[str, Any]:
     ds = load_dataset(cfg.dataset)
+    if critic_only(cfg.policy):
+        return {"policy": None, "dataset": cfg.dataset, **critic_report(cfg, ds)}
     res: dict[str, Any] = {"policy": cfg.policy, "dataset": cfg.dataset}
     if (
         cfg.critic_dir
@@ -184,9 +204,9 @@ def critic_metrics(cfg: Config, ds: Any) -> dict[str, float]:
     """
     critic, cache, meta = open_critic_and_features(cfg.critic_dir, cfg.features, ds, cfg.dataset)
     gamma = float(meta.get("gamma", 0.95))
-    with torch.no_grad():
-        q = critic.q(cache.actions[:, 0].float()).numpy()
-        v = critic.v(cache.state.float()).numpy()
+    inputs = build_inputs(critic, cache.state, cache.actions, ds, cfg.features)
+    q_t, v_t = score(critic, inputs, torch.arange(len(ds)), 0)
+    q, v = q_t.numpy(), v_t.numpy()
     tr, _ = load_transitions(cfg.dataset, gamma)
     mc = tr.mc_return.astype(np.float64)
     return {
@@ -196,6 +216,81 @@ def critic_metrics(cfg: Config, ds: Any) -> dict[str, float]:
         "critic/advantage_mean": float((q - v).mean()),
         "critic/advantage_positive_fraction": float((q - v > 0).mean()),
         "critic/pearson_q_mc_return": float(pearson(q, mc)),
+    }
+
+
+def critic_report(cfg: Config, ds: Any) -> dict[str, Any]:
+    """A critic on held-out trajectories, without a policy: how well V and Q track the return and predict
+    success, the advantage of the logged actions, and what Best-of-N would do with the stored candidates.
+
+    - ``pearson_v_mc`` / ``pearson_q_mc`` (and Spearman): V(s) and Q(s, a_logged) against the discounted
+      return (recomputed with the critic's gamma);
+    - ``auc_v_success``: AUC of V(s) for "this step's trajectory succeeds" (every step; ``_first_step``:
+      V(s_0) only, one per trajectory);
+    - ``advantage``: quantiles, mean and positive fraction of A(s, a_logged) = Q - V;
+    - ``best_of_n``: kept fraction at ``threshold`` and how often the argmax candidate is not the logged
+      action (all rows and kept rows), with the official rule (:func:`digiq.models.policy.best_of_n`).
+    """
+    from digiq.data.schema import split_by_trajectory
+    from digiq.models.policy import best_of_n
+    from digiq.utils.stats import auc, spearman
+
+    critic, cache, meta = open_critic_and_features(cfg.critic_dir, cfg.features, ds, cfg.dataset)
+    gamma = float(meta.get("gamma", 0.95))
+    frac = cfg.val_fraction if cfg.val_fraction is not None else float(meta.get("val_fraction", 0.2))
+    if cfg.rows == "heldout":
+        rows = split_by_trajectory(ds.select_columns(["traj_id"]), frac)[1]
+        if len(rows) == 0:
+            raise DataError(f"{cfg.dataset}: no held-out trajectory at val_fraction={frac}; use rows=all")
+    else:
+        rows = np.arange(len(ds))
+    inputs = build_inputs(critic, cache.state, cache.actions, ds, cfg.features)
+    qs, vs = [], []
+    for s in range(0, len(rows), 1024):
+        q_b, v_b = score(critic, inputs, torch.as_tensor(rows[s : s + 1024]), slice(None))
+        qs.append(q_b)
+        vs.append(v_b)
+    q_all, v = torch.cat(qs), torch.cat(vs)  # (M, N), (M,)
+    valid = cache.valid[rows] if cache.valid is not None else torch.ones_like(q_all, dtype=torch.bool)
+    tr, _ = load_transitions(cfg.dataset, gamma)
+    mc = tr.mc_return[rows].astype(np.float64)
+    q0, v_np = q_all[:, 0].double().numpy(), v.double().numpy()
+    # A trajectory succeeds when any of its steps has a positive reward (the import's success rate).
+    traj_of_row = np.zeros(len(ds), np.int64)
+    traj_success = np.zeros(len(tr.traj_bounds), bool)
+    for k, (s, e) in enumerate(tr.traj_bounds):
+        traj_of_row[s:e] = k
+        traj_success[k] = bool((tr.reward[s:e] > 0).any())
+    success = traj_success[traj_of_row[rows]]
+    first = np.isin(rows, [s for s, _ in tr.traj_bounds])
+    adv = q0 - v_np
+    index, best, keep = best_of_n(q_all, v, valid, cfg.threshold)
+    replaced = (index != 0).numpy()
+    kept = keep.numpy()
+    qs_ = np.quantile(adv, [0.05, 0.25, 0.5, 0.75, 0.95]) if len(adv) else [float("nan")] * 5
+    return {
+        "critic/gamma": gamma,
+        "critic/rows": int(len(rows)),
+        "critic/row_set": cfg.rows if cfg.rows == "all" else f"heldout (last {frac:g} of trajectories)",
+        "critic/trajectories": int(len(np.unique(traj_of_row[rows]))),
+        "critic/pearson_v_mc": pearson(v_np, mc),
+        "critic/pearson_q_mc": pearson(q0, mc),
+        "critic/spearman_v_mc": spearman(v_np, mc),
+        "critic/spearman_q_mc": spearman(q0, mc),
+        "critic/auc_v_success": auc(v_np, success),
+        "critic/auc_v_success_first_step": auc(v_np[first], success[first]),
+        "critic/success_fraction": float(success.mean()),
+        "critic/q_mean": float(q0.mean()),
+        "critic/v_mean": float(v_np.mean()),
+        "critic/advantage_mean": float(adv.mean()),
+        "critic/advantage_std": float(adv.std()),
+        "critic/advantage_positive_fraction": float((adv > 0).mean()),
+        "critic/advantage_quantiles": dict(zip(["p05", "p25", "p50", "p75", "p95"], map(float, qs_))),
+        "critic/best_of_n_threshold": cfg.threshold,
+        "critic/best_of_n_candidates": int(q_all.shape[1]),
+        "critic/best_of_n_kept_fraction": float(kept.mean()),
+        "critic/best_of_n_replaces_logged": float(replaced.mean()),
+        "critic/best_of_n_replaces_logged_when_kept": float(replaced[kept].mean()) if kept.any() else 0.0,
     }
 
 

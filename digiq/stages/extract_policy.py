@@ -36,6 +36,7 @@ from digiq.config import LoraConfig, ModelConfig, WandbConfig, check, save_confi
 from digiq.data.schema import load_dataset, undecoded_view
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
+from digiq.models.critic_text import build_inputs, score
 from digiq.models.policy import best_of_n, read_spec
 from digiq.models.vlm import inference_dtype, load_vlm
 from digiq.sim.phone import SimPhone
@@ -161,10 +162,13 @@ def critic_scores(
             f"{features}: the cache holds {cache.num_candidates} candidates per row, fewer than {n}"
         )
     num_rows = len(ds)
+    # Text / frame-stacked inputs when the critic reads them; each unique string embedded once.
+    inputs = build_inputs(critic, cache.state, cache.actions, ds, features)
     qs, vs = [], []
     for s in range(0, num_rows, chunk):
-        qs.append(critic.q(cache.actions[s : s + chunk, :n].float()))
-        vs.append(critic.v(cache.state[s : s + chunk].float()))
+        q, v = score(critic, inputs, torch.arange(s, min(s + chunk, num_rows)), slice(0, n))
+        qs.append(q)
+        vs.append(v)
     valid = cache.valid[:, :n] if cache.valid is not None else torch.ones(num_rows, n, dtype=torch.bool)
     return torch.cat(qs), torch.cat(vs), valid
 

@@ -35,6 +35,7 @@ from digiq.data.schema import iter_decoded_rows, load_dataset, trajectory_bounds
 from digiq.data.transitions import load_transitions
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
+from digiq.models.critic_text import CriticInputs, build_inputs, score
 from digiq.sim.phone import SimPhone
 from digiq.utils.io import (
     atomic_write_bytes,
@@ -102,20 +103,20 @@ class Config:
 @torch.no_grad()
 def critic_values(
     critic: Any,
-    state: torch.Tensor,
-    actions: torch.Tensor,
+    inputs: CriticInputs,
     rows: np.ndarray,
     batch: int,
     all_candidates: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(Q (M, N) or (M, 1) for the dataset action only, V (M,)) for feature rows ``rows``, in float64."""
+    actions = inputs.actions
     qs, vs = [], []
     per = max(1, batch // (actions.shape[1] if all_candidates else 1))
     for i in range(0, len(rows), per):
         idx = torch.as_tensor(rows[i : i + per], dtype=torch.long)
-        a = actions[idx] if all_candidates else actions[idx, :1]
-        qs.append(critic.q(a).double())
-        vs.append(critic.v(state[idx]).double())
+        q, v = score(critic, inputs, idx, slice(None) if all_candidates else slice(0, 1))
+        qs.append(q.double())
+        vs.append(v.double())
     if not qs:
         return np.zeros((0, actions.shape[1] if all_candidates else 1)), np.zeros(0)
     return torch.cat(qs).numpy(), torch.cat(vs).numpy()
@@ -245,6 +246,28 @@ def make_plots(q_data: np.ndarray, v: np.ndarray, q_all: np.ndarray, mc: np.ndar
     return out
 
 
+def _text_inputs_html(inputs: CriticInputs, row: int, keep: list[int]) -> str:
+    """The strings a text-reading critic embeds for a row (goal, previous action, each shown candidate's
+    type | typed text), so a reader sees what V and Q were given; empty for critics without text."""
+    t = inputs.texts
+    if t is None:
+        return ""
+    s = t.strings
+
+    def q(x: str) -> str:
+        return f"&ldquo;{html.escape(x)}&rdquo;"
+
+    prev = f"{q(s['type'][int(t.prev_type[row])])} | {q(s['text'][int(t.prev_text[row])])}"
+    cands = "; ".join(
+        f"{i}: {q(s['type'][int(t.cand_type[row, i])])} | {q(s['text'][int(t.cand_text[row, i])])}"
+        for i in keep
+    )
+    return (
+        f'<p class="text-inputs">critic text inputs &middot; goal {q(s["goal"][int(t.goal[row])])} &middot; '
+        f"previous action {prev} &middot; candidates (type | text) {cands}</p>"
+    )
+
+
 def _candidate_rows(
     acts: list[Action],
     raw: list[str],
@@ -306,9 +329,11 @@ def run(cfg: Config) -> dict[str, Any]:
     refuse_finished(cfg.output_dir, cfg.overwrite)
     ds = load_dataset(cfg.dataset)
     critic = feats = None
+    inputs: CriticInputs | None = None
     meta: dict[str, Any] = {}
     if cfg.critic_dir:
         critic, feats, meta = open_critic_and_features(cfg.critic_dir, cfg.features, ds, cfg.dataset)
+        inputs = build_inputs(critic, feats.state, feats.actions, ds, cfg.features)
     gamma = cfg.gamma if cfg.gamma is not None else float(meta.get("gamma", 0.95))
     tr, _ = load_transitions(cfg.dataset, gamma)
     bounds = trajectory_bounds(ds.select_columns(["traj_id"]))
@@ -338,9 +363,8 @@ def run(cfg: Config) -> dict[str, Any]:
         rows = np.arange(s, e)
         if critic is not None:
             assert feats is not None
-            q_rows, v_rows = critic_values(
-                critic, feats.state, feats.actions, rows, cfg.eval_batch_size, True
-            )
+            assert inputs is not None
+            q_rows, v_rows = critic_values(critic, inputs, rows, cfg.eval_batch_size, True)
         # Decoded by schema.iter_decoded_rows: a corrupt screenshot names its trajectory/step (DataError).
         part = list(iter_decoded_rows(ds.select(range(s, e)), ds.column_names, source=str(cfg.dataset)))
         steps_html = []
@@ -383,12 +407,13 @@ def run(cfg: Config) -> dict[str, Any]:
                 facts.append(f"V(s) = <b>{_fmt(v)}</b>")
             if row["done"]:
                 facts.append("done")
+            text_html = _text_inputs_html(inputs, r, keep) if inputs is not None else ""
             steps_html.append(
                 f'<div class="step" data-row="{r}" data-step="{row["step_id"]}">'
                 f'<img class="shot" width="{img.width}" height="{img.height}" alt="step {row["step_id"]}" '
                 f'src="{_img_data_uri(img, cfg.image_format)}">'
                 f'<div class="info"><p class="facts">{" &middot; ".join(facts)}</p>'
-                f"{_candidate_rows(acts, raw, q, v, qstar, chosen)}</div></div>"
+                f"{text_html}{_candidate_rows(acts, raw, q, v, qstar, chosen)}</div></div>"
             )
         first = ds[s]
         ret = float(tr.mc_return[s])
@@ -403,7 +428,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     if critic is not None and feats is not None:
         prow = np.arange(min(len(ds), cfg.plot_rows))
-        q_d, v_d = critic_values(critic, feats.state, feats.actions, prow, cfg.eval_batch_size, False)
+        assert inputs is not None
+        q_d, v_d = critic_values(critic, inputs, prow, cfg.eval_batch_size, False)
         q_d = q_d[:, 0]
         mc = tr.mc_return[prow].astype(np.float64)
         plots = make_plots(q_d, v_d, np.concatenate(q_shown_all) if q_shown_all else np.zeros(0), mc)

@@ -11,10 +11,18 @@ TD (DigiRL-agent/digiq @ 8181379, ``trainer.py:133-176``)::
     J_Q = (Q_i(s,a) - r - gamma (1-d) V_targ(s'))^2        J_V = (V_i(s) - Q_targ(s,a'))^2
 
 with a' the dataset action (``backup_action: dataset``, the official default) or one random stored
-candidate per sample (``candidate``; the official draws one index for the whole batch). The targets use the
-twin-aggregated target heads (min by default: clipped double-Q); the official pairs head i with target
-head i and aggregates with max. MC: both heads regress on the discounted return, recomputed here from the
+candidate per sample (``candidate``; the official draws one index for the whole batch). Which target head
+backs up which online head is ``critic.target_pairing``: ``aggregate`` (default) backs up both heads from
+the twin-aggregated target (min by default: clipped double-Q); ``per_head`` backs up head i from target
+head i only, as the official code (``trainer.py:148-152,173-175``). ``critic.aggregate: max`` alone does
+not reproduce the official backup: it only sets the aggregation used for scoring (and for ``aggregate``
+pairing). MC: both heads regress on the discounted return, recomputed here from the
 rewards with ``gamma`` (the official loader also recomputes it, ``offpolicy_train_loop.py:110``).
+
+Inputs: the cached features alone by default; ``critic.frame_stack``, ``critic.q_input`` and
+``critic.text`` give the official critic's inputs (goal and action text through a Hugging Face encoder,
+``[prev, cur]`` state frames, Q reading the V input: :mod:`digiq.models.critic_text`,
+``configs/train-critic/official-aitw.yaml``).
 
 All features sit in (device) memory as one tensor; a batch is a tensor gather by sampled row indices.
 Outputs in ``output_dir``: ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` (final validation
@@ -43,6 +51,7 @@ from digiq.data.transitions import Transitions, check_candidate_counts, load_tra
 from digiq.errors import DataError
 from digiq.losses import mc_loss, td_q_loss, td_v_loss
 from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
+from digiq.models.critic_text import CriticInputs, TextEncoders, build_inputs, gather, score
 from digiq.sim.phone import SimPhone
 from digiq.training.accelerator import make_accelerator
 from digiq.training.checkpoint import load_checkpoint, save_checkpoint
@@ -63,6 +72,24 @@ CRITIC_DIR = "critic"
 
 
 @dataclasses.dataclass
+class CriticTextConfig:
+    # Hugging Face text encoder (AutoModel name or folder; official: roberta-base, default.yaml:19) that
+    # embeds the goal, the previous action's type and typed text, and each candidate's type and typed text
+    # (official critic.py:16-26,156-157). Empty: no text inputs.
+    encoder: str = ""
+    # One encoder per role (goal, action type, typed text) as the official three roberta-base; false = one
+    # encoder shared by all roles (a third of the parameters, one pass per batch).
+    separate: bool = True
+    # Train the encoders with the heads (official: the critic's optimiser covers them, trainer.py:54-55).
+    # false = frozen: each unique string is embedded once and cached next to the features.
+    finetune: bool = False
+    # Tokens per string (goals and typed texts are short).
+    max_length: int = 128
+    # Strings per encoder pass when embedding the frozen tables.
+    batch_size: int = 256
+
+
+@dataclasses.dataclass
 class CriticNetConfig:
     # Hidden widths of each twin Q head on f(s, a) (official: 10752-3840x3, with RoBERTa inputs).
     q_hidden: tuple[int, ...] = (1024, 1024)
@@ -70,8 +97,18 @@ class CriticNetConfig:
     v_hidden: tuple[int, ...] = (1024, 1024)
     # LayerNorm after every hidden layer (the official MLPs have none); stabilises TD on raw VLM features.
     layer_norm: bool = True
-    # Twin aggregation for targets and scoring: min = clipped double-Q; 'max' is the official choice.
+    # Twin aggregation when scoring (Q, V, advantages) and, with target_pairing=aggregate, in the TD
+    # targets: min = clipped double-Q; 'max' is the official scoring rule (trainer.py:264-265).
     aggregate: Literal["min", "max", "mean"] = "min"
+    # TD targets: 'aggregate' backs up both heads from the twin-aggregated target heads; 'per_head' backs
+    # up head i from target head i only (q_i <- r + gamma (1-d) V_targ_i(s'), v_i <- Q_targ_i(s, a')), the
+    # official backup (trainer.py:148-152,173-175).
+    target_pairing: Literal["aggregate", "per_head"] = "aggregate"
+    # State features as frames [prev, cur] (step 0: [cur, cur]), as official offpolicy_train_loop.py:15-25.
+    frame_stack: bool = False
+    # Q's input: the action feature alone, or the V input first (official critic.py:157: state_action).
+    q_input: Literal["action", "state_action"] = "action"
+    text: CriticTextConfig = dataclasses.field(default_factory=CriticTextConfig)
     # Standardise inputs with the feature mean/std of the training split (stored inside the critic).
     normalize_inputs: bool = True
 
@@ -142,6 +179,12 @@ class Config:
         check(self.eval_batch_size > 0 and self.log_every > 0, "eval_batch_size and log_every must be > 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         check(all(w > 0 for w in (*self.critic.q_hidden, *self.critic.v_hidden)), "hidden widths must be > 0")
+        check(self.critic.text.max_length > 0, "critic.text.max_length must be > 0")
+        check(self.critic.text.batch_size > 0, "critic.text.batch_size must be > 0")
+        check(
+            bool(self.critic.text.encoder) or not self.critic.text.finetune,
+            "critic.text.finetune needs critic.text.encoder",
+        )
         self.optim.validate("optim")
 
 
@@ -207,6 +250,32 @@ class DeviceData:
     done: torch.Tensor  # (R,) float32
     mc_return: torch.Tensor  # (R,) float32
     next_idx: torch.Tensor  # (R,) int64
+    # What the critic reads (state/actions above, plus frame stacking and text ids/tables); None = the
+    # plain features (built from state/actions on first use).
+    inputs: CriticInputs | None = None
+
+    def critic_inputs(self) -> CriticInputs:
+        if self.inputs is None:
+            self.inputs = CriticInputs(self.state, self.actions)
+        return self.inputs
+
+
+def backup_targets(
+    v_next_all: torch.Tensor, q_back_all: torch.Tensor, pairing: str, how: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-twin TD targets (B, T) for the online heads from the target heads' (B, T) outputs.
+
+    ``per_head``: twin i gets target twin i's value, unchanged (official ``trainer.py:148-152``);
+    ``aggregate``: every twin gets the twin-aggregate (``how``) of the target heads.
+    """
+    if pairing == "per_head":
+        return v_next_all, q_back_all
+    if pairing != "aggregate":
+        raise ValueError(f"unknown target_pairing {pairing!r}; use per_head or aggregate")
+    T = v_next_all.shape[-1]
+    v = aggregate_twins(v_next_all, how).unsqueeze(-1).expand(-1, T)
+    q = aggregate_twins(q_back_all, how).unsqueeze(-1).expand(-1, T)
+    return v, q
 
 
 def batch_loss(
@@ -218,23 +287,31 @@ def batch_loss(
     backup_col: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss for rows ``idx``; ``model`` is the (possibly DDP-wrapped) critic, called once via forward()."""
-    s = data.state[idx]
-    a = data.actions[idx, 0]
-    q, v = model(s, a)  # (B, T) each
+    inputs = data.critic_inputs()
+    online = getattr(model, "module", model)
+    b = gather(inputs, idx, 0, online.text)  # a fine-tuned encoder: one pass per encoder, with gradients
+    q, v = model(b.state, b.action, b.state_text, b.action_text)  # (B, T) each
     T = q.shape[-1]
     if cfg.critic_loss == "mc":
         g = data.mc_return[idx].unsqueeze(-1).expand(-1, T)
         lq, lv = mc_loss(q, g), mc_loss(v, g)
     else:
         assert target is not None
-        how = cfg.critic.aggregate
-        with torch.no_grad():
-            v_next = aggregate_twins(target.v_all(data.state[data.next_idx[idx]]), how).float()
-            a_back = a if backup_col is None else data.actions[idx, backup_col]
-            q_back = aggregate_twins(target.q_all(a_back), how).float()
         expand = lambda t: t.unsqueeze(-1).expand(-1, T)  # noqa: E731 - explicit (B,)->(B,T), no broadcasting
-        lq = td_q_loss(q.float(), expand(data.reward[idx]), expand(data.done[idx]), expand(v_next), cfg.gamma)
-        lv = td_v_loss(v.float(), expand(q_back))
+        with torch.no_grad():
+            nb = gather(inputs, data.next_idx[idx], None, target.text)
+            # The online batch's inputs serve the target too unless the target has its own (fine-tuned)
+            # encoders or backs up another candidate.
+            same = backup_col is None and (inputs.texts is None or inputs.tables is not None)
+            tb = b if same else gather(inputs, idx, 0 if backup_col is None else backup_col, target.text)
+            v_next, q_back = backup_targets(
+                target.v_all(nb.state, nb.state_text).float(),
+                target.q_all(tb.action, tb.state, tb.state_text, tb.action_text).float(),
+                cfg.critic.target_pairing,
+                cfg.critic.aggregate,
+            )
+        lq = td_q_loss(q.float(), expand(data.reward[idx]), expand(data.done[idx]), v_next, cfg.gamma)
+        lv = td_v_loss(v.float(), q_back)
     return lq + lv, {"loss_q": lq.detach(), "loss_v": lv.detach(), "q_mean": q.detach().mean()}
 
 
@@ -258,7 +335,8 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.optim.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm, foreach=True)
+        trainable = [p for p in critic.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm, foreach=True)
     opt.step()
     if target is not None:
         soft_update(target, critic, cfg.tau)
@@ -281,11 +359,11 @@ def evaluate(
     if len(rows) == 0:
         return out
     q_sa, v_s, td = [], [], []
+    inputs = data.critic_inputs()
     for i in range(0, len(rows), eval_batch_size):
         idx = torch.as_tensor(rows[i : i + eval_batch_size], device=data.state.device)
-        q = critic.q(data.actions[idx, 0]).float()
-        v = critic.v(data.state[idx]).float()
-        v_next = critic.v(data.state[data.next_idx[idx]]).float()
+        q, v = score(critic, inputs, idx, 0)
+        _, v_next = score(critic, inputs, data.next_idx[idx], 0)
         td.append(q - (data.reward[idx] + gamma * (1 - data.done[idx]) * v_next))
         q_sa.append(q)
         v_s.append(v)
@@ -317,7 +395,7 @@ def qstar_metrics(
     qs = []
     for i in range(0, len(rows), chunk):
         idx = torch.as_tensor(rows[i : i + chunk], device=data.actions.device)
-        qs.append(critic.q(data.actions[idx]).float().cpu())
+        qs.append(score(critic, data.critic_inputs(), idx, slice(None))[0].cpu())
     q = torch.cat(qs).double().numpy()  # (M, N)
     valid = (
         np.ones_like(q, dtype=bool)
@@ -415,10 +493,24 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         v_hidden=tuple(cfg.critic.v_hidden),
         layer_norm=cfg.critic.layer_norm,
         aggregate=cfg.critic.aggregate,
+        frame_stack=2 if cfg.critic.frame_stack else 1,
+        q_input=cfg.critic.q_input,
+        text_encoder=cfg.critic.text.encoder,
+        text_separate=cfg.critic.text.separate,
+        text_max_length=cfg.critic.text.max_length,
+        text_finetune=cfg.critic.text.finetune,
     )
     ck = None
     if resume_from is not None:
         ck, arch = _resume_state(resume_from, arch, cfg.features)
+    text = None
+    if arch.text_encoder:
+        check(
+            world == 1 or not arch.text_finetune,
+            "critic.text.finetune runs on one process (its encoder passes sit outside the DDP forward)",
+        )
+        text = TextEncoders.load(arch.text_encoder, arch.text_separate, arch.text_max_length)
+        arch = dataclasses.replace(arch, text_dim=text.hidden_size)
     begin_output(out, cfg.overwrite, accelerator)
     set_seed(cfg.seed + rank)
 
@@ -435,7 +527,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
 
     # ---- model ----------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    critic = Critic(arch).to(device)
+    critic = Critic(arch, text).to(device)
     train_t = torch.as_tensor(train_rows, device=device)
     if ck is not None:
         ck.restore_weights(critic, trainable_only=False)
@@ -446,8 +538,16 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     target = make_target(critic) if cfg.critic_loss == "td" else None
     if target is not None and ck is not None and ck.weights("target") is not None:
         ck.restore_weights(target, "target", trainable_only=False)
+    if arch.frame_stack > 1 or arch.text_encoder:
+        # Frozen encoders: every unique string embedded once (cached next to the features); fine-tuned
+        # ones embed each batch's unique strings in the step.
+        data.inputs = build_inputs(
+            critic, data.state, data.actions, ds, cfg.features, tables=not arch.text_finetune,
+            batch_size=cfg.critic.text.batch_size,
+        )  # fmt: skip
+    # One Adam over the heads and, when fine-tuned, the encoders (official trainer.py:54-55).
     opt = torch.optim.Adam(
-        critic.parameters(),
+        [p for p in critic.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
@@ -549,7 +649,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
             critic,
             out / CRITIC_DIR,
             extra={"gamma": cfg.gamma, "critic_loss": cfg.critic_loss, "step": step, "features": str(cfg.features),
-                   "dataset": str(cfg.dataset)},
+                   "dataset": str(cfg.dataset), "val_fraction": cfg.val_fraction},
         )  # fmt: skip
         atomic_write_json(out / "metrics.json", {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                                  for k, v in metrics.items()})  # fmt: skip
