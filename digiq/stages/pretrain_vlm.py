@@ -37,16 +37,14 @@ from digiq.models.policy import (
     PolicySpec,
     build_chat_training_batch,
     generate_texts,
-    policy_logits,
     save_policy,
-    weighted_nll,
 )
 from digiq.models.vlm import load_vlm
 from digiq.sim.synthetic import SKILLS, Sample, is_correct, make_sample, sample_stream_item
 from digiq.training.accelerator import make_accelerator
-from digiq.training.checkpoint import inner, load_checkpoint, save_checkpoint
+from digiq.training.checkpoint import inner, load_checkpoint
 from digiq.training.output import begin_output, check_output, finish_output
-from digiq.training.policy_loop import PolicyOptimConfig
+from digiq.training.policy_loop import PolicyOptimConfig, train_steps
 from digiq.training.schedule import make_scheduler
 from digiq.utils.io import atomic_write_json, atomic_write_text, refuse_finished, staged_dir
 from digiq.utils.logging import MetricsLogger, get_logger
@@ -163,7 +161,7 @@ class _StepData(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.cfg.train.max_steps
 
-    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, step: int) -> tuple[list[int], dict[str, torch.Tensor]]:
         local = self.cfg.train.batch_size // self.world
         idx = range(self.rank * local, (self.rank + 1) * local)
         samples = [
@@ -172,7 +170,8 @@ class _StepData(torch.utils.data.Dataset):
             )
             for i in idx
         ]
-        return build_chat_training_batch(
+        # (row indices, batch) as train_steps takes them; the stream has no per-row weights.
+        return [], build_chat_training_batch(
             self.processor,
             [s.image for s in samples],
             [s.question for s in samples],
@@ -294,37 +293,11 @@ def run(cfg: Config) -> dict[str, Any]:
         num_workers=cfg.train.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),  # not the global RNG a resume restores
     )
-    device = accelerator.device
-    bar = tqdm(total=total, initial=start, disable=not is_main, desc="pretrain-vlm")
-    losses: list[float] = []
     t0 = time.perf_counter()
-    for step, batch in enumerate(loader, start=start):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        lr = opt.param_groups[0]["lr"]
-        with accelerator.autocast():
-            loss = weighted_nll(policy_logits(model, batch), batch["labels"])
-        accelerator.backward(loss)
-        if cfg.optim.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == total:
-            row = {
-                "train/loss": sum(losses[-cfg.train.log_every :]) / len(losses[-cfg.train.log_every :]),
-                "train/lr": lr,
-            }
-            logger.log(row, done)
-            bar.set_postfix(loss=f"{row['train/loss']:.3f}")
-        if done % cfg.train.save_every == 0 or done == total:
-            save_checkpoint(
-                out, done, accelerator.unwrap_model(model), inner(opt), sched, keep=cfg.train.keep_checkpoints,
-                accelerator=accelerator,
-            )  # fmt: skip
-    bar.close()
+    losses, _ = train_steps(
+        accelerator, model, opt, sched, loader, out, total, start, cfg.train.log_every, cfg.train.save_every,
+        cfg.train.keep_checkpoints, cfg.optim.max_grad_norm, logger, "pretrain-vlm",
+    )  # fmt: skip
     train_seconds = time.perf_counter() - t0
     model = accelerator.unwrap_model(model)
     metrics: dict[str, Any] = {

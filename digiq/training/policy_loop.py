@@ -211,6 +211,67 @@ def warn_long_targets(processor: Any, spec: PolicySpec, targets: Sequence[str]) 
         )
 
 
+def train_steps(
+    accelerator: Accelerator,
+    model: Any,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    loader: Any,
+    out: Path,
+    total: int,
+    start: int,
+    log_every: int,
+    save_every: int,
+    keep_checkpoints: int,
+    max_grad_norm: float,
+    logger: MetricsLogger,
+    desc: str,
+    weights: np.ndarray | None = None,
+    ref_model: Any = None,
+) -> tuple[list[float], float]:
+    """Optimiser steps ``start .. total - 1`` of cross-entropy on target tokens, shared by every generative
+    VLM trainer (train-bc, extract-policy, pretrain-vlm): ``loader`` yields ``(row indices, batch)`` per
+    step (``weights[indices]`` weight the rows when given), the loss is logged every ``log_every`` steps
+    (with the token KL to ``ref_model`` when given) and a checkpoint written every ``save_every`` steps and
+    at the end. Returns this run's per-step losses and the last logged KL (nan without ``ref_model``)."""
+    device = accelerator.device
+    bar = tqdm(total=total, initial=start, disable=not accelerator.is_main_process, desc=desc)
+    losses: list[float] = []
+    last_kl = float("nan")
+    for step, (idx, batch) in enumerate(loader, start=start):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        lr = opt.param_groups[0]["lr"]  # the rate of this update (the scheduler moves it after the step)
+        with accelerator.autocast():
+            logits = policy_logits(model, batch)
+            w = None if weights is None else torch.as_tensor(weights[idx], device=device)
+            loss = weighted_nll(logits, batch["labels"], w)
+        accelerator.backward(loss)
+        if max_grad_norm > 0:  # the prepared parameters: FSDP replaces the modules' parameters
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        done = step + 1
+        if done % log_every == 0 or done == total:
+            row = {"train/loss": float(np.mean(losses[-log_every:])), "train/lr": lr}
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logits = policy_logits(ref_model, batch)
+                    last_kl = float(masked_token_kl(logits.detach(), ref_logits, batch["labels"]))
+                    row["train/kl_to_beta"] = last_kl
+            logger.log(row, done)
+            bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+        if done % save_every == 0 or done == total:
+            save_checkpoint(
+                out, done, accelerator.unwrap_model(model), inner(opt), sched, extra={"total": total},
+                keep=keep_checkpoints, accelerator=accelerator,
+            )  # fmt: skip
+    bar.close()
+    return losses, last_kl
+
+
 def fit_policy(
     accelerator: Accelerator,
     model: Any,
@@ -265,49 +326,15 @@ def fit_policy(
         # from the global RNG a resumed run restores (the RNG would be one draw ahead of an uninterrupted run).
         generator=torch.Generator().manual_seed(seed),
     )
-    bar = tqdm(total=total, initial=start, disable=not is_main, desc=desc)
-    losses: list[float] = []
-    first_loss = None
-    last_kl = float("nan")
     t0 = time.perf_counter()
-    for step, (idx, batch) in enumerate(loader, start=start):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        weights = None if examples.weights is None else examples.weights[idx]
-        lr = opt.param_groups[0]["lr"]  # the rate of this update (the scheduler moves it after the step)
-        with accelerator.autocast():
-            logits = policy_logits(model, batch)
-            w = None if weights is None else torch.as_tensor(weights, device=device)
-            loss = weighted_nll(logits, batch["labels"], w)
-        accelerator.backward(loss)
-        if optim.max_grad_norm > 0:  # the prepared parameters: FSDP replaces the modules' parameters
-            accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        first_loss = value if first_loss is None else first_loss
-        losses.append(value)
-        bar.update(1)
-        done = step + 1
-        if done % train.log_every == 0 or done == total:
-            row = {"train/loss": float(np.mean(losses[-train.log_every :])), "train/lr": lr}
-            if ref_model is not None:
-                with torch.no_grad():
-                    ref_logits = policy_logits(ref_model, batch)
-                    last_kl = float(masked_token_kl(logits.detach(), ref_logits, batch["labels"]))
-                    row["train/kl_to_beta"] = last_kl
-            logger.log(row, done)
-            bar.set_postfix(loss=f"{row['train/loss']:.3f}")
-        if done % train.save_every == 0 or done == total:
-            save_checkpoint(
-                out, done, accelerator.unwrap_model(model), inner(opt), sched, extra={"total": total},
-                keep=train.keep_checkpoints, accelerator=accelerator,
-            )  # fmt: skip
-    bar.close()
+    losses, last_kl = train_steps(
+        accelerator, model, opt, sched, loader, out, total, start, train.log_every, train.save_every,
+        train.keep_checkpoints, optim.max_grad_norm, logger, desc, examples.weights, ref_model,
+    )  # fmt: skip
     metrics = {
         "steps": float(total),
         "steps_this_run": float(total - start),
-        "loss_first": float(first_loss) if first_loss is not None else float("nan"),
+        "loss_first": float(losses[0]) if losses else float("nan"),
         "loss_last": float(np.mean(losses[-max(1, min(10, len(losses))) :])) if losses else float("nan"),
         "train_seconds": time.perf_counter() - t0,
         "rows": float(n),
