@@ -49,6 +49,7 @@ def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     pipeline.run(cfg)
     after = json.loads((out / "summary.json").read_text())
     assert after["stages"] == before["stages"]
+    assert after["machine"] == before["machine"]  # nothing ran: the times keep the machine they ran on
 
     # Forcing a stage re-runs it and every later stage.
     cfg2 = load_config(

@@ -278,8 +278,9 @@ def run(cfg: Config) -> dict[str, Any]:
     summary_path = out / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.setdefault("stages", {})
-    summary["machine"] = describe()  # stage times only compare next to the machine's own speed
-    log.info("machine: %s", summary["machine"])
+    machine = (
+        None  # measured when a stage first runs: a re-run that skips them all keeps the old times' machine
+    )
     forced = False
     for name in STAGES:
         if name not in cfg.stages:
@@ -297,6 +298,9 @@ def run(cfg: Config) -> dict[str, Any]:
         elif hasattr(scfg, "overwrite"):
             # forced, or a killed run of a stage that cannot resume: its old output goes
             scfg.overwrite = True
+        if machine is None:
+            machine = summary["machine"] = describe()  # stage times only compare next to the machine's speed
+            log.info("machine: %s", machine)
         log.info("[%s] running -> %s", name, folder)
         t0 = time.perf_counter()
         metrics = _run_stage(name, scfg, cfg)
@@ -307,7 +311,8 @@ def run(cfg: Config) -> dict[str, Any]:
         atomic_write_json(summary_path, summary)
         log.info("[%s] done in %.1f s", name, seconds)
     summary["total_seconds"] = round(sum(s.get("seconds", 0.0) for s in summary["stages"].values()), 1)
-    summary["machine"]["matmul_gflops_end"] = round(matmul_gflops(), 1)
+    if machine is not None:
+        machine["matmul_gflops_end"] = round(matmul_gflops(), 1)
     atomic_write_json(summary_path, summary)
     atomic_write_text(out / "summary.md", render_summary(summary))
     print(render_summary(summary))  # noqa: T201 - the CLI result
