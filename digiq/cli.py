@@ -177,10 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognised argument {u!r} (overrides look like key=value)")
     bare = [o for o in overrides if "=" not in o]
     if bare:
-        if positional and (len(bare) == 1 or _is_sequence_field(config_cls, positional)):
+        many = bool(positional) and _is_sequence_field(config_cls, positional)
+        if positional and (len(bare) == 1 or many):
             # A list field (`digiq import a.pt b.pt`) takes every bare word; JSON quoting keeps each path a
             # single YAML string whatever characters it holds.
-            value = json.dumps(bare) if _is_sequence_field(config_cls, positional) else bare[0]
+            value = json.dumps(bare) if many else bare[0]
             overrides = [o for o in overrides if "=" in o] + [f"{positional}={value}"]
         else:
             parser.error(f"unrecognised argument {bare[0]!r} (overrides look like key=value)")
