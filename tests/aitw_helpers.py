@@ -72,3 +72,19 @@ def import_file(pt: Path, out: Path) -> tuple[Path, Path]:
     ds, feats = out / "ds", out / "feats"
     run(Config(inputs=(str(pt),), output=str(ds), features_output=str(feats)))
     return ds, feats
+
+
+def ensemble_mlp_numpy(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """Every twin of an EnsembleMLP (ReLU, no LayerNorm) evaluated with numpy in float64, one twin at a
+    time: (B, T). The independent reference the critic hand computations compare against."""
+    ws = [w.detach().double().numpy() for w in net.weights]
+    bs = [b.detach().double().numpy() for b in net.biases]
+    out = []
+    for i in range(net.num):
+        h = x
+        for k, (w, b) in enumerate(zip(ws, bs)):
+            h = h @ w[i] + b[i, 0]
+            if k < len(ws) - 1:
+                h = np.maximum(h, 0.0)
+        out.append(h[:, 0])
+    return np.stack(out, axis=1)

@@ -5,27 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from aitw_helpers import ensemble_mlp_numpy
 
 from digiq.config import load_config
 from digiq.models.critic import Critic, CriticArch
 from digiq.stages import train_critic as tc
 
 GAMMA = 0.9
-
-
-def _mlp_np(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    """Every twin of an EnsembleMLP (no LayerNorm) evaluated with numpy, one twin at a time: (B, T)."""
-    ws = [w.detach().double().numpy() for w in net.weights]
-    bs = [b.detach().double().numpy() for b in net.biases]
-    out = []
-    for i in range(net.num):
-        h = x
-        for k, (w, b) in enumerate(zip(ws, bs)):
-            h = h @ w[i] + b[i, 0]
-            if k < len(ws) - 1:
-                h = np.maximum(h, 0.0)
-        out.append(h[:, 0])
-    return np.stack(out, axis=1)
 
 
 @pytest.fixture()
@@ -54,10 +40,10 @@ def _hand(critic: Critic, target: Critic, data: tc.DeviceData, idx: np.ndarray, 
     a = data.actions[:, 0].double().numpy()
     r, d = data.reward.double().numpy(), data.done.double().numpy()
     nxt = data.next_idx.numpy()
-    q = _mlp_np(critic.q_net, a[idx])
-    v = _mlp_np(critic.v_net, s[idx])
-    vt = _mlp_np(target.v_net, s[nxt[idx]])  # (B, 2)
-    qt = _mlp_np(target.q_net, a[idx])
+    q = ensemble_mlp_numpy(critic.q_net, a[idx])
+    v = ensemble_mlp_numpy(critic.v_net, s[idx])
+    vt = ensemble_mlp_numpy(target.v_net, s[nxt[idx]])  # (B, 2)
+    qt = ensemble_mlp_numpy(target.q_net, a[idx])
     if pairing == "aggregate":
         agg = np.max if how == "max" else np.min
         vt = np.repeat(agg(vt, axis=1, keepdims=True), 2, axis=1)

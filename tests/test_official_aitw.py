@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from aitw_helpers import import_file, two_task_file
+from aitw_helpers import ensemble_mlp_numpy, import_file, two_task_file
 
 from digiq.config import load_config
 from digiq.models.tiny_text import save_tiny_text_encoder
@@ -66,21 +66,6 @@ def _official_type_text(action: str) -> tuple[str, str]:
     ty = re.search(r'"action_type":\s*"([A-Z_]+)"', action).group(1)
     tx = re.search(r'"typed_text":\s*"([^"]*)"', action)
     return ty, (tx.group(1) if tx and ty == "TYPE" else "")
-
-
-def _mlp(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    """Twin ReLU MLPs of an EnsembleMLP with numpy (float64): (B, T)."""
-    ws = [w.detach().double().numpy() for w in net.weights]
-    bs = [b.detach().double().numpy() for b in net.biases]
-    out = []
-    for i in range(net.num):
-        h = x
-        for k, (w, b) in enumerate(zip(ws, bs)):
-            h = h @ w[i] + b[i, 0]
-            if k < len(ws) - 1:
-                h = np.maximum(h, 0.0)
-        out.append(h[:, 0])
-    return np.stack(out, axis=1)
 
 
 def _pooled(critic: torch.nn.Module, role: str, text: str) -> np.ndarray:
@@ -146,13 +131,14 @@ def test_one_official_step_equals_hand_computation(tmp_path: Path, monkeypatch: 
         nxt = row + 1 if t + 1 < HORIZON else row  # terminal: masked by done
         v_in_next, _ = _inputs(target, steps, nxt)
         _, q_in_t = _inputs(target, steps, row)
-        q_pred.append(_mlp(critic.q_net, q_in[None])[0])
-        v_pred.append(_mlp(critic.v_net, v_in[None])[0])
+        q_pred.append(ensemble_mlp_numpy(critic.q_net, q_in[None])[0])
+        v_pred.append(ensemble_mlp_numpy(critic.v_net, v_in[None])[0])
         # per-head backup (trainer.py:148-152,173-175): head i from target head i, no aggregation
         y_q.append(
-            float(step["reward"]) + gamma * (1 - float(step["done"])) * _mlp(target.v_net, v_in_next[None])[0]
+            float(step["reward"])
+            + gamma * (1 - float(step["done"])) * ensemble_mlp_numpy(target.v_net, v_in_next[None])[0]
         )
-        y_v.append(_mlp(target.q_net, q_in_t[None])[0])
+        y_v.append(ensemble_mlp_numpy(target.q_net, q_in_t[None])[0])
     q_pred, v_pred, y_q, y_v = map(np.asarray, (q_pred, v_pred, y_q, y_v))  # (128, 2) each
     lq = sum(np.mean((q_pred[:, i] - y_q[:, i]) ** 2) for i in range(2))  # MSE(q1) + MSE(q2) (trainer.py:189)
     lv = sum(np.mean((v_pred[:, i] - y_v[:, i]) ** 2) for i in range(2))
