@@ -32,11 +32,11 @@ from PIL import Image
 from digiq.actions import Action
 from digiq.models.prompts import render_image
 from digiq.sim import render as R
+from digiq.sim.layout import Box, inside
 from digiq.sim.tasks import ALL_QUERIES, SHOPS, TOGGLES
 
 SKILLS = ("ground", "refer", "read", "state", "screen", "parse", "type")
 SCREEN_KINDS = ("home", "list", "search", "settings", "product", "browser")
-Box = tuple[float, float, float, float]
 
 _SYLLABLES = (
     "ba be bi bo bu da de di do du fa fe fi fo ga ge go ka ke ki ko ku la le li lo lu ma me mi mo mu na ne "
@@ -264,7 +264,7 @@ def _centre(box: Box) -> tuple[float, float]:
 
 def _hit(screen: Screen, y: float, x: float) -> Element | None:
     for e in screen.elements:
-        if e.box[0] <= y <= e.box[2] and e.box[1] <= x <= e.box[3]:
+        if inside((y, x), e.box):
             return e
     return None
 
@@ -352,6 +352,5 @@ def is_correct(sample: Sample, prediction: str) -> bool:
             y, x = float(parts[1]), float(parts[2])
         except ValueError:
             return False
-        b = sample.box
-        return b[0] <= y <= b[2] and b[1] <= x <= b[3]
+        return inside((y, x), sample.box)
     return pred == sample.answer.strip().lower()
