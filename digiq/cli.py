@@ -33,11 +33,12 @@ from digiq.errors import DigiqError
 # would otherwise redo the same work and write the same output.
 COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("digiq.data.importer", "import official Digi-Q / DigiRL .pt trajectory files into a dataset"),
-    "sim collect": (
-        "digiq.sim.collect",
-        "collect trajectories on the simulated device with the behaviour policy",
+    "collect": (
+        "digiq.stages.collect",
+        "collect behaviour-policy trajectories on an environment (env=sim | miniwob)",
     ),
-    "sim rollout": ("digiq.sim.rollout", "roll a policy out on the simulated device and report success"),
+    "sim collect": ("digiq.stages.collect", "the same as `digiq collect` (env=sim is its default)"),
+    "sim rollout": ("digiq.stages.evaluate", "the same as `digiq evaluate` (env=sim is its default)"),
     "pretrain-vlm": (
         "digiq.stages.pretrain_vlm",
         "pretrain a tiny VLM on synthetic GUI screens (grounding, reading, parsing goals)",

@@ -20,7 +20,7 @@ import json
 from digiq.actions import ActionType
 from digiq.sim.behaviour import BehaviourPolicy
 from digiq.sim.phone import SimPhone
-from digiq.sim.rollout import wilson_interval
+from digiq.utils.stats import wilson_interval
 
 
 def kind(a) -> str:

@@ -12,9 +12,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from digiq.sim import collect
+from digiq.envs import evaluate_policy
+from digiq.envs.sim import sim_policy_fn as builtin_policy_fn
 from digiq.sim.phone import SimPhone
-from digiq.sim.rollout import builtin_policy_fn, evaluate_policy
+from digiq.stages import collect
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ for _key, _value in OFFLINE.items():
 def sim_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """5 simulated trajectories (about 30 rows) with 3 behaviour candidates per state, on 90x160 screens."""
     from digiq.config import load_config
-    from digiq.sim import collect
+    from digiq.stages import collect
 
     out = tmp_path_factory.mktemp("sim") / "ds"
     cfg = load_config(

@@ -15,7 +15,7 @@ from PIL import Image
 
 from digiq.actions import make_observation, parse_action
 from digiq.data.schema import INFO_FILE, dataset_info, discounted_returns, load_dataset, trajectory_bounds
-from digiq.sim import collect
+from digiq.stages import collect
 from digiq.sim.phone import SimConfig, SimPhone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_cli_collect_and_rollout(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "success 1.000" in proc.stdout
-    assert json.loads((tmp_path / "roll" / "rollout.json").read_text())["success_rate"] == 1.0
+    assert json.loads((tmp_path / "roll" / "metrics.json").read_text())["success_rate"] == 1.0
     proc = subprocess.run(
         [sys.executable, "-m", "digiq", "sim", "rollout", f"policy={tmp_path / 'missing'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,

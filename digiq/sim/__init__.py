@@ -13,8 +13,10 @@ Modules:
 * :mod:`digiq.sim.render`    pillow drawing of a state
 * :mod:`digiq.sim.phone`    ``SimPhone`` / ``SimConfig``: reset, step, render, state keys, q_star, v_star
 * :mod:`digiq.sim.behaviour` ``BehaviourPolicy`` / ``BehaviourConfig``: the noisy AutoUI-like data policy
-* :mod:`digiq.sim.rollout`   ``evaluate_policy`` and ``digiq sim rollout``
-* :mod:`digiq.sim.collect`   ``digiq sim collect``: trajectories in the digiq dataset schema
+
+Behind the environment interface it is :class:`digiq.envs.sim.SimEnv`; collection and evaluation
+(``digiq collect`` / ``digiq evaluate``, alias ``digiq sim collect`` / ``digiq sim rollout``) live in
+:mod:`digiq.stages` and :mod:`digiq.envs`.
 
 Quick use::
 

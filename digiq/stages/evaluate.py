@@ -1,11 +1,13 @@
-"""``digiq evaluate``: success rate on the simulated device, or an offline report for imported data.
+"""``digiq evaluate``: success rate on an environment, or an offline report for imported data.
 
-    digiq evaluate policy=runs/extract/policy                    # sim: held-out test tasks, 95% CI
+    digiq evaluate policy=runs/extract/policy                    # the simulator's held-out test tasks, 95% CI
     digiq evaluate policy=behaviour num_episodes=200             # built-ins: behaviour, optimal, random
+    digiq evaluate env=miniwob policy=runs/mw/extract_policy/policy num_workers=2   # fresh MiniWoB++ seeds
+    digiq sim rollout policy=optimal                             # the same command (env=sim)
     digiq evaluate mode=offline policy=runs/bc/policy dataset=data/aitw critic_dir=runs/critic/critic \\
         features=runs/feats                                      # no emulator: offline metrics
 
-``sim`` reuses :func:`digiq.sim.rollout.evaluate_policy` (Wilson 95% interval). ``offline`` reports the
+``online`` (``sim`` is its old name) runs :func:`digiq.envs.evaluate_policy` on ``env`` (Wilson 95% interval). ``offline`` reports the
 policy's agreement with the dataset actions on successful trajectories (AitW action matching: two taps
 match within ``tap_threshold`` = 0.14 of the screen, swipes by direction, other actions by type) and, when a
 critic and its features are given, the critic's Q / V / advantage of the dataset actions and the Pearson
@@ -30,31 +32,38 @@ from digiq.actions import Action, ActionType, parse_action
 from digiq.config import check, save_config
 from digiq.data.schema import decode_batch, load_dataset, undecoded_view
 from digiq.data.transitions import load_transitions, successful_rows
+from digiq.envs import BUILTINS, builtin_policy_fn, evaluate_policy
+from digiq.envs.miniwob import MiniWoBConfig
+from digiq.envs.miniwob_policy import MiniWoBBehaviourConfig
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
 from digiq.models.critic_text import build_inputs, score
 from digiq.models.policy import generate_actions, load_policy, load_policy_fn
+from digiq.sim.behaviour import BehaviourConfig
 from digiq.sim.phone import SimConfig, SimPhone
-from digiq.sim.rollout import builtin_policy_fn, evaluate_policy
 from digiq.utils.io import atomic_write_json
 from digiq.utils.logging import get_logger
 from digiq.utils.stats import pearson
 
 log = get_logger(__name__)
-BUILTINS = ("behaviour", "optimal", "random")
 
 
 @dataclasses.dataclass
 class Config:
-    # An exported policy folder, or a built-in simulator policy (behaviour, optimal, random).
+    # An exported policy folder, or a built-in scripted policy of the environment (behaviour, optimal, random).
     policy: str = "behaviour"
-    # sim = roll out on the simulated device; offline = metrics on a dataset (imported AitW data).
-    mode: Literal["sim", "offline"] = "sim"
-    # sim: task split (test = held-out tasks) and number of episodes.
+    # online = roll out on `env` ("sim" is the old name of online); offline = metrics on a dataset (imported
+    # AitW data).
+    mode: Literal["online", "sim", "offline"] = "online"
+    # online: the environment: sim = the simulated phone, miniwob = MiniWoB++ in headless Chromium.
+    env: Literal["sim", "miniwob"] = "sim"
+    # online: split (test = held-out tasks on the simulator, fresh page seeds on MiniWoB++), episodes.
     split: Literal["train", "test"] = "test"
     num_episodes: int = 100
-    # Episodes stepped together (the policy's generation batch).
+    # Simulator: episodes stepped together (the policy's generation batch). MiniWoB++ batches its workers.
     batch_size: int = 32
+    # MiniWoB++: browsers running episodes side by side.
+    num_workers: int = 1
     # Where the policy runs ('auto' = a GPU when visible) and its weights' dtype ('auto' = bfloat16 on a
     # GPU, float32 on the CPU).
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -81,12 +90,20 @@ class Config:
     threshold: float = 0.10
     output_dir: str = "runs/eval"
     sim: SimConfig = dataclasses.field(default_factory=SimConfig)
+    # The simulator's behaviour policy (policy=behaviour, env=sim).
+    behaviour: BehaviourConfig = dataclasses.field(default_factory=BehaviourConfig)
+    # MiniWoB++ tasks and browser, and its DOM behaviour policy (policy=behaviour, env=miniwob).
+    miniwob: MiniWoBConfig = dataclasses.field(default_factory=MiniWoBConfig)
+    miniwob_behaviour: MiniWoBBehaviourConfig = dataclasses.field(default_factory=MiniWoBBehaviourConfig)
 
     def validate(self) -> None:
+        if self.mode == "sim":
+            self.mode = "online"
         check(bool(self.policy) or self.mode == "offline", "policy must be set")
+        check(self.num_workers > 0, "num_workers must be > 0")
         check(self.num_episodes > 0 and self.batch_size > 0, "num_episodes and batch_size must be > 0")
         check(self.mode != "offline" or bool(self.dataset), "mode=offline needs dataset=<folder>")
-        check(self.mode != "offline" or self.policy not in BUILTINS, "built-in policies need mode=sim")
+        check(self.mode != "offline" or self.policy not in BUILTINS, "built-in policies need mode=online")
         check(bool(self.critic_dir) == bool(self.features), "critic_dir and features go together")
         check(
             self.mode != "offline" or not critic_only(self.policy) or bool(self.critic_dir),
@@ -129,10 +146,21 @@ def _direction(a: Action) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def evaluate_sim(cfg: Config) -> dict[str, Any]:
-    phone = SimPhone(cfg.sim)
+def evaluate_online(cfg: Config) -> dict[str, Any]:
+    phone = SimPhone(cfg.sim) if cfg.env == "sim" else None
     if cfg.policy in BUILTINS:
-        fn = builtin_policy_fn(cfg.policy, phone, seed=cfg.seed)
+        fn = builtin_policy_fn(
+            cfg.env,
+            cfg.policy,
+            seed=cfg.seed,
+            phone=phone,
+            behaviour=cfg.behaviour,
+            miniwob_behaviour=cfg.miniwob_behaviour,
+        )
+    elif not Path(cfg.policy).exists():
+        raise DataError(
+            f"policy {cfg.policy!r} is neither a built-in policy ({', '.join(BUILTINS)}) nor an existing folder"
+        )
     else:
         fn = load_policy_fn(
             cfg.policy,
@@ -143,8 +171,20 @@ def evaluate_sim(cfg: Config) -> dict[str, Any]:
             max_new_tokens=cfg.max_new_tokens,
             dtype=cfg.dtype,
         )
-    res = evaluate_policy(fn, cfg.split, cfg.num_episodes, cfg.seed, phone, cfg.batch_size, progress=True)
+    res = evaluate_policy(
+        fn,
+        cfg.split,
+        cfg.num_episodes,
+        cfg.seed,
+        phone,
+        cfg.batch_size,
+        progress=True,
+        env=cfg.env,
+        miniwob=cfg.miniwob,
+        num_workers=cfg.num_workers,
+    )
     res["policy"] = cfg.policy
+    res["env"] = cfg.env
     return res
 
 
@@ -296,15 +336,15 @@ def critic_report(cfg: Config, ds: Any) -> dict[str, Any]:
 
 def run(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
-    res = evaluate_sim(cfg) if cfg.mode == "sim" else evaluate_offline(cfg)
+    res = evaluate_online(cfg) if cfg.mode in ("online", "sim") else evaluate_offline(cfg)
     res["mode"] = cfg.mode
     res["seconds"] = time.perf_counter() - t0
     out = Path(cfg.output_dir)
     save_config(cfg, out)
     atomic_write_json(out / "metrics.json", res)
-    if cfg.mode == "sim":
+    if cfg.mode in ("online", "sim"):
         sys.stdout.write(
-            f"{cfg.policy} on {cfg.split}: success {res['success_rate']:.3f} "
+            f"{cfg.policy} on {cfg.env} {cfg.split}: success {res['success_rate']:.3f} "
             f"(95% CI {res['ci_low']:.3f}-{res['ci_high']:.3f}, n={res['num_episodes']})\n"
         )
     else:

@@ -28,8 +28,6 @@ from typing import Any, Literal
 
 from digiq.config import ConfigError, check, save_config, to_dict
 from digiq.models.shipped import GUI_TINY, resolve_model_folder
-from digiq.sim.collect import Config as CollectConfig
-from digiq.sim.collect import run as run_collect
 from digiq.stages import (
     cache_features,
     candidates,
@@ -39,6 +37,8 @@ from digiq.stages import (
     train_bc,
     train_critic,
 )
+from digiq.stages.collect import Config as CollectConfig
+from digiq.stages.collect import run as run_collect
 from digiq.training.policy_loop import POLICY_DIR
 from digiq.utils.io import atomic_write_json, atomic_write_text, is_complete, mark_complete
 from digiq.utils.logging import get_logger
@@ -121,6 +121,11 @@ class Config:
     features_from: Literal["stage1", "base"] = "stage1"
     # torch threads (0 = torch's default). On a shared 2-core machine 1-2 is fastest.
     threads: int = 0
+    # The environment data is collected on and policies are evaluated on: sim = the simulated phone;
+    # miniwob = MiniWoB++ in headless Chromium (tasks in `collect.miniwob.tasks`; evaluation uses the same
+    # tasks on fresh page seeds). On MiniWoB++ the Best-of-N candidates are drawn during collection (they need
+    # the live page), so the candidates stage is skipped and `candidates.num_candidates` sets their number.
+    env: Literal["sim", "miniwob"] = "sim"
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
     finetune_vlm: finetune_vlm.Config = dataclasses.field(default_factory=finetune_vlm.Config)
     train_bc: train_bc.Config = dataclasses.field(default_factory=_train_bc)
@@ -176,6 +181,14 @@ def wire(cfg: Config) -> dict[str, Any]:
         if hasattr(c[name], "seed"):
             c[name].seed = cfg.seed
     c["collect"].output_dir = str(d["collect"])
+    c["collect"].env = c["evaluate"].env = cfg.env
+    data = d["candidates"]
+    if cfg.env == "miniwob":
+        c["collect"].num_candidates = c["candidates"].num_candidates
+        c["evaluate"].miniwob = dataclasses.replace(
+            c["evaluate"].miniwob, tasks=list(c["collect"].miniwob.tasks)
+        )
+        data = d["collect"]
     c["finetune_vlm"].dataset = str(d["collect"])
     c["finetune_vlm"].output_dir = str(d["finetune_vlm"])
     if cfg.stage1_init == "bc":
@@ -189,7 +202,7 @@ def wire(cfg: Config) -> dict[str, Any]:
     c["candidates"].dataset = str(d["collect"])
     c["candidates"].output_dir = str(d["candidates"])
     c["candidates"].policy = policy
-    c["cache_features"].dataset = str(d["candidates"])
+    c["cache_features"].dataset = str(data)
     c["cache_features"].output_dir = str(d["cache_features"])
     if cfg.features_from == "base":
         base = c["finetune_vlm"].model  # after the stage1_init wiring: what Stage 1 started from
@@ -202,11 +215,11 @@ def wire(cfg: Config) -> dict[str, Any]:
         )
     # Features must be read the way Stage 1 was trained to read the screen (same rendering of the action).
     c["cache_features"].rendering = c["finetune_vlm"].rendering
-    c["train_critic"].dataset = str(d["candidates"])
+    c["train_critic"].dataset = str(data)
     c["train_critic"].features = str(d["cache_features"])
     c["train_critic"].output_dir = str(d["train_critic"])
     c["train_critic"].gamma = c["collect"].gamma
-    c["extract_policy"].dataset = str(d["candidates"])
+    c["extract_policy"].dataset = str(data)
     c["extract_policy"].features = str(d["cache_features"])
     c["extract_policy"].critic_dir = str(d["train_critic"] / "critic")
     c["extract_policy"].init_policy = policy
@@ -232,7 +245,7 @@ def _run_stage(name: str, stage_cfg: Any, cfg: Config) -> dict[str, Any]:
         results = {}
         for label, policy in _policies_to_evaluate(cfg).items():
             ecfg = dataclasses.replace(
-                stage_cfg, policy=policy, mode="sim", output_dir=str(Path(stage_cfg.output_dir) / label)
+                stage_cfg, policy=policy, mode="online", output_dir=str(Path(stage_cfg.output_dir) / label)
             )
             log.info("evaluate %s (%s)", label, policy)
             results[label] = evaluate.run(ecfg)
@@ -289,6 +302,9 @@ def run(cfg: Config) -> dict[str, Any]:
         forced = forced or name in cfg.force
         if is_complete(folder) and not forced:
             log.info("[%s] complete at %s: skipped", name, folder)
+            continue
+        if name == "candidates" and cfg.env == "miniwob":
+            log.info("[candidates] drawn during collection on MiniWoB++: skipped")
             continue
         scfg = stage_cfgs[name]
         resumable = hasattr(scfg, "resume") and folder.exists() and not forced

@@ -1,0 +1,218 @@
+"""Episodes on any :class:`~digiq.envs.base.Env`, several environment workers in lock-step.
+
+Every round, each worker with an episode in progress contributes its screen to one batch, the policy acts on
+the batch, and the workers step (on threads when the environments are browsers: each Chromium runs in its own
+processes, so two workers use two cores). A policy is a function of the batch; the environment never imports
+a model. Each item the policy sees has:
+
+* ``screenshot`` (PIL), ``observation`` (the AutoUI prompt: goal + previous action), ``task`` (the goal);
+* ``info``: the environment's privileged facts (``state_key`` on the simulator, the DOM on MiniWoB++), which
+  only scripted policies read; ``state_key`` is repeated at the top level (``""`` where there is none);
+* ``episode`` / ``step``: the episode's index in the instance list and its step, so a stochastic scripted
+  policy can keep one random stream per episode (results then do not depend on worker scheduling).
+
+A browser that dies (:class:`~digiq.envs.miniwob.BrowserCrashed`) loses only the episode it was running: the
+episode is started again from its first step on a fresh browser, so a finished episode is never partial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from digiq.actions import Action, make_observation, parse_action
+from digiq.envs.base import Env, Observation, StepResult, TaskInstance
+from digiq.errors import DigiqError
+from digiq.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+PolicyFn = Callable[[list[dict]], list[Any]]
+# (batch, n) -> n candidate actions per item (index 0 is NOT included: the caller prepends the taken action).
+CandidateFn = Callable[[list[dict], int], list[list[Any]]]
+
+
+@dataclasses.dataclass
+class Transition:
+    observation: Observation
+    prompt: str
+    action: Action
+    text: str
+    reward: float
+    done: bool
+    next_observation: Observation
+    candidates: list[str]
+
+
+@dataclasses.dataclass
+class Episode:
+    index: int
+    instance: TaskInstance
+    success: bool
+    steps: int
+    # Filled when ``record=True``.
+    transitions: list[Transition] = dataclasses.field(default_factory=list)
+
+
+def _as_action(x: Any) -> tuple[Action, str]:
+    if isinstance(x, Action):
+        return x, x.render()
+    return parse_action(x), x
+
+
+@dataclasses.dataclass
+class _Slot:
+    episode: int = -1
+    attempt: int = 0
+    obs: Observation | None = None
+    prev: Action | None = None
+    steps: int = 0
+    transitions: list[Transition] = dataclasses.field(default_factory=list)
+
+
+def run_episodes(
+    envs: Sequence[Env],
+    instances: Sequence[TaskInstance],
+    policy: PolicyFn,
+    *,
+    candidates: CandidateFn | None = None,
+    num_candidates: int = 0,
+    record: bool = False,
+    skip: set[int] | frozenset[int] = frozenset(),
+    on_episode: Callable[[Episode], None] | None = None,
+    refill: bool = True,
+    threads: bool = False,
+    group_by_task: bool = False,
+    max_restarts: int = 3,
+    progress: Any = None,
+) -> list[Episode]:
+    """Run every instance not in ``skip`` to its end and return the episodes in instance order.
+
+    ``refill=False`` starts the next block of ``len(envs)`` episodes only when the whole block has ended (the
+    simulator's historical batching, kept so that its evaluations reproduce bit for bit); ``True`` gives a
+    worker its next episode as soon as one ends. ``on_episode`` is called on the main thread as each episode
+    ends (collection writes shards from it). ``progress`` is a tqdm bar updated per episode.
+    ``group_by_task`` hands out the episodes task by task (a browser switches page once per task, not per
+    episode); what each episode does does not depend on the order.
+    """
+    if not envs:
+        raise DigiqError("run_episodes needs at least one environment")
+    if num_candidates > 0 and candidates is None:
+        raise DigiqError("num_candidates > 0 needs a candidate sampler")
+    todo = [i for i in range(len(instances)) if i not in skip]
+    if group_by_task:
+        todo.sort(key=lambda i: (instances[i].task_id, i))
+    queue = deque(todo)
+    slots = [_Slot() for _ in envs]
+    done: dict[int, Episode] = {}
+    restarts: dict[int, int] = {}
+    pool = ThreadPoolExecutor(len(envs)) if threads and len(envs) > 1 else None
+
+    def parallel(fn: Callable[[int], Any], ws: list[int]) -> list[Any]:
+        """``fn(w)`` for each worker, returning results or the exception each raised."""
+
+        def safe(w: int) -> Any:
+            try:
+                return fn(w)
+            except Exception as e:  # noqa: BLE001  (sorted out by the caller, per worker)
+                return e
+
+        return list(pool.map(safe, ws)) if pool is not None else [safe(w) for w in ws]
+
+    def crashed(w: int, err: Exception) -> None:
+        from digiq.envs.miniwob import BrowserCrashed
+
+        if not isinstance(err, BrowserCrashed):
+            raise err
+        i = slots[w].episode
+        restarts[i] = restarts.get(i, 0) + 1
+        if restarts[i] > max_restarts:
+            raise DigiqError(
+                f"episode {i} ({instances[i]}): the browser died {restarts[i]} times; last: {err}"
+            )
+        log.warning("worker %d: %s; episode %d starts again on a fresh browser", w, err, i)
+        queue.appendleft(i)
+        slots[w] = _Slot()
+
+    try:
+        while queue or any(s.episode >= 0 for s in slots):
+            idle = [w for w, s in enumerate(slots) if s.episode < 0]
+            if idle and queue and (refill or len(idle) == len(slots)):
+                starting = []
+                for w in idle:
+                    if not queue:
+                        break
+                    slots[w] = _Slot(episode=queue.popleft())
+                    starting.append(w)
+                for w, got in zip(
+                    starting, parallel(lambda w: envs[w].reset(instances[slots[w].episode]), starting)
+                ):
+                    if isinstance(got, Exception):
+                        crashed(w, got)
+                    else:
+                        slots[w].obs = got
+            active = [w for w, s in enumerate(slots) if s.episode >= 0 and s.obs is not None]
+            if not active:
+                continue
+            batch = []
+            for w in active:
+                s = slots[w]
+                assert s.obs is not None
+                batch.append(
+                    {
+                        "screenshot": s.obs.screenshot,
+                        "observation": make_observation(s.obs.goal, s.prev),
+                        "task": s.obs.goal,
+                        "state_key": s.obs.info.get("state_key", ""),
+                        "info": s.obs.info,
+                        "episode": s.episode,
+                        "step": s.steps,
+                    }
+                )
+            outs = policy(batch)
+            if len(outs) != len(batch):
+                raise DigiqError(f"the policy returned {len(outs)} actions for a batch of {len(batch)}")
+            acts = [_as_action(o) for o in outs]
+            cands = (
+                candidates(batch, num_candidates) if num_candidates > 0 and candidates is not None else None
+            )
+            moves = {w: a for w, (a, _) in zip(active, acts)}
+            results = parallel(lambda w, moves=moves: envs[w].step(moves[w]), active)
+            for k, (w, res) in enumerate(zip(active, results)):
+                if isinstance(res, Exception):
+                    crashed(w, res)
+                    continue
+                s = slots[w]
+                assert isinstance(res, StepResult) and s.obs is not None
+                action, text = acts[k]
+                if record:
+                    extra = [_as_action(c)[1] for c in cands[k]] if cands is not None else []
+                    s.transitions.append(
+                        Transition(
+                            s.obs,
+                            batch[k]["observation"],
+                            action,
+                            text,
+                            float(res.reward),
+                            bool(res.done),
+                            res.observation,
+                            [text, *extra] if cands is not None else [],
+                        )
+                    )
+                s.steps += 1
+                s.prev, s.obs = action, res.observation
+                if res.done:
+                    ep = Episode(s.episode, instances[s.episode], res.reward > 0, s.steps, s.transitions)
+                    done[s.episode] = ep
+                    slots[w] = _Slot()
+                    if on_episode is not None:
+                        on_episode(ep)
+                    if progress is not None:
+                        progress.update(1)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    return [done[i] for i in sorted(done)]

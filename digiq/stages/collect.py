@@ -1,0 +1,441 @@
+"""``digiq collect``: behaviour-policy trajectories on any environment, in the digiq dataset schema.
+
+    digiq collect output_dir=data/sim num_trajectories=500                 # the simulated phone (default)
+    digiq collect env=miniwob output_dir=data/mw num_trajectories=480 num_workers=2 num_candidates=16
+    digiq collect env=miniwob output_dir=data/mw --resume                  # continue a killed collection
+    digiq sim collect ...                                                  # the same command, env=sim
+
+Rows follow :data:`digiq.data.schema.FEATURES`. Candidates (``num_candidates > 0``: index 0 is the dataset
+action, then ``n - 1`` samples) come from the same scripted behaviour policy at more noise, from its own random
+stream, so the dataset actions are the same whether or not candidates are drawn. On MiniWoB++ they are drawn
+during collection because they need the live page (its DOM).
+
+**Crash safety.** On MiniWoB++ finished episodes are written every ``shard_size`` episodes as complete shards
+under ``<output_dir>/shards/``; the dataset itself (and its ``_COMPLETE`` marker) appears only when every
+episode has been collected, so a killed collection never looks finished, and ``resume=true`` keeps every
+finished shard and collects only the missing episodes (each episode's randomness is its own: the resumed
+dataset equals an uninterrupted one). A browser that dies mid-episode is restarted and the episode collected
+again from its first step. The simulator collects in seconds and writes the dataset in one go, with its
+historical single random stream (the datasets of earlier releases are reproduced bit for bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from digiq.config import ConfigError, check, to_dict
+from digiq.data.labels import DEFAULT_EPS, DEFAULT_SCALE, screen_diff
+from digiq.data.schema import FEATURES, discounted_returns, save_dataset, undecoded_view
+from digiq.envs import make_envs
+from digiq.envs.base import Observation, TaskInstance
+from digiq.envs.miniwob import MiniWoBConfig
+from digiq.envs.miniwob_policy import MiniWoBBehaviourConfig
+from digiq.envs.rollout import Episode, run_episodes
+from digiq.errors import DataError
+from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
+from digiq.sim.phone import SimConfig, SimPhone
+from digiq.utils.io import atomic_write_json, is_complete, refuse_finished
+from digiq.utils.logging import get_logger
+
+log = get_logger(__name__)
+# The Stage-1 label (DigiRL-agent/digiq @ 8181379,
+# postprocess_data/get_more_actions/construct_sft_data.py:23-37): mean squared difference of the two
+# screenshots at 0.25x scale on 0-255, "Yes" if > 30 -- the rule finetune-vlm trains on (digiq/data/labels.py).
+CHANGE_SCALE = DEFAULT_SCALE
+CHANGE_THRESHOLD = DEFAULT_EPS
+SHARDS = "shards"
+PLAN_FILE = "collect_plan.json"
+
+
+def screen_change(png_a: bytes, png_b: bytes, scale: float = CHANGE_SCALE) -> float:
+    """Mean squared pixel difference (0-255 scale, all channels) of two PNG screenshots resized by ``scale``."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png_a)) as a, Image.open(io.BytesIO(png_b)) as b:
+        return screen_diff(a, b, scale)
+
+
+@dataclasses.dataclass
+class Config:
+    # sim = the simulated phone; miniwob = MiniWoB++ in headless Chromium (pip install -e ".[miniwob]").
+    env: Literal["sim", "miniwob"] = "sim"
+    # Where the dataset folder is written (HF save_to_disk + digiq_dataset.json + _COMPLETE).
+    output_dir: str = "data/sim"
+    # Number of trajectories; on the simulator 500 gives ~3.7k steps, enough for the critic stages on a CPU.
+    num_trajectories: int = 500
+    # Task split (train and test are disjoint: tasks on the simulator, page seeds on MiniWoB++).
+    split: Literal["train", "test"] = "train"
+    # Discount for mc_return (0.95 as the official default.yaml).
+    gamma: float = 0.95
+    # 0: leave `candidates` empty. >0: index 0 = the dataset action, then n-1 behaviour samples.
+    num_candidates: int = 0
+    # Seed of the task order, the behaviour policy and the candidate sampler (same seed = same dataset).
+    seed: int = 0
+    # Replace a finished output at output_dir instead of refusing it.
+    overwrite: bool = False
+    # MiniWoB++: keep the finished shards of a killed collection and collect only the missing episodes.
+    resume: bool = False
+    # MiniWoB++: browsers stepping episodes side by side (each is a Chromium: ~350 MB, about one core).
+    num_workers: int = 1
+    # MiniWoB++: finished episodes per shard (a kill loses at most the episodes of one unwritten shard).
+    shard_size: int = 25
+    # The simulated device and the noise of its behaviour policy (env=sim).
+    sim: SimConfig = dataclasses.field(default_factory=SimConfig)
+    behaviour: BehaviourConfig = dataclasses.field(default_factory=BehaviourConfig)
+    # MiniWoB++ tasks and browser, and the noise of its DOM behaviour policy (env=miniwob).
+    miniwob: MiniWoBConfig = dataclasses.field(default_factory=MiniWoBConfig)
+    miniwob_behaviour: MiniWoBBehaviourConfig = dataclasses.field(default_factory=MiniWoBBehaviourConfig)
+
+    def validate(self) -> None:
+        check(self.num_trajectories > 0, "num_trajectories must be > 0")
+        check(0.0 <= self.gamma < 1.0, f"gamma must be in [0, 1), got {self.gamma}")
+        check(self.num_candidates >= 0, "num_candidates must be >= 0")
+        check(self.num_workers > 0, "num_workers must be > 0")
+        check(self.shard_size > 0, "shard_size must be > 0")
+        check(
+            self.env == "miniwob" or not self.resume,
+            "resume is for env=miniwob (the simulator takes seconds)",
+        )
+        self.sim.validate()
+        self.behaviour.validate()
+        self.miniwob.validate()
+        self.miniwob_behaviour.validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans: the instances, the behaviour policy and the candidate sampler of each environment
+# --------------------------------------------------------------------------------------------------
+
+
+def _sim_plan(cfg: Config, phone: SimPhone) -> tuple[list[TaskInstance], Any, Any]:
+    """The simulator's historical streams: a fresh permutation of the tasks per pass, one generator each for
+    the dataset actions and the candidates."""
+    tasks = phone.tasks(cfg.split)
+    seeds = np.random.SeedSequence(cfg.seed).spawn(3)
+    order_rng = np.random.default_rng(seeds[0])
+    pi = BehaviourPolicy(phone, seed=int(seeds[1].generate_state(1)[0]), config=cfg.behaviour)
+    cand_pi = BehaviourPolicy(phone, seed=int(seeds[2].generate_state(1)[0]), config=cfg.behaviour)
+    order: list[int] = []
+    instances = []
+    for _ in range(cfg.num_trajectories):
+        if not order:  # a fresh seeded permutation per pass over the tasks: balanced task counts
+            order = [int(i) for i in order_rng.permutation(len(tasks))]
+        instances.append(TaskInstance(tasks[order.pop()].task_id))
+    return (
+        instances,
+        lambda batch: [pi.act(b["info"]["state"]) for b in batch],
+        lambda batch, n: [cand_pi.sample_candidates(b["info"]["state"], n) for b in batch],
+    )
+
+
+def _miniwob_plan(cfg: Config) -> tuple[list[TaskInstance], Any, Any]:
+    """Per-episode random streams (actions: ``[seed, 1, episode]``, candidates: ``[seed, 2, episode]``), so an
+    episode does the same whichever worker runs it, whenever, and after a browser restart."""
+    from digiq.envs.miniwob import task_instances
+    from digiq.envs.miniwob_policy import MiniWoBBehaviour
+
+    pi = MiniWoBBehaviour(cfg.miniwob_behaviour)
+    act_rngs: dict[int, np.random.Generator] = {}
+    cand_rngs: dict[int, np.random.Generator] = {}
+
+    def stream(store: dict, b: dict, k: int) -> np.random.Generator:
+        if b["step"] == 0 or b["episode"] not in store:
+            store[b["episode"]] = np.random.default_rng([cfg.seed, k, b["episode"]])
+        return store[b["episode"]]
+
+    return (
+        task_instances(cfg.miniwob.tasks, cfg.split, cfg.num_trajectories, cfg.seed),
+        lambda batch: [pi.act(b["info"], stream(act_rngs, b, 1)) for b in batch],
+        lambda batch, n: [pi.sample_candidates(b["info"], n, stream(cand_rngs, b, 2)) for b in batch],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Episodes -> columns
+# --------------------------------------------------------------------------------------------------
+
+
+def _png(obs: Observation) -> bytes:
+    if obs.png is None:
+        buf = io.BytesIO()
+        obs.screenshot.save(buf, format="PNG")
+        obs.png = buf.getvalue()
+    return obs.png
+
+
+def episode_columns(episodes: list[Episode], gamma: float, changes: dict | None = None) -> tuple[dict, int]:
+    """Dataset columns of ``episodes`` (``traj_id`` = the episode's index) and how many steps changed the
+    screen by more than the Stage-1 threshold. ``changes`` caches the label per (png, png) pair."""
+    cols: dict[str, list] = {name: [] for name in FEATURES}
+    changes = {} if changes is None else changes
+    changed = 0
+    for ep in episodes:
+        for t, tr in enumerate(ep.transitions):
+            a, b = _png(tr.observation), _png(tr.next_observation)
+            cols["traj_id"].append(ep.index)
+            cols["step_id"].append(t)
+            cols["task"].append(tr.observation.goal)
+            cols["observation"].append(tr.prompt)
+            cols["screenshot"].append({"bytes": a, "path": None})
+            cols["next_screenshot"].append({"bytes": b, "path": None})
+            cols["action"].append(tr.text)
+            cols["reward"].append(float(tr.reward))
+            cols["done"].append(bool(tr.done))
+            cols["state_key"].append(str(tr.observation.info.get("state_key", "")))
+            cols["candidates"].append(list(tr.candidates))
+            key = (
+                tr.observation.info.get("state_key") or hash(a),
+                tr.next_observation.info.get("state_key") or hash(b),
+            )
+            if key not in changes:
+                changes[key] = a != b and screen_change(a, b) > CHANGE_THRESHOLD
+            changed += changes[key]
+        cols["mc_return"].extend(
+            float(v) for v in discounted_returns([t.reward for t in ep.transitions], gamma)
+        )
+    return cols, changed
+
+
+def collect_columns(cfg: Config, phone: SimPhone | None = None, progress: bool = True) -> tuple[dict, dict]:
+    """The simulator's dataset columns (dict of lists) and summary stats, without writing anything."""
+    from tqdm.auto import tqdm
+
+    check(
+        cfg.env == "sim", "collect_columns is the simulator's in-memory collection; env=miniwob writes shards"
+    )
+    phone = phone or SimPhone(cfg.sim)
+    instances, policy, cands = _sim_plan(cfg, phone)
+    with tqdm(total=len(instances), desc="sim collect", unit="traj", disable=not progress) as bar:
+        episodes = run_episodes(
+            make_envs("sim", 1, phone=phone),
+            instances,
+            policy,
+            candidates=cands,
+            num_candidates=cfg.num_candidates - 1 if cfg.num_candidates > 0 else 0,
+            record=True,
+            progress=bar,
+        )
+    changes: dict = {}
+    cols, changed = episode_columns(episodes, cfg.gamma, changes)
+    stats = _stats(cfg, episodes, len(cols["traj_id"]), changed)
+    stats["distinct_states"] = len({k for pair in changes for k in pair})
+    stats["distinct_transitions"] = len(changes)
+    return cols, stats
+
+
+def _stats(cfg: Config, episodes: list[Episode], steps: int, changed: int) -> dict[str, Any]:
+    per_task: dict[str, list[int]] = {}
+    for e in episodes:
+        row = per_task.setdefault(e.instance.task_id, [0, 0])
+        row[0] += int(e.success)
+        row[1] += 1
+    return {
+        "num_trajectories": len(episodes),
+        "num_steps": steps,
+        "success_rate": sum(e.success for e in episodes) / max(1, len(episodes)),
+        # Stage-1 label balance: the fraction of steps whose screen changed by more than the threshold.
+        "screen_change_fraction": changed / max(1, steps),
+        "per_task_success": per_task,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# MiniWoB++: sharded, resumable collection
+# --------------------------------------------------------------------------------------------------
+
+
+def _plan_fingerprint(cfg: Config) -> dict[str, Any]:
+    """What fixes each episode's content: a resumed collection must have the same (num_trajectories,
+    workers and shard size may change)."""
+    d = to_dict(cfg)
+    for k in ("output_dir", "overwrite", "resume", "num_workers", "shard_size", "num_trajectories"):
+        d.pop(k, None)
+    d.pop("sim", None)
+    d.pop("behaviour", None)
+    d["miniwob"].pop("scratch_dir", None)
+    return d
+
+
+def _finished_shards(shard_root: Path) -> list[Path]:
+    return sorted(p for p in shard_root.glob("shard-*") if p.is_dir() and is_complete(p))
+
+
+def _collect_miniwob(cfg: Config) -> tuple[Any, dict[str, Any]]:
+    from datasets import concatenate_datasets, load_from_disk
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.output_dir)
+    shard_root = out / SHARDS
+    plan = _plan_fingerprint(cfg)
+    if out.exists() and not is_complete(out) and any(out.iterdir()):
+        if cfg.resume:
+            saved = json.loads((out / PLAN_FILE).read_text()) if (out / PLAN_FILE).exists() else None
+            if saved != plan:
+                raise ConfigError(
+                    f"{out}: the unfinished collection there was started with another configuration; "
+                    "resume it with the same settings, or pass overwrite=true to start again"
+                )
+        elif cfg.overwrite:
+            shutil.rmtree(out)
+        else:
+            raise FileExistsError(
+                f"{out} holds an unfinished collection ({len(_finished_shards(shard_root))} finished shards): "
+                "pass resume=true (--resume) to continue it, or overwrite=true to start again"
+            )
+    shard_root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / PLAN_FILE, plan)
+    # Leftovers of a shard whose writer was killed: never complete, never read.
+    for junk in shard_root.glob(".shard-*"):
+        shutil.rmtree(junk, ignore_errors=True)
+
+    def read_shards() -> list[Any]:
+        return [load_from_disk(str(p)) for p in _finished_shards(shard_root)]
+
+    done_ids: set[int] = set()
+    prior = read_shards()
+    for ds in prior:
+        done_ids.update(int(t) for t in set(ds["traj_id"]))
+    done_ids = {i for i in done_ids if i < cfg.num_trajectories}
+    if done_ids:
+        log.info(
+            "resuming: %d of %d episodes already collected in %s",
+            len(done_ids),
+            cfg.num_trajectories,
+            shard_root,
+        )
+
+    instances, policy, cands = _miniwob_plan(cfg)
+    pending: list[Episode] = []
+    outcomes: list[Episode] = []
+    next_shard = len(_finished_shards(shard_root))
+
+    def flush() -> None:
+        nonlocal next_shard
+        if not pending:
+            return
+        from datasets import Dataset
+
+        cols, _ = episode_columns(sorted(pending, key=lambda e: e.index), cfg.gamma)
+        save_dataset(
+            Dataset.from_dict(cols, features=FEATURES),
+            shard_root / f"shard-{next_shard:05d}",
+            {"episodes": len(pending)},
+        )
+        next_shard += 1
+        pending.clear()
+
+    def on_episode(ep: Episode) -> None:
+        outcomes.append(Episode(ep.index, ep.instance, ep.success, ep.steps))
+        pending.append(ep)
+        if len(pending) >= cfg.shard_size:
+            flush()
+
+    envs = make_envs("miniwob", cfg.num_workers, miniwob=cfg.miniwob)
+    t0 = time.perf_counter()
+    try:
+        with tqdm(
+            total=cfg.num_trajectories, initial=len(done_ids), desc="collect miniwob", unit="ep"
+        ) as bar:
+            run_episodes(
+                envs,
+                instances,
+                policy,
+                candidates=cands,
+                num_candidates=cfg.num_candidates - 1 if cfg.num_candidates > 0 else 0,
+                record=True,
+                skip=done_ids,
+                on_episode=on_episode,
+                threads=True,
+                group_by_task=True,
+                progress=bar,
+            )
+        flush()
+    finally:
+        for e in envs:
+            e.close()
+    seconds = time.perf_counter() - t0
+    shards = read_shards()
+    ds = concatenate_datasets(shards)
+    ds = ds.filter(lambda t: t < cfg.num_trajectories, input_columns="traj_id")
+    ds = ds.sort(["traj_id", "step_id"])
+    ids = set(int(t) for t in set(ds["traj_id"]))
+    missing = set(range(cfg.num_trajectories)) - ids
+    if missing:
+        raise DataError(f"{out}: episodes {sorted(missing)[:10]} are missing from the shards")
+    # Success and steps from the rows (episodes of earlier, resumed runs included).
+    task_of = {i: instances[i].task_id for i in range(cfg.num_trajectories)}
+    ends = [i for i, d in enumerate(ds["done"]) if d]
+    rewards, trajs = ds["reward"], ds["traj_id"]
+    per_task: dict[str, list[int]] = {}
+    for i in ends:
+        row = per_task.setdefault(task_of[int(trajs[i])], [0, 0])
+        row[0] += int(rewards[i] > 0)
+        row[1] += 1
+    view = undecoded_view(ds, ["screenshot", "next_screenshot"])
+    changed = 0
+    for start in range(0, len(view), 256):
+        rows = view[start : start + 256]
+        for a, b in zip(rows["screenshot"], rows["next_screenshot"]):
+            changed += a["bytes"] != b["bytes"] and screen_change(a["bytes"], b["bytes"]) > CHANGE_THRESHOLD
+    stats = {
+        "num_trajectories": cfg.num_trajectories,
+        "num_steps": len(ds),
+        "success_rate": sum(r[0] for r in per_task.values()) / cfg.num_trajectories,
+        "screen_change_fraction": changed / max(1, len(ds)),
+        "per_task_success": per_task,
+        "collected_this_run": len(outcomes),
+        "collect_seconds": seconds,
+        "steps_per_second": sum(e.steps for e in outcomes) / seconds if seconds > 0 else 0.0,
+        "num_workers": cfg.num_workers,
+    }
+    return ds, stats
+
+
+def run(cfg: Config) -> dict:
+    from datasets import Dataset
+
+    if not (cfg.env == "miniwob" and cfg.resume):
+        refuse_finished(cfg.output_dir, cfg.overwrite)
+    elif is_complete(cfg.output_dir):
+        log.info("%s is already complete: nothing to resume", cfg.output_dir)
+        return {}
+    t0 = time.perf_counter()
+    if cfg.env == "sim":
+        cols, stats = collect_columns(cfg, SimPhone(cfg.sim))
+        ds = Dataset.from_dict(cols, features=FEATURES)
+    else:
+        ds, stats = _collect_miniwob(cfg)
+    info: dict[str, Any] = {
+        "source": cfg.env,
+        "gamma": cfg.gamma,
+        "split": cfg.split,
+        "seed": cfg.seed,
+        "num_candidates": cfg.num_candidates,
+        "config": to_dict(cfg),
+        **stats,
+    }
+    if cfg.env == "sim":
+        info.update(sim=to_dict(cfg.sim), behaviour=to_dict(cfg.behaviour))
+    else:
+        info.update(miniwob=to_dict(cfg.miniwob), behaviour=to_dict(cfg.miniwob_behaviour))
+    # overwrite=True here also covers env=miniwob, whose unfinished folder (shards) the dataset replaces.
+    save_dataset(ds, cfg.output_dir, info, overwrite=cfg.overwrite or cfg.env == "miniwob")
+    stats["seconds"] = time.perf_counter() - t0
+    log.info(
+        "wrote %d trajectories / %d steps to %s in %.1fs (behaviour success %.3f, screen-change fraction %.3f)",
+        stats["num_trajectories"],
+        stats["num_steps"],
+        cfg.output_dir,
+        stats["seconds"],
+        stats["success_rate"],
+        stats["screen_change_fraction"],
+    )
+    return stats
