@@ -23,8 +23,7 @@ slow = pytest.mark.slow
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A 6-trajectory sim dataset (seed 1: one success, for the offline report) with 4 sim candidates, and a BC policy trained for 4 steps."""
-    from digiq.stages import collect
-    from digiq.stages import train_bc
+    from digiq.stages import collect, train_bc
 
     d = tmp_path_factory.mktemp("policy_stages")
     cfg = load_config(

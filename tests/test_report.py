@@ -18,10 +18,10 @@ from digiq.actions import Action, ActionType
 from digiq.data.features import FeatureCache, write_cache
 from digiq.data.schema import load_dataset, trajectory_bounds
 from digiq.models.critic import Critic, CriticArch, load_critic, save_critic
-from digiq.stages.collect import Config as CollectConfig
-from digiq.stages.collect import run as collect_run
 from digiq.sim.phone import SimConfig, SimPhone
 from digiq.stages import report
+from digiq.stages.collect import Config as CollectConfig
+from digiq.stages.collect import run as collect_run
 from digiq.viz import HIGHLIGHT, draw_actions
 
 ROOT = Path(__file__).resolve().parents[1]

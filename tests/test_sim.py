@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 
 from digiq.actions import Action, ActionType, parse_action
+from digiq.envs import evaluate_policy
+from digiq.envs.sim import sim_policy_fn as builtin_policy_fn
 from digiq.errors import DigiqError
 from digiq.sim import layout as L
 from digiq.sim.behaviour import BehaviourPolicy
-from digiq.stages.collect import CHANGE_THRESHOLD, screen_change
 from digiq.sim.phone import SimConfig, SimPhone
-from digiq.envs import evaluate_policy
-from digiq.envs.sim import sim_policy_fn as builtin_policy_fn
+from digiq.stages.collect import CHANGE_THRESHOLD, screen_change
 from digiq.utils.stats import wilson_interval
 
 GAMMA = 0.9

@@ -15,8 +15,8 @@ from PIL import Image
 
 from digiq.actions import make_observation, parse_action
 from digiq.data.schema import INFO_FILE, dataset_info, discounted_returns, load_dataset, trajectory_bounds
-from digiq.stages import collect
 from digiq.sim.phone import SimConfig, SimPhone
+from digiq.stages import collect
 
 ROOT = Path(__file__).resolve().parents[1]
 
