@@ -1,7 +1,7 @@
 """Models shipped in the repository's ``data/`` folder, and how a config names them.
 
 ``data/pretrained/gui-tiny`` is the tiny VLM pretrained on synthetic GUI screens by ``digiq pretrain-vlm``
-(its model card says how). A config names it by the repository-relative path; :func:`resolve_model_folder`
+(its model card says how); ``data/pretrained/gui-tiny-web`` is it pretrained further on MiniWoB++ web pages. A config names it by the repository-relative path; :func:`resolve_model_folder`
 finds it from any working directory of an editable install and says how to rebuild it when it is missing.
 """
 
@@ -13,7 +13,12 @@ from digiq.errors import DigiqError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GUI_TINY = "data/pretrained/gui-tiny"
-REBUILD = {GUI_TINY: "digiq pretrain-vlm --config configs/pretrain-vlm/gui-tiny.yaml"}
+# gui-tiny pretrained further on web pages of MiniWoB++ tasks outside the pipeline's list: env=miniwob's start.
+GUI_TINY_WEB = "data/pretrained/gui-tiny-web"
+REBUILD = {
+    GUI_TINY: "digiq pretrain-vlm --config configs/pretrain-vlm/gui-tiny.yaml",
+    GUI_TINY_WEB: "digiq pretrain-vlm --config configs/pretrain-vlm/gui-tiny-web.yaml",
+}
 
 
 def resolve_model_folder(path: str) -> str:

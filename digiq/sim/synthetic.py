@@ -344,7 +344,7 @@ def sample_stream_item(
 def is_correct(sample: Sample, prediction: str) -> bool:
     """Grounding: the predicted tap lies in the widget; every other skill: the text matches (any case)."""
     pred = prediction.strip().lower()
-    if sample.skill == "ground" and sample.box is not None:
+    if sample.skill in ("ground", "web_ground") and sample.box is not None:
         parts = pred.split()
         if len(parts) != 3 or parts[0] != "tap":
             return False

@@ -32,6 +32,16 @@ import torch
 from tqdm.auto import tqdm
 
 from digiq.config import ModelConfig, WandbConfig, check, save_config, to_dict
+from digiq.envs.web_screens import (
+    WEB_SKILLS,
+    WebScreen,
+    WebScreensConfig,
+    bank_summary,
+    collect_web_screens,
+    load_web_screens,
+    make_web_sample,
+    save_web_screens,
+)
 from digiq.errors import DataError
 from digiq.models.policy import (
     PolicySpec,
@@ -46,11 +56,12 @@ from digiq.training.checkpoint import inner, load_checkpoint
 from digiq.training.output import begin_output, check_output, finish_output
 from digiq.training.policy_loop import PolicyOptimConfig, train_steps
 from digiq.training.schedule import make_scheduler
-from digiq.utils.io import atomic_write_json, atomic_write_text, refuse_finished, staged_dir
+from digiq.utils.io import atomic_write_json, atomic_write_text, is_complete, refuse_finished, staged_dir
 from digiq.utils.logging import MetricsLogger, get_logger
 from digiq.utils.machine import describe
 from digiq.utils.seed import set_seed
 
+ALL_SKILLS = (*SKILLS, *WEB_SKILLS)
 log = get_logger(__name__)
 DISTRIBUTED = True
 MODEL_DIR = "model"
@@ -77,14 +88,22 @@ class SkillWeights:
     parse: float = 2.0
     # 'Goal: Type "<text>"' -> type <text>: copy text the model never saw.
     type: float = 1.5
+    # Grounding and referring on real web pages: MiniWoB++ screens of tasks outside the pipeline's list, labels
+    # from the DOM (`web`; needs chromium: pip install -e ".[miniwob]"). 0 = no browser needed.
+    web_ground: float = 0.0
+    web_refer: float = 0.0
 
     def as_lists(self) -> tuple[list[str], list[float]]:
-        pairs = [(s, float(getattr(self, s))) for s in SKILLS if getattr(self, s) > 0]
+        pairs = [(s, float(getattr(self, s))) for s in ALL_SKILLS if getattr(self, s) > 0]
         return [s for s, _ in pairs], [w for _, w in pairs]
 
+    @property
+    def uses_web(self) -> bool:
+        return any(getattr(self, s) > 0 for s in WEB_SKILLS)
+
     def validate(self, where: str = "skills") -> None:
-        check(all(getattr(self, s) >= 0 for s in SKILLS), f"{where}: weights must be >= 0")
-        check(any(getattr(self, s) > 0 for s in SKILLS), f"{where}: at least one weight must be > 0")
+        check(all(getattr(self, s) >= 0 for s in ALL_SKILLS), f"{where}: weights must be >= 0")
+        check(any(getattr(self, s) > 0 for s in ALL_SKILLS), f"{where}: at least one weight must be > 0")
 
 
 @dataclasses.dataclass
@@ -115,6 +134,8 @@ class Config:
     # 16 px patches: 16 image tokens), so the result is a drop-in start for train-bc and finetune-vlm.
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path=TINY_POLICY))
     skills: SkillWeights = dataclasses.field(default_factory=SkillWeights)
+    # The web screens of skills.web_ground / web_refer (collected once into <output_dir>/web_screens).
+    web: WebScreensConfig = dataclasses.field(default_factory=WebScreensConfig)
     # Screen size of the generated screens (the simulated device's, sim.SimConfig).
     width: int = 180
     height: int = 320
@@ -142,6 +163,8 @@ class Config:
             "export_dir must differ from <output_dir>/model",
         )  # fmt: skip
         self.skills.validate()
+        if self.skills.uses_web:
+            self.web.validate()
         self.train.validate()
         self.optim.validate()
 
@@ -154,8 +177,10 @@ def spec_for(processor: Any) -> PolicySpec:
 class _StepData(torch.utils.data.Dataset):
     """Item ``t`` = this process's share of step ``t``'s batch, encoded (draws and encodes in workers)."""
 
-    def __init__(self, cfg: Config, processor: Any, rank: int, world: int) -> None:
-        self.cfg, self.processor, self.rank, self.world = cfg, processor, rank, world
+    def __init__(
+        self, cfg: Config, processor: Any, rank: int, world: int, bank: list[WebScreen] | None = None
+    ) -> None:
+        self.cfg, self.processor, self.rank, self.world, self.bank = cfg, processor, rank, world, bank
         self.skills, self.weights = cfg.skills.as_lists()
 
     def __len__(self) -> int:
@@ -165,8 +190,8 @@ class _StepData(torch.utils.data.Dataset):
         local = self.cfg.train.batch_size // self.world
         idx = range(self.rank * local, (self.rank + 1) * local)
         samples = [
-            sample_stream_item(
-                self.cfg.seed, step, i, self.skills, self.weights, self.cfg.width, self.cfg.height
+            stream_item(
+                self.cfg.seed, step, i, self.skills, self.weights, self.cfg.width, self.cfg.height, self.bank
             )
             for i in idx
         ]
@@ -179,13 +204,44 @@ class _StepData(torch.utils.data.Dataset):
         )
 
 
-def evaluation_samples(seed: int, per_skill: int, width: int = 180, height: int = 320) -> list[Sample]:
-    """``per_skill`` fresh questions of every skill, a pure function of ``seed``."""
-    return [
+def stream_item(
+    seed: int,
+    step: int,
+    index: int,
+    skills: list[str],
+    weights: list[float],
+    width: int,
+    height: int,
+    bank: list[WebScreen] | None = None,
+) -> Sample:
+    """Sample ``index`` of step ``step``: the synthetic stream's item, or a web question drawn from the same
+    random stream (without web skills it is exactly :func:`digiq.sim.synthetic.sample_stream_item`)."""
+    if bank is None:
+        return sample_stream_item(seed, step, index, skills, weights, width, height)
+    rng = random.Random(f"{seed}:{step}:{index}")
+    skill = rng.choices(skills, weights)[0]
+    if skill in WEB_SKILLS:
+        return make_web_sample(rng, skill, bank)
+    return make_sample(rng, skill, width, height)
+
+
+def evaluation_samples(
+    seed: int, per_skill: int, width: int = 180, height: int = 320, bank: list[WebScreen] | None = None
+) -> list[Sample]:
+    """``per_skill`` fresh questions of every skill (web skills on the held-out web screens, when given), a
+    pure function of ``seed``."""
+    out = [
         make_sample(random.Random(f"eval:{seed}:{skill}:{i}"), skill, width, height)
         for skill in SKILLS
         for i in range(per_skill)
     ]
+    if bank:
+        out += [
+            make_web_sample(random.Random(f"eval:{seed}:{skill}:{i}"), skill, bank)
+            for skill in WEB_SKILLS
+            for i in range(per_skill)
+        ]
+    return out
 
 
 def evaluate(
@@ -212,10 +268,18 @@ def model_card(cfg: Config, metrics: dict[str, Any], command: str) -> str:
     """The model card (README.md of the exported folder): what it is, how it was made, what it scores."""
     acc = "\n".join(f"| {k.split('/', 1)[1]} | {v:.3f} |" for k, v in metrics.items() if k.startswith("acc/"))
     m = metrics.get("machine", {})
-    return f"""# gui-tiny: a tiny VLM pretrained on synthetic GUI screens
+    name = Path(cfg.export_dir).name if cfg.export_dir else "pretrained"
+    web = (
+        f" and on {metrics.get('web_screens', {}).get('screens', 0)} real web pages (MiniWoB++ screens of "
+        f"{len(cfg.web.tasks)} tasks outside the pipeline's list, `digiq/envs/web_screens.py`; grounding and "
+        "referring labels from the DOM)"
+        if cfg.skills.uses_web
+        else ""
+    )
+    return f"""# {name}: a tiny VLM pretrained on GUI screens
 
 A {metrics["parameters"] / 1e6:.2f}M-parameter `{cfg.model.name_or_path}` (Idefics3 classes, 16 image
-tokens) trained by `digiq pretrain-vlm` on randomised synthetic phone screens (`digiq/sim/synthetic.py`)
+tokens) trained by `digiq pretrain-vlm` on randomised synthetic phone screens (`digiq/sim/synthetic.py`){web}
 to ground, refer, read, tell toggle states and screen types, parse AitW-style goals of made-up words and
 copy text. It never saw the simulated device's task solutions (no next actions, success, screen-change
 or value labels). It is the start of `digiq pipeline` (pi_beta and Stage 1), as AutoUI and LLaVA-1.5 are
@@ -286,8 +350,16 @@ def run(cfg: Config) -> dict[str, Any]:
     logger = MetricsLogger(
         out, cfg.wandb, to_dict(cfg), enabled=is_main, resume_step=start if resume_from else None
     )
+    bank = eval_bank = None
+    if cfg.skills.uses_web:
+        bank_dir = out / "web_screens"
+        if is_main and not is_complete(bank_dir):
+            save_web_screens(collect_web_screens(cfg.web), bank_dir, cfg.web)
+        accelerator.wait_for_everyone()
+        bank, eval_bank = load_web_screens(bank_dir, "train"), load_web_screens(bank_dir, "eval")
+        log.info("web screens: %s", bank_summary(bank_dir))
     loader = torch.utils.data.DataLoader(
-        _StepData(cfg, processor, rank, world),
+        _StepData(cfg, processor, rank, world, bank),
         sampler=range(start, total),
         batch_size=None,
         num_workers=cfg.train.num_workers,
@@ -310,7 +382,9 @@ def run(cfg: Config) -> dict[str, Any]:
     }
     if is_main:
         model.eval()
-        samples = evaluation_samples(cfg.eval_seed, cfg.eval_per_skill, cfg.width, cfg.height)
+        samples = evaluation_samples(cfg.eval_seed, cfg.eval_per_skill, cfg.width, cfg.height, eval_bank)
+        if bank is not None:
+            metrics["web_screens"] = bank_summary(out / "web_screens")
         metrics.update(evaluate(model, processor, samples, progress=True))
         metrics["total_seconds"] = time.perf_counter() - t_start
         metrics["cpu_seconds"] = time.process_time() - cpu_start
