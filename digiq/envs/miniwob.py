@@ -187,18 +187,63 @@ class MiniWoBEnv:
         with self._launch_environment():
             try:
                 self._gym = gymnasium.make(f"miniwob/{task}-v1", render_mode=None)
-                self._gym.reset(seed=0)  # the driver starts on the first reset
+                self._gym.reset(seed=0)  # the driver starts on the first reset (a throwaway episode)
             except Exception as e:
                 self._close_browser()
                 raise BrowserCrashed(f"could not start Chromium for {task}: {e}") from e
         self._task = task
 
+    def _switch(self, task: str) -> None:
+        """Load another task's page in the running browser (~0.1 s; a new browser costs 1-2 s of CPU, and with
+        several workers sharing two cores that cost decided the throughput). Pinned to miniwob 1.1.0's
+        SeleniumInstance (its ``url``, ``field_extractor`` and ``instance_kwargs``); the flight tasks, served over HTTP, and any
+        failure fall back to a fresh browser."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as EC
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        inst = self._gym.unwrapped.instance
+        if task.startswith("flight.") or not inst.url.startswith("file://") or not inst.url.endswith(".html"):
+            self._open(task)
+            return
+        url = inst.url.rsplit("/", 1)[0] + f"/{task}.html"
+
+        def load(driver: Any) -> None:
+            driver.get(url)
+            WebDriverWait(driver, 5).until(EC.element_to_be_clickable((By.ID, inst.SYNC_SCREEN_ID)))
+
+        try:
+            self._run(load)
+        except Exception:  # noqa: BLE001  (a fresh browser is the safe answer to anything here)
+            self._open(task)
+            return
+        from miniwob.fields import get_field_extractor
+
+        inst.url = url
+        inst.field_extractor = get_field_extractor(task)  # the goal parser is per task
+        self._gym.unwrapped.instance_kwargs["subdomain"] = task  # what a hard reset would reopen
+        self._gym.unwrapped.subdomain = task
+        self._task = task
+        # The first episode after a page load draws 2 pixels differently (the right edge): one throwaway
+        # episode, as a fresh browser's first reset is, keeps "same seed, same screenshot" true.
+        self._gym.reset(seed=0)
+
     def _run(self, fn: Any) -> Any:
         """Run ``fn(driver)`` on the instance's own thread (Selenium drivers are not thread-safe)."""
         inst = self._gym.unwrapped.instance
-        box: list[Any] = [None]
-        inst.call(lambda: box.__setitem__(0, fn(inst.driver)))
+        box: list[Any] = [None, None]
+
+        def call() -> None:
+            # The instance thread logs and swallows exceptions (and marks itself dead): carry them back here.
+            try:
+                box[0] = fn(inst.driver)
+            except Exception as e:  # noqa: BLE001
+                box[1] = e
+
+        inst.call(call)
         inst.wait()
+        if box[1] is not None:
+            raise box[1]
         return box[0]
 
     def _close_browser(self) -> None:
@@ -235,10 +280,13 @@ class MiniWoBEnv:
         from miniwob.selenium_actions import execute_move_coords
 
         try:
-            if self._gym is None or self._task != instance.task_id:
+            if self._gym is None:
                 self._open(instance.task_id)
-            self._run(lambda d: execute_move_coords(1, 1, d))
-            self._run(lambda d: d.execute_script("core.EPISODE_MAX_TIME = 3600000;"))
+            elif self._task != instance.task_id:
+                self._switch(instance.task_id)
+            self._run(
+                lambda d: (execute_move_coords(1, 1, d), d.execute_script("core.EPISODE_MAX_TIME = 3600000;"))
+            )
             obs, _ = self._gym.reset(seed=int(instance.seed))
         except BrowserCrashed:
             raise

@@ -140,23 +140,14 @@ def run_episodes(
     try:
         while queue or any(s.episode >= 0 for s in slots):
             idle = [w for w, s in enumerate(slots) if s.episode < 0]
+            starting: list[int] = []
             if idle and queue and (refill or len(idle) == len(slots)):
-                starting = []
                 for w in idle:
                     if not queue:
                         break
                     slots[w] = _Slot(episode=queue.popleft())
                     starting.append(w)
-                for w, got in zip(
-                    starting, parallel(lambda w: envs[w].reset(instances[slots[w].episode]), starting)
-                ):
-                    if isinstance(got, Exception):
-                        crashed(w, got)
-                    else:
-                        slots[w].obs = got
             active = [w for w, s in enumerate(slots) if s.episode >= 0 and s.obs is not None]
-            if not active:
-                continue
             batch = []
             for w in active:
                 s = slots[w]
@@ -172,15 +163,28 @@ def run_episodes(
                         "step": s.steps,
                     }
                 )
-            outs = policy(batch)
-            if len(outs) != len(batch):
-                raise DigiqError(f"the policy returned {len(outs)} actions for a batch of {len(batch)}")
-            acts = [_as_action(o) for o in outs]
-            cands = (
-                candidates(batch, num_candidates) if num_candidates > 0 and candidates is not None else None
-            )
+            acts: list[tuple[Action, str]] = []
+            cands = None
+            if batch:
+                outs = policy(batch)
+                if len(outs) != len(batch):
+                    raise DigiqError(f"the policy returned {len(outs)} actions for a batch of {len(batch)}")
+                acts = [_as_action(o) for o in outs]
+                if num_candidates > 0 and candidates is not None:
+                    cands = candidates(batch, num_candidates)
+            # Workers starting an episode reset while the others step: one round trip, no reset barrier.
             moves = {w: a for w, (a, _) in zip(active, acts)}
-            results = parallel(lambda w, moves=moves: envs[w].step(moves[w]), active)
+
+            def job(w: int, moves: dict = moves) -> Any:
+                return envs[w].step(moves[w]) if w in moves else envs[w].reset(instances[slots[w].episode])
+
+            results = parallel(job, [*starting, *active])
+            for w, got in zip(starting, results[: len(starting)]):
+                if isinstance(got, Exception):
+                    crashed(w, got)
+                else:
+                    slots[w].obs = got
+            results = results[len(starting) :]
             for k, (w, res) in enumerate(zip(active, results)):
                 if isinstance(res, Exception):
                     crashed(w, res)
