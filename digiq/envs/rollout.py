@@ -105,7 +105,25 @@ def run_episodes(
     todo = [i for i in range(len(instances)) if i not in skip]
     if group_by_task:
         todo.sort(key=lambda i: (instances[i].task_id, i))
-    queue = deque(todo)
+    # One queue per worker. Grouped by task, each worker gets a contiguous run of the task-sorted episodes
+    # and takes from another's tail only when its own run is done: a browser switches page about once per
+    # task in all, not once per task per worker.
+    if group_by_task and refill and len(envs) > 1:
+        cut = [round(k * len(todo) / len(envs)) for k in range(len(envs) + 1)]
+        queues = [deque(todo[cut[k] : cut[k + 1]]) for k in range(len(envs))]
+    else:
+        queues = [deque(todo)]
+    shared = len(queues) == 1
+
+    def pending() -> bool:
+        return any(queues)
+
+    def take(w: int) -> int | None:
+        own = queues[0 if shared else w]
+        if own:
+            return own.popleft()
+        other = max(queues, key=len)
+        return other.pop() if other else None
     slots = [_Slot() for _ in envs]
     done: dict[int, Episode] = {}
     restarts: dict[int, int] = {}
@@ -134,18 +152,19 @@ def run_episodes(
                 f"episode {i} ({instances[i]}): the browser died {restarts[i]} times; last: {err}"
             )
         log.warning("worker %d: %s; episode %d starts again on a fresh browser", w, err, i)
-        queue.appendleft(i)
+        queues[0 if shared else w].appendleft(i)
         slots[w] = _Slot()
 
     try:
-        while queue or any(s.episode >= 0 for s in slots):
+        while pending() or any(s.episode >= 0 for s in slots):
             idle = [w for w, s in enumerate(slots) if s.episode < 0]
             starting: list[int] = []
-            if idle and queue and (refill or len(idle) == len(slots)):
+            if idle and pending() and (refill or len(idle) == len(slots)):
                 for w in idle:
-                    if not queue:
+                    i = take(w)
+                    if i is None:
                         break
-                    slots[w] = _Slot(episode=queue.popleft())
+                    slots[w] = _Slot(episode=i)
                     starting.append(w)
             active = [w for w, s in enumerate(slots) if s.episode >= 0 and s.obs is not None]
             batch = []
