@@ -13,8 +13,9 @@ during collection because they need the live page (its DOM).
 **Crash safety.** On MiniWoB++ finished episodes are written every ``shard_size`` episodes as complete shards
 under ``<output_dir>/shards/``; the dataset itself (and its ``_COMPLETE`` marker) appears only when every
 episode has been collected, so a killed collection never looks finished, and ``resume=true`` keeps every
-finished shard and collects only the missing episodes (each episode's randomness is its own: the resumed
-dataset equals an uninterrupted one). A browser that dies mid-episode is restarted and the episode collected
+finished shard and collects only the missing episodes (each episode's randomness is its own, so a resumed
+collection holds the same episodes on the same pages as an uninterrupted one; a real browser under CPU load is
+not bit-deterministic, see docs/miniwob.md). A browser that dies mid-episode is restarted and the episode collected
 again from its first step. The simulator collects in seconds and writes the dataset in one go, with its
 historical single random stream (the datasets of earlier releases are reproduced bit for bit).
 """
