@@ -12,7 +12,7 @@ written once against the interface; a policy is passed in as a function of a bat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ __all__ = [
     "builtin_policy_fn",
     "evaluate_policy",
     "make_envs",
+    "per_task_success",
     "success_summary",
 ]
 
@@ -96,16 +97,22 @@ def builtin_policy_fn(env: str, name: str, seed: int = 0, **kw: Any) -> PolicyFn
     raise DigiqError(f"unknown environment {env!r}; choose one of {', '.join(ENVS)}")
 
 
+def per_task_success(outcomes: Iterable[tuple[str, bool]]) -> dict[str, list[int]]:
+    """``{task_id: [successes, episodes]}`` of ``(task_id, success)`` pairs."""
+    per_task: dict[str, list[int]] = {}
+    for task_id, success in outcomes:
+        row = per_task.setdefault(task_id, [0, 0])
+        row[0] += int(success)
+        row[1] += 1
+    return per_task
+
+
 def success_summary(episodes: Sequence[Any], split: str) -> dict[str, Any]:
     """Success rate with its 95% Wilson interval, mean steps, and per-task [successes, episodes]."""
     n = len(episodes)
     k = sum(int(e.success) for e in episodes)
     lo, hi = wilson_interval(k, n)
-    per_task: dict[str, list[int]] = {}
-    for e in episodes:
-        row = per_task.setdefault(e.instance.task_id, [0, 0])
-        row[0] += int(e.success)
-        row[1] += 1
+    per_task = per_task_success((e.instance.task_id, e.success) for e in episodes)
     return {
         "success_rate": k / n if n else 0.0,
         "ci_low": lo,

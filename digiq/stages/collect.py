@@ -35,7 +35,7 @@ import numpy as np
 from digiq.config import ConfigError, check, to_dict
 from digiq.data.labels import DEFAULT_EPS, DEFAULT_SCALE, screen_diff
 from digiq.data.schema import FEATURES, discounted_returns, save_dataset, undecoded_view
-from digiq.envs import make_envs
+from digiq.envs import make_envs, per_task_success
 from digiq.envs.base import Observation, TaskInstance
 from digiq.envs.miniwob import MiniWoBConfig
 from digiq.envs.miniwob_policy import MiniWoBBehaviourConfig
@@ -226,18 +226,14 @@ def collect_columns(cfg: Config, phone: SimPhone | None = None, progress: bool =
         )
     changes: dict = {}
     cols, changed = episode_columns(episodes, cfg.gamma, changes)
-    stats = _stats(cfg, episodes, len(cols["traj_id"]), changed)
+    stats = _stats(episodes, len(cols["traj_id"]), changed)
     stats["distinct_states"] = len({k for pair in changes for k in pair})
     stats["distinct_transitions"] = len(changes)
     return cols, stats
 
 
-def _stats(cfg: Config, episodes: list[Episode], steps: int, changed: int) -> dict[str, Any]:
-    per_task: dict[str, list[int]] = {}
-    for e in episodes:
-        row = per_task.setdefault(e.instance.task_id, [0, 0])
-        row[0] += int(e.success)
-        row[1] += 1
+def _stats(episodes: list[Episode], steps: int, changed: int) -> dict[str, Any]:
+    per_task = per_task_success((e.instance.task_id, e.success) for e in episodes)
     return {
         "num_trajectories": len(episodes),
         "num_steps": steps,
@@ -375,11 +371,7 @@ def _collect_miniwob(cfg: Config) -> tuple[Any, dict[str, Any]]:
     task_of = {i: instances[i].task_id for i in range(cfg.num_trajectories)}
     ends = [i for i, d in enumerate(ds["done"]) if d]
     rewards, trajs = ds["reward"], ds["traj_id"]
-    per_task: dict[str, list[int]] = {}
-    for i in ends:
-        row = per_task.setdefault(task_of[int(trajs[i])], [0, 0])
-        row[0] += int(rewards[i] > 0)
-        row[1] += 1
+    per_task = per_task_success((task_of[int(trajs[i])], rewards[i] > 0) for i in ends)
     view = undecoded_view(ds, ["screenshot", "next_screenshot"])
     changed = 0
     for start in range(0, len(view), 256):
