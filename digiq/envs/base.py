@@ -18,6 +18,12 @@ from typing import Any, Protocol
 from PIL import Image
 
 from digiq.actions import Action
+from digiq.errors import DigiqError
+
+
+class EnvCrashed(DigiqError):
+    """The device died mid-episode (a browser, an emulator): the episode is lost, ``reset`` starts a fresh
+    device. Episode runners restart the episode; any other exception is a bug and propagates."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ from PIL import Image
 
 from digiq.actions import Action, ActionType
 from digiq.config import check
-from digiq.envs.base import Observation, StepResult, TaskInstance
+from digiq.envs.base import EnvCrashed, Observation, StepResult, TaskInstance
 from digiq.errors import DigiqError
 
 # The issue #13 task list: the click / type / form kinds the scripted behaviour policy covers.
@@ -116,7 +116,7 @@ def task_instances(tasks: list[str], split: str, num: int, seed: int) -> list[Ta
     return [TaskInstance(tasks[int(order[i % len(tasks)])], base + i) for i in range(num)]
 
 
-class BrowserCrashed(DigiqError):
+class BrowserCrashed(EnvCrashed):
     """The browser or its driver died mid-episode; the episode is lost, the environment can be reset."""
 
 

@@ -11,8 +11,9 @@ a model. Each item the policy sees has:
 * ``episode`` / ``step``: the episode's index in the instance list and its step, so a stochastic scripted
   policy can keep one random stream per episode (results then do not depend on worker scheduling).
 
-A browser that dies (:class:`~digiq.envs.miniwob.BrowserCrashed`) loses only the episode it was running: the
-episode is started again from its first step on a fresh browser, so a finished episode is never partial.
+A device that dies (:class:`~digiq.envs.base.EnvCrashed`, e.g. a browser's ``BrowserCrashed``) loses only the
+episode it was running: the episode is started again from its first step on a fresh device, so a finished
+episode is never partial.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from digiq.actions import Action, make_observation, parse_action
-from digiq.envs.base import Env, Observation, StepResult, TaskInstance
+from digiq.envs.base import Env, EnvCrashed, Observation, StepResult, TaskInstance
 from digiq.errors import DigiqError
 from digiq.utils.logging import get_logger
 
@@ -124,6 +125,7 @@ def run_episodes(
             return own.popleft()
         other = max(queues, key=len)
         return other.pop() if other else None
+
     slots = [_Slot() for _ in envs]
     done: dict[int, Episode] = {}
     restarts: dict[int, int] = {}
@@ -141,9 +143,7 @@ def run_episodes(
         return list(pool.map(safe, ws)) if pool is not None else [safe(w) for w in ws]
 
     def crashed(w: int, err: Exception) -> None:
-        from digiq.envs.miniwob import BrowserCrashed
-
-        if not isinstance(err, BrowserCrashed):
+        if not isinstance(err, EnvCrashed):
             raise err
         i = slots[w].episode
         restarts[i] = restarts.get(i, 0) + 1
