@@ -147,7 +147,7 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
 
 
 @slow
-@pytest.mark.parametrize("scorer", ["q_star", "critic"])
+@pytest.mark.parametrize("scorer", ["q_star", "q_beta", "critic"])
 def test_extract_policy_step_changes_policy(work, scorer) -> None:
     from digiq.data.features import write_cache
     from digiq.models.critic import Critic, CriticArch, save_critic
@@ -163,6 +163,8 @@ def test_extract_policy_step_changes_policy(work, scorer) -> None:
         write_cache(d / "feats", state, actions, overwrite=True)
         save_critic(Critic(CriticArch(8, 8, (16,), (16,))), d / "critic")
         extra = [f"features={d / 'feats'}", f"critic_dir={d / 'critic'}", "threshold=0.0"]
+    if scorer == "q_beta":
+        extra = ["q_beta_samples=2", "threshold=0.0"]
     out = d / f"extract_{scorer}"
     cfg = load_config(
         extract_policy.Config,
@@ -205,6 +207,23 @@ def test_num_candidates_one_is_dataset_action_only(work) -> None:
     q, v = q_star_scores(ds["state_key"], table, 0.95, valid)
     rows, index, adv, _, stats = select(q, v, valid, Config(threshold=-1.0, scorer="q_star"))
     assert (index == 0).all() and stats["kept_non_dataset_fraction"] == 0.0
+
+
+@slow
+def test_q_beta_scores_are_the_behaviour_values(work) -> None:
+    from digiq.sim.behaviour import BehaviourValues
+    from digiq.sim.phone import SimPhone
+    from digiq.stages.extract_policy import candidate_table, q_beta_scores
+
+    d, _, _ = work
+    ds = load_dataset(d / "sim")
+    table = candidate_table(ds["candidates"], ds["action"], "all", "x")
+    q, v = q_beta_scores(ds["state_key"], table, 0.9, samples=3, seed=5)
+    bv = BehaviourValues(SimPhone(), 0.9, samples=3, seed=5)
+    for i in (0, len(table) // 2, len(table) - 1):
+        np.testing.assert_allclose(q[i].numpy(), bv.q(ds["state_key"][i], table[i]), rtol=1e-6)
+        assert float(v[i]) == pytest.approx(bv.v(ds["state_key"][i]), rel=1e-6)
+    assert (q <= 1.0).all() and (q >= 0.0).all() and q.std() > 0
 
 
 def test_actions_match_rules() -> None:

@@ -13,6 +13,7 @@ lower ``p_optimal`` (a higher temperature), as the official candidates are sampl
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import numpy as np
 
@@ -133,3 +134,85 @@ class BehaviourPolicy:
     def sample_candidates(self, state: State | str, n: int) -> list[Action]:
         """``n`` actions from the same mixture with more noise (for Best-of-N candidate sets)."""
         return [self.act(state, self.config.p_optimal_candidates) for _ in range(n)]
+
+
+class BehaviourValues:
+    """Q and V of the behaviour policy itself, Q^beta and V^beta: what a perfect Digi-Q critic converges to.
+
+    Digi-Q's critic backs V up from the dataset action (J_V = (V(s) - Q_targ(s, a_data))^2, paper Sec. 4.2;
+    DigiRL-agent/digiq @ 8181379 ``trainer.py:148``), a SARSA-style in-sample backup, so its fixed point is
+    Q^beta, not Q*. Comparing argmax_i Q^beta(s, a_i) with the Q*-optimal candidates separates what the
+    algorithm can reach from what function approximation loses (``scripts/qbeta_ceiling.py``;
+    ``digiq extract-policy scorer=q_beta``).
+
+    Policy evaluation on the task's step-free state graph (:meth:`SimPhone.values` is the Q* analogue): the
+    successor distribution of every graph state under the behaviour mixture is estimated from ``samples``
+    actions drawn by :class:`BehaviourPolicy` (taps are continuous, their effects a few discrete successors),
+    then V^beta(s) = E_a[r + gamma (1 - terminal) V^beta(s')] is iterated to a fixed point. Goal states are
+    absorbing with value 0, as in :meth:`SimPhone.values`; the horizon is ignored, as the critic does.
+    """
+
+    def __init__(
+        self,
+        phone: SimPhone,
+        gamma: float,
+        config: BehaviourConfig | None = None,
+        samples: int = 100,
+        seed: int = 0,
+    ) -> None:
+        check(0.0 <= gamma < 1.0, f"gamma must be in [0, 1), got {gamma}")
+        check(samples >= 1, f"samples must be >= 1, got {samples}")
+        self.phone, self.gamma, self.samples, self.seed = phone, float(gamma), int(samples), int(seed)
+        self.config = config
+        self._v: dict[str, tuple[dict[str, int], np.ndarray, np.ndarray]] = {}
+
+    def values(self, task_id: str) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+        """(abstract key -> index, V^beta per graph state, goal mask) of one task (cached)."""
+        hit = self._v.get(task_id)
+        if hit is not None:
+            return hit
+        task = self.phone.task(task_id)
+        g = self.phone._graph(task)
+        goal = self.phone._goal_mask(task, g)
+        S, K = len(g.keys), self.samples
+        # One stream per task, so a task's values do not depend on which tasks were asked for before it.
+        policy = BehaviourPolicy(
+            self.phone, seed=(self.seed << 32) | zlib.crc32(task_id.encode()), config=self.config
+        )
+        nxt = np.zeros((S, K), dtype=np.int64)
+        reward = np.zeros((S, K))
+        cont = np.zeros((S, K))
+        for i, s0 in enumerate(g.states):
+            if goal[i]:
+                continue
+            s = dataclasses.replace(s0, task_id=task.task_id)
+            for k in range(K):
+                n, r, term = self.phone.transition(s, policy.act(s))
+                reward[i, k] = r
+                if not term:
+                    nxt[i, k], cont[i, k] = g.index[n.abstract_key], 1.0
+        v = np.zeros(S)
+        for _ in range(100_000):
+            new = np.where(goal, 0.0, (reward + self.gamma * cont * v[nxt]).mean(axis=1))
+            done = np.max(np.abs(new - v)) < 1e-12
+            v = new
+            if done:
+                break
+        self._v[task_id] = (g.index, v, goal)
+        return self._v[task_id]
+
+    def v(self, state_key: str | State) -> float:
+        s = self.phone.state_from_key(state_key) if isinstance(state_key, str) else state_key
+        index, v, _ = self.values(s.task_id)
+        return float(v[index[s.abstract_key]])
+
+    def q(self, state_key: str | State, actions: list[str | Action]) -> np.ndarray:
+        """Q^beta(s, a) = r(s, a) + gamma (1 - terminal) V^beta(s') for any actions."""
+        s = self.phone.state_from_key(state_key) if isinstance(state_key, str) else state_key
+        index, v, goal = self.values(s.task_id)
+        out = np.zeros(len(actions), dtype=np.float64)
+        for j, a in enumerate(actions):
+            n, r, term = self.phone.transition(s, a)
+            j_next = index[n.abstract_key]
+            out[j] = r if term else r + self.gamma * (0.0 if goal[j_next] else v[j_next])
+        return out

@@ -4,6 +4,7 @@
         init_policy=runs/bc/policy output_dir=runs/extract
     digiq extract-policy ... num_candidates=4          # the N ablation (1 = dataset action only)
     digiq extract-policy ... scorer=q_star             # oracle: exact Q* of the simulated device
+    digiq extract-policy ... scorer=q_beta             # a perfect Digi-Q critic: the behaviour's Q^beta
 
 For every state the N stored candidates (``candidates`` column, index 0 = dataset action; feature-cache
 ``actions[:, i]`` = f(s, candidates[i])) are scored by the critic, and the policy imitates
@@ -19,7 +20,9 @@ beta = 0.01).
 
 ``scorer: q_star`` replaces the learned critic by the simulator's exact Q* (V = mean Q* over the valid
 candidates of the state, a Monte-Carlo V of the candidate sampler): the extraction's upper bound given the
-candidates, useful to separate critic error from extraction error.
+candidates, useful to separate critic error from extraction error. ``scorer: q_beta`` scores with the
+behaviour policy's own Q^beta and V^beta (:class:`digiq.sim.behaviour.BehaviourValues`), the fixed point of
+Digi-Q's in-sample critic: what the same extraction gives with a critic that has no approximation error.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from digiq.actions import parse_action
 from digiq.config import LoraConfig, ModelConfig, WandbConfig, check, save_config
@@ -39,6 +43,7 @@ from digiq.models.critic import open_critic_and_features
 from digiq.models.critic_text import build_inputs, score
 from digiq.models.policy import best_of_n, read_spec
 from digiq.models.vlm import inference_dtype, load_vlm
+from digiq.sim.behaviour import BehaviourValues
 from digiq.sim.phone import SimPhone
 from digiq.training.accelerator import make_accelerator
 from digiq.training.output import begin_output, check_output
@@ -70,7 +75,8 @@ class Config:
     init_policy: str = "runs/bc/policy"
     output_dir: str = "runs/extract"
     # critic = the learned Q/V heads on cached features; q_star = the simulator's exact Q* (oracle ablation).
-    scorer: Literal["critic", "q_star"] = "critic"
+    # q_beta = the exact values of the simulator's default behaviour policy (a perfect Digi-Q critic).
+    scorer: Literal["critic", "q_star", "q_beta"] = "critic"
     # Score the first N stored candidates ('all' = every stored one). N = 1: the dataset action only
     # (advantage-filtered BC).
     num_candidates: int | Literal["all"] = "all"
@@ -81,8 +87,10 @@ class Config:
     awr_beta: float = 0.05
     # Cap of the AWR weights (exp overflows quickly at small beta).
     awr_max_weight: float = 20.0
-    # Discount of the exact Q* (scorer=q_star); the critic's own gamma is used otherwise.
+    # Discount of the exact Q* / Q^beta (scorer=q_star / q_beta); the critic's own gamma is used otherwise.
     gamma: float = 0.95
+    # scorer=q_beta: behaviour actions sampled per graph state to estimate its successor distribution.
+    q_beta_samples: int = 100
     # How init_policy is loaded for training (dtype, attention, gradient checkpointing); its name_or_path
     # stays empty: the model is init_policy. The frozen pi_beta copy for the KL log is loaded in bfloat16
     # on a GPU (it only runs forwards), in float32 on the CPU.
@@ -116,6 +124,7 @@ class Config:
         )
         check(self.awr_beta > 0 and self.awr_max_weight > 0, "awr_beta and awr_max_weight must be > 0")
         check(0 <= self.gamma < 1, "gamma must be in [0, 1)")
+        check(self.q_beta_samples >= 1, f"q_beta_samples must be >= 1, got {self.q_beta_samples}")
         self.train.validate()
         self.optim.validate()
 
@@ -186,6 +195,22 @@ def q_star_scores(state_keys: list[str], table: list[list[str]], gamma: float, v
     return q, v
 
 
+def q_beta_scores(
+    state_keys: list[str], table: list[list[str]], gamma: float, samples: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default behaviour policy's Q^beta on the candidates and its V^beta(s): Digi-Q's critic at its
+    fixed point (J_V backs up the dataset action, so V -> V^beta and Q -> Q^beta)."""
+    bv = BehaviourValues(SimPhone(), gamma, samples=samples, seed=seed)
+    q = torch.zeros(len(table), len(table[0]))
+    v = torch.zeros(len(table))
+    for i, (key, cands) in enumerate(tqdm(list(zip(state_keys, table)), desc="Q^beta", leave=False)):
+        if not key:
+            raise DataError(f"row {i}: empty state_key; scorer=q_beta needs simulated data")
+        q[i] = torch.as_tensor(bv.q(key, cands).astype(np.float32))
+        v[i] = bv.v(key)
+    return q, v
+
+
 def select(
     q: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, cfg: Config
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, dict[str, float]]:
@@ -229,8 +254,10 @@ def run(cfg: Config) -> dict[str, Any]:
             cfg.critic_dir, cfg.features, ds, str(cfg.dataset), n, list(cols["candidates"])
         )
         valid &= fvalid
-    else:
+    elif cfg.scorer == "q_star":
         q, v = q_star_scores(cols["state_key"], table, cfg.gamma, valid)
+    else:
+        q, v = q_beta_scores(cols["state_key"], table, cfg.gamma, cfg.q_beta_samples, cfg.seed)
     rows, index, adv, weights, stats = select(q, v, valid, cfg)
     stats["num_candidates"] = float(n)
     log.info("extract-policy selection: %s", {k: round(x, 4) for k, x in stats.items()})

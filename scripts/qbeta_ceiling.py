@@ -1,0 +1,110 @@
+"""Where does the critic's ranking error come from: the algorithm or the function approximation?
+
+Digi-Q's critic backs V up from the dataset action (a SARSA-style in-sample backup), so a perfect critic
+converges to the behaviour policy's own Q^beta, not to Q*. On the simulated device both are exact
+(:class:`digiq.sim.behaviour.BehaviourValues`, :meth:`digiq.sim.phone.SimPhone.q_star`), which splits the
+critic's top-1 agreement with argmax Q* into two parts on the critic's validation states:
+
+* **algorithm**: argmax_i Q^beta(s, a_i) against the Q*-optimal candidates (a perfect Digi-Q critic);
+* **approximation**: each trained critic's argmax against argmax Q^beta (its own target) and against Q*.
+
+    PYTHONPATH=. python scripts/qbeta_ceiling.py --dataset runs/pipeline/data_candidates \\
+        --critic runs/pipeline/critic/critic --features runs/pipeline/features
+
+Simulated data only (it needs ``state_key``). Q^beta is estimated by sampling ``--samples`` behaviour
+actions per state of each task's graph (about a minute per 10 tasks at 100 samples on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import numpy as np
+import torch
+
+from digiq.actions import parse_action
+from digiq.data.features import FeatureCache
+from digiq.data.schema import split_by_trajectory
+from digiq.data.transitions import load_transitions
+from digiq.models.critic import load_critic
+from digiq.sim import layout as L
+from digiq.sim.behaviour import BehaviourValues
+from digiq.sim.phone import SimPhone
+from digiq.utils.stats import spearman
+
+
+def top1(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per state: is argmax of ``scores`` among the (tied) maximisers of ``reference``? (M, N) -> (M,)."""
+    best = reference >= reference.max(axis=1, keepdims=True) - 1e-6
+    return best[np.arange(len(scores)), scores.argmax(axis=1)]
+
+
+def mean_spearman(a: np.ndarray, b: np.ndarray) -> float:
+    rhos = [spearman(x, y) for x, y in zip(a, b)]
+    rhos = [r for r in rhos if not np.isnan(r)]
+    return float(np.mean(rhos)) if rhos else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True, help="a simulated dataset with candidates")
+    ap.add_argument("--critic", nargs="*", default=[], help="trained critic folders (<train-critic>/critic)")
+    ap.add_argument("--features", nargs="*", default=[], help="the feature cache of each --critic")
+    ap.add_argument("--val-fraction", type=float, default=0.2, help="as train-critic (last 20%% validate)")
+    ap.add_argument("--gamma", type=float, default=0.95)
+    ap.add_argument("--samples", type=int, default=100, help="behaviour actions sampled per graph state")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="write the numbers as JSON here")
+    args = ap.parse_args()
+    if len(args.critic) != len(args.features):
+        ap.error("give one --features cache per --critic")
+
+    tr, ds = load_transitions(args.dataset, args.gamma)
+    _, val = split_by_trajectory(ds, args.val_fraction)
+    rows = [r for r in val.tolist() if tr.state_key[r] and len(tr.candidates[r]) >= 2]
+    if not rows:
+        raise SystemExit(f"{args.dataset}: no simulated validation states with candidates")
+    phone = SimPhone()
+    bv = BehaviourValues(phone, args.gamma, samples=args.samples, seed=args.seed)
+    qs = np.stack([phone.q_star(tr.state_key[r], list(tr.candidates[r]), args.gamma) for r in rows])
+    qb = np.stack([bv.q(tr.state_key[r], list(tr.candidates[r])) for r in rows])
+    out: dict[str, float] = {
+        "states": len(rows),
+        "dataset_action_top1_vs_qstar": float(np.mean(top1(np.eye(qs.shape[1])[[0] * len(rows)], qs))),
+        "random_candidate_top1_vs_qstar": float(
+            np.mean((qs >= qs.max(axis=1, keepdims=True) - 1e-6).mean(axis=1))
+        ),
+        "qbeta_top1_vs_qstar": float(np.mean(top1(qb, qs))),
+        "qbeta_spearman_vs_qstar": mean_spearman(qb, qs),
+    }
+    for critic_dir, feats in zip(args.critic, args.features):
+        critic, cache = load_critic(critic_dir), FeatureCache.open(feats)
+        with torch.no_grad():
+            q = critic.q(cache.actions[rows].float()).numpy()
+        ok = top1(q, qs)
+        out[f"{critic_dir}: top1_vs_qstar"] = float(np.mean(ok))
+        out[f"{critic_dir}: top1_vs_qbeta"] = float(np.mean(top1(q, qb)))
+        out[f"{critic_dir}: spearman_vs_qbeta"] = mean_spearman(q, qb)
+        # Where the misses are: screen of the state, and what the critic's choice hits.
+        misses: Counter[str] = Counter()
+        for j, r in enumerate(rows):
+            if not ok[j]:
+                s = phone.state_from_key(tr.state_key[r])
+                act = parse_action(tr.candidates[r][int(q[j].argmax())])
+                what = act.type.name
+                if act.is_tap and act.touch is not None:
+                    what = "tap on a widget" if L.hit(s, act.touch) is not None else "tap on nothing"
+                misses[f"{s.screen} / {what}"] += 1
+        for k, n in misses.most_common(6):
+            out[f"{critic_dir}: misses on {k}"] = n / len(rows)
+    for k, v in out.items():
+        print(f"{k:60s} {v:.3f}" if isinstance(v, float) else f"{k:60s} {v}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
