@@ -8,6 +8,10 @@ critic's top-1 agreement with argmax Q* into two parts on the critic's validatio
 * **algorithm**: argmax_i Q^beta(s, a_i) against the Q*-optimal candidates (a perfect Digi-Q critic);
 * **approximation**: each trained critic's argmax against argmax Q^beta (its own target) and against Q*.
 
+With ``--ns`` it also scores Best-of-N's imitation targets per N (the first N candidates, advantage
+threshold as extract-policy): the fraction of states kept and the fraction of kept targets that are
+Q*-optimal actions of the state (precision), for each critic and for Q^beta itself.
+
     PYTHONPATH=. python scripts/qbeta_ceiling.py --dataset runs/pipeline/data_candidates \\
         --critic runs/pipeline/critic/critic --features runs/pipeline/features
 
@@ -29,6 +33,7 @@ from digiq.data.features import FeatureCache
 from digiq.data.schema import split_by_trajectory
 from digiq.data.transitions import load_transitions
 from digiq.models.critic import load_critic
+from digiq.models.policy import best_of_n
 from digiq.sim import layout as L
 from digiq.sim.behaviour import BehaviourValues
 from digiq.sim.phone import SimPhone
@@ -47,6 +52,22 @@ def mean_spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(rhos)) if rhos else float("nan")
 
 
+def targets(
+    name: str, q: torch.Tensor, v: torch.Tensor, qs: np.ndarray, vstar: np.ndarray, n: int, threshold: float
+) -> dict[str, float]:
+    """Best-of-N over the first ``n`` candidates scored by (q, v): kept fraction and target precision."""
+    valid = torch.ones(q.shape[0], n, dtype=torch.bool)
+    index, _, keep = best_of_n(q[:, :n].float(), v.float(), valid, threshold)
+    k = keep.numpy()
+    chosen = qs[np.arange(len(qs)), index.numpy()]
+    optimal = chosen >= vstar - 1e-6
+    return {
+        f"{name}: N={n} kept": float(k.mean()),
+        f"{name}: N={n} kept targets Q*-optimal (precision)": float(optimal[k].mean()) if k.any() else 0.0,
+        f"{name}: N={n} states with an optimal target (recall)": float((k & optimal).mean()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True, help="a simulated dataset with candidates")
@@ -56,6 +77,8 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=0.95)
     ap.add_argument("--samples", type=int, default=100, help="behaviour actions sampled per graph state")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ns", type=int, nargs="*", default=[], help="Best-of-N target precision at these N")
+    ap.add_argument("--threshold", type=float, default=0.10, help="extract-policy's advantage threshold")
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = ap.parse_args()
     if len(args.critic) != len(args.features):
@@ -79,10 +102,17 @@ def main() -> None:
         "qbeta_top1_vs_qstar": float(np.mean(top1(qb, qs))),
         "qbeta_spearman_vs_qstar": mean_spearman(qb, qs),
     }
+    vstar = np.array([phone.v_star(tr.state_key[r], args.gamma) for r in rows])
+    vb = np.array([bv.v(tr.state_key[r]) for r in rows])
+    for n in args.ns:
+        out.update(targets("Q^beta", torch.as_tensor(qb), torch.as_tensor(vb), qs, vstar, n, args.threshold))
     for critic_dir, feats in zip(args.critic, args.features):
         critic, cache = load_critic(critic_dir), FeatureCache.open(feats)
         with torch.no_grad():
             q = critic.q(cache.actions[rows].float()).numpy()
+            v = critic.v(cache.state[rows].float())
+        for n in args.ns:
+            out.update(targets(critic_dir, torch.as_tensor(q), v, qs, vstar, n, args.threshold))
         ok = top1(q, qs)
         out[f"{critic_dir}: top1_vs_qstar"] = float(np.mean(ok))
         out[f"{critic_dir}: top1_vs_qbeta"] = float(np.mean(top1(q, qb)))

@@ -72,7 +72,7 @@ def test_q_beta_ranks_differently_from_q_star(phone: SimPhone) -> None:
     assert bv.v(s) < phone.v_star(s, GAMMA)
 
 
-def test_ceiling_script_top1_counts_ties_as_agreement() -> None:
+def _script():
     import importlib.util
     from pathlib import Path
 
@@ -80,7 +80,28 @@ def test_ceiling_script_top1_counts_ties_as_agreement() -> None:
     spec = importlib.util.spec_from_file_location("qbeta_ceiling", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ceiling_script_top1_counts_ties_as_agreement() -> None:
+    mod = _script()
     ref = np.array([[0.5, 0.9, 0.9], [1.0, 0.0, 0.2], [0.1, 0.2, 0.3]])
     scores = np.array([[0.0, 0.0, 5.0], [0.0, 1.0, 0.0], [3.0, 2.0, 1.0]])
     assert mod.top1(scores, ref).tolist() == [True, False, False]
     assert mod.top1(ref, ref).all()
+
+
+def test_ceiling_script_target_precision() -> None:
+    import torch
+
+    mod = _script()
+    qs = np.array([[0.9, 0.5, 0.2], [0.3, 0.8, 0.1], [0.4, 0.4, 0.4]])  # exact Q* of 3 candidates
+    vstar = np.array([0.9, 0.95, 0.4])  # state 1's optimal action is not among the candidates
+    q = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0], [0.5, 0.5, 0.5]])  # the critic
+    v = torch.tensor([0.5, 0.5, 0.45])  # state 2: advantage 0.05 < threshold, not kept
+    out = mod.targets("c", q, v, qs, vstar, 3, 0.10)
+    assert out["c: N=3 kept"] == pytest.approx(2 / 3)
+    assert out["c: N=3 kept targets Q*-optimal (precision)"] == pytest.approx(0.5)
+    assert out["c: N=3 states with an optimal target (recall)"] == pytest.approx(1 / 3)
+    # N=1: only the dataset action (index 0) can be imitated
+    assert mod.targets("c", q, v, qs, vstar, 1, 0.10)["c: N=1 kept"] == pytest.approx(1 / 3)
