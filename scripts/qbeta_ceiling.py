@@ -37,19 +37,12 @@ from digiq.models.policy import best_of_n
 from digiq.sim import layout as L
 from digiq.sim.behaviour import BehaviourValues
 from digiq.sim.phone import SimPhone
-from digiq.utils.stats import spearman
+from digiq.stages import train_critic as tc
 
 
-def top1(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Per state: is argmax of ``scores`` among the (tied) maximisers of ``reference``? (M, N) -> (M,)."""
-    best = reference >= reference.max(axis=1, keepdims=True) - 1e-6
-    return best[np.arange(len(scores)), scores.argmax(axis=1)]
-
-
-def mean_spearman(a: np.ndarray, b: np.ndarray) -> float:
-    rhos = [spearman(x, y) for x, y in zip(a, b)]
-    rhos = [r for r in rhos if not np.isnan(r)]
-    return float(np.mean(rhos)) if rhos else float("nan")
+def ranking(scores: np.ndarray, reference: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """train-critic's Q* ranking metrics of ``scores`` against ``reference`` (all candidates valid)."""
+    return tc.candidate_ranking(scores.astype(np.float64), reference.astype(np.float64))
 
 
 def targets(
@@ -93,14 +86,13 @@ def main() -> None:
     bv = BehaviourValues(phone, args.gamma, samples=args.samples, seed=args.seed)
     qs = np.stack([phone.q_star(tr.state_key[r], list(tr.candidates[r]), args.gamma) for r in rows])
     qb = np.stack([bv.q(tr.state_key[r], list(tr.candidates[r])) for r in rows])
+    data_m, _ = ranking(qb, qs)
     out: dict[str, float] = {
         "states": len(rows),
-        "dataset_action_top1_vs_qstar": float(np.mean(top1(np.eye(qs.shape[1])[[0] * len(rows)], qs))),
-        "random_candidate_top1_vs_qstar": float(
-            np.mean((qs >= qs.max(axis=1, keepdims=True) - 1e-6).mean(axis=1))
-        ),
-        "qbeta_top1_vs_qstar": float(np.mean(top1(qb, qs))),
-        "qbeta_spearman_vs_qstar": mean_spearman(qb, qs),
+        "dataset_action_top1_vs_qstar": data_m["val/qstar_dataset_action_optimal"],
+        "random_candidate_top1_vs_qstar": data_m["val/qstar_random_optimal"],
+        "qbeta_top1_vs_qstar": data_m["val/qstar_top1_agreement"],
+        "qbeta_spearman_vs_qstar": data_m["val/qstar_spearman"],
     }
     vstar = np.array([phone.v_star(tr.state_key[r], args.gamma) for r in rows])
     vb = np.array([bv.v(tr.state_key[r]) for r in rows])
@@ -113,10 +105,11 @@ def main() -> None:
             v = critic.v(cache.state[rows].float())
         for n in args.ns:
             out.update(targets(critic_dir, torch.as_tensor(q), v, qs, vstar, n, args.threshold))
-        ok = top1(q, qs)
-        out[f"{critic_dir}: top1_vs_qstar"] = float(np.mean(ok))
-        out[f"{critic_dir}: top1_vs_qbeta"] = float(np.mean(top1(q, qb)))
-        out[f"{critic_dir}: spearman_vs_qbeta"] = mean_spearman(q, qb)
+        m_star, ok = ranking(q, qs)
+        m_beta, _ = ranking(q, qb)
+        out[f"{critic_dir}: top1_vs_qstar"] = m_star["val/qstar_top1_agreement"]
+        out[f"{critic_dir}: top1_vs_qbeta"] = m_beta["val/qstar_top1_agreement"]
+        out[f"{critic_dir}: spearman_vs_qbeta"] = m_beta["val/qstar_spearman"]
         # Where the misses are: screen of the state, and what the critic's choice hits.
         misses: Counter[str] = Counter()
         for j, r in enumerate(rows):

@@ -87,8 +87,8 @@ def test_ceiling_script_top1_counts_ties_as_agreement() -> None:
     mod = _script()
     ref = np.array([[0.5, 0.9, 0.9], [1.0, 0.0, 0.2], [0.1, 0.2, 0.3]])
     scores = np.array([[0.0, 0.0, 5.0], [0.0, 1.0, 0.0], [3.0, 2.0, 1.0]])
-    assert mod.top1(scores, ref).tolist() == [True, False, False]
-    assert mod.top1(ref, ref).all()
+    assert mod.ranking(scores, ref)[1].tolist() == [True, False, False]
+    assert mod.ranking(ref, ref)[1].all()
 
 
 def test_ceiling_script_target_precision() -> None:

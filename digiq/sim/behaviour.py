@@ -164,10 +164,10 @@ class BehaviourValues:
         check(samples >= 1, f"samples must be >= 1, got {samples}")
         self.phone, self.gamma, self.samples, self.seed = phone, float(gamma), int(samples), int(seed)
         self.config = config
-        self._v: dict[str, tuple[dict[str, int], np.ndarray, np.ndarray]] = {}
+        self._v: dict[str, tuple[dict[str, int], np.ndarray]] = {}
 
-    def values(self, task_id: str) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
-        """(abstract key -> index, V^beta per graph state, goal mask) of one task (cached)."""
+    def values(self, task_id: str) -> tuple[dict[str, int], np.ndarray]:
+        """(abstract key -> index, V^beta per graph state; 0 at goal states) of one task (cached)."""
         hit = self._v.get(task_id)
         if hit is not None:
             return hit
@@ -198,21 +198,21 @@ class BehaviourValues:
             v = new
             if done:
                 break
-        self._v[task_id] = (g.index, v, goal)
+        self._v[task_id] = (g.index, v)
         return self._v[task_id]
 
     def v(self, state_key: str | State) -> float:
         s = self.phone.state_from_key(state_key) if isinstance(state_key, str) else state_key
-        index, v, _ = self.values(s.task_id)
+        index, v = self.values(s.task_id)
         return float(v[index[s.abstract_key]])
 
     def q(self, state_key: str | State, actions: list[str | Action]) -> np.ndarray:
         """Q^beta(s, a) = r(s, a) + gamma (1 - terminal) V^beta(s') for any actions."""
         s = self.phone.state_from_key(state_key) if isinstance(state_key, str) else state_key
-        index, v, goal = self.values(s.task_id)
+        index, v = self.values(s.task_id)
         out = np.zeros(len(actions), dtype=np.float64)
         for j, a in enumerate(actions):
+            # Reaching a goal is terminal (SimPhone.transition), so a non-terminal successor is never one.
             n, r, term = self.phone.transition(s, a)
-            j_next = index[n.abstract_key]
-            out[j] = r if term else r + self.gamma * (0.0 if goal[j_next] else v[j_next])
+            out[j] = r if term else r + self.gamma * v[index[n.abstract_key]]
         return out

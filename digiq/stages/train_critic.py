@@ -402,8 +402,19 @@ def qstar_metrics(
         if data.valid is None
         else data.valid[torch.as_tensor(rows, device=data.valid.device)].cpu().numpy()
     )
+    return candidate_ranking(q, qstar, valid)[0]
+
+
+def candidate_ranking(
+    q: np.ndarray, qstar: np.ndarray, valid: np.ndarray | None = None
+) -> tuple[dict[str, float], np.ndarray]:
+    """Ranking of scores ``q`` (M, N) against reference values ``qstar`` (M, N) over the valid candidates:
+    the metrics of :func:`qstar_metrics` and, per state, whether argmax ``q`` is a (tied) maximiser of
+    ``qstar`` (M,) bool. Index 0 is the dataset action."""
+    if valid is None:
+        valid = np.ones_like(q, dtype=bool)
     agree, behaviour, chance, rhos = [], [], [], []
-    for j in range(len(rows)):
+    for j in range(len(q)):
         m = valid[j]
         qj, sj = q[j][m], qstar[j][m]
         best = sj >= sj.max() - 1e-6
@@ -413,15 +424,16 @@ def qstar_metrics(
         rho = spearman(qj, sj)
         if not math.isnan(rho):
             rhos.append(rho)
-    return {
+    metrics = {
         "val/qstar_top1_agreement": float(np.mean(agree)),
         "val/qstar_spearman": float(np.mean(rhos)) if rhos else float("nan"),
-        "val/qstar_states": float(len(rows)),
+        "val/qstar_states": float(len(q)),
         "val/qstar_spearman_states": float(len(rhos)),
         # Context: how often the dataset action / a uniformly random candidate is Q*-optimal.
         "val/qstar_dataset_action_optimal": float(np.mean(behaviour)),
         "val/qstar_random_optimal": float(np.mean(chance)),
     }
+    return metrics, np.asarray(agree, dtype=bool)
 
 
 # --------------------------------------------------------------------------------------------------
