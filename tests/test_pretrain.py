@@ -83,6 +83,30 @@ def test_no_sample_carries_a_task_solution() -> None:
     assert not imported & {"digiq.sim.phone", "digiq.sim.behaviour", "digiq.sim.collect", "digiq.sim.rollout"}
 
 
+def test_match_answers_follow_the_goal() -> None:
+    # Which app: the answer is an app on the screen, and the goal's site is its name; the cursor form says
+    # yes about as often as no; the typed-text form says yes exactly when the text is the query, any case.
+    rng = random.Random(5)
+    answers: dict[str, list[str]] = {"app": [], "cursor": [], "typed": []}
+    for _ in range(400):
+        s = S.make_sample(rng, "match", 90, 160)
+        goal = s.question.split("\n")[0]
+        if s.question.endswith("Which app opens the site?"):
+            assert f"go to {s.answer.lower()}.com," in goal.lower()
+            answers["app"].append(s.answer)
+        elif s.question.endswith("Is the cursor on the app that opens the site?"):
+            answers["cursor"].append(s.answer)
+        else:
+            query = goal.split('search for "')[1].split('"')[0]
+            typed = s.question.split("\n")[1].removeprefix('Typed: "').removesuffix('"')
+            assert s.answer == ("yes" if typed.lower() == query.lower() else "no")
+            answers["typed"].append(s.answer)
+    assert all(len(v) > 60 for v in answers.values())
+    assert len(set(answers["app"])) > 50  # varied names, not a memorised few
+    for form in ("cursor", "typed"):
+        assert 0.3 < answers[form].count("yes") / len(answers[form]) < 0.7
+
+
 def _cfg(out: Path, *extra: str) -> pretrain_vlm.Config:
     return load_config(
         pretrain_vlm.Config,
@@ -112,7 +136,10 @@ def test_pretrain_trains_exports_and_resumes_bit_for_bit(tmp_path: Path) -> None
         if "train/loss" in line
     ]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    assert {f"acc/{s}" for s in S.SKILLS} <= set(m) and m["machine"]["matmul_gflops"] > 0
+    # Accuracy of every skill it trained on; `match` has weight 0 by default, so it is not scored.
+    trained_skills = {s for s in S.SKILLS if s != "match"}
+    assert {f"acc/{s}" for s in trained_skills} <= set(m) and "acc/match" not in m
+    assert m["machine"]["matmul_gflops"] > 0
     # Parameters moved away from the random start.
     trained = load_file(str(a / "model" / "model.safetensors"))
     random_start, _ = build_tiny_vlm(*parse_tiny_name(SMALL))

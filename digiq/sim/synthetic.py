@@ -15,6 +15,10 @@ Skills (each a question in the chat template with a short text answer):
 * ``screen``:  the kind of screen (home, list, search, settings, product, browser);
 * ``parse``:   the site, the quoted query or the toggle and value of an AitW-style goal of made-up words;
 * ``type``:    'Goal: Type "<text>"' on a search screen -> ``type <text>`` (copying unseen text).
+* ``match``:   which home-screen app a goal's site names ('Go to blorfzap.com, ...' -> ``BlorfZap``, or with
+  the overlay cursor on an app: is it that app? -> ``yes`` / ``no``), and whether a typed text is the goal's
+  quoted query (ignoring case) -> ``yes`` / ``no``. Reading and comparing, the pieces a critic needs to
+  tell a candidate that serves the goal from one that does not; never a step of a task.
 
 What it never contains: the simulator's task solutions. No question is about a catalogue task, no answer is
 a next action of a task, a success, a screen-change or a value label; the goal sites and queries are made-up
@@ -35,7 +39,7 @@ from digiq.sim import render as R
 from digiq.sim.layout import Box, inside
 from digiq.sim.tasks import ALL_QUERIES, SHOPS, TOGGLES
 
-SKILLS = ("ground", "refer", "read", "state", "screen", "parse", "type")
+SKILLS = ("ground", "refer", "read", "state", "screen", "parse", "type", "match")
 SCREEN_KINDS = ("home", "list", "search", "settings", "product", "browser")
 
 _SYLLABLES = (
@@ -125,10 +129,10 @@ def _toggle_bits(rng: random.Random) -> tuple[bool, bool, bool]:
     return tuple(rng.random() < 0.5 for _ in range(3))  # type: ignore[return-value]
 
 
-def _home(c: R._Canvas, rng: random.Random) -> Screen:
+def _home(c: R._Canvas, rng: random.Random, name=lambda r: word(r).title()) -> Screen:
     c.img.paste(_colour(rng) if rng.random() < 0.3 else R.HOME_BG, (0, 0, c.w, c.h))
     cols, rows = rng.randint(2, 3), rng.randint(2, 4)
-    names = _distinct(rng, cols * rows, lambda r: word(r).title())
+    names = _distinct(rng, cols * rows, name)
     keep = rng.randint(max(2, len(names) // 2), len(names))
     slots = sorted(rng.sample(range(cols * rows), keep))
     cw, rh = 0.9 / cols, 0.7 / rows
@@ -328,7 +332,54 @@ def make_sample(rng: random.Random, skill: str, width: int = 180, height: int = 
         s = random_screen(rng, width, height, "search")
         text = phrase(rng)
         return Sample(s.image, f'Goal: Type "{text}"\nPrevious: none\nAction:', f"type {text}", skill)
+    if skill == "match":
+        return _match_sample(rng, width, height)
     raise ValueError(f"unknown pretraining skill {skill!r}; expected one of {SKILLS}")
+
+
+def _app_name(rng: random.Random) -> str:
+    """One or two title-cased words run together, as apps named after their site are (never a catalogue
+    shop, whose names are refused)."""
+    while True:
+        name = "".join(word(rng).title() for _ in range(rng.randint(1, 2)))
+        if name.lower() not in _CATALOGUE_WORDS:
+            return name
+
+
+def _inner_point(rng: random.Random, box: Box) -> tuple[float, float]:
+    h, w = box[2] - box[0], box[3] - box[1]
+    return rng.uniform(box[0] + 0.2 * h, box[2] - 0.2 * h), rng.uniform(box[1] + 0.2 * w, box[3] - 0.2 * w)
+
+
+def _match_sample(rng: random.Random, width: int, height: int) -> Sample:
+    tail = rng.choice(
+        ("", ", and select the first entry", ", select the first entry, and add it to the cart")
+    )
+    if rng.random() < 0.3:  # is a typed text the goal's query? (matching ignores case, as a search box does)
+        s = random_screen(rng, width, height, "search")
+        query = phrase(rng)
+        goal = f'Go to {made_up_word(rng)}.com, search for "{query}"{tail}'
+        kind = rng.random()
+        if kind < 0.5:
+            typed = rng.choice((query, query.upper(), query.title(), query.capitalize()))
+        elif kind < 0.75:
+            typed = phrase(rng)
+        else:  # near misses: a word of it, or one word more
+            words = query.split()
+            typed = rng.choice(words) if len(words) > 1 else f"{query} {word(rng)}"
+        answer = "yes" if typed.lower() == query.lower() else "no"
+        return Sample(s.image, f'Goal: {goal}\nTyped: "{typed}"\nIs this the query?', answer, "match")
+    c = R._Canvas(width, height, R.WHITE)
+    s = _home(c, rng, _app_name)
+    R._status_bar(c, _toggle_bits(rng))
+    target = rng.choice(s.elements)
+    goal = f'Go to {target.label.lower()}.com, search for "{phrase(rng)}"{tail}'
+    if rng.random() < 0.5:
+        return Sample(s.image, f"Goal: {goal}\nWhich app opens the site?", target.label, "match")
+    e = target if rng.random() < 0.5 else rng.choice(s.elements)
+    img = render_image(s.image, Action.tap(*_inner_point(rng, e.box)), "overlay")
+    answer = "yes" if e is target else "no"
+    return Sample(img, f"Goal: {goal}\nIs the cursor on the app that opens the site?", answer, "match")
 
 
 def sample_stream_item(

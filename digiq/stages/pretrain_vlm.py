@@ -25,6 +25,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,9 @@ class SkillWeights:
     parse: float = 2.0
     # 'Goal: Type "<text>"' -> type <text>: copy text the model never saw.
     type: float = 1.5
+    # Which home-screen app a goal's site names (by name, or is the overlay cursor on it), and whether a
+    # typed text is the goal's query. 0 keeps the shipped gui-tiny's stream (configs/pretrain-vlm/gui-tiny.yaml).
+    match: float = 0.0
     # Grounding and referring on real web pages: MiniWoB++ screens of tasks outside the pipeline's list, labels
     # from the DOM (`web`; needs chromium: pip install -e ".[miniwob]"). 0 = no browser needed.
     web_ground: float = 0.0
@@ -226,13 +230,18 @@ def stream_item(
 
 
 def evaluation_samples(
-    seed: int, per_skill: int, width: int = 180, height: int = 320, bank: list[WebScreen] | None = None
+    seed: int,
+    per_skill: int,
+    width: int = 180,
+    height: int = 320,
+    bank: list[WebScreen] | None = None,
+    skills: Sequence[str] = SKILLS,
 ) -> list[Sample]:
-    """``per_skill`` fresh questions of every skill (web skills on the held-out web screens, when given), a
-    pure function of ``seed``."""
+    """``per_skill`` fresh questions of each synthetic skill in ``skills`` (and of the web skills on the
+    held-out web screens, when given), a pure function of ``seed``."""
     out = [
         make_sample(random.Random(f"eval:{seed}:{skill}:{i}"), skill, width, height)
-        for skill in SKILLS
+        for skill in skills
         for i in range(per_skill)
     ]
     if bank:
@@ -382,7 +391,11 @@ def run(cfg: Config) -> dict[str, Any]:
     }
     if is_main:
         model.eval()
-        samples = evaluation_samples(cfg.eval_seed, cfg.eval_per_skill, cfg.width, cfg.height, eval_bank)
+        # The synthetic skills it was trained on (a skill of weight 0 would only add a 0 to the mean).
+        trained = [sk for sk in SKILLS if getattr(cfg.skills, sk) > 0]
+        samples = evaluation_samples(
+            cfg.eval_seed, cfg.eval_per_skill, cfg.width, cfg.height, eval_bank, trained
+        )
         if bank is not None:
             metrics["web_screens"] = bank_summary(out / "web_screens")
         metrics.update(evaluate(model, processor, samples, progress=True))
