@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +38,29 @@ def test_probe_ranks_well_only_when_features_hold_qstar() -> None:
     assert good["val/qstar_top1_agreement"] > 0.8 and good["val/qstar_spearman"] > 0.8
     # noise features: about chance (1/6 for a unique optimum among 6 candidates)
     assert bad["val/qstar_top1_agreement"] < 0.4 and abs(bad["val/qstar_spearman"]) < 0.3
+
+
+def test_listwise_probe_ranks_well_only_when_features_hold_qstar() -> None:
+    torch.manual_seed(0)
+    kw = {"steps": 600, "hidden": 64, "batch_size": 64, "lr": 3e-3}
+    s, a, tr, va = _problem(informative=True)
+    good = probe_features.probe(s, a, None, tr, va, loss="listwise", **kw)
+    s, a, tr, va = _problem(informative=False)
+    bad = probe_features.probe(s, a, None, tr, va, loss="listwise", **kw)
+    assert good["val/qstar_top1_agreement"] > 0.6
+    assert bad["val/qstar_top1_agreement"] < 0.4  # chance: 1/6
+    with pytest.raises(ValueError, match="loss"):
+        probe_features.probe(s, a, None, tr, va, loss="hinge", **kw)
+
+
+def test_listwise_probe_ignores_invalid_candidates() -> None:
+    # The Q*-best candidate of every state is marked invalid: the probe must rank among the valid ones.
+    s, a, tr, va = _problem(informative=True)
+    R, N = a.shape[:2]
+    q = np.concatenate([tr[1], va[1]])
+    valid = torch.ones(R, N, dtype=torch.bool)
+    valid[torch.arange(R), torch.as_tensor(q.argmax(1))] = False
+    m = probe_features.probe(
+        s, a, valid, tr, va, steps=300, hidden=64, batch_size=64, lr=3e-3, loss="listwise"
+    )
+    assert np.isfinite(m["val/qstar_top1_agreement"]) and m["val/qstar_top1_agreement"] > 0.6
