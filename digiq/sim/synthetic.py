@@ -252,8 +252,13 @@ _MAKERS = {
 def random_screen(rng: random.Random, width: int = 180, height: int = 320, kind: str | None = None) -> Screen:
     """One randomised screen (portrait ``width`` x ``height``) with its widgets and their labels."""
     kind = kind or rng.choice(SCREEN_KINDS)
+    return _draw(rng, width, height, _MAKERS[kind])
+
+
+def _draw(rng: random.Random, width: int, height: int, make) -> Screen:
+    """A blank screen drawn by ``make(canvas, rng)``, then the status bar."""
     c = R._Canvas(width, height, R.WHITE)
-    screen = _MAKERS[kind](c, rng)
+    screen = make(c, rng)
     R._status_bar(c, _toggle_bits(rng))
     return screen
 
@@ -288,9 +293,7 @@ def make_sample(rng: random.Random, skill: str, width: int = 180, height: int = 
     if skill == "refer":
         s = random_screen(rng, width, height)
         if rng.random() < 0.6:
-            e = rng.choice(s.elements)
-            y = rng.uniform(e.box[0] + 0.2 * (e.box[2] - e.box[0]), e.box[2] - 0.2 * (e.box[2] - e.box[0]))
-            x = rng.uniform(e.box[1] + 0.2 * (e.box[3] - e.box[1]), e.box[3] - 0.2 * (e.box[3] - e.box[1]))
+            y, x = _inner_point(rng, rng.choice(s.elements).box)
         else:
             y, x = rng.uniform(0.05, 0.98), rng.uniform(0.02, 0.98)
         hit = _hit(s, y, x)
@@ -321,10 +324,7 @@ def make_sample(rng: random.Random, skill: str, width: int = 180, height: int = 
             goal = f"Turn {'on' if on else 'off'} {name}"
             return Sample(s.image, f"Goal: {goal}\nWhich setting?", f"{name} {'on' if on else 'off'}", skill)
         site, query = f"{made_up_word(rng)}.com", phrase(rng)
-        tail = rng.choice(
-            ("", ", and select the first entry", ", select the first entry, and add it to the cart")
-        )
-        goal = f'Go to {site}, search for "{query}"{tail}'
+        goal = _shop_goal(site, query, rng.choice(_SHOP_TAILS))
         if rng.random() < 0.5:
             return Sample(s.image, f"Goal: {goal}\nWhich site?", site, skill)
         return Sample(s.image, f"Goal: {goal}\nWhich query?", query, skill)
@@ -335,6 +335,14 @@ def make_sample(rng: random.Random, skill: str, width: int = 180, height: int = 
     if skill == "match":
         return _match_sample(rng, width, height)
     raise ValueError(f"unknown pretraining skill {skill!r}; expected one of {SKILLS}")
+
+
+# What may follow the query in an AitW-style shopping goal.
+_SHOP_TAILS = ("", ", and select the first entry", ", select the first entry, and add it to the cart")
+
+
+def _shop_goal(site: str, query: str, tail: str) -> str:
+    return f'Go to {site}, search for "{query}"{tail}'
 
 
 def _app_name(rng: random.Random) -> str:
@@ -352,13 +360,11 @@ def _inner_point(rng: random.Random, box: Box) -> tuple[float, float]:
 
 
 def _match_sample(rng: random.Random, width: int, height: int) -> Sample:
-    tail = rng.choice(
-        ("", ", and select the first entry", ", select the first entry, and add it to the cart")
-    )
+    tail = rng.choice(_SHOP_TAILS)
     if rng.random() < 0.3:  # is a typed text the goal's query? (matching ignores case, as a search box does)
         s = random_screen(rng, width, height, "search")
         query = phrase(rng)
-        goal = f'Go to {made_up_word(rng)}.com, search for "{query}"{tail}'
+        goal = _shop_goal(f"{made_up_word(rng)}.com", query, tail)
         kind = rng.random()
         if kind < 0.5:
             typed = rng.choice((query, query.upper(), query.title(), query.capitalize()))
@@ -369,11 +375,9 @@ def _match_sample(rng: random.Random, width: int, height: int) -> Sample:
             typed = rng.choice(words) if len(words) > 1 else f"{query} {word(rng)}"
         answer = "yes" if typed.lower() == query.lower() else "no"
         return Sample(s.image, f'Goal: {goal}\nTyped: "{typed}"\nIs this the query?', answer, "match")
-    c = R._Canvas(width, height, R.WHITE)
-    s = _home(c, rng, _app_name)
-    R._status_bar(c, _toggle_bits(rng))
+    s = _draw(rng, width, height, lambda c, r: _home(c, r, _app_name))
     target = rng.choice(s.elements)
-    goal = f'Go to {target.label.lower()}.com, search for "{phrase(rng)}"{tail}'
+    goal = _shop_goal(f"{target.label.lower()}.com", phrase(rng), tail)
     if rng.random() < 0.5:
         return Sample(s.image, f"Goal: {goal}\nWhich app opens the site?", target.label, "match")
     e = target if rng.random() < 0.5 else rng.choice(s.elements)

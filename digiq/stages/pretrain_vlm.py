@@ -392,7 +392,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if is_main:
         model.eval()
         # The synthetic skills it was trained on (a skill of weight 0 would only add a 0 to the mean).
-        trained = [sk for sk in SKILLS if getattr(cfg.skills, sk) > 0]
+        trained = [sk for sk in cfg.skills.as_lists()[0] if sk in SKILLS]
         samples = evaluation_samples(
             cfg.eval_seed, cfg.eval_per_skill, cfg.width, cfg.height, eval_bank, trained
         )
