@@ -6,11 +6,14 @@ by regression on the simulator's *exact* Q*(s, a_i) of *every* candidate of the 
 like the critic (top-1 agreement of argmax_i Q with the Q*-optimal set, Spearman per state) on the
 validation states. If the probe itself ranks poorly, the features are the bottleneck, not TD vs MC.
 
-Two losses:
+Three losses:
 
 * ``--loss mse`` (the default, the first probe): regression on the Q* values. Most of Q*'s variance lies
   *between* states, so the fit spends itself there; at its default budget (1,000 steps of 32 states) a TD
   critic has beaten its top-1 (docs/results.md). Its Spearman is the steadier number.
+* ``--loss advantage``: regression on Q* minus the mean Q* of the state's valid candidates, with the
+  prediction centred the same way: the MSE of ``mse`` without its between-state part. It is what
+  ``critic.q_param=dueling`` gives a TD critic (Q = V(s) + A(s, a)), measured with every label known.
 * ``--loss listwise``: a softmax over each state's candidates, trained to put its mass on the Q*-optimal
   ones (-log sum_{i optimal} softmax(Q)_i). This asks exactly what top-1 measures, so it is the better
   view of whether the features *can* rank the candidates given a label for every one.
@@ -38,6 +41,8 @@ from digiq.models.critic import Critic, CriticArch
 from digiq.sim.phone import SimPhone
 from digiq.stages import train_critic as tc
 
+LOSSES = ("mse", "advantage", "listwise")
+
 
 def probe(
     state: torch.Tensor,
@@ -55,15 +60,16 @@ def probe(
     """Fit twin Q heads on (features of candidate i) -> Q*(s, a_i) for the training states; score on val.
 
     A step fits all N candidates of ``batch_size`` states (32 x 16 = 512 pairs at the default N).
-    ``loss``: ``mse`` (regression on Q*) or ``listwise`` (softmax mass on each state's Q*-optimal set).
+    ``loss``: ``mse`` (regression on Q*), ``advantage`` (regression on Q* centred per state, prediction
+    centred alike) or ``listwise`` (softmax mass on each state's Q*-optimal set).
 
     ``qstar_*`` are ``(rows (M,), Q* (M, N))`` from :func:`digiq.stages.train_critic.q_star_table`.
     """
     torch.manual_seed(seed)
     rows_t, q_t = qstar_train
     R, N, _ = actions.shape
-    if loss not in ("mse", "listwise"):
-        raise ValueError(f"loss must be 'mse' or 'listwise', got {loss!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     target = torch.zeros(R, N)
     target[torch.as_tensor(rows_t)] = torch.as_tensor(q_t, dtype=torch.float32)
     mask = torch.ones(R, N, dtype=torch.bool) if valid is None else valid
@@ -81,9 +87,14 @@ def probe(
     for _ in range(steps):
         idx = train[torch.randint(len(train), (batch_size,), generator=g)]
         q = critic.q_all(actions[idx].float())  # (B, N, twins)
-        if loss == "mse":
-            err = (q - target[idx].unsqueeze(-1)) ** 2
-            value = (err * mask[idx].unsqueeze(-1)).sum() / mask[idx].sum().clamp_min(1) / q.shape[-1]
+        if loss in ("mse", "advantage"):
+            m = mask[idx].unsqueeze(-1).float()
+            t = target[idx].unsqueeze(-1)
+            if loss == "advantage":  # both sides minus their mean over the state's valid candidates
+                count = m.sum(1, keepdim=True).clamp_min(1)
+                t = t - (t * m).sum(1, keepdim=True) / count
+                q = q - (q * m).sum(1, keepdim=True) / count
+            value = ((q - t) ** 2 * m).sum() / m.sum().clamp_min(1) / q.shape[-1]
         else:
             m, o = mask[idx].unsqueeze(-1), optimal[idx].unsqueeze(-1)
             logp = torch.log_softmax(q.masked_fill(~m, float("-inf")), dim=1)
@@ -111,7 +122,7 @@ def main() -> None:
     ap.add_argument("--features", nargs="+", required=True, help="one or more feature caches of that dataset")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--loss", choices=("mse", "listwise"), default="mse", help="see the module doc")
+    ap.add_argument("--loss", choices=LOSSES, default="mse", help="see the module doc")
     ap.add_argument("--batch-size", type=int, default=32, help="states per step (all their candidates)")
     ap.add_argument("--hidden", type=int, default=512, help="width of the two hidden layers")
     ap.add_argument("--gamma", type=float, default=0.95)

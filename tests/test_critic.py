@@ -119,3 +119,24 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert torch.equal(loaded.q(a), critic.q(a)) and torch.equal(loaded.v(s), critic.v(s))
     assert (tmp_path / "critic" / "_COMPLETE").exists()
     assert not list((tmp_path / "critic").glob("*.pt"))  # safetensors + json only
+
+
+def test_dueling_q_adds_detached_state_value(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    arch = CriticArch(state_dim=4, action_dim=6, q_hidden=(8,), v_hidden=(8,), q_param="dueling")
+    critic = Critic(arch)
+    a, s = torch.randn(3, 5, 6), torch.randn(3, 4)
+    q_all = critic.q_all(a, s)  # one state for 5 candidates
+    assert q_all.shape == (3, 5, 2)
+    assert torch.allclose(q_all, critic.v_all(s)[:, None] + critic.q_net(a), atol=1e-6)
+    # the ranking of one state's candidates is the advantage head's: V only shifts the row
+    assert torch.equal(q_all.argmax(1), critic.q_net(a).argmax(1))
+    assert torch.allclose(critic.q_all(a[:, 0], s), q_all[:, 0], atol=1e-6)  # one action per state
+    q_all.sum().backward()
+    assert all(p.grad is None for p in critic.v_net.parameters())
+    assert all(p.grad is not None for p in critic.q_net.parameters())
+    with pytest.raises(ValueError, match="dueling"):
+        critic.q_all(a)
+    save_critic(critic, tmp_path / "duel")
+    loaded = load_critic(tmp_path / "duel")
+    assert loaded.arch.q_param == "dueling" and torch.equal(loaded.q_all(a, s), q_all.detach())

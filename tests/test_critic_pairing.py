@@ -94,3 +94,56 @@ def test_pairing_is_validated() -> None:
         load_config(tc.Config, None, ["dataset=x", "features=y", "critic.target_pairing=pairs"])
     with pytest.raises(ValueError, match="target_pairing"):
         tc.backup_targets(torch.zeros(2, 2), torch.zeros(2, 2), "pairs", "min")
+
+
+@pytest.mark.parametrize(("pairing", "how"), [("per_head", "max"), ("aggregate", "min")])
+def test_dueling_backup_equals_hand_computation(pairing: str, how: str) -> None:
+    """q_param=dueling: Q_i = sg[V_i(s)] + A_i(f(s, a)); both heads regress on r + gamma (1-d) V_targ(s')."""
+    arch = CriticArch(
+        state_dim=3, action_dim=4, q_hidden=(5,), v_hidden=(6,), layer_norm=False, q_param="dueling"
+    )
+    torch.manual_seed(1)
+    critic = Critic(arch)
+    torch.manual_seed(2)
+    target = Critic(arch).requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    R = 5
+    data = tc.DeviceData(
+        state=torch.randn(R, 3, generator=g),
+        actions=torch.randn(R, 2, 4, generator=g),
+        valid=None,
+        reward=torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0]),
+        done=torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0]),
+        mc_return=torch.zeros(R),
+        next_idx=torch.tensor([1, 2, 2, 4, 4]),
+    )
+    over = ["dataset=x", "features=y", f"gamma={GAMMA}", "critic.q_param=dueling"]
+    cfg = load_config(tc.Config, None, [*over, f"critic.target_pairing={pairing}", f"critic.aggregate={how}"])
+    idx = np.array([0, 1, 2, 3, 4, 0])
+    loss, parts = tc.batch_loss(critic, target, data, torch.as_tensor(idx), cfg)
+
+    s, a = data.state.double().numpy(), data.actions[:, 0].double().numpy()
+    r, d, nxt = data.reward.double().numpy(), data.done.double().numpy(), data.next_idx.numpy()
+    v = ensemble_mlp_numpy(critic.v_net, s[idx])
+    q = v + ensemble_mlp_numpy(critic.q_net, a[idx])
+    vt = ensemble_mlp_numpy(target.v_net, s[nxt[idx]])
+    if pairing == "aggregate":
+        vt = np.repeat(vt.min(axis=1, keepdims=True), 2, axis=1)
+    y = r[idx, None] + GAMMA * (1 - d[idx, None]) * vt
+    hq = sum(np.mean((q[:, i] - y[:, i]) ** 2) for i in range(2))
+    hv = sum(np.mean((v[:, i] - y[:, i]) ** 2) for i in range(2))
+    assert parts["loss_q"].item() == pytest.approx(hq, abs=1e-6)
+    assert parts["loss_v"].item() == pytest.approx(hv, abs=1e-6)
+    # J_Q trains the advantage head only (V is detached inside Q): V's gradient is that of J_V alone
+    loss.backward()
+    full = [p.grad.clone() for p in critic.v_net.parameters()]
+    critic.zero_grad()
+    v_t = critic.v_all(data.state[torch.as_tensor(idx)])
+    ((v_t - torch.as_tensor(y, dtype=torch.float32)) ** 2).mean(0).sum().backward()
+    for g_full, p in zip(full, critic.v_net.parameters()):
+        assert torch.allclose(g_full, p.grad, atol=1e-6)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.v_net.parameters())
+    from digiq.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dueling"):
+        load_config(tc.Config, None, [*over, "backup_action=candidate"])

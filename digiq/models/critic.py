@@ -17,6 +17,8 @@ files named below are in that repository), all deliberate:
 - optional LayerNorm after each hidden layer (the official MLPs have none) and input normalisation with
   feature mean/std measured on the training split and stored with the critic (raw VLM hidden states have
   a few huge-magnitude channels);
+- ``q_param="dueling"`` (optional, beyond the paper and the official code): Q(s, a) = sg[V(s)] + A(f(s, a)),
+  see :meth:`Critic.q_all`;
 - text encoders and frame stacking are optional (``text_encoder``, ``frame_stack``,
   :mod:`digiq.models.critic_text`): with them the inputs are the official ones (``critic.py:156-157``),
   without them V reads f(s) alone, which for imported data (single-frame BLIP-2 features) cannot tell two
@@ -63,6 +65,9 @@ class CriticArch:
     frame_stack: int = 1
     # What Q reads besides the action feature: 'state_action' = the V input first (official critic.py:157).
     q_input: Literal["action", "state_action"] = "action"
+    # How Q is built from its head: 'direct' = the head's output (official); 'dueling' = V(s), detached,
+    # plus the head's output, so the head only fits A(s, a) = Q(s, a) - V(s) (see Critic.q_all).
+    q_param: Literal["direct", "dueling"] = "direct"
     # Text encoder (Hugging Face name or folder, "" = none) and its pooled width; see critic_text.py.
     text_encoder: str = ""
     text_dim: int = 0
@@ -209,7 +214,31 @@ class Critic(nn.Module):
         state_text: torch.Tensor | None = None,
         action_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-twin Q: action feats (..., Da) (+ the state's inputs for q_input=state_action) -> (..., T)."""
+        """Per-twin Q: action feats (..., Da) (+ the state's inputs for q_input=state_action or
+        q_param=dueling) -> (..., T).
+
+        ``q_param=dueling``: Q_i(s, a) = sg[V_i(s)] + A_i(f(s, a)) (a dueling parameterisation, Wang et al.
+        2016, with the state value detached). Q's regression targets r + gamma V(s') vary far more between
+        states than between the candidates of one state, and a head fitting them spends itself on that
+        between-state part; with V(s) subtracted the head fits only what ranks the candidates. Gradients
+        of J_Q reach the advantage head alone; V keeps its own loss J_V, so its fixed point is unchanged.
+        """
+        if self.arch.q_param == "dueling":
+            if state_feats is None:
+                raise ValueError("this critic's Q adds V(s) (q_param=dueling): pass state_feats")
+            v = self.v_all(state_feats, state_text).detach()
+            if v.dim() < action_feats.dim():  # one state for k candidates: (B, T) -> (B, 1, T)
+                v = v.unsqueeze(-2)
+            return v + self._q_head(action_feats, state_feats, state_text, action_text)
+        return self._q_head(action_feats, state_feats, state_text, action_text)
+
+    def _q_head(
+        self,
+        action_feats: torch.Tensor,
+        state_feats: torch.Tensor | None,
+        state_text: torch.Tensor | None,
+        action_text: torch.Tensor | None,
+    ) -> torch.Tensor:
         x = (action_feats.to(self.action_mean.dtype) - self.action_mean) / self.action_std
         parts = []
         if self.arch.q_input == "state_action":

@@ -49,7 +49,7 @@ from digiq.data.features import FeatureCache
 from digiq.data.schema import split_by_trajectory
 from digiq.data.transitions import Transitions, check_candidate_counts, load_transitions
 from digiq.errors import DataError
-from digiq.losses import mc_loss, td_q_loss, td_v_loss
+from digiq.losses import mc_loss, td_q_loss, td_target, td_v_loss
 from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
 from digiq.models.critic_text import CriticInputs, TextEncoders, build_inputs, gather, score
 from digiq.sim.phone import SimPhone
@@ -108,6 +108,9 @@ class CriticNetConfig:
     frame_stack: bool = False
     # Q's input: the action feature alone, or the V input first (official critic.py:157: state_action).
     q_input: Literal["action", "state_action"] = "action"
+    # 'dueling': Q(s, a) = sg[V(s)] + A(f(s, a)), so the Q head fits advantages, not the between-state
+    # spread of the TD targets (beyond the paper; docs/results.md measures it); 'direct' = the official Q.
+    q_param: Literal["direct", "dueling"] = "direct"
     text: CriticTextConfig = dataclasses.field(default_factory=CriticTextConfig)
     # Standardise inputs with the feature mean/std of the training split (stored inside the critic).
     normalize_inputs: bool = True
@@ -184,6 +187,11 @@ class Config:
         check(
             bool(self.critic.text.encoder) or not self.critic.text.finetune,
             "critic.text.finetune needs critic.text.encoder",
+        )
+        check(
+            self.critic.q_param != "dueling" or self.backup_action == "dataset",
+            "critic.q_param=dueling backs V up from r + gamma V(s') of the dataset action; "
+            "backup_action=candidate has no meaning there",
         )
         self.optim.validate("optim")
 
@@ -311,7 +319,14 @@ def batch_loss(
                 cfg.critic.aggregate,
             )
         lq = td_q_loss(q.float(), expand(data.reward[idx]), expand(data.done[idx]), v_next, cfg.gamma)
-        lv = td_v_loss(v.float(), q_back)
+        if cfg.critic.q_param == "dueling":
+            # Q_targ(s, a') = V_targ(s) + A_targ(s, a') would regress V on itself: no anchor (measured: top-1
+            # 0.41, V's correlation with the return halved). V's own TD target r + gamma V_targ(s') has the
+            # fixed point V^beta, the same as E_{a'~beta} Q^beta(s, a') of the paper's J_V.
+            v_back = td_target(expand(data.reward[idx]), expand(data.done[idx]), v_next, cfg.gamma)
+            lv = td_v_loss(v.float(), v_back)
+        else:
+            lv = td_v_loss(v.float(), q_back)
     return lq + lv, {"loss_q": lq.detach(), "loss_v": lv.detach(), "q_mean": q.detach().mean()}
 
 
@@ -507,6 +522,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         aggregate=cfg.critic.aggregate,
         frame_stack=2 if cfg.critic.frame_stack else 1,
         q_input=cfg.critic.q_input,
+        q_param=cfg.critic.q_param,
         text_encoder=cfg.critic.text.encoder,
         text_separate=cfg.critic.text.separate,
         text_max_length=cfg.critic.text.max_length,
