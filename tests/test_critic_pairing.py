@@ -16,7 +16,13 @@ GAMMA = 0.9
 
 @pytest.fixture()
 def batch():
-    arch = CriticArch(state_dim=3, action_dim=4, q_hidden=(5,), v_hidden=(6,), layer_norm=False)
+    return _batch()
+
+
+def _batch(q_param: str = "direct") -> tuple[Critic, Critic, tc.DeviceData]:
+    arch = CriticArch(
+        state_dim=3, action_dim=4, q_hidden=(5,), v_hidden=(6,), layer_norm=False, q_param=q_param
+    )
     torch.manual_seed(1)
     critic = Critic(arch)
     torch.manual_seed(2)  # an independent target, so per-head and aggregated targets differ
@@ -99,24 +105,7 @@ def test_pairing_is_validated() -> None:
 @pytest.mark.parametrize(("pairing", "how"), [("per_head", "max"), ("aggregate", "min")])
 def test_dueling_backup_equals_hand_computation(pairing: str, how: str) -> None:
     """q_param=dueling: Q_i = sg[V_i(s)] + A_i(f(s, a)); both heads regress on r + gamma (1-d) V_targ(s')."""
-    arch = CriticArch(
-        state_dim=3, action_dim=4, q_hidden=(5,), v_hidden=(6,), layer_norm=False, q_param="dueling"
-    )
-    torch.manual_seed(1)
-    critic = Critic(arch)
-    torch.manual_seed(2)
-    target = Critic(arch).requires_grad_(False)
-    g = torch.Generator().manual_seed(3)
-    R = 5
-    data = tc.DeviceData(
-        state=torch.randn(R, 3, generator=g),
-        actions=torch.randn(R, 2, 4, generator=g),
-        valid=None,
-        reward=torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0]),
-        done=torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0]),
-        mc_return=torch.zeros(R),
-        next_idx=torch.tensor([1, 2, 2, 4, 4]),
-    )
+    critic, target, data = _batch("dueling")
     over = ["dataset=x", "features=y", f"gamma={GAMMA}", "critic.q_param=dueling"]
     cfg = load_config(tc.Config, None, [*over, f"critic.target_pairing={pairing}", f"critic.aggregate={how}"])
     idx = np.array([0, 1, 2, 3, 4, 0])

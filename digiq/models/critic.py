@@ -284,11 +284,14 @@ class Critic(nn.Module):
         state_text: torch.Tensor | None = None,
         action_text: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q per twin on f(s,a), V per twin on f(s)), both (B, T): one call so DDP sees every head."""
-        return (
-            self.q_all(action_feats, state_feats, state_text, action_text),
-            self.v_all(state_feats, state_text),
-        )
+        """(Q per twin on f(s,a), V per twin on f(s)), both (B, T): one call so DDP sees every head.
+
+        V is computed once and serves a dueling Q too (as :meth:`q_all` would add it, detached)."""
+        v = self.v_all(state_feats, state_text)
+        q = self._q_head(action_feats, state_feats, state_text, action_text)
+        if self.arch.q_param == "dueling":
+            q = v.detach() + q
+        return q, v
 
 
 def make_target(critic: Critic) -> Critic:
