@@ -242,32 +242,103 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Whole(dict):
+    """A mapping given whole for a ``dict``-typed field (``field={...}`` or ``field:`` in YAML): it replaces the
+    field's value instead of merging into it, so ``p_optimal_by_task={}`` clears the defaults. A dotted
+    ``field.key=value`` still sets one entry on top of them."""
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, _Whole) or not (isinstance(v, dict) and isinstance(out.get(k), dict)):
+            out[k] = v
+        elif isinstance(out[k], _Whole):
+            out[k] = _Whole(_merge(out[k], v))
+        else:
             out[k] = _merge(out[k], v)
+    return out
+
+
+def _unwrap(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _unwrap(v) for k, v in tree.items()}
+    return tree
+
+
+def _field_type(cls: Any, name: str) -> Any:
+    """The annotated type of dataclass field ``name`` of ``cls`` (Optional unwrapped), or None."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return None
+    tp = typing.get_type_hints(cls).get(name)
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _is_dict_type(tp: Any) -> bool:
+    return get_origin(tp) is dict or tp is dict
+
+
+def _mark_whole(cls: Any, tree: dict[str, Any]) -> dict[str, Any]:
+    """Wrap the mappings that ``tree`` (a YAML file's contents) gives for dict-typed fields in ``_Whole``."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        tp = _field_type(cls, k)
+        if isinstance(v, dict) and _is_dict_type(tp):
+            out[k] = _Whole(v)
+        elif isinstance(v, dict) and dataclasses.is_dataclass(tp):
+            out[k] = _mark_whole(tp, v)
         else:
             out[k] = v
     return out
 
 
-def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
-    """``["a.b=3", "--c=x"]`` -> ``{"a": {"b": 3}, "c": "x"}``; values are parsed as YAML scalars."""
+def _key_parts(cls: Any, key: str) -> tuple[list[str], bool]:
+    """Split a dotted override key; ``-`` reads as ``_`` in dataclass field names (``--train.batch-size``), never
+    in the keys of a dict-typed field (MiniWoB++ task names have hyphens). Also says whether the key ends on
+    a dict-typed field (its value then replaces the field's, see ``_Whole``)."""
+    parts = key.split(".")
+    if cls is None:
+        return [p.replace("-", "_") for p in parts], False
+    out: list[str] = []
+    tp: Any = cls
+    for i, p in enumerate(parts):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            names = {f.name for f in dataclasses.fields(tp)}
+            name = p.replace("-", "_") if p not in names and p.replace("-", "_") in names else p
+            out.append(name)
+            tp = _field_type(tp, name)
+        else:  # inside a dict-typed (or unknown) field: keys stay as written
+            out.extend(parts[i:])
+            return out, False
+    return out, _is_dict_type(tp)
+
+
+def parse_overrides(overrides: typing.Sequence[str], cls: Any = None) -> dict[str, Any]:
+    """``["a.b=3", "--c=x"]`` -> ``{"a": {"b": 3}, "c": "x"}``; values are parsed as YAML scalars.
+
+    With the config class ``cls``, ``-`` in a key reads as ``_`` only in its dataclass field names, and a mapping
+    given whole for a dict-typed field replaces that field's value (without ``cls``: every ``-`` reads as ``_``).
+    """
     tree: dict[str, Any] = {}
     for item in overrides:
         text = item[2:] if item.startswith("--") else item
         if "=" not in text:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. critic.lr=3e-4)")
         key, raw = text.split("=", 1)
-        key = key.strip().replace("-", "_")
+        key = key.strip()
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        _set_dotted(tree, key, value)
+        parts, whole = _key_parts(cls, key)
+        if whole and isinstance(value, dict):
+            value = _Whole(value)
+        _set_dotted(tree, ".".join(parts), value)
     return tree
 
 
@@ -293,15 +364,15 @@ def load_config(
             from_dict(cls, loaded)  # surface unknown keys against the file, not the merged dict
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-        data = loaded
+        data = _mark_whole(cls, loaded)
     if overrides:
         try:
-            data = _merge(data, parse_overrides(overrides))
-            cfg = from_dict(cls, _merge(defaults, data))
+            data = _merge(data, parse_overrides(overrides, cls))
+            cfg = from_dict(cls, _unwrap(_merge(defaults, data)))
         except ConfigError as e:
             raise ConfigError(f"command-line override: {e}") from None
     else:
-        cfg = from_dict(cls, _merge(defaults, data))
+        cfg = from_dict(cls, _unwrap(_merge(defaults, data)))
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()

@@ -60,6 +60,37 @@ def test_partial_override_keeps_parent_factory_defaults(tmp_path: Path) -> None:
     assert cfg.optim.lr == 0.25 and cfg.optim.max_grad_norm == 2.0
 
 
+@dataclasses.dataclass
+class WithTable:
+    # a dict-typed field whose keys have hyphens (as MiniWoB++ task names do)
+    per_task: dict[str, float] = dataclasses.field(default_factory=lambda: {"click-button": 0.1, "enter-text": 0.4})
+    max_steps: int = 10
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+def test_hyphens_read_as_underscores_only_in_field_names(tmp_path: Path) -> None:
+    # A dotted key into a dict field keeps its hyphens (it once became 'click_button', a new key that
+    # nothing read) and sets one entry on top of the defaults; field names still accept '-' for '_'.
+    cfg = load_config(WithTable, None, ["per_task.click-button=1.0", "--max-steps=3", "inner.lr=0.5"])
+    assert cfg.per_task == {"click-button": 1.0, "enter-text": 0.4}
+    assert cfg.max_steps == 3 and cfg.inner.lr == 0.5
+    cfg = load_config(WithTable, None, ["per-task.new-task=0.2"])
+    assert cfg.per_task == {"click-button": 0.1, "enter-text": 0.4, "new-task": 0.2}
+
+
+def test_whole_mapping_replaces_a_dict_field(tmp_path: Path) -> None:
+    assert load_config(WithTable, None, ["per_task={}"]).per_task == {}
+    assert load_config(WithTable, None, ["per_task={focus-text: 0.3}"]).per_task == {"focus-text": 0.3}
+    # In YAML too; a dotted override then adds to the file's mapping, not to the defaults.
+    p = tmp_path / "c.yaml"
+    p.write_text("per_task: {click-tab: 0.5}\ninner:\n  lr: 0.25\n")
+    cfg = load_config(WithTable, p, ["per_task.click-link=0.7"])
+    assert cfg.per_task == {"click-tab": 0.5, "click-link": 0.7}
+    assert cfg.inner.lr == 0.25 and cfg.inner.widths == (8, 8)  # dataclass sections still merge
+    out = save_config(cfg, tmp_path / "run")
+    assert load_config(WithTable, out) == cfg
+
+
 def test_unknown_key_suggests(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="inner.lrr.*did you mean 'lr'"):
         load_config(Outer, None, ["inner.lrr=1"])
