@@ -63,7 +63,9 @@ def test_partial_override_keeps_parent_factory_defaults(tmp_path: Path) -> None:
 @dataclasses.dataclass
 class WithTable:
     # a dict-typed field whose keys have hyphens (as MiniWoB++ task names do)
-    per_task: dict[str, float] = dataclasses.field(default_factory=lambda: {"click-button": 0.1, "enter-text": 0.4})
+    per_task: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"click-button": 0.1, "enter-text": 0.4}
+    )
     max_steps: int = 10
     inner: Inner = dataclasses.field(default_factory=Inner)
 
