@@ -222,6 +222,37 @@ def test_config_validates_and_scales_candidate_noise_per_task() -> None:
             MiniWoBBehaviourConfig(**bad).validate()  # type: ignore[arg-type]
 
 
+def test_per_task_table_takes_overrides_by_task_name_and_refuses_unknown_tasks() -> None:
+    from digiq.config import load_config
+    from digiq.stages import collect, evaluate
+
+    # The expert on every step of every task (the ceiling run of docs/miniwob.md): the whole table cleared.
+    cfg = load_config(
+        collect.Config,
+        None,
+        ["env=miniwob", "miniwob_behaviour.p_optimal=1", "miniwob_behaviour.p_optimal_by_task={}"],
+    )
+    assert cfg.miniwob_behaviour.p_optimal_by_task == {}
+    assert all(cfg.miniwob_behaviour.p_for(t) == 1.0 for t in TUNED_P_OPTIMAL)
+    # One task by its hyphenated name: that task's entry changes, the others keep the tuned values.
+    cfg = load_config(
+        collect.Config, None, ["env=miniwob", "miniwob_behaviour.p_optimal_by_task.click-button=1.0"]
+    )
+    assert cfg.miniwob_behaviour.p_for("click-button") == 1.0
+    assert cfg.miniwob_behaviour.p_for("login-user") == TUNED_P_OPTIMAL["login-user"]
+    assert "click_button" not in cfg.miniwob_behaviour.p_optimal_by_task
+    # A task that is neither run nor tuned is a typo, refused before any browser starts.
+    for cls in (collect.Config, evaluate.Config):
+        with pytest.raises(ConfigError, match="click-buton.*did you mean 'click-button'"):
+            load_config(cls, None, ["env=miniwob", "miniwob_behaviour.p_optimal_by_task.click-buton=1"])
+    # A task of the run's own list is fine, tuned or not.
+    load_config(
+        collect.Config,
+        None,
+        ["env=miniwob", "miniwob.tasks=[book-flight]", "miniwob_behaviour.p_optimal_by_task.book-flight=0.5"],
+    )
+
+
 # -- real pages ----------------------------------------------------------------------------------------
 HAVE_BROWSER = (
     Path("/usr/bin/chromium").exists()

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from digiq.actions import Action, ActionType
-from digiq.config import check
+from digiq.config import ConfigError, _suggest, check
 
 MISTAKES = ("random_tap", "wrong_element", "wrong_text", "complete", "back", "home")
 
@@ -595,6 +595,17 @@ class MiniWoBBehaviourConfig:
             f"{where}.mistakes: {len(MISTAKES)} weights >= 0 ({', '.join(MISTAKES)}), not all 0",
         )
         check(0 <= self.jitter <= 1, f"{where}.jitter must be in [0, 1]")
+
+    def check_tasks(self, tasks: list[str], where: str = "miniwob_behaviour") -> None:
+        """Every key of ``p_optimal_by_task`` is a task of the run (``tasks``) or of the tuned table: a
+        misspelt task (``click_button``, ``click-buton``) would otherwise be ignored without a word."""
+        stray = sorted(set(self.p_optimal_by_task) - set(tasks) - set(TUNED_P_OPTIMAL))
+        if stray:
+            k = stray[0]
+            raise ConfigError(
+                f"{where}.p_optimal_by_task names {stray}, not a task of miniwob.tasks"
+                f"{_suggest(k, list(tasks) + list(TUNED_P_OPTIMAL))}"
+            )
 
     def p_for(self, task: str, candidates: bool = False) -> float:
         """p_optimal for ``task``'s steps (or for its Best-of-N candidates)."""

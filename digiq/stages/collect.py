@@ -109,6 +109,8 @@ class Config:
         self.behaviour.validate()
         self.miniwob.validate()
         self.miniwob_behaviour.validate()
+        if self.env == "miniwob":
+            self.miniwob_behaviour.check_tasks(self.miniwob.tasks)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -110,6 +110,9 @@ class Config:
             "mode=offline without a policy (policy=none) reports on a critic: set critic_dir and features",
         )
         check(self.val_fraction is None or 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)")
+        self.miniwob_behaviour.validate()
+        if self.env == "miniwob":
+            self.miniwob_behaviour.check_tasks(self.miniwob.tasks)
 
 
 # --------------------------------------------------------------------------------------------------
