@@ -311,3 +311,23 @@ def test_act_cli_prints_the_action(work, tmp_path) -> None:
         timeout=300,
     )
     assert bad.returncode == 1 and "image not found" in bad.stderr
+
+
+def test_q_star_scorer_refuses_a_single_candidate_before_any_work() -> None:
+    from digiq.config import ConfigError
+    from digiq.stages import extract_policy
+
+    base = ["dataset=d", "init_policy=p"]
+    # q_star's V is the mean over the candidates: at N = 1 every advantage is 0 (the run used to fail only after
+    # scoring, with "no state passes the advantage filter").
+    with pytest.raises(ConfigError, match="num_candidates=1 leaves nothing to imitate"):
+        load_config(extract_policy.Config, None, [*base, "scorer=q_star", "num_candidates=1"])
+    # q_beta has its own V^beta, so N = 1 is a real arm there; q_star from N = 2 on is fine.
+    assert (
+        load_config(extract_policy.Config, None, [*base, "scorer=q_beta", "num_candidates=1"]).num_candidates
+        == 1
+    )
+    assert (
+        load_config(extract_policy.Config, None, [*base, "scorer=q_star", "num_candidates=2"]).num_candidates
+        == 2
+    )

@@ -122,6 +122,13 @@ class Config:
             self.num_candidates == "all" or self.num_candidates >= 1,
             f"num_candidates must be >= 1 or 'all', got {self.num_candidates!r}",
         )
+        # q_star's V is the mean Q* over the state's candidates: with one candidate every advantage is 0 and no
+        # state could pass the filter. q_beta and the critic have a V of their own and do have an N = 1 arm.
+        check(
+            self.scorer != "q_star" or self.num_candidates != 1,
+            "scorer=q_star scores against the mean over the candidates, so num_candidates=1 leaves nothing to "
+            "imitate; use num_candidates >= 2, or scorer=q_beta for an exact scorer at N = 1",
+        )
         check(self.awr_beta > 0 and self.awr_max_weight > 0, "awr_beta and awr_max_weight must be > 0")
         check(0 <= self.gamma < 1, "gamma must be in [0, 1)")
         check(self.q_beta_samples >= 1, f"q_beta_samples must be >= 1, got {self.q_beta_samples}")
