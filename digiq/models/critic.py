@@ -213,9 +213,11 @@ class Critic(nn.Module):
         state_feats: torch.Tensor | None = None,
         state_text: torch.Tensor | None = None,
         action_text: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-twin Q: action feats (..., Da) (+ the state's inputs for q_input=state_action or
-        q_param=dueling) -> (..., T).
+        q_param=dueling) -> (..., T). ``v``: this critic's V per twin on the same states, when the caller
+        already has it (:meth:`forward`); a dueling Q then adds it instead of computing V again.
 
         ``q_param=dueling``: Q_i(s, a) = sg[V_i(s)] + A_i(f(s, a)) (a dueling parameterisation, Wang et al.
         2016, with the state value detached). Q's regression targets r + gamma V(s') vary far more between
@@ -226,7 +228,7 @@ class Critic(nn.Module):
         if self.arch.q_param == "dueling":
             if state_feats is None:
                 raise ValueError("this critic's Q adds V(s) (q_param=dueling): pass state_feats")
-            v = self.v_all(state_feats, state_text).detach()
+            v = (self.v_all(state_feats, state_text) if v is None else v).detach()
             if v.dim() < action_feats.dim():  # one state for k candidates: (B, T) -> (B, 1, T)
                 v = v.unsqueeze(-2)
             return v + self._q_head(action_feats, state_feats, state_text, action_text)
@@ -286,12 +288,9 @@ class Critic(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q per twin on f(s,a), V per twin on f(s)), both (B, T): one call so DDP sees every head.
 
-        V is computed once and serves a dueling Q too (as :meth:`q_all` would add it, detached)."""
+        V is computed once and serves a dueling Q too."""
         v = self.v_all(state_feats, state_text)
-        q = self._q_head(action_feats, state_feats, state_text, action_text)
-        if self.arch.q_param == "dueling":
-            q = v.detach() + q
-        return q, v
+        return self.q_all(action_feats, state_feats, state_text, action_text, v=v), v
 
 
 def make_target(critic: Critic) -> Critic:
