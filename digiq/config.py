@@ -109,7 +109,8 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _suggest(key: str, options: typing.Iterable[str]) -> str:
+def suggest(key: str, options: typing.Iterable[str]) -> str:
+    """ " (did you mean 'x'?)" for the option closest to ``key``, or ""."""
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -203,7 +204,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         k = unknown[0]
         name = f"{where}.{k}" if where else k
         raise ConfigError(
-            f"unknown config key '{name}'{_suggest(k, fields)}; valid keys here: {sorted(fields)}"
+            f"unknown config key '{name}'{suggest(k, fields)}; valid keys here: {sorted(fields)}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -300,8 +301,6 @@ def _key_parts(cls: Any, key: str) -> tuple[list[str], bool]:
     in the keys of a dict-typed field (MiniWoB++ task names have hyphens). Also says whether the key ends on
     a dict-typed field (its value then replaces the field's, see ``_Whole``)."""
     parts = key.split(".")
-    if cls is None:
-        return [p.replace("-", "_") for p in parts], False
     out: list[str] = []
     tp: Any = cls
     for i, p in enumerate(parts):
@@ -316,11 +315,11 @@ def _key_parts(cls: Any, key: str) -> tuple[list[str], bool]:
     return out, _is_dict_type(tp)
 
 
-def parse_overrides(overrides: typing.Sequence[str], cls: Any = None) -> dict[str, Any]:
+def parse_overrides(overrides: typing.Sequence[str], cls: Any) -> dict[str, Any]:
     """``["a.b=3", "--c=x"]`` -> ``{"a": {"b": 3}, "c": "x"}``; values are parsed as YAML scalars.
 
-    With the config class ``cls``, ``-`` in a key reads as ``_`` only in its dataclass field names, and a mapping
-    given whole for a dict-typed field replaces that field's value (without ``cls``: every ``-`` reads as ``_``).
+    Keys are read against the config class ``cls``: ``-`` reads as ``_`` only in its dataclass field names, and a
+    mapping given whole for a dict-typed field replaces that field's value.
     """
     tree: dict[str, Any] = {}
     for item in overrides:

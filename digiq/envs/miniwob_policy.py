@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from digiq.actions import Action, ActionType
-from digiq.config import ConfigError, _suggest, check
+from digiq.config import ConfigError, check, suggest
 
 MISTAKES = ("random_tap", "wrong_element", "wrong_text", "complete", "back", "home")
 
@@ -604,7 +604,7 @@ class MiniWoBBehaviourConfig:
             k = stray[0]
             raise ConfigError(
                 f"{where}.p_optimal_by_task names {stray}, not a task of miniwob.tasks"
-                f"{_suggest(k, list(tasks) + list(TUNED_P_OPTIMAL))}"
+                f"{suggest(k, list(tasks) + list(TUNED_P_OPTIMAL))}"
             )
 
     def p_for(self, task: str, candidates: bool = False) -> float:
