@@ -163,6 +163,44 @@ def test_sim_evaluation_blocks_equal_one_episode_at_a_time() -> None:
     assert a == b and a["success_rate"] == 1.0 and sum(v[1] for v in a["per_task"].values()) == 30
 
 
+def test_trace_names_the_first_non_optimal_step() -> None:
+    """A policy that is optimal except on the search screen, where it taps the Go button of an empty field (a
+    step that changes nothing): every shopping task fails there, and the trace says so; the others succeed."""
+    phone = SimPhone()
+    opt = sim_policy_fn("optimal", phone)
+    go = Action.tap(0.92, 0.78)
+
+    def stuck(batch: list[dict]) -> list:
+        return [go if "|search|" in b["state_key"] else a for b, a in zip(batch, opt(batch))]
+
+    res = evaluate_policy(stuck, "test", 64, 0, phone, batch_size=16, trace=True)
+    shopping = {t for t, (k, n) in res["per_task"].items() if t.split("/")[1] in ("search", "select", "cart")}
+    assert shopping and all(res["per_task"][t][0] == 0 for t in shopping)
+    assert all(k == n for t, (k, n) in res["per_task"].items() if t not in shopping)
+    failed = res["num_episodes"] - res["num_successes"]
+    assert res["first_mistake_screens"] == {"search": failed}
+    assert set(res["first_mistakes"]) == shopping
+    for task, m in res["first_mistakes"].items():
+        query = phone.task(task).goal.split('"')[1]
+        # home -> the shop's app -> the search field -> here: the third action
+        assert (m["step"], m["screen"], m["action"]) == (2, "search", "tap 0.92 0.78"), task
+        assert m["optimal"] == f"type {query!r}" and m["q_star"] < m["v_star"]
+    # The optimal policy has nothing to trace, and only the simulator has a Q* to trace with.
+    clean = evaluate_policy(opt, "test", 32, 0, phone, trace=True)
+    assert (
+        clean["success_rate"] == 1.0
+        and clean["first_mistakes"] == {}
+        and clean["first_mistake_screens"] == {}
+    )
+    with pytest.raises(DigiqError, match="exact Q"):
+        evaluate_policy(opt, "test", 4, 0, env="miniwob", trace=True)
+    from digiq.config import ConfigError
+    from digiq.stages import evaluate
+
+    with pytest.raises(ConfigError, match="trace needs"):  # refused before any browser starts
+        evaluate.Config(env="miniwob", trace=True).validate()
+
+
 def test_make_envs_names_the_choices() -> None:
     with pytest.raises(DigiqError, match="sim, miniwob"):
         make_envs("android", 1)

@@ -29,6 +29,11 @@ def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     assert all(0.0 <= ev[k]["success_rate"] <= 1.0 for k in ev)
     md = (out / "summary.md").read_text()
     assert md.startswith("# digiq pipeline summary")
+    # The evaluation traced every failed episode to the screen of its first non-optimal step (exact Q*).
+    for k, m in ev.items():
+        failed = m["num_episodes"] - m["num_successes"]
+        assert sum(m["first_mistake_screens"].values()) == failed, k
+    assert "failed episodes by first-mistake screen |" in md
     acc = summary["stages"]["finetune_vlm"]["metrics"]["heldout_accuracy"]
     assert f"| accuracy | {acc:.4f} |" in md and "| majority baseline |" in md  # Stage 1 in the summary
     # Stage 1 and pi_beta both started from the shipped GUI-pretrained model (stage1_init=pretrained).

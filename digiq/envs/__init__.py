@@ -137,6 +137,7 @@ def evaluate_policy(
     env: str = "sim",
     miniwob: Any = None,
     num_workers: int = 1,
+    trace: bool = False,
 ) -> dict[str, Any]:
     """Run ``num_episodes`` episodes of ``policy_fn`` on ``split`` of environment ``env``.
 
@@ -144,9 +145,16 @@ def evaluate_policy(
     ``num_workers`` browsers, each taking its next episode as soon as one ends. Tasks are cycled in a seeded
     order (MiniWoB++ instances also get fresh page seeds: see :func:`digiq.envs.miniwob.task_instances`).
     Returns ``success_rate, ci_low, ci_high, num_episodes, num_successes, mean_steps, split, per_task``.
+
+    ``trace`` (simulator only: it needs the exact Q*) adds where the failed episodes went wrong:
+    ``first_mistakes`` (per task, the first failed episode's first non-optimal step: see
+    :func:`digiq.envs.sim.first_mistake`) and ``first_mistake_screens`` (failed episodes counted by the screen
+    of that step).
     """
     if num_episodes <= 0:
         raise DigiqError(f"num_episodes must be > 0, got {num_episodes}")
+    if trace and env != "sim":
+        raise DigiqError(f"trace needs the simulator's exact Q*; env={env!r} has none")
     sim_run = env == "sim"
     envs = make_envs(
         env, min(batch_size, num_episodes) if sim_run else num_workers, miniwob=miniwob, phone=phone
@@ -166,10 +174,35 @@ def evaluate_policy(
             threads=not sim_run,
             group_by_task=not sim_run,
             progress=bar,
+            record=trace,
         )
     finally:
         if bar is not None:
             bar.close()
         for e in envs:
             e.close()
-    return success_summary(episodes, split)
+    summary = success_summary(episodes, split)
+    if trace:
+        summary.update(trace_failures(envs[0].phone, episodes))
+    return summary
+
+
+def trace_failures(phone: Any, episodes: Sequence[Any]) -> dict[str, Any]:
+    """``first_mistakes`` and ``first_mistake_screens`` of recorded simulator episodes (see
+    :func:`evaluate_policy`); a failed episode whose every action was optimal counts under ``none``."""
+    from digiq.envs.sim import first_mistake
+
+    per_task: dict[str, dict] = {}
+    screens: dict[str, int] = {}
+    for e in episodes:
+        if e.success:
+            continue
+        m = first_mistake(phone, e.transitions)
+        screen = m["screen"] if m else "none"
+        screens[screen] = screens.get(screen, 0) + 1
+        if m is not None and e.instance.task_id not in per_task:
+            per_task[e.instance.task_id] = m
+    return {
+        "first_mistakes": dict(sorted(per_task.items())),
+        "first_mistake_screens": dict(sorted(screens.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }

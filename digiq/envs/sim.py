@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 from digiq.actions import Action, ActionType
@@ -51,6 +54,45 @@ class SimEnv:
 
     def close(self) -> None:
         self.state = None
+
+
+# The discount of the optimal-action check. On the simulator's step-counting tasks any gamma in (0, 1) ranks the
+# actions alike (V* = gamma^(distance - 1)); 0.95 is the collection default (digiq collect gamma).
+TRACE_GAMMA = 0.95
+
+
+def brief(a: Action) -> str:
+    """``tap 0.18 0.74``, ``swipe 0.75 0.50 -> 0.35 0.50``, ``type "yoga mat"``, ``press_back``, ...: for reports."""
+    if a.type is ActionType.DUAL_POINT and a.touch is not None and a.lift is not None:
+        if a.is_tap:
+            return f"tap {a.touch[0]:.2f} {a.touch[1]:.2f}"
+        return f"swipe {a.touch[0]:.2f} {a.touch[1]:.2f} -> {a.lift[0]:.2f} {a.lift[1]:.2f}"
+    if a.type is ActionType.TYPE:
+        return f"type {a.text!r}"
+    return a.type.name.lower()
+
+
+def first_mistake(phone: SimPhone, transitions: Sequence[Any], gamma: float = TRACE_GAMMA) -> dict | None:
+    """The first step of an episode whose action is not Q*-optimal, or None when every action was.
+
+    ``transitions`` are :class:`digiq.envs.rollout.Transition` s of one episode on ``phone`` (recorded with
+    ``record=True``). Returns ``{"step", "screen", "action", "optimal", "q_star", "v_star"}``: where a failed
+    episode first went wrong, the action it took there and one action that was optimal (a greedy policy's
+    episodes of one task are all alike, so this names what to fix)."""
+    for t, tr in enumerate(transitions):
+        key = tr.observation.info["state_key"]
+        q = float(phone.q_star(key, [tr.action], gamma)[0])
+        v = phone.v_star(key, gamma)
+        if q < v - 1e-9:
+            return {
+                "step": t,
+                "screen": phone.state_from_key(key).screen,
+                "action": brief(tr.action) if tr.action.is_valid else tr.text,
+                "optimal": brief(phone.optimal_actions(key, gamma)[0]),
+                "q_star": round(q, 4),
+                "v_star": round(v, 4),
+            }
+    return None
 
 
 def sim_policy_fn(name: str, phone: SimPhone, seed: int = 0, behaviour: BehaviourConfig | None = None):

@@ -2,6 +2,7 @@
 
     digiq evaluate policy=runs/extract/policy                    # the simulator's held-out test tasks, 95% CI
     digiq evaluate policy=behaviour num_episodes=200             # built-ins: behaviour, optimal, random
+    digiq evaluate policy=runs/bc/policy trace=true              # + where failed episodes first went wrong
     digiq evaluate env=miniwob policy=runs/mw/extract_policy/policy num_workers=2   # fresh MiniWoB++ seeds
     digiq sim rollout policy=optimal                             # the same command (env=sim)
     digiq evaluate mode=offline policy=runs/bc/policy dataset=data/aitw critic_dir=runs/critic/critic \\
@@ -73,6 +74,9 @@ class Config:
     seed: int = 0
     # Override the export's generation cap (None = keep it); a cap bounds the cost of a junk-emitting policy.
     max_new_tokens: int | None = None
+    # online, simulator only: also report where failed episodes went wrong, from the exact Q*: per task the
+    # first non-optimal step (screen, action taken, an optimal action) and the failures counted by screen.
+    trace: bool = False
     # offline: the dataset, and optionally a critic + its feature cache.
     dataset: str = ""
     critic_dir: str = ""
@@ -101,6 +105,10 @@ class Config:
             self.mode = "online"
         check(bool(self.policy) or self.mode == "offline", "policy must be set")
         check(self.num_workers > 0, "num_workers must be > 0")
+        check(
+            not self.trace or (self.mode == "online" and self.env == "sim"),
+            f"trace needs the simulator's exact Q* (mode=online env=sim), got mode={self.mode} env={self.env}",
+        )
         check(self.num_episodes > 0 and self.batch_size > 0, "num_episodes and batch_size must be > 0")
         check(self.mode != "offline" or bool(self.dataset), "mode=offline needs dataset=<folder>")
         check(self.mode != "offline" or self.policy not in BUILTINS, "built-in policies need mode=online")
@@ -185,6 +193,7 @@ def evaluate_online(cfg: Config) -> dict[str, Any]:
         env=cfg.env,
         miniwob=cfg.miniwob,
         num_workers=cfg.num_workers,
+        trace=cfg.trace,
     )
     res["policy"] = cfg.policy
     res["env"] = cfg.env
@@ -337,6 +346,12 @@ def critic_report(cfg: Config, ds: Any) -> dict[str, Any]:
     }
 
 
+def screens_line(res: dict[str, Any]) -> str:
+    """``search 40, home 25`` from an evaluation's ``first_mistake_screens`` ('-' when nothing failed)."""
+    screens = res.get("first_mistake_screens") or {}
+    return ", ".join(f"{k} {v}" for k, v in screens.items()) or "-"
+
+
 def run(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = evaluate_online(cfg) if cfg.mode in ("online", "sim") else evaluate_offline(cfg)
@@ -350,6 +365,12 @@ def run(cfg: Config) -> dict[str, Any]:
             f"{cfg.policy} on {cfg.env} {cfg.split}: success {res['success_rate']:.3f} "
             f"(95% CI {res['ci_low']:.3f}-{res['ci_high']:.3f}, n={res['num_episodes']})\n"
         )
+        if "first_mistake_screens" in res:
+            sys.stdout.write(f"failed episodes by the screen of their first mistake: {screens_line(res)}\n")
+            for task, m in res["first_mistakes"].items():
+                sys.stdout.write(
+                    f"  {task}: step {m['step']} on {m['screen']}: {m['action']} (optimal: {m['optimal']})\n"
+                )
     else:
         sys.stdout.write(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}) + "\n")
     return res

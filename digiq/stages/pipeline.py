@@ -97,7 +97,8 @@ def _extract() -> extract_policy.Config:
 
 
 def _evaluate() -> evaluate.Config:
-    return evaluate.Config(temperature=0.0, num_episodes=100)
+    # trace: the summary says on which screen each policy's failed episodes first went wrong (exact Q*).
+    return evaluate.Config(temperature=0.0, num_episodes=100, trace=True)
 
 
 @dataclasses.dataclass
@@ -194,6 +195,7 @@ def wire(cfg: Config) -> dict[str, Any]:
         c["evaluate"].miniwob = dataclasses.replace(
             c["evaluate"].miniwob, tasks=list(c["collect"].miniwob.tasks)
         )
+        c["evaluate"].trace = False  # the trace needs the simulator's exact Q*
         data = d["collect"]
     c["finetune_vlm"].dataset = str(d["collect"])
     c["finetune_vlm"].output_dir = str(d["finetune_vlm"])
@@ -346,13 +348,17 @@ def render_summary(summary: dict[str, Any]) -> str:
     lines = ["# digiq pipeline summary", ""]
     ev = summary.get("stages", {}).get("evaluate", {}).get("metrics", {})
     if ev:
-        lines += ["| policy | test success | 95% CI | episodes |", "|---|---|---|---|"]
+        traced = any(isinstance(m, dict) and "first_mistake_screens" in m for m in ev.values())
+        head = "| policy | test success | 95% CI | episodes |"
+        lines += [head + " failed episodes by first-mistake screen |" if traced else head]
+        lines.append("|---|---|---|---|---|" if traced else "|---|---|---|---|")
         for label, m in ev.items():
             if isinstance(m, dict) and "success_rate" in m:
-                lines.append(
+                row = (
                     f"| {label} | {m['success_rate']:.3f} | [{m.get('ci_low', 0):.3f}, {m.get('ci_high', 0):.3f}] "
                     f"| {m.get('num_episodes', '')} |"
                 )
+                lines.append(row + f" {evaluate.screens_line(m)} |" if traced else row)
         lines.append("")
     s1 = summary.get("stages", {}).get("finetune_vlm", {}).get("metrics", {})
     if "heldout_accuracy" in s1:
