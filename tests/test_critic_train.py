@@ -65,6 +65,31 @@ def test_learns_tiny_mdp(mdp_inputs, tmp_path: Path, loss: str) -> None:
     assert agree >= 0.7
 
 
+def test_candidate_ranking_per_group_top1() -> None:
+    """Top-1 agreement per group (the simulator's screens): each group's share of states whose argmax Q is
+    Q*-optimal, computed here by hand."""
+    q = np.array([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    qstar = np.array([[1.0, 0, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]])
+    m, agree = tc.candidate_ranking(q, qstar, groups=["home", "home", "search", "search"])
+    assert agree.tolist() == [True, False, True, False]
+    assert (m["val/qstar_top1/home"], m["val/qstar_top1/search"], m["val/qstar_top1_agreement"]) == (
+        0.5,
+        0.5,
+        0.5,
+    )
+    m, _ = tc.candidate_ranking(q, qstar, groups=["a", "b", "b", "b"])
+    assert m["val/qstar_top1/a"] == 1.0 and m["val/qstar_top1/b"] == pytest.approx(1 / 3)
+    assert not any(k.startswith("val/qstar_top1/") for k in tc.candidate_ranking(q, qstar)[0])
+    with pytest.raises(ValueError, match="group names"):
+        tc.candidate_ranking(q, qstar, groups=["a"])
+    keys = [
+        "train/search/buynow_com/yoga_mat|home|-1|0|0|0|0|100",
+        "test/open_browser|browser|-1|0|0|0|0|100",
+    ]
+    assert tc.sim_screens(keys) == ["home", "browser"]
+    assert tc.sim_screens(["s3"]) is None  # not the simulator's keys (e.g. the tiny MDP's): no groups
+
+
 class _Interrupted(Exception):
     pass
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +52,7 @@ from digiq.errors import DataError
 from digiq.losses import mc_loss, td_q_loss, td_target, td_v_loss
 from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
 from digiq.models.critic_text import CriticInputs, TextEncoders, build_inputs, gather, score
+from digiq.sim.layout import state_from_key
 from digiq.sim.phone import SimPhone
 from digiq.training.accelerator import make_accelerator
 from digiq.training.checkpoint import load_checkpoint, save_checkpoint
@@ -367,8 +368,10 @@ def evaluate(
     eval_batch_size: int,
     qstar_rows: np.ndarray | None = None,
     qstar: np.ndarray | None = None,
+    qstar_groups: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Validation metrics on ``rows`` with the online critic (twin-aggregated)."""
+    """Validation metrics on ``rows`` with the online critic (twin-aggregated); ``qstar_groups`` (one name per
+    ``qstar_rows`` row, the simulator's screens) adds the top-1 agreement per group."""
     critic.eval()
     out: dict[str, float] = {}
     if len(rows) == 0:
@@ -393,13 +396,18 @@ def evaluate(
     out["val/q_mean"] = float(q_np.mean())
     out["val/mc_mean"] = float(mc.mean())
     if qstar_rows is not None and qstar is not None and len(qstar_rows):
-        out.update(qstar_metrics(critic, data, qstar_rows, qstar, eval_batch_size))
+        out.update(qstar_metrics(critic, data, qstar_rows, qstar, eval_batch_size, qstar_groups))
     return out
 
 
 @torch.no_grad()
 def qstar_metrics(
-    critic: Critic, data: DeviceData, rows: np.ndarray, qstar: np.ndarray, eval_batch_size: int
+    critic: Critic,
+    data: DeviceData,
+    rows: np.ndarray,
+    qstar: np.ndarray,
+    eval_batch_size: int,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Top-1 agreement of argmax_i Q(s, a_i) with the Q*-optimal set, and mean Spearman(Q, Q*) per state.
 
@@ -417,15 +425,16 @@ def qstar_metrics(
         if data.valid is None
         else data.valid[torch.as_tensor(rows, device=data.valid.device)].cpu().numpy()
     )
-    return candidate_ranking(q, qstar, valid)[0]
+    return candidate_ranking(q, qstar, valid, groups)[0]
 
 
 def candidate_ranking(
-    q: np.ndarray, qstar: np.ndarray, valid: np.ndarray | None = None
+    q: np.ndarray, qstar: np.ndarray, valid: np.ndarray | None = None, groups: Sequence[str] | None = None
 ) -> tuple[dict[str, float], np.ndarray]:
     """Ranking of scores ``q`` (M, N) against reference values ``qstar`` (M, N) over the valid candidates:
     the metrics of :func:`qstar_metrics` and, per state, whether argmax ``q`` is a (tied) maximiser of
-    ``qstar`` (M,) bool. Index 0 is the dataset action."""
+    ``qstar`` (M,) bool. Index 0 is the dataset action. ``groups`` (M names) adds ``val/qstar_top1/<name>``:
+    the top-1 agreement within each group (on the simulator, per screen: where the critic ranks badly)."""
     if valid is None:
         valid = np.ones_like(q, dtype=bool)
     agree, behaviour, chance, rhos = [], [], [], []
@@ -448,7 +457,23 @@ def candidate_ranking(
         "val/qstar_dataset_action_optimal": float(np.mean(behaviour)),
         "val/qstar_random_optimal": float(np.mean(chance)),
     }
+    if groups is not None:
+        if len(groups) != len(q):
+            raise ValueError(f"{len(groups)} group names for {len(q)} states")
+        hits: dict[str, list[bool]] = {}
+        for g, a in zip(groups, agree):
+            hits.setdefault(g, []).append(a)
+        metrics.update({f"val/qstar_top1/{g}": float(np.mean(v)) for g, v in sorted(hits.items())})
     return metrics, np.asarray(agree, dtype=bool)
+
+
+def sim_screens(state_keys: Sequence[str]) -> list[str] | None:
+    """The simulator's screen of each state key (``home``, ``search``, ...); None if a key is not the
+    simulator's."""
+    try:
+        return [state_from_key(k).screen for k in state_keys]
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,13 +626,14 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     # ---- validation set-up (exact Q* on simulated data) -----------------------------------------
-    qs_rows = qs_table = None
+    qs_rows = qs_table = qs_screens = None
     if is_main and cfg.q_star == "auto" and len(val_rows):
         sim_rows = [r for r in val_rows.tolist() if tr.state_key[r] and len(tr.candidates[r]) == N and N >= 2]
         if sim_rows:
             fn = q_star_fn or SimPhone().q_star
             try:
                 qs_rows, qs_table = q_star_table(tr, np.asarray(sim_rows), N, cfg.gamma, fn)
+                qs_screens = sim_screens([tr.state_key[int(r)] for r in qs_rows])
             except Exception as e:  # noqa: BLE001 - a metric source must not kill the training run
                 log.warning("exact Q* unavailable for these state keys (%s): skipping the Q* metrics", e)
 
@@ -657,7 +683,9 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
         # ---- end of epoch: validate (main process) + checkpoint (every process; the main one writes) ----
         if is_main:
-            metrics = evaluate(critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table)
+            metrics = evaluate(
+                critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table, qs_screens
+            )
             metrics.update(epoch=float(epoch + 1))
             logger.log(metrics, step)
             shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/")}
@@ -671,7 +699,9 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
 
     if is_main:
         if not metrics:  # resumed a finished run: recompute the final metrics
-            metrics = evaluate(critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table)
+            metrics = evaluate(
+                critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table, qs_screens
+            )
         metrics["step"] = float(step)
         save_critic(
             critic,
