@@ -216,6 +216,20 @@ def _strip_eos(text: str) -> str:
     return stripped
 
 
+def action_label(a: Action) -> str:
+    """A short human-readable form of an action for reports (the Q-value viewer's table, evaluation traces):
+    ``tap (0.180, 0.740)``, ``type "yoga mat"``, ``press_back``, ..."""
+    if a.type is ActionType.DUAL_POINT and a.touch is not None and a.lift is not None:
+        if a.is_tap:
+            return f"tap ({a.touch[0]:.3f}, {a.touch[1]:.3f})"
+        return f"swipe ({a.touch[0]:.2f}, {a.touch[1]:.2f}) \u2192 ({a.lift[0]:.2f}, {a.lift[1]:.2f})"
+    if a.type is ActionType.TYPE:
+        return f'type "{a.text}"'
+    if a.type is ActionType.INVALID:
+        return f"invalid: {a.raw[:60]}"
+    return a.type.value
+
+
 def render_action(action: Action, precision: int = 4) -> str:
     return action.render(precision)
 

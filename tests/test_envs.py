@@ -183,8 +183,8 @@ def test_trace_names_the_first_non_optimal_step() -> None:
     for task, m in res["first_mistakes"].items():
         query = phone.task(task).goal.split('"')[1]
         # home -> the shop's app -> the search field -> here: the third action
-        assert (m["step"], m["screen"], m["action"]) == (2, "search", "tap 0.92 0.78"), task
-        assert m["optimal"] == f"type {query!r}" and m["q_star"] < m["v_star"]
+        assert (m["step"], m["screen"], m["action"]) == (2, "search", "tap (0.920, 0.780)"), task
+        assert m["optimal"] == f'type "{query}"' and m["q_star"] < m["v_star"]
     # The optimal policy has nothing to trace, and only the simulator has a Q* to trace with.
     clean = evaluate_policy(opt, "test", 32, 0, phone, trace=True)
     assert (

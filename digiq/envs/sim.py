@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from digiq.actions import Action, ActionType
+from digiq.actions import Action, ActionType, action_label
 from digiq.envs.base import Observation, StepResult, TaskInstance
 from digiq.errors import DigiqError
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
@@ -61,17 +61,6 @@ class SimEnv:
 TRACE_GAMMA = 0.95
 
 
-def brief(a: Action) -> str:
-    """``tap 0.18 0.74``, ``swipe 0.75 0.50 -> 0.35 0.50``, ``type "yoga mat"``, ``press_back``, ...: for reports."""
-    if a.type is ActionType.DUAL_POINT and a.touch is not None and a.lift is not None:
-        if a.is_tap:
-            return f"tap {a.touch[0]:.2f} {a.touch[1]:.2f}"
-        return f"swipe {a.touch[0]:.2f} {a.touch[1]:.2f} -> {a.lift[0]:.2f} {a.lift[1]:.2f}"
-    if a.type is ActionType.TYPE:
-        return f"type {a.text!r}"
-    return a.type.name.lower()
-
-
 def first_mistake(phone: SimPhone, transitions: Sequence[Any], gamma: float = TRACE_GAMMA) -> dict | None:
     """The first step of an episode whose action is not Q*-optimal, or None when every action was.
 
@@ -87,8 +76,8 @@ def first_mistake(phone: SimPhone, transitions: Sequence[Any], gamma: float = TR
             return {
                 "step": t,
                 "screen": phone.state_from_key(key).screen,
-                "action": brief(tr.action) if tr.action.is_valid else tr.text,
-                "optimal": brief(phone.optimal_actions(key, gamma)[0]),
+                "action": action_label(tr.action),
+                "optimal": action_label(phone.optimal_actions(key, gamma)[0]),
                 "q_star": round(q, 4),
                 "v_star": round(v, 4),
             }

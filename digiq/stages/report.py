@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from digiq.actions import Action, ActionType, parse_action
+from digiq.actions import Action, action_label, parse_action
 from digiq.config import check
 from digiq.data.schema import iter_decoded_rows, load_dataset, trajectory_bounds
 from digiq.data.transitions import load_transitions
@@ -171,19 +171,6 @@ def _fmt(x: float, digits: int = 4) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def describe_action(a: Action) -> str:
-    """A short human-readable form of an action for the table (the full string goes in a tooltip)."""
-    if a.type is ActionType.DUAL_POINT and a.touch is not None and a.lift is not None:
-        if a.is_tap:
-            return f"tap ({a.touch[0]:.3f}, {a.touch[1]:.3f})"
-        return f"swipe ({a.touch[0]:.2f}, {a.touch[1]:.2f}) \u2192 ({a.lift[0]:.2f}, {a.lift[1]:.2f})"
-    if a.type is ActionType.TYPE:
-        return f'type "{a.text}"'
-    if a.type is ActionType.INVALID:
-        return f"invalid: {a.raw[:60]}"
-    return a.type.value
-
-
 def _img_data_uri(img: Any, fmt: str) -> str:
     buf = io.BytesIO()
     if fmt == "jpeg":
@@ -294,7 +281,7 @@ def _candidate_rows(
         cells = [
             f'<td><span class="swatch" style="background:{sw}"></span></td>',
             f'<td class="num">{i}</td>',
-            f'<td class="action" title="{html.escape(raw[i])}">{html.escape(describe_action(a))}{"".join(tags)}</td>',
+            f'<td class="action" title="{html.escape(raw[i])}">{html.escape(action_label(a))}{"".join(tags)}</td>',
         ]
         if q is not None and v is not None:
             adv = float(q[i]) - v
