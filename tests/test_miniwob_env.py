@@ -45,6 +45,14 @@ def find(obs, tag: str, text: str | None = None) -> dict:
     )
 
 
+def same_render(a, b) -> bool:
+    """The same page, as headless Chromium draws it. Its software rasteriser is not bit-deterministic: the
+    anti-aliased corners of click-tab's tab bar come out one grey level apart in about 1 reset in 5 (5 of
+    33,600 pixels, 224 vs 225). A leaked hover style or another page changes whole elements."""
+    d = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max(axis=-1)
+    return int(d.max()) <= 2 and int((d > 0).sum()) <= 0.001 * d.size
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory):
     e = MiniWoBEnv(MiniWoBConfig(scratch_dir=str(tmp_path_factory.mktemp("browser"))))
@@ -85,7 +93,9 @@ def test_same_seed_same_page_and_disjoint_splits(env: MiniWoBEnv) -> None:
     a = env.reset(TaskInstance("click-tab", 11))
     env.step(Action.tap(0.4, 0.2))  # a click leaves a hover style unless the pointer moves away before reset
     b = env.reset(TaskInstance("click-tab", 11))
-    assert a.goal == b.goal and np.array_equal(np.asarray(a.screenshot), np.asarray(b.screenshot))
+    other = env.reset(TaskInstance("click-tab", 12))
+    assert a.goal == b.goal and same_render(a.screenshot, b.screenshot)
+    assert not same_render(a.screenshot, other.screenshot)  # the tolerance does not hide another page
     train = task_instances(["click-button", "click-tab"], "train", 50, 2)
     test = task_instances(["click-button", "click-tab"], "test", 50, 2)
     assert {i.seed for i in train}.isdisjoint({i.seed for i in test})
