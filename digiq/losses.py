@@ -59,3 +59,12 @@ def mc_loss(pred: torch.Tensor, mc_return: torch.Tensor) -> torch.Tensor:
     """(pred - sum_k gamma^k r_{t+k})^2: the MC-regression ablation, without the broadcast bug."""
     _check("mc_loss", pred, mc_return=mc_return)
     return _reduce((pred - mc_return.detach()) ** 2)
+
+
+def noop_q_loss(
+    q_pred: torch.Tensor, v_state_target: torch.Tensor, gamma: float, weight: torch.Tensor
+) -> torch.Tensor:
+    """(Q(s, a) - gamma V_targ(s))^2 for actions that leave the screen as it was (s' = s, r = 0), weighted
+    per row by ``weight`` (0 = the row has no such action); mean over the batch, sum over twins."""
+    _check("noop_q_loss", q_pred, v_state_target=v_state_target, weight=weight)
+    return _reduce(weight * (q_pred - gamma * v_state_target.detach()) ** 2)

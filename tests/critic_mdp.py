@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
+from PIL import Image
 
 from digiq.data.features import write_cache
 from digiq.data.schema import FEATURES, discounted_returns, save_dataset
@@ -54,9 +55,21 @@ def make_run_inputs(
     gamma: float = 0.9,
     seed: int = 0,
     noise_dims: int = 0,
+    noop_action: int | None = None,
+    never_noop_below: int = 0,
 ) -> tuple[Path, Path, TinyMDP, np.ndarray]:
-    """Write ``root/ds`` and ``root/feats``; returns (dataset, features, mdp, Q*)."""
+    """Write ``root/ds`` and ``root/feats``; returns (dataset, features, mdp, Q*).
+
+    ``noop_action``: that action leaves the state unchanged wherever it is not the path action; each state
+    then gets a screenshot of its own grey level (so the Stage-1 label is "state changed"), every f(s, a)
+    one more dimension that says whether the action is a no-op (what Stage-1 features encode), and the
+    behaviour never executes the no-op in states ``< never_noop_below`` (no-ops only the candidates show).
+    """
     mdp = TinyMDP(seed=seed)
+    if noop_action is not None:
+        for st in range(mdp.S - 1):
+            if st % mdp.A != noop_action:
+                mdp.next[st, noop_action] = st
     qs = mdp.q_star(gamma)
     rng = np.random.default_rng(seed + 1)
     rows: dict[str, list] = {k: [] for k in FEATURES}
@@ -67,14 +80,16 @@ def make_run_inputs(
         rewards = []
         for k in range(horizon):
             a = int(np.argmax(qs[s])) if rng.random() > eps else int(rng.integers(0, mdp.A))
+            if noop_action is not None and a == noop_action and s < never_noop_below:
+                a = int(np.argmax(qs[s]))
             ns, r, d = mdp.step(s, a)
             cands = [a] + [b for b in range(mdp.A) if b != a]
             rows["traj_id"].append(t)
             rows["step_id"].append(k)
             rows["task"].append("reach the goal")
             rows["observation"].append("obs")
-            rows["screenshot"].append(None)
-            rows["next_screenshot"].append(None)
+            rows["screenshot"].append(None if noop_action is None else _screen(s))
+            rows["next_screenshot"].append(None if noop_action is None else _screen(ns))
             rows["action"].append(f"a{a}")
             rows["reward"].append(r)
             rows["done"].append(d)
@@ -83,7 +98,11 @@ def make_run_inputs(
             rewards.append(r)
             noise = rng.normal(size=noise_dims).astype(np.float32)
             s_feats.append(np.r_[eye_s[s], noise])
-            a_feats.append(np.stack([np.r_[eye_sa[s * mdp.A + b], noise] for b in cands]))
+            # the no-op flag (empty without noop_action)
+            flag = [np.float32([mdp.next[s, b] == s] if noop_action is not None else []) for b in cands]
+            a_feats.append(
+                np.stack([np.r_[eye_sa[s * mdp.A + b], noise, flag[i]] for i, b in enumerate(cands)])
+            )
             s = ns
             if d:
                 break
@@ -98,6 +117,10 @@ def make_run_inputs(
         shard_rows=128,
     )
     return ds_path, feat_path, mdp, qs
+
+
+def _screen(state: int) -> Image.Image:
+    return Image.new("RGB", (16, 16), (20 * state, 20 * state, 20 * state))
 
 
 def q_star_fn(qs: np.ndarray):

@@ -197,3 +197,45 @@ def test_two_process_ddp(mdp_inputs, tmp_path: Path) -> None:
     critic = load_critic(out / "critic")
     assert critic.q(torch.zeros(3, critic.arch.action_dim)).shape == (3,)
     assert json.loads((out / "metrics.json").read_text())["step"] == 20
+
+
+@pytest.mark.parametrize("loss", ["td", "mc"])
+def test_noop_backup_values_unexecuted_noops_at_gamma_v(tmp_path: Path, loss: str) -> None:
+    """Action 3 leaves the state unchanged; the behaviour never executes it in states 0-4, so only the
+    no-op backup (probe on the Stage-1 labels of the executed no-ops elsewhere) gives those candidates a
+    target: Q(s, 3) -> gamma V(s). Without it their Q is whatever the head extrapolates."""
+    ds, feats, mdp, qs = make_run_inputs(tmp_path, num_traj=80, eps=0.5, gamma=GAMMA, noop_action=3,
+                                         never_noop_below=5)  # fmt: skip
+    never = [s for s in range(5) if s % mdp.A != 3]
+    fc = FeatureCache.open(feats)
+    tr, _ = load_transitions(ds, GAMMA)
+    rows = [r for r in range(len(tr.reward)) if int(tr.state_key[r][1:]) in never]
+    assert rows and all(tr.candidates[r][0] != "a3" for r in rows)
+    cols = [tr.candidates[r].index("a3") for r in rows]
+    gaps = {}
+    for on in (False, True):
+        out = tmp_path / f"{loss}-{on}"
+        metrics = tc.run(_cfg(ds, feats, out, f"critic_loss={loss}", "epochs=6", f"noop.enabled={str(on).lower()}"),
+                         q_star_fn=q_star_fn(qs))  # fmt: skip
+        critic = load_critic(out / "critic")
+        with torch.no_grad():
+            q = critic.q(fc.actions[rows, cols], fc.state[rows])
+            v = critic.v(fc.state[rows])
+        gaps[on] = float((q - GAMMA * v).abs().mean())
+        if on:
+            assert metrics["noop/probe_val_accuracy"] == 1.0
+            assert 0 < metrics["noop/candidates_masked"] < 0.5
+            assert any("train/loss_noop" in r for r in read_metrics(out))
+    assert gaps[True] < 0.05, gaps
+    assert gaps[True] < 0.5 * gaps[False], gaps
+
+
+def test_noop_backup_refuses_text_inputs_and_single_candidates(mdp_inputs, tmp_path: Path) -> None:
+    ds, feats, *_ = mdp_inputs
+    with pytest.raises(ValueError, match="noop.enabled"):
+        _cfg(ds, feats, tmp_path / "a", "noop.enabled=true", "critic.text.encoder=x").validate()
+    one = tmp_path / "one"
+    fc = FeatureCache.open(feats)
+    write_cache(one, fc.state, fc.actions[:, :1], meta={"dataset": str(ds), "model": "one-hot", "layer": 0})
+    with pytest.raises(DataError, match="N=1"):
+        tc.run(_cfg(ds, one, tmp_path / "b", "noop.enabled=true"))

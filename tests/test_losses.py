@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from digiq.losses import ShapeError, mc_loss, td_q_loss, td_target, td_v_loss
+from digiq.losses import ShapeError, mc_loss, noop_q_loss, td_q_loss, td_target, td_v_loss
 
 
 def test_td_q_loss_hand_computed() -> None:
@@ -60,3 +60,16 @@ def test_official_broadcast_bug_cannot_recur() -> None:
     # what the official bug computes is different from the correct loss (so the check matters)
     buggy = torch.nn.functional.mse_loss(pred, ret)  # the broadcasting call, with its warning
     assert not torch.isclose(buggy, mc_loss(pred.squeeze(1), ret))
+
+
+def test_noop_q_loss_hand_computed_and_weighted() -> None:
+    q = torch.tensor([[1.0, 0.5], [0.2, 0.4], [0.9, 0.9]], requires_grad=True)
+    v = torch.tensor([[1.0, 1.0], [0.0, 2.0], [5.0, 5.0]])
+    w = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])  # the last row has no no-op: no contribution
+    got = noop_q_loss(q, v, 0.9, w)
+    want = ((1.0 - 0.9) ** 2 + (0.5 - 0.9) ** 2 + 0.2**2 + (0.4 - 1.8) ** 2) / 3
+    assert got.item() == pytest.approx(want)
+    got.backward()
+    assert q.grad[2].abs().sum() == 0  # weight 0 rows get no gradient
+    with pytest.raises(ShapeError):
+        noop_q_loss(q, v[:, :1], 0.9, w)

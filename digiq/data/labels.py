@@ -12,6 +12,7 @@ stores its screenshots.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -53,3 +54,19 @@ def label_stats(labels: Iterable[int]) -> dict[str, float]:
     pos = int(y.sum())
     frac = pos / n if n else 0.0
     return {"count": n, "positives": pos, "positive_fraction": frac, "majority_accuracy": max(frac, 1 - frac)}
+
+
+def dataset_labels(
+    ds: Any, eps: float = DEFAULT_EPS, scale: float = DEFAULT_SCALE, source: str = "dataset"
+) -> np.ndarray:
+    """The label of every row of a digiq dataset (``screenshot`` vs ``next_screenshot``), int64 (R,).
+
+    Images go through :func:`digiq.data.schema.iter_decoded_rows`: a missing or corrupt screenshot is a
+    DataError naming ``source``, the trajectory, the step and the column.
+    """
+    from digiq.data.schema import iter_decoded_rows  # schema imports datasets: keep this module light
+
+    labels = np.zeros(len(ds), dtype=np.int64)
+    for i, row in enumerate(iter_decoded_rows(ds, ["screenshot", "next_screenshot"], source)):
+        labels[i] = screen_changed(row["screenshot"], row["next_screenshot"], eps, scale)
+    return labels

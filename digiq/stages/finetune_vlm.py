@@ -37,10 +37,9 @@ from tqdm.auto import tqdm
 
 from digiq.actions import ActionType, parse_action
 from digiq.config import LoraConfig, ModelConfig, OptimConfig, WandbConfig, check, save_config, to_dict
-from digiq.data.labels import label_stats, screen_changed
+from digiq.data.labels import dataset_labels, label_stats
 from digiq.data.schema import (
     decode_batch,
-    iter_decoded_rows,
     load_dataset,
     split_by_trajectory,
     undecoded_view,
@@ -205,12 +204,9 @@ class Stage1Data:
         self.ds = load_dataset(path)
         self.processor = processor
         self.rendering = rendering
-        labels = np.zeros(len(self.ds), dtype=np.int64)
-        # Images go through schema.decode_image: a missing/corrupt screenshot is a DataError naming the
-        # dataset, trajectory, step and column (datasets' own decoder gives a bare PIL traceback).
-        for i, row in enumerate(iter_decoded_rows(self.ds, ["screenshot", "next_screenshot"], path)):
-            labels[i] = screen_changed(row["screenshot"], row["next_screenshot"], eps, scale)
-        self.labels = labels
+        # A missing/corrupt screenshot is a DataError naming the dataset, trajectory, step and column
+        # (datasets' own decoder gives a bare PIL traceback).
+        self.labels = dataset_labels(self.ds, eps, scale, path)
         self.view = undecoded_view(self.ds, ["screenshot", "task", "observation", "action"])
         self.kinds = np.asarray([action_kind(a) for a in self.ds["action"]])
 

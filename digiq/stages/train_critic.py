@@ -46,10 +46,12 @@ from tqdm.auto import tqdm
 
 from digiq.config import OptimConfig, WandbConfig, check, save_config, to_dict
 from digiq.data.features import FeatureCache
+from digiq.data.labels import dataset_labels
 from digiq.data.schema import split_by_trajectory
 from digiq.data.transitions import Transitions, check_candidate_counts, load_transitions
 from digiq.errors import DataError
-from digiq.losses import mc_loss, td_q_loss, td_target, td_v_loss
+from digiq.losses import mc_loss, noop_q_loss, td_q_loss, td_target, td_v_loss
+from digiq.models.change_probe import fit_change_probe
 from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
 from digiq.models.critic_text import CriticInputs, TextEncoders, build_inputs, gather, score
 from digiq.sim.layout import state_from_key
@@ -118,6 +120,26 @@ class CriticNetConfig:
 
 
 @dataclasses.dataclass
+class NoopBackupConfig:
+    # Beyond the paper: a Bellman target for candidates the dataset never executed but that would leave the
+    # screen as it was (a tap on nothing, Go on an empty field). Such an action leads back to the same state
+    # with no reward, so Q(s, a) = gamma V(s); without it the critic sees returns for the dataset action
+    # only and ranks unexecuted no-ops at random (on the simulator they are 47% of the candidates and the
+    # argmax of the default critic on 27% of the validation states; docs/results.md). Which candidates
+    # leave the screen unchanged is read off the cached features by a linear probe fitted on the dataset
+    # actions' Stage-1 labels (s_t vs s_{t+1}, as Stage 1): no simulator knowledge.
+    enabled: bool = False
+    # A candidate counts as a no-op when the probe's P(screen changed) is below this (precision over recall:
+    # a real state change wrongly backed up by gamma V(s) would teach a wrong value).
+    threshold: float = 0.1
+    # Weight of the no-op term against J_Q (one no-op candidate drawn per sampled row).
+    weight: float = 1.0
+    # The Stage-1 label's threshold and scale (mean squared pixel difference at 0.25x; finetune_vlm's).
+    eps: float = 30.0
+    scale: float = 0.25
+
+
+@dataclasses.dataclass
 class CriticOptimConfig(OptimConfig):
     """Adam for the heads. A subclass (not a default_factory) so partial overrides keep these defaults."""
 
@@ -153,6 +175,7 @@ class Config:
     steps_per_epoch: int = 100
     epochs: int = 20
     critic: CriticNetConfig = dataclasses.field(default_factory=CriticNetConfig)
+    noop: NoopBackupConfig = dataclasses.field(default_factory=NoopBackupConfig)
     optim: CriticOptimConfig = dataclasses.field(default_factory=CriticOptimConfig)
     # Mixed precision for the heads ('bf16' on recent GPUs); features keep the cache dtype in memory.
     mixed_precision: Literal["no", "bf16"] = "no"
@@ -194,6 +217,20 @@ class Config:
             "critic.q_param=dueling backs V up from r + gamma V(s') of the dataset action; "
             "backup_action=candidate has no meaning there",
         )
+        if self.noop.enabled:
+            check(
+                0.0 < self.noop.threshold < 1.0,
+                f"noop.threshold must be in (0, 1), got {self.noop.threshold}",
+            )
+            check(self.noop.weight > 0, f"noop.weight must be > 0, got {self.noop.weight}")
+            check(
+                self.noop.eps >= 0 and 0 < self.noop.scale <= 1,
+                "noop.eps must be >= 0 and noop.scale in (0, 1]",
+            )
+            check(
+                not self.critic.text.encoder,
+                "noop.enabled reads the cached features alone; it does not support critic.text.encoder",
+            )
         self.optim.validate("optim")
 
 
@@ -259,6 +296,8 @@ class DeviceData:
     done: torch.Tensor  # (R,) float32
     mc_return: torch.Tensor  # (R,) float32
     next_idx: torch.Tensor  # (R,) int64
+    # (R, N) float32: 1 where candidate j of row r is a no-op to back up with gamma V(s) (noop.enabled).
+    noop: torch.Tensor | None = None
     # What the critic reads (state/actions above, plus frame stacking and text ids/tables); None = the
     # plain features (built from state/actions on first use).
     inputs: CriticInputs | None = None
@@ -294,12 +333,22 @@ def batch_loss(
     idx: torch.Tensor,
     cfg: Config,
     backup_col: torch.Tensor | None = None,
+    noop_col: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss for rows ``idx``; ``model`` is the (possibly DDP-wrapped) critic, called once via forward()."""
+    """Loss for rows ``idx``; ``model`` is the (possibly DDP-wrapped) critic, called once via forward().
+
+    ``noop_col`` (B,): one candidate per row to back up as a no-op (its weight is ``data.noop``; rows with
+    none carry weight 0), scored in the same forward as the dataset action.
+    """
     inputs = data.critic_inputs()
     online = getattr(model, "module", model)
     b = gather(inputs, idx, 0, online.text)  # a fine-tuned encoder: one pass per encoder, with gradients
-    q, v = model(b.state, b.action, b.state_text, b.action_text)  # (B, T) each
+    if noop_col is None:
+        q, v = model(b.state, b.action, b.state_text, b.action_text)  # (B, T) each
+    else:
+        pair = torch.stack([b.action, inputs.actions[idx, noop_col]], dim=1)  # (B, 2, Da)
+        q2, v = model(b.state, pair, b.state_text, None)  # (B, 2, T), (B, T); text is refused by validate
+        q, q_noop = q2[:, 0], q2[:, 1]
     T = q.shape[-1]
     if cfg.critic_loss == "mc":
         g = data.mc_return[idx].unsqueeze(-1).expand(-1, T)
@@ -328,7 +377,21 @@ def batch_loss(
             lv = td_v_loss(v.float(), v_back)
         else:
             lv = td_v_loss(v.float(), q_back)
-    return lq + lv, {"loss_q": lq.detach(), "loss_v": lv.detach(), "q_mean": q.detach().mean()}
+    parts = {"loss_q": lq.detach(), "loss_v": lv.detach(), "q_mean": q.detach().mean()}
+    loss = lq + lv
+    if noop_col is not None:
+        assert data.noop is not None
+        w = data.noop[idx, noop_col].unsqueeze(-1).expand(-1, T)
+        with torch.no_grad():
+            # TD: the target heads' V(s), paired with the online heads as the J_Q backup. MC has no target
+            # heads: its own V(s), a regression on the observed returns from s, stopped.
+            v_s = target.v_all(b.state, b.state_text).float() if target is not None else v.detach().float()
+            v_s, _ = backup_targets(v_s, v_s, cfg.critic.target_pairing if target is not None else "aggregate",
+                                    cfg.critic.aggregate)  # fmt: skip
+        ln = noop_q_loss(q_noop.float(), v_s, cfg.gamma, w)
+        loss = loss + cfg.noop.weight * ln
+        parts["loss_noop"] = ln.detach()
+    return loss, parts
 
 
 def train_step(
@@ -341,13 +404,14 @@ def train_step(
     cfg: Config,
     backup_col: torch.Tensor | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    noop_col: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimiser step: loss, backward, clip, Adam, target EMA. ``model`` may be DDP around ``critic``.
 
     Returns detached tensors (no host sync here: the caller decides when to read them).
     """
     with autocast():  # forward only; backward runs outside autocast as torch recommends
-        loss, parts = batch_loss(model, target, data, idx, cfg, backup_col)
+        loss, parts = batch_loss(model, target, data, idx, cfg, backup_col, noop_col)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.optim.max_grad_norm > 0:
@@ -476,6 +540,42 @@ def sim_screens(state_keys: Sequence[str]) -> list[str] | None:
         return None
 
 
+def noop_candidates(
+    actions: torch.Tensor,
+    valid: torch.Tensor | None,
+    labels: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    threshold: float,
+    seed: int = 0,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """(R, N) float mask of the candidates to back up as no-ops, and the probe's diagnostics.
+
+    A linear probe on the dataset action's features (column 0) of ``train_rows`` learns the Stage-1 label
+    ``labels`` (R,); a candidate is a no-op where its P(changed) < ``threshold``. Column 0 (executed: it
+    has its real transition) and padding are never masked.
+    """
+    y = torch.as_tensor(labels, dtype=torch.float32)
+    tr = torch.as_tensor(train_rows, dtype=torch.long)
+    probe = fit_change_probe(actions[tr.to(actions.device), 0].cpu(), y[tr], seed=seed).to(actions.device)
+    p = torch.cat([probe(actions[i : i + chunk]) for i in range(0, len(actions), chunk)])  # (R, N)
+    mask = p < threshold
+    mask[:, 0] = False
+    if valid is not None:
+        mask &= valid.bool()
+    stats = {
+        "noop/candidates_masked": float(mask[:, 1:].float().mean()),
+        "noop/rows_with_one": float(mask.any(1).float().mean()),
+        "noop/train_label_positive": float(y[tr].mean()) if len(tr) else float("nan"),
+    }
+    if len(val_rows):
+        vr = torch.as_tensor(val_rows, dtype=torch.long)
+        pred = (p[vr.to(p.device), 0].cpu() >= 0.5).float()
+        stats["noop/probe_val_accuracy"] = float((pred == y[vr]).float().mean())
+    return mask.float(), stats
+
+
 # --------------------------------------------------------------------------------------------------
 # Recipe
 # --------------------------------------------------------------------------------------------------
@@ -577,6 +677,17 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         next_idx=torch.as_tensor(tr.next_idx, device=device),
     )
     del feats
+    noop_stats: dict[str, float] = {}
+    if cfg.noop.enabled:
+        if N < 2:
+            raise DataError(f"noop.enabled needs candidates in the feature cache, {cfg.features} has N=1")
+        labels = dataset_labels(ds, cfg.noop.eps, cfg.noop.scale, cfg.dataset)
+        # The same deterministic fit on every process (a few hundred full-batch steps on (R, Da)).
+        data.noop, noop_stats = noop_candidates(
+            data.actions, data.valid, labels, train_rows, val_rows, cfg.noop.threshold, seed=cfg.seed
+        )
+        if is_main:
+            log.info("no-op backup: %s", {k: round(v, 4) for k, v in noop_stats.items()})
 
     # ---- model ----------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical init on every rank
@@ -651,6 +762,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     gen = torch.Generator(device="cpu")
     train_cpu = torch.as_tensor(train_rows)
     valid_cpu = None if data.valid is None else data.valid.cpu().float()
+    noop_cpu = None if data.noop is None else data.noop.cpu()
     step = start_step
     metrics: dict[str, float] = {}
     bar = tqdm(total=total, initial=start_step, disable=not is_main, desc="train-critic")
@@ -667,9 +779,14 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
                 else:
                     col = torch.multinomial(valid_cpu[idx_cpu], 1, generator=gen).squeeze(1)
                 col = col.to(device, non_blocking=True)
+            ncol = None
+            if noop_cpu is not None:
+                w = noop_cpu[idx_cpu].clone()
+                w[w.sum(1) == 0, 0] = 1.0  # a row without no-ops draws column 0, whose weight is 0
+                ncol = torch.multinomial(w, 1, generator=gen).squeeze(1).to(device, non_blocking=True)
             idx = idx_cpu.to(device, non_blocking=True)
             lr = opt.param_groups[0]["lr"]  # the rate of this update (the scheduler moves it after the step)
-            loss, parts = train_step(model, critic, target, opt, data, idx, cfg, col, autocast)
+            loss, parts = train_step(model, critic, target, opt, data, idx, cfg, col, autocast, ncol)
             sched.step()
             step += 1
             bar.update(1)
@@ -686,7 +803,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
             metrics = evaluate(
                 critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table, qs_screens
             )
-            metrics.update(epoch=float(epoch + 1))
+            metrics.update(epoch=float(epoch + 1), **noop_stats)
             logger.log(metrics, step)
             shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/")}
             log.info("epoch %d/%d step %d: %s", epoch + 1, cfg.epochs, step, shown)
