@@ -52,6 +52,11 @@ def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     # ... and per screen of the simulator (where it ranks badly)
     screens = {k.split("/")[-1]: v for k, v in crit.items() if k.startswith("val/qstar_top1/")}
     assert "home" in screens and all(0.0 <= v <= 1.0 for v in screens.values())
+    # The default critic backs up the candidates its probe reads as no-ops (probe fitted on the Stage-1
+    # labels of this run's dataset), with a dueling Q head.
+    assert 0.0 < crit["noop/candidates_masked"] < 1.0 and crit["noop/probe_val_accuracy"] > 0.5
+    critic_cfg = yaml.safe_load((out / "critic" / "config.yaml").read_text())
+    assert critic_cfg["noop"]["enabled"] is True and critic_cfg["critic"]["q_param"] == "dueling"
 
     # A second run finds every stage complete and recomputes nothing (same summary times).
     before = json.loads((out / "summary.json").read_text())

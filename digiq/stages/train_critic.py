@@ -819,6 +819,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
             metrics = evaluate(
                 critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table, qs_screens
             )
+            metrics.update(noop_stats)
         metrics["step"] = float(step)
         save_critic(
             critic,
