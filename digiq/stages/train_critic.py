@@ -19,6 +19,10 @@ not reproduce the official backup: it only sets the aggregation used for scoring
 pairing). MC: both heads regress on the discounted return, recomputed here from the
 rewards with ``gamma`` (the official loader also recomputes it, ``offpolicy_train_loop.py:110``).
 
+``noop.enabled`` (beyond the paper; the pipeline's default) adds a Bellman target for the candidates the
+dataset never executed but that leave the screen unchanged: a linear probe on the dataset actions' Stage-1
+labels marks them, and J_Q gains ``noop.weight * (Q(s, a) - gamma V_targ(s))^2`` (:class:`NoopBackupConfig`).
+
 Inputs: the cached features alone by default; ``critic.frame_stack``, ``critic.q_input`` and
 ``critic.text`` give the official critic's inputs (goal and action text through a Hugging Face encoder,
 ``[prev, cur]`` state frames, Q reading the V input: :mod:`digiq.models.critic_text`,
@@ -132,8 +136,9 @@ class NoopBackupConfig:
     # A candidate counts as a no-op when the probe's P(screen changed) is below this (precision over recall:
     # a real state change wrongly backed up by gamma V(s) would teach a wrong value).
     threshold: float = 0.1
-    # Weight of the no-op term against J_Q (one no-op candidate drawn per sampled row).
-    weight: float = 1.0
+    # Weight of the no-op term against J_Q (one no-op candidate drawn per sampled row, of ~7 per state on
+    # the simulator; 10 ranked better than 3 there, docs/results.md).
+    weight: float = 10.0
     # The Stage-1 label's threshold and scale (mean squared pixel difference at 0.25x; finetune_vlm's).
     eps: float = 30.0
     scale: float = 0.25
