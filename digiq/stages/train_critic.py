@@ -143,6 +143,11 @@ class NoopBackupConfig:
     eps: float = 30.0
     scale: float = 0.25
 
+    def validate(self, where: str = "noop") -> None:
+        check(0.0 < self.threshold < 1.0, f"{where}.threshold must be in (0, 1), got {self.threshold}")
+        check(self.weight > 0, f"{where}.weight must be > 0, got {self.weight}")
+        check(self.eps >= 0 and 0 < self.scale <= 1, f"{where}.eps must be >= 0 and {where}.scale in (0, 1]")
+
 
 @dataclasses.dataclass
 class CriticOptimConfig(OptimConfig):
@@ -223,15 +228,7 @@ class Config:
             "backup_action=candidate has no meaning there",
         )
         if self.noop.enabled:
-            check(
-                0.0 < self.noop.threshold < 1.0,
-                f"noop.threshold must be in (0, 1), got {self.noop.threshold}",
-            )
-            check(self.noop.weight > 0, f"noop.weight must be > 0, got {self.noop.weight}")
-            check(
-                self.noop.eps >= 0 and 0 < self.noop.scale <= 1,
-                "noop.eps must be >= 0 and noop.scale in (0, 1]",
-            )
+            self.noop.validate("noop")
             check(
                 not self.critic.text.encoder,
                 "noop.enabled reads the cached features alone; it does not support critic.text.encoder",
@@ -786,7 +783,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
                 col = col.to(device, non_blocking=True)
             ncol = None
             if noop_cpu is not None:
-                w = noop_cpu[idx_cpu].clone()
+                w = noop_cpu[idx_cpu]  # advanced indexing copies: the mask itself is not written
                 w[w.sum(1) == 0, 0] = 1.0  # a row without no-ops draws column 0, whose weight is 0
                 ncol = torch.multinomial(w, 1, generator=gen).squeeze(1).to(device, non_blocking=True)
             idx = idx_cpu.to(device, non_blocking=True)
