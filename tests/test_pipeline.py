@@ -57,6 +57,7 @@ def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     assert 0.0 < crit["noop/candidates_masked"] < 1.0 and crit["noop/probe_val_accuracy"] > 0.5
     critic_cfg = yaml.safe_load((out / "critic" / "config.yaml").read_text())
     assert critic_cfg["noop"]["enabled"] is True and critic_cfg["critic"]["q_param"] == "dueling"
+    assert critic_cfg["critic"]["q_input"] == "state_action"
 
     # A second run finds every stage complete and recomputes nothing (same summary times).
     before = json.loads((out / "summary.json").read_text())

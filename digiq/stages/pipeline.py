@@ -87,9 +87,14 @@ def _train_critic() -> train_critic.Config:
     # 0.582 -> 0.763 (600 test episodes each). A looser probe threshold (0.5) ranks better on validation
     # (0.662) but extracts worse (0.593): on rare screens (the product page) the probe calls the untried
     # "add to cart" taps no-ops and the backup then teaches them gamma V(s) instead of the reward.
+    # The advantage head also reads f(s) (the official critic's input, critic.py:157): Stage 1 trains
+    # f(s, a) on the screen change alone and it keeps little of the goal (a linear probe reads the goal's
+    # site off f(s, a) of home-screen app taps at 0.67, off f(s) at 0.88), while the right app depends on
+    # it. Top-1 0.626 -> 0.657 (home 0.62 -> 0.65), success the same (0.763 vs 0.762; seeds 0-2).
     c = train_critic.Config(epochs=10)
     c.optim = dataclasses.replace(c.optim, scheduler="cosine")
     c.critic.q_param = "dueling"
+    c.critic.q_input = "state_action"
     c.noop = train_critic.NoopBackupConfig(enabled=True, threshold=0.1, weight=10.0)
     return c
 
