@@ -212,7 +212,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"digiq {name}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        _close_process_group()
     return int(result) if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _close_process_group() -> None:
+    """Tear down a launcher's process group before the interpreter does.
+
+    Left to interpreter shutdown, gloo's worker threads can abort a process after its work is done
+    ("terminate called without an active exception", exit -6; seen once in
+    tests/test_critic_train.py::test_two_process_ddp on a loaded machine), and torch warns that the group leaks.
+    """
+    dist = sys.modules.get("torch.distributed")  # never import torch just for this
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
