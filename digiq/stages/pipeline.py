@@ -90,7 +90,7 @@ def _train_critic() -> train_critic.Config:
     # The advantage head also reads f(s) (the official critic's input, critic.py:157): Stage 1 trains
     # f(s, a) on the screen change alone and it keeps little of the goal (a linear probe reads the goal's
     # site off f(s, a) of home-screen app taps at 0.67, off f(s) at 0.88), while the right app depends on
-    # it. Top-1 0.626 -> 0.657 (home 0.62 -> 0.65), success the same (0.763 vs 0.762; seeds 0-2).
+    # it. Top-1 0.626 -> 0.656 (home 0.62 -> 0.65), success the same (0.763 vs 0.762; seeds 0-2).
     c = train_critic.Config(epochs=10)
     c.optim = dataclasses.replace(c.optim, scheduler="cosine")
     c.critic.q_param = "dueling"
