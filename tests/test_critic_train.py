@@ -242,14 +242,15 @@ def test_noop_backup_refuses_text_inputs_and_single_candidates(mdp_inputs, tmp_p
 
 
 def test_two_process_ddp_with_the_pipelines_critic(tmp_path: Path) -> None:
-    """The pipeline's default critic (no-op backup, dueling Q on [f(s), f(s, a)]) under DDP: both candidates of a row go through
-    one forward, and every process fits the same probe."""
+    """The pipeline's default critic (no-op backup, dueling Q on [f(s), f(s, a)]) under DDP: both candidates
+    of a row go through one forward, and every process fits the same probe."""
     ds, feats, _, _ = make_run_inputs(tmp_path, num_traj=40, eps=0.5, gamma=GAMMA, noop_action=3)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "digiq",
            "train-critic", f"dataset={ds}", f"features={feats}", f"output_dir={out}", "epochs=2",
            "steps_per_epoch=10", "batch_size=32", "critic.q_hidden=[16]", "critic.v_hidden=[16]",
-           "critic.q_param=dueling", "critic.q_input=state_action", "noop.enabled=true", "wandb.mode=disabled", "q_star=skip", "device=cpu"]  # fmt: skip
+           "critic.q_param=dueling", "critic.q_input=state_action", "noop.enabled=true", "wandb.mode=disabled",
+           "q_star=skip", "device=cpu"]  # fmt: skip
     r = subprocess.run(cmd, cwd=ROOT, env=digiq_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
