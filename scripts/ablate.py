@@ -3,7 +3,9 @@ behaviour 25.0 on Web Shopping; success grows with N over 1/4/8/16).
 
 It reuses a finished `digiq pipeline` run (its dataset with candidates, cached features and pi_beta), then
 per seed: trains a TD and an MC critic, extracts a policy for every N (TD) and for the largest N (MC), and
-evaluates each on the simulator's held-out tasks. Writes `<out>/ablation.md` (tables), `ablation.json` and
+evaluates each on the simulator's held-out tasks. The MC critic regresses Q on the discounted return alone
+(the mission's and the paper's MC ablation); the TD critic has the pipeline's settings, no-op backup
+included, which bootstraps gamma V(s) and so is TD's (`--mc-backup` adds an MC critic with it too). Writes `<out>/ablation.md` (tables), `ablation.json` and
 `ablation.png` (success vs N; TD, MC and pi_beta).
 
 With `--pre-stage1` it also caches features with the VLM *before* Stage-1 fine-tuning (the weights Stage 1
@@ -53,6 +55,11 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument(
+        "--mc-backup",
+        action="store_true",
+        help="also an MC critic with the TD arm's no-op backup (bootstraps the no-ops through gamma V(s))",
+    )
+    ap.add_argument(
         "--pre-stage1",
         action="store_true",
         help="also train TD critics on features of the VLM before Stage-1 fine-tuning (one extra feature pass)",
@@ -84,17 +91,24 @@ def main() -> None:
         )
         rows.append({"seed": seed, "method": "pi_beta (BC)", "n": 0, **_pick(bc)})
         features = wired["train_critic"].features
-        arms = [("td", "td", features), ("mc", "mc", features)]
+        tc = wired["train_critic"]
+        # The MC arm regresses on the discounted return alone (the paper's "MC return" ablation): the no-op
+        # backup is a one-step bootstrap, gamma V(s), so it belongs to TD; --mc-backup adds MC with it.
+        pure = dataclasses.replace(tc.noop, enabled=False)
+        arms = [("td", "td", features, tc.noop), ("mc", "mc", features, pure)]
+        if args.mc_backup:
+            arms.append(("mc_backup", "mc", features, tc.noop))
         if args.pre_stage1:
-            arms.append(("td_pre", "td", _pre_stage1_features(wired, out)))
-        for arm, loss, features in arms:
+            arms.append(("td_pre", "td", _pre_stage1_features(wired, out), tc.noop))
+        for arm, loss, features, noop in arms:
             critic_dir = _run_once(
                 train_critic,
-                wired["train_critic"],
+                tc,
                 out / f"s{seed}/critic_{arm}",
                 "critic",
                 critic_loss=loss,
                 features=features,
+                noop=noop,
                 seed=seed,
             )
             cmetrics = json.loads((critic_dir / "metrics.json").read_text())
@@ -145,7 +159,12 @@ def _run_once(stage, base, folder: Path, product: str, **fields) -> Path:
     return folder
 
 
-METHODS = {"td": "Digi-Q TD", "mc": "Digi-Q MC", "td_pre": "Digi-Q TD, pre-Stage-1 features"}
+METHODS = {
+    "td": "Digi-Q TD",
+    "mc": "Digi-Q MC",
+    "mc_backup": "Digi-Q MC + no-op backup",
+    "td_pre": "Digi-Q TD, pre-Stage-1 features",
+}
 
 
 def _pre_stage1_features(wired: dict, out: Path) -> str:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from digiq.config import ConfigError, load_config
 from digiq.errors import DigiqError
@@ -90,7 +91,7 @@ def _run_ablation(pipe: Path, out: Path, monkeypatch) -> None:
     ablate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablate)
     argv = ["ablate.py", "--pipeline", str(pipe), "--config", str(ROOT / "configs/pipeline/smoke.yaml")]
-    argv += ["--out", str(out), "--seeds", "0", "--ns", "1", "2", "--episodes", "4", "--pre-stage1"]
+    argv += ["--out", str(out), "--seeds", "0", "--ns", "1", "2", "--episodes", "4", "--pre-stage1", "--mc-backup"]
     monkeypatch.setattr(sys, "argv", argv)
     ablate.main()
     rows = json.loads((out / "ablation.json").read_text())
@@ -100,8 +101,15 @@ def _run_ablation(pipe: Path, out: Path, monkeypatch) -> None:
         ("Digi-Q TD", 1),
         ("Digi-Q TD", 2),
         ("Digi-Q MC", 2),
+        ("Digi-Q MC + no-op backup", 2),
         ("Digi-Q TD, pre-Stage-1 features", 2),
     }
+    # The MC arm regresses on returns alone; the TD arm (and --mc-backup's MC) keep the pipeline's backup.
+    noop = {
+        arm: yaml.safe_load((out / f"s0/critic_{arm}/config.yaml").read_text())["noop"]["enabled"]
+        for arm in ("td", "mc", "mc_backup")
+    }
+    assert noop == {"td": True, "mc": False, "mc_backup": True}
     md = (out / "ablation.md").read_text()
     assert "| Digi-Q TD, pre-Stage-1 features | 1 |" in md  # the critic table
     assert (out / "ablation.png").stat().st_size > 0
