@@ -91,7 +91,8 @@ def _run_ablation(pipe: Path, out: Path, monkeypatch) -> None:
     ablate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablate)
     argv = ["ablate.py", "--pipeline", str(pipe), "--config", str(ROOT / "configs/pipeline/smoke.yaml")]
-    argv += ["--out", str(out), "--seeds", "0", "--ns", "1", "2", "--episodes", "4", "--pre-stage1", "--mc-backup"]
+    argv += ["--out", str(out), "--seeds", "0", "--ns", "1", "2", "--episodes", "4"]
+    argv += ["--pre-stage1", "--mc-backup"]
     monkeypatch.setattr(sys, "argv", argv)
     ablate.main()
     rows = json.loads((out / "ablation.json").read_text())
