@@ -182,3 +182,45 @@ def test_wire_paths_chain_the_stages(tmp_path: Path) -> None:
     assert w["cache_features"].model.tiny_seed == own.finetune_vlm.model.tiny_seed
     # wiring does not mutate the user's config
     assert cfg.collect.output_dir != c["collect"].output_dir
+
+
+def test_stage1_trajectories_refuses_a_count_it_cannot_use(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="more than collect.num_trajectories"):
+        load_config(pipeline.Config, None, [f"output_dir={tmp_path}", "stage1_trajectories=500"])
+    with pytest.raises(ConfigError, match="env=sim"):
+        load_config(pipeline.Config, None, ["stage1_trajectories=1500", "env=miniwob"])
+    load_config(pipeline.Config, None, ["stage1_trajectories=1500"])
+
+
+def test_stage1_collection_holds_out_the_datasets_validation_trajectories(tmp_path: Path) -> None:
+    """stage1_trajectories: Stage 1 trains on the dataset's training trajectories plus new ones, and holds
+    out exactly the trajectories it holds out without the option (the ones the critic validates on)."""
+    import numpy as np
+
+    from digiq.data.schema import load_dataset, split_by_trajectory
+    from digiq.stages.collect import run as run_collect
+
+    over = [f"output_dir={tmp_path}", "collect.num_trajectories=10", "stage1_trajectories=25"]
+    cfg = load_config(pipeline.Config, None, over)
+    wired = pipeline.wire(cfg)
+    assert wired["finetune_vlm"].dataset == str(tmp_path / pipeline.STAGE1_DATA)
+    run_collect(wired["collect"])
+    pipeline._collect_stage1_data(cfg)
+    data, big = load_dataset(wired["collect"].output_dir), load_dataset(wired["finetune_vlm"].dataset)
+    assert len(set(big["traj_id"])) == 25 and not (tmp_path / "data_stage1.raw").exists()
+
+    def rows(ds, idx):
+        sub = ds.select(idx.tolist())
+        return list(zip(sub["traj_id"], sub["step_id"], sub["state_key"], sub["action"], strict=True))
+
+    d_train, d_val = split_by_trajectory(data, cfg.finetune_vlm.val_fraction)  # what Stage 1 uses without it
+    b_train, b_val = split_by_trajectory(big, wired["finetune_vlm"].val_fraction)
+    assert rows(big, b_val) == rows(data, d_val) and len(d_val) > 0
+    train_rows = rows(big, b_train)
+    assert train_rows[: len(d_train)] == rows(data, d_train)
+    new = {r[0] for r in train_rows[len(d_train) :]}
+    assert len(new) == 15 and not new & set(np.asarray(data["traj_id"]).tolist())
+    # a second call finds the finished collection and leaves it alone
+    stamp = (tmp_path / pipeline.STAGE1_DATA / "_COMPLETE").stat().st_mtime_ns
+    pipeline._collect_stage1_data(cfg)
+    assert (tmp_path / pipeline.STAGE1_DATA / "_COMPLETE").stat().st_mtime_ns == stamp

@@ -257,15 +257,21 @@ def trajectory_bounds(ds: Dataset) -> list[tuple[int, int]]:
     return [(int(s), int(e)) for s, e in zip(starts, ends)]
 
 
+def num_val_trajectories(num_trajectories: int, val_fraction: float) -> int:
+    """How many of ``num_trajectories`` trajectories :func:`split_by_trajectory` holds out (the last ones)."""
+    n_val = int(math.floor(num_trajectories * val_fraction)) if val_fraction > 0 else 0
+    if val_fraction > 0 and n_val == 0 and num_trajectories > 1:
+        n_val = 1
+    return n_val
+
+
 def split_by_trajectory(ds: Dataset, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, val): the first ``1 - val_fraction`` of trajectories train, the rest validate.
 
     Same rule as the official loader (first 80% / last 20%, no shuffle: offpolicy_train_loop.py:111).
     """
     bounds = trajectory_bounds(ds)
-    n_val = int(math.floor(len(bounds) * val_fraction)) if val_fraction > 0 else 0
-    if val_fraction > 0 and n_val == 0 and len(bounds) > 1:
-        n_val = 1
+    n_val = num_val_trajectories(len(bounds), val_fraction)
     cut = len(bounds) - n_val
     train = np.concatenate([np.arange(s, e) for s, e in bounds[:cut]]) if cut else np.zeros(0, np.int64)
     val = np.concatenate([np.arange(s, e) for s, e in bounds[cut:]]) if n_val else np.zeros(0, np.int64)
