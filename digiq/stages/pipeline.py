@@ -156,7 +156,9 @@ class Config:
     # finetune_vlm.val_fraction, which the critic validates on) and trains on all the others. It needs only
     # (s_t, a_t, s_{t+1}); every other stage keeps the dataset. Stage 1's errors are taps (~1,700 in the
     # dataset's training split): with 1,500 trajectories and finetune_vlm.epochs=3 it reaches 0.956 held-out
-    # against 0.932, at 2.5x Stage 1's time (docs/results.md, "Stage 1 >= 0.95").
+    # against 0.932, at 2.5x Stage 1's time. Off by default: on those features the critic ranks worse (top-1
+    # 0.589 vs 0.656; the app on the home screen, which needs the goal) and extracts 0.435 instead of 0.762
+    # (docs/results.md, "Stage 1 >= 0.95").
     stage1_trajectories: int = 0
     # torch threads (0 = torch's default). On a shared 2-core machine 1-2 is fastest.
     threads: int = 0
