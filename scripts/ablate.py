@@ -5,8 +5,8 @@ It reuses a finished `digiq pipeline` run (its dataset with candidates, cached f
 per seed: trains a TD and an MC critic, extracts a policy for every N (TD) and for the largest N (MC), and
 evaluates each on the simulator's held-out tasks. The MC critic regresses Q on the discounted return alone
 (the mission's and the paper's MC ablation); the TD critic has the pipeline's settings, no-op backup
-included, which bootstraps gamma V(s) and so is TD's (`--mc-backup` adds an MC critic with it too). Writes `<out>/ablation.md` (tables), `ablation.json` and
-`ablation.png` (success vs N; TD, MC and pi_beta).
+included, which bootstraps gamma V(s) and so is TD's (`--mc-backup` adds an MC critic with it too). Writes
+`<out>/ablation.md` (tables), `ablation.json` and `ablation.png` (success vs N; TD, MC and pi_beta).
 
 With `--pre-stage1` it also caches features with the VLM *before* Stage-1 fine-tuning (the weights Stage 1
 started from: the shipped GUI-pretrained model with the pipeline's default stage1_init=pretrained, the hub
@@ -90,8 +90,8 @@ def main() -> None:
             wired["evaluate"],
         )
         rows.append({"seed": seed, "method": "pi_beta (BC)", "n": 0, **_pick(bc)})
-        features = wired["train_critic"].features
         tc = wired["train_critic"]
+        features = tc.features
         # The MC arm regresses on the discounted return alone (the paper's "MC return" ablation): the no-op
         # backup is a one-step bootstrap, gamma V(s), so it belongs to TD; --mc-backup adds MC with it.
         pure = dataclasses.replace(tc.noop, enabled=False)
