@@ -89,9 +89,10 @@ class ModelConfig:
     # random tiny model built from a config object (families: llava, qwen2-vl, qwen2.5-vl, idefics3,
     # smolvlm, paligemma). Nothing is downloaded when HF_HUB_OFFLINE=1 or the path is local.
     name_or_path: str = "tiny:llava"
-    # Weights' dtype. 'auto': bfloat16 on a GPU for the frozen models of inference stages (cache-features,
-    # candidates, evaluate), float32 for models that train (mixed precision keeps float32 master weights).
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # Weights' dtype. 'auto': float32 on the CPU; on a bf16 GPU bfloat16 for the frozen models of inference
+    # stages (cache-features, candidates, evaluate) and for trained models whose float32 master weights are
+    # kept elsewhere (a LoRA base, FSDP), else float32 (digiq.training.accelerator.train_dtype).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
     attn_implementation: str | None = "sdpa"
     # Seed for the random weights of 'tiny:' models.

@@ -45,7 +45,7 @@ from digiq.models.policy import best_of_n, read_spec
 from digiq.models.vlm import inference_dtype, load_vlm
 from digiq.sim.behaviour import BehaviourValues
 from digiq.sim.phone import SimPhone
-from digiq.training.accelerator import make_accelerator
+from digiq.training.accelerator import make_accelerator, train_dtype
 from digiq.training.output import begin_output, check_output
 from digiq.training.policy_loop import PolicyExamples, PolicyOptimConfig, TrainLoopConfig, train_policy
 from digiq.utils.io import atomic_save_safetensors
@@ -246,7 +246,7 @@ def select(
 
 def run(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, name="train.mixed_precision")
     is_main = accelerator.is_main_process
     resume_from = check_output(out, cfg.resume, cfg.overwrite, "extract-policy")
     set_seed(cfg.seed)
@@ -293,7 +293,8 @@ def run(cfg: Config) -> dict[str, Any]:
         source=str(cfg.dataset),
     )
 
-    policy_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.init_policy)
+    dtype = train_dtype(cfg.model.dtype, accelerator, frozen_base=cfg.lora.enabled)
+    policy_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.init_policy, dtype=dtype)
     model, processor = load_vlm(policy_cfg, cfg.lora, for_training=True)
     spec = read_spec(cfg.init_policy)
     ref = None

@@ -48,7 +48,7 @@ from digiq.errors import DataError
 from digiq.models.families import FAMILIES
 from digiq.models.prompts import make_inputs, previous_action_from_observation, yes_no_token_ids
 from digiq.models.vlm import answer_logits, family_of, load_vlm, save_vlm
-from digiq.training.accelerator import make_accelerator
+from digiq.training.accelerator import make_accelerator, train_dtype
 from digiq.training.checkpoint import inner, load_checkpoint, save_checkpoint
 from digiq.training.data_order import epoch_order
 from digiq.training.output import begin_output, check_output, finish_output
@@ -106,8 +106,9 @@ class Config:
     # Cap rows (0 = all): for smoke tests and quick runs.
     max_train_rows: int = 0
     max_val_rows: int = 0
-    # Autocast precision through accelerate ('bf16' on GPUs; 'no' = fp32 on CPU).
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # Autocast precision through accelerate ('auto': the launcher's, else bf16 on a bf16 GPU, 'no' = fp32
+    # on the CPU).
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # Save a checkpoint every N optimizer steps (0 = at the end of each epoch only).
     save_every: int = 0
     # Keep the newest N checkpoints (older ones are deleted).
@@ -319,7 +320,8 @@ def run(cfg: Config) -> dict:
     resume_from = check_output(out, cfg.resume, cfg.overwrite, "finetune-vlm")
     set_seed(cfg.seed)
 
-    model, processor = load_vlm(cfg.model, lora=cfg.lora, for_training=True)
+    dtype = train_dtype(cfg.model.dtype, accelerator, frozen_base=cfg.lora.enabled)
+    model, processor = load_vlm(dataclasses.replace(cfg.model, dtype=dtype), lora=cfg.lora, for_training=True)
     yes_id, no_id = yes_no_token_ids(processor)
     data = Stage1Data(cfg.dataset, cfg.eps, cfg.label_scale, processor, cfg.rendering)
     train_rows, val_rows = split_by_trajectory(data.ds, cfg.val_fraction)

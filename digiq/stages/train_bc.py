@@ -28,7 +28,7 @@ from digiq.data.transitions import successful_rows
 from digiq.errors import DataError
 from digiq.models.policy import ACTION_FORMATS, PolicySpec
 from digiq.models.vlm import load_vlm
-from digiq.training.accelerator import make_accelerator
+from digiq.training.accelerator import make_accelerator, train_dtype
 from digiq.training.output import begin_output, check_output
 from digiq.training.policy_loop import (
     PolicyExamples,
@@ -136,12 +136,13 @@ def bc_examples(cfg: Config) -> PolicyExamples:
 
 def run(cfg: Config) -> dict[str, float]:
     out = Path(cfg.output_dir)
-    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, name="train.mixed_precision")
     is_main = accelerator.is_main_process
     resume_from = check_output(out, cfg.resume, cfg.overwrite, "train-bc")
     set_seed(cfg.seed)
     examples = bc_examples(cfg)
-    model, processor = load_vlm(cfg.model, cfg.lora, for_training=True)
+    dtype = train_dtype(cfg.model.dtype, accelerator, frozen_base=cfg.lora.enabled)
+    model, processor = load_vlm(dataclasses.replace(cfg.model, dtype=dtype), cfg.lora, for_training=True)
     spec = cfg.policy.spec(processor.digiq_family)
     begin_output(out, cfg.overwrite, accelerator)
     if is_main:

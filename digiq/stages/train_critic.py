@@ -60,7 +60,7 @@ from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target
 from digiq.models.critic_text import CriticInputs, TextEncoders, build_inputs, gather, score
 from digiq.sim.layout import state_from_key
 from digiq.sim.phone import SimPhone
-from digiq.training.accelerator import make_accelerator
+from digiq.training.accelerator import make_accelerator, resolve_mixed_precision
 from digiq.training.checkpoint import load_checkpoint, save_checkpoint
 from digiq.training.output import begin_output, check_output, finish_output
 from digiq.training.schedule import make_scheduler
@@ -187,8 +187,9 @@ class Config:
     critic: CriticNetConfig = dataclasses.field(default_factory=CriticNetConfig)
     noop: NoopBackupConfig = dataclasses.field(default_factory=NoopBackupConfig)
     optim: CriticOptimConfig = dataclasses.field(default_factory=CriticOptimConfig)
-    # Mixed precision for the heads ('bf16' on recent GPUs); features keep the cache dtype in memory.
-    mixed_precision: Literal["no", "bf16"] = "no"
+    # Mixed precision for the heads ('auto': bf16 on a bf16 GPU, 'no' on the CPU); features keep the cache
+    # dtype in memory.
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     # 'auto' = CUDA when visible, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Exact-Q* validation metrics for simulated data: auto = when rows have state_key and candidates.
@@ -733,7 +734,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         model = torch.nn.parallel.DistributedDataParallel(
             critic, device_ids=[device.index] if device.type == "cuda" else None
         )
-    use_bf16 = cfg.mixed_precision == "bf16"
+    use_bf16 = resolve_mixed_precision(cfg.mixed_precision, cpu=device.type != "cuda") == "bf16"
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)

@@ -73,8 +73,9 @@ class TrainLoopConfig:
     save_every: int = 200
     # Keep the newest this many checkpoints (older ones are deleted).
     keep_checkpoints: int = 2
-    # Mixed precision ('bf16' on recent GPUs).
-    mixed_precision: Literal["no", "bf16"] = "no"
+    # Mixed precision. 'auto': the launcher's, else bf16 on a bf16 GPU, 'no' on the CPU
+    # (digiq.training.accelerator.resolve_mixed_precision).
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     # How rows become model inputs. 'once': every row encoded before training, rows with the same screenshot
     # sharing its pixels (fastest on one CPU: the simulator's screens repeat). 'lazy': each process encodes
     # only the rows of its batches, in DataLoader workers, while the model trains (a real dataset's pixels
