@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from digiq.config import WandbConfig
+from digiq.errors import DigiqError
 from digiq.utils.io import atomic_write_text
 
 _FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -26,6 +27,27 @@ def get_logger(name: str) -> logging.Logger:
         root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
         root.propagate = False
     return logging.getLogger(name if name.startswith("digiq") else f"digiq.{name}")
+
+
+# WANDB_MODE values wandb itself accepts, as our modes.
+_ENV_MODES = {
+    "disabled": "disabled",
+    "offline": "offline",
+    "dryrun": "offline",
+    "online": "online",
+    "run": "online",
+}
+
+
+def wandb_mode(cfg: WandbConfig | None) -> str:
+    """The wandb mode of a run: ``WANDB_MODE`` from the environment when set (wandb's own convention, and
+    what a batch script such as scripts/gpu_check.sh sets for every stage), else ``cfg.mode``."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env:
+        if env not in _ENV_MODES:
+            raise DigiqError(f"WANDB_MODE={env!r} in the environment: use one of disabled, offline, online")
+        return _ENV_MODES[env]
+    return "disabled" if cfg is None else cfg.mode
 
 
 class MetricsLogger:
@@ -55,8 +77,15 @@ class MetricsLogger:
             self.path.unlink()
         if resume:
             _truncate(self.path, resume_step)
-        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
-            import wandb
+        mode = wandb_mode(wandb_cfg)
+        if wandb_cfg is not None and mode != "disabled":
+            try:
+                import wandb  # only when enabled: a machine without wandb runs with it disabled
+            except ImportError as e:
+                raise DigiqError(
+                    f"wandb.mode={mode} but wandb is not installed ({e}): pip install wandb, "
+                    "or set wandb.mode=disabled (or WANDB_MODE=disabled in the environment)"
+                ) from None
 
             run_id_file = Path(run_dir) / "wandb_run_id.txt"
             run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
@@ -64,7 +93,7 @@ class MetricsLogger:
                 project=wandb_cfg.project,
                 entity=wandb_cfg.entity,
                 name=wandb_cfg.name or Path(run_dir).name,
-                mode=wandb_cfg.mode,
+                mode=mode,
                 dir=str(run_dir),
                 config=config,
                 id=run_id,
