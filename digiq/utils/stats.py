@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -59,4 +60,31 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clustered_success(
+    clusters: Sequence[tuple[int, int]], z: float = 1.959963984540054
+) -> tuple[float, float, float, int]:
+    """Success over independent units (goals x seeds) rather than over episodes: ``(rate, lo, hi, units)``.
+
+    ``clusters`` holds ``(successes, episodes)`` per unit; each unit counts once, with its own success fraction,
+    so repeating a deterministic episode does not narrow the interval. The interval is Wilson's on
+    ``(sum of fractions, units)``: exact when every unit is 0 or 1 (greedy, deterministic episodes) and
+    conservative otherwise, since the variance of a fraction in [0, 1] with mean p is at most p (1 - p).
+    """
+    fracs = [s / n for s, n in clusters if n > 0]
+    k = len(fracs)
+    if k == 0:
+        return 0.0, 0.0, 1.0, 0
+    total = float(sum(fracs))
+    lo, hi = _wilson_real(total, k, z)
+    return total / k, lo, hi, k
+
+
+def _wilson_real(successes: float, n: int, z: float) -> tuple[float, float]:
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
