@@ -75,43 +75,62 @@ def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     again = json.loads((out / "summary.json").read_text())
     assert again["stages"]["train_critic"] == before["stages"]["train_critic"]
 
-    # scripts/ablate.py on the finished run: TD over N, MC, and TD on pre-Stage-1 features, one seed.
+    # scripts/ablate.py on the finished run: every arm, one seed.
     _run_ablation(out, tmp_path / "ablation", monkeypatch)
 
 
-def _run_ablation(pipe: Path, out: Path, monkeypatch) -> None:
+def _load_ablate():
     import importlib.util
-    import sys
-
-    import torch
-
-    from digiq.data.features import FeatureCache
 
     spec = importlib.util.spec_from_file_location("ablate", ROOT / "scripts/ablate.py")
     ablate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablate)
-    argv = ["ablate.py", "--pipeline", str(pipe), "--config", str(ROOT / "configs/pipeline/smoke.yaml")]
-    argv += ["--out", str(out), "--seeds", "0", "--ns", "1", "2", "--episodes", "4"]
-    argv += ["--pre-stage1", "--mc-backup"]
-    monkeypatch.setattr(sys, "argv", argv)
-    ablate.main()
+    return ablate
+
+
+def _run_ablation(pipe: Path, out: Path, monkeypatch) -> None:
+    import torch
+
+    from digiq.data.features import FeatureCache
+
+    ablate = _load_ablate()
+    argv = ["--pipeline", str(pipe), "--config", str(ROOT / "configs/pipeline/smoke.yaml")]
+    # benchmark v1 has no validation goals: its tables need the explicit --split test
+    argv += ["--out", str(out), "--seeds", "0", "--ns", "1", "2", "--episodes", "4", "--split", "test"]
+    argv += ["--pre-stage1"]
+    ablate.main(argv)
     rows = json.loads((out / "ablation.json").read_text())
-    arms = {(r["method"], r["n"]) for r in rows}
-    assert arms == {
-        ("pi_beta (BC)", 0),
-        ("Digi-Q TD", 1),
-        ("Digi-Q TD", 2),
-        ("Digi-Q MC", 2),
-        ("Digi-Q MC + no-op backup", 2),
-        ("Digi-Q TD, pre-Stage-1 features", 2),
+    assert {(r["arm"], r["n"]) for r in rows} == {
+        ("pi_beta", 0),
+        ("filtered_bc", 0),
+        ("td", 1),
+        ("td", 2),
+        ("mc", 2),
+        ("td_paper", 2),
+        ("mc_paper", 2),
+        ("q_star", 2),
+        ("td_pre", 2),
     }
-    # The MC arm regresses on returns alone; the TD arm (and --mc-backup's MC) keep the pipeline's backup.
-    noop = {
-        arm: yaml.safe_load((out / f"s0/critic_{arm}/config.yaml").read_text())["noop"]["enabled"]
-        for arm in ("td", "mc", "mc_backup")
-    }
-    assert noop == {"td": True, "mc": False, "mc_backup": True}
+    assert all(r["split"] == "test" for r in rows)
+    # Like for like: each critic arm differs from the pipeline's critic in exactly the fields its name says.
+    base = yaml.safe_load((pipe / "critic" / "config.yaml").read_text())
+    for arm in ("td", "mc", "td_paper", "mc_paper", "td_pre"):
+        got = yaml.safe_load((out / f"s0/critic_{arm}/config.yaml").read_text())
+        diff = {k for k in base if got[k] != base[k]} - {"output_dir", "features", "overwrite"}
+        want = {"critic_loss"} if arm.startswith("mc") else set()
+        if arm.endswith("_paper"):
+            want |= {"noop", "critic"}
+            assert got["noop"]["enabled"] is False and got["critic"]["q_param"] == "direct", arm
+            other = {k for k in base["critic"] if got["critic"][k] != base["critic"][k]}
+            assert other == {"q_param"}, arm
+        assert diff == want, (arm, diff)
+    # Filtered BC imitated the successful trajectories only, from pi_beta's start.
+    fbc = yaml.safe_load((out / "s0/filtered_bc/config.yaml").read_text())
+    bc = yaml.safe_load((pipe / "bc" / "config.yaml").read_text())
+    assert fbc["trajectories"] == "successful" and fbc["model"] == bc["model"]
+    # The oracle row is labelled as one.
     md = (out / "ablation.md").read_text()
+    assert "[oracle] exact Q* over the same candidates" in md and "Split: **test**" in md
     assert "| Digi-Q TD, pre-Stage-1 features | 1 |" in md  # the critic table
     assert (out / "ablation.png").stat().st_size > 0
     # The pre-Stage-1 arm really read other features: the base VLM's, not the fine-tuned one's.
@@ -119,6 +138,15 @@ def _run_ablation(pipe: Path, out: Path, monkeypatch) -> None:
     post = FeatureCache.open(pipe / "features")
     assert pre.actions.shape == post.actions.shape
     assert not torch.allclose(pre.actions.float(), post.actions.float())
+
+
+def test_ablation_defaults_to_validation_goals(tmp_path: Path) -> None:
+    """Tuning runs on validation goals unless --split test is asked for; benchmark v1 has none, so the
+    default refuses before training anything."""
+    ablate = _load_ablate()
+    with pytest.raises(SystemExit, match="--split val: .*--split test"):
+        ablate.main(["--pipeline", str(tmp_path / "p"), "--out", str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists()
 
 
 def test_stage1_init_bc_refuses_a_model_it_would_ignore(tmp_path: Path) -> None:

@@ -58,8 +58,9 @@ class Config:
     mode: Literal["online", "sim", "offline"] = "online"
     # online: the environment: sim = the simulated phone, miniwob = MiniWoB++ in headless Chromium.
     env: Literal["sim", "miniwob"] = "sim"
-    # online: split (test = held-out tasks on the simulator, fresh page seeds on MiniWoB++), episodes.
-    split: Literal["train", "test"] = "test"
+    # online: split (test = held-out tasks on the simulator, fresh page seeds on MiniWoB++; val = the
+    # validation goals that choose defaults, on benchmarks that have them), episodes.
+    split: Literal["train", "val", "test"] = "test"
     num_episodes: int = 100
     # Simulator: episodes stepped together (the policy's generation batch). MiniWoB++ batches its workers.
     batch_size: int = 32
