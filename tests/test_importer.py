@@ -101,7 +101,8 @@ def raw_variant(truth: list[TrueTraj]) -> list[list[dict]]:
                     "observation": obs[t],
                     "next_observation": obs[t + 1] if t + 1 < len(obs) else "",
                     "image_features": tr.state[t],
-                    "next_image_features": np.zeros(D_STATE, np.float32),
+                    # s_(t+1): the next step's image_features; after the last step a screen of its own
+                    "next_image_features": tr.state[t + 1] if t + 1 < len(tr.state) else tr.state[t] + 1,
                     "image_path": f"<path_to_images>/images/test3/{tr.image_id}_{t + 1}.png",
                     "video_path": None,
                     "task": tr.task,
@@ -642,3 +643,169 @@ def test_malicious_pickle_names_global_and_file(raw_setup, tmp_path: Path, capsy
     assert f"{pt}: refused to unpickle fractions.Fraction, {system}:" in err, err
     assert "trust_pickle=true" in err
     assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+# -- pickle protocols ------------------------------------------------------------------------------
+
+
+class _Eval:
+    def __reduce__(self):
+        import builtins
+
+        return (builtins.eval, ("1 + 1",))
+
+
+class _Popen:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import subprocess
+
+        return (subprocess.Popen, (["touch", str(self.marker)],))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_refusal_names_the_globals_in_every_protocol(protocol: int, raw_setup, tmp_path: Path) -> None:
+    """Protocol 4 names globals with STACK_GLOBAL (protocol 2 with GLOBAL, and Python 2 module names:
+    subprocess is stored as 'commands'): the message names module.global the same way in both."""
+    truth, _pt, root = raw_setup
+    data = raw_variant(truth)
+    marker = tmp_path / "pwned"
+    data[0][0]["extra"] = _Eval()
+    data[1][1]["extra"] = _Popen(marker)
+    pt = tmp_path / f"evil{protocol}.pt"
+    torch.save(data, pt, pickle_protocol=protocol)
+    with pytest.raises(DataError) as err:
+        run(Config(inputs=(str(pt),), output=str(tmp_path / "o"), image_root=str(root)))
+    assert f"{pt}: refused to unpickle builtins.eval, subprocess.Popen: " in str(err.value)
+    assert "trust_pickle=true" in str(err.value)
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_harmless_pickle_loads_in_every_protocol(protocol: int, raw_setup, tmp_path: Path) -> None:
+    """Only lists, dicts, strings, numbers, numpy arrays and tensors: loads whatever the protocol."""
+    truth, _pt, root = raw_setup
+    data = raw_variant(truth)
+    data[0][1]["q_rep_out_list"] = torch.from_numpy(np.stack(data[0][1]["q_rep_out_list"]))
+    data[0][1]["extra"] = {"set": {1, 2}, "tuple": (1, 2.5), "bytes": b"x", "none": None}
+    pt = tmp_path / f"p{protocol}.pt"
+    torch.save(data, pt, pickle_protocol=protocol)
+    out, feats = tmp_path / "ds", tmp_path / "feats"
+    run(Config(inputs=(str(pt),), output=str(out), image_root=str(root), features_output=str(feats)))
+    _check_rows(load_dataset(out), truth, [0, 1, 2], gamma=0.95)
+    _manifest, t = _read_cache(feats)
+    np.testing.assert_array_equal(t["actions"].numpy(), np.stack([f for tr in truth for f in tr.feats]))
+
+
+# -- feature widths --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("q_rep_out_list", "trajectory 2, step 1, key 'q_rep_out_list': feature width 8, but {pt}, trajectory 0, "
+                           "step 0 has width 6"),
+        ("image_features", "trajectory 2, step 1, key 'image_features': width 5, but {pt}, trajectory 0, "
+                           "step 0 has width 4"),
+        ("no image_features", "trajectory 2, step 1, key 'image_features': missing, but {pt}, trajectory 0, "
+                              "step 0 has it"),
+    ],
+)  # fmt: skip
+def test_width_errors_name_the_file_trajectory_and_step(
+    key: str, message: str, raw_setup, tmp_path: Path
+) -> None:
+    truth, _pt, root = raw_setup
+    data = raw_variant(truth)
+    step = data[2][1]
+    if key == "q_rep_out_list":
+        step[key] = [np.zeros(D_FEAT + 2, np.float32)] * N_CAND
+    elif key == "image_features":
+        step[key] = np.zeros(D_STATE + 1, np.float32)
+    else:
+        del step["image_features"]
+    pt = tmp_path / "bad_width.pt"
+    torch.save(data, pt)
+    cfg = Config(inputs=(str(pt),), output=str(tmp_path / "o"), image_root=str(root),
+                 features_output=str(tmp_path / "f"))  # fmt: skip
+    with pytest.raises(DataError) as err:
+        run(cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"{pt}, {message.format(pt=pt)}"), msg
+    assert "['" not in msg
+    assert not (tmp_path / "o").exists() and not (tmp_path / "f").exists()
+
+
+# -- s' from the step's own next_* fields ----------------------------------------------------------
+
+
+def _next_fields_file(folder: Path, truth: list[TrueTraj]) -> list[list[dict]]:
+    """A post-processed file (steps in order) whose trajectory 0, step 0 has next_* fields that disagree
+    with step 1's current fields, and whose trajectory 1 is cut short (last step not done)."""
+    data = [sorted(traj, key=lambda s: s["step_id"]) for traj in post_variant(truth, "shots")]
+    Image.new("RGB", (12, 20), (1, 2, 3)).save(folder / "shots" / "elsewhere.png")
+    own = data[0][0]
+    own["next_image_path"] = "shots/elsewhere.png"
+    own["next_image_features"] = np.full(D_STATE, 7.0, np.float32)
+    own["next_observation"] = make_observation(truth[0].task, None) + " (the record's own s')"
+    data[0][1]["next_observation"] = data[0][2]["observation"]  # agrees: not a mismatch
+    cut = data[1][-1]
+    cut["done"] = False
+    cut["next_image_features"] = np.full(D_STATE, 9.0, np.float32)
+    return data
+
+
+def test_next_fields_are_s_prime(tmp_path: Path, capsys, caplog) -> None:
+    """The official trainer reads each step's own next_observation / next_image_features for V(s')
+    (trainer.py:149; [cur, next] frame stacking): the import keeps them as s' (next_screenshot, the cache's
+    next_state), falls back to the next step only where they are absent, and says where they disagree."""
+    import logging
+
+    truth = _truth(seed=3, lengths=(3, 2), success=(True, False))
+    _write_pngs(truth, tmp_path / "shots")
+    data = _next_fields_file(tmp_path, truth)
+    pt = tmp_path / "next.pt"
+    torch.save(data, pt)
+    logging.getLogger("digiq").addHandler(caplog.handler)
+    try:
+        summary = run(
+            Config(inputs=(str(pt),), output=str(tmp_path / "ds"), features_output=str(tmp_path / "f"))
+        )
+    finally:
+        logging.getLogger("digiq").removeHandler(caplog.handler)
+    ds = load_dataset(tmp_path / "ds")
+    # s' of trajectory 0, step 0 is its own next_image_path, not step 1's screenshot
+    assert (_pixels(ds[0]["next_screenshot"]) == np.array((1, 2, 3), np.uint8)).all()
+    assert (_pixels(ds[1]["screenshot"]) == np.array(truth[0].colors[1], np.uint8)).all()
+    manifest, t = _read_cache(tmp_path / "f")
+    nxt = t["next_state"].numpy()
+    np.testing.assert_array_equal(nxt[0], np.full(D_STATE, 7.0))  # own next_image_features
+    np.testing.assert_array_equal(nxt[1], truth[0].state[2])  # absent: the next step's image_features
+    np.testing.assert_array_equal(nxt[4], np.full(D_STATE, 9.0))  # the cut trajectory's last step: its own
+    np.testing.assert_array_equal(nxt[3], truth[1].state[1])
+    # trajectory 0 ends done with no next_image_features: nothing says what s' is (masked by done anyway)
+    assert manifest["next_state_unknown_rows"] == [2] and not nxt[2].any()
+    assert (
+        not ds[4]["done"]
+        and (_pixels(ds[4]["next_screenshot"]) == np.array(truth[1].colors[2], np.uint8)).all()
+    )
+    assert summary.next_mismatches == 1 and summary.truncated == 1
+    out = capsys.readouterr().out
+    assert "cut short; their last step is terminal in train-critic): 1" in out
+    assert "differ from the following step: 1" in out
+    logged = caplog.text
+    assert f"first: {pt}, trajectory 0, step 0" in logged and f"{pt}, trajectory 1, step 1" in logged
+
+    # the cut step without next_image_features: explicit, listed, and the trajectory named
+    del data[1][-1]["next_image_features"]
+    torch.save(data, pt)
+    caplog.clear()
+    logging.getLogger("digiq").addHandler(caplog.handler)
+    try:
+        run(Config(inputs=(str(pt),), output=str(tmp_path / "ds2"), features_output=str(tmp_path / "f2")))
+    finally:
+        logging.getLogger("digiq").removeHandler(caplog.handler)
+    manifest, t = _read_cache(tmp_path / "f2")
+    assert manifest["next_state_unknown_rows"] == [2, 4] and not t["next_state"][4].any()
+    assert f"no next_image_features either ({pt}, trajectory 1, step 1)" in caplog.text

@@ -2,9 +2,10 @@
 
 An official file is a ``list`` of trajectories, each a ``list`` of step ``dict`` s (DigiRL-agent/digiq @
 8181379, ``digiq/algorithms/offpolicy_train_loop.py:106-112``; DigiRL:
-https://github.com/DigiRL-agent/digirl/issues/1). We read it with ``torch.load(weights_only=True)`` and an
-allow-list of numpy globals (the official loader uses ``weights_only=False``, offpolicy_train_loop.py:106,
-which runs any pickled code); arbitrary pickles load only with ``trust_pickle=true``.
+https://github.com/DigiRL-agent/digirl/issues/1). We read it with ``torch.load`` through an unpickler that
+resolves only an allow-list of numpy and torch globals, in every pickle protocol (the official loader uses
+``weights_only=False``, offpolicy_train_loop.py:106, which runs any pickled code); arbitrary pickles load
+only with ``trust_pickle=true``.
 
 Quirks handled (each is tested in tests/test_importer.py):
 
@@ -20,6 +21,9 @@ Quirks handled (each is tested in tests/test_importer.py):
 * ``reward`` / ``done`` as python or 0-d numpy values; ``mc_return`` recomputed with ``gamma``
   (the official loader recomputes it too, offpolicy_train_loop.py:110).
 * released files lack ``traj_id`` / ``step_id`` (Digi-Q issue #14): derived from position.
+* s_(t+1) is the step's own ``next_image_path`` / ``next_image_features`` where present (the trainer reads
+  ``next_observation`` / ``next_image_features`` for V(s'), trainer.py:149), the next step otherwise; the
+  cache's ``next_state`` holds it, and steps whose own next fields disagree with the next step are counted.
 
 Usage::
 
@@ -118,6 +122,10 @@ class ImportSummary:
     traj_ids: str
     output: str
     features_output: str = ""
+    # Steps whose own next_* fields differ from the following step's current fields.
+    next_mismatches: int = 0
+    # Trajectories whose last step is not done.
+    truncated: int = 0
 
     def lines(self) -> list[str]:
         out = [
@@ -127,6 +135,10 @@ class ImportSummary:
             f"max {self.candidates_max}",
             f"dataset actions that do not parse: {self.invalid_actions}",
             f"traj_id from: {self.traj_ids}",
+            f"trajectories that end without done (cut short; their last step is terminal in train-critic): "
+            f"{self.truncated}",
+            f"steps whose next_observation / next_image_features differ from the following step: "
+            f"{self.next_mismatches}",
         ]
         if self.features_output:
             out.append(f"features -> {self.features_output}")
@@ -139,22 +151,22 @@ class ImportSummary:
 
 
 def numpy_safe_globals() -> list[Any]:
-    """The numpy globals a ``torch.save`` of numpy arrays/scalars needs under ``weights_only=True``.
-
-    Found by experiment (numpy 2.4, torch 2.13; ``torch.serialization.get_unsafe_globals_in_checkpoint``):
-    ``_reconstruct``, ``ndarray``, ``dtype``, ``scalar`` and the per-dtype ``numpy.dtypes.*DType`` classes
-    (numpy 2 pickles a dtype through its class). Files written under numpy 1.x name the first two
-    ``numpy.core.multiarray.*``; we allow those names as aliases. Object arrays stay safe: their items go
-    through the same restricted unpickler.
+    """The numpy globals a ``torch.save`` of numpy arrays/scalars needs: ``_reconstruct``, ``ndarray``,
+    ``dtype``, ``scalar``, ``_frombuffer`` and the per-dtype ``numpy.dtypes.*DType`` classes (numpy 2 pickles a dtype through
+    its class). Files written under numpy 1.x name the first two ``numpy.core.multiarray.*``; those names are
+    aliases (``(object, name)`` entries). Object arrays stay safe: their items go through the same
+    restricted unpickler.
     """
     import numpy.dtypes
     from numpy._core.multiarray import _reconstruct, scalar
+    from numpy._core.numeric import _frombuffer  # protocol 5 pickles an array through it
 
-    allowed: list[Any] = [np.ndarray, np.dtype, _reconstruct, scalar]
+    allowed: list[Any] = [np.ndarray, np.dtype, _reconstruct, scalar, _frombuffer]
     allowed += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
     allowed += [
         (_reconstruct, "numpy.core.multiarray._reconstruct"),
         (scalar, "numpy.core.multiarray.scalar"),
+        (_frombuffer, "numpy.core.numeric._frombuffer"),
     ]
     return allowed
 
@@ -165,26 +177,155 @@ def _global_name(entry: Any) -> str:
     return f"{entry.__module__}.{entry.__qualname__}"
 
 
-def refused_globals(path: Path, error_text: str = "") -> list[str]:
-    """The globals of ``path``'s pickle outside the allow-list, e.g. ``['posix.system']``.
+def allowed_globals() -> dict[str, Any]:
+    """``"module.name" -> object`` of every global an official file may reference: numpy's (above), and
+    what torch's own ``weights_only`` loader allows for tensors (rebuild functions, dtypes, ``torch.Size``,
+    ``OrderedDict``, ...) plus anything registered with ``torch.serialization.add_safe_globals``."""
+    import torch
+    from torch import _weights_only_unpickler
 
-    Read statically (``torch.serialization.get_unsafe_globals_in_checkpoint`` unpickles nothing), so every
-    refused global is named, not only the first one torch stopped at. Torch's own error text is the
-    fallback: its wording differs between "Unsupported global: GLOBAL x" and "unsupported GLOBAL x whose
-    module ... is blocked".
+    allowed = dict(_weights_only_unpickler._get_allowed_globals())
+    for entry in [*torch.serialization.get_safe_globals(), *numpy_safe_globals()]:
+        obj = entry[0] if isinstance(entry, tuple) else entry
+        allowed[_global_name(entry)] = obj
+    return allowed
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle references a global outside :func:`allowed_globals`; ``name`` is ``module.global``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"refused global {name}")
+        self.name = name
+
+
+def _py3_name(module: str, name: str, proto: int) -> str:
+    """``module.name`` as Python 3 reads it: protocols < 3 store Python 2 names (``__builtin__``,
+    ``commands``), which the unpickler maps back (``fix_imports``)."""
+    import _compat_pickle
+
+    if proto < 3:
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
+def _restricted_pickle_module() -> Any:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler resolves only :func:`allowed_globals`.
+
+    Torch's ``weights_only`` unpickler reads protocol 2 only (the protocol ``torch.save`` writes by default):
+    a file saved with ``pickle_protocol=4`` stops at its first FRAME opcode. The standard unpickler with
+    ``find_class`` restricted (the ``pickle`` documentation's "Restricting Globals") reads every protocol, and
+    every global reaches ``find_class`` whether a GLOBAL or a STACK_GLOBAL opcode names it.
     """
+    import types
+
+    allowed = allowed_globals()
+
+    class Unpickler(pickle.Unpickler):
+        def __init__(self, file: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(file, *args, **kwargs)
+            self._proto = _peek_protocol(file)
+
+        def find_class(self, module: str, name: str) -> Any:
+            full = _py3_name(module, name, self._proto)
+            if full not in allowed:
+                raise RefusedGlobal(full)
+            return allowed[full]
+
+    def load(file: Any, **kwargs: Any) -> Any:
+        return Unpickler(file, **kwargs).load()
+
+    mod = types.ModuleType("digiq_restricted_pickle")
+    mod.Unpickler = Unpickler  # type: ignore[attr-defined]
+    mod.load = load  # type: ignore[attr-defined]
+    mod.__version__ = "1"  # type: ignore[attr-defined]
+    return mod
+
+
+def _peek_protocol(file: Any) -> int:
+    """The protocol a pickle stream declares (its leading PROTO opcode); 0 when it has none."""
+    try:
+        pos = file.tell()
+        head = file.read(2)
+        file.seek(pos)
+    except (AttributeError, OSError):
+        return 2  # an unseekable stream: torch's default protocol
+    return head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else 0
+
+
+def pickle_globals(data: bytes) -> set[str]:
+    """Every global a pickle stream references (``module.name``), read statically (nothing is unpickled).
+
+    GLOBAL / INST carry the names in their argument; STACK_GLOBAL (protocol >= 4) takes them from the two
+    strings pushed before it, which may come from the memo.
+    """
+    import pickletools
+
+    names: set[str] = set()
+    proto, memo, recent = 0, {}, [None, None]
+    pushes_str = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING"}
+    pushes_str |= {"BINSTRING", "SHORT_BINSTRING"}
+    for op, arg, _pos in pickletools.genops(data):
+        kind = op.name
+        if kind == "PROTO":
+            proto = int(arg)
+        elif kind in ("GLOBAL", "INST"):
+            module, _, name = str(arg).partition(" ")
+            names.add(_py3_name(module, name, proto))
+        elif kind == "STACK_GLOBAL":
+            module, name = recent[-2], recent[-1]
+            if isinstance(module, str) and isinstance(
+                name, str
+            ):  # else built at run time: find_class names it
+                names.add(_py3_name(module, name, proto))
+            recent.append(None)
+        elif kind in pushes_str:
+            recent.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
+        elif kind == "MEMOIZE":
+            memo[len(memo)] = recent[-1]
+        elif kind in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = recent[-1]
+        elif kind in ("GET", "BINGET", "LONG_BINGET"):
+            recent.append(memo.get(arg))
+        elif kind != "FRAME":
+            recent.append(None)
+        del recent[:-2]
+    return names
+
+
+def _storage_type(name: str) -> bool:
+    """``torch.FloatStorage`` and the like: torch's loader resolves those itself, before ``find_class``."""
     import torch
 
-    names: list[str] = []
     try:
-        allowed = {_global_name(g) for g in numpy_safe_globals()}
-        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
-    except Exception:  # noqa: BLE001 - a damaged file: fall back to the error text
-        names = []
-    if not names:
-        names = re.findall(r"GLOBAL ([\w.]+)|but got (<class '[^']+'>)", error_text)
-        names = [a or b for a, b in names]
-    return sorted(set(names))  # get_unsafe_globals_in_checkpoint has no stable order
+        torch.serialization.StorageType(name.rsplit(".", 1)[-1])
+    except (KeyError, AttributeError):
+        return False
+    return "Storage" in name
+
+
+def refused_globals(path: Path, first: str = "") -> list[str]:
+    """The globals of ``path``'s pickle outside the allow-list, e.g. ``['posix.system']``.
+
+    Read statically, so every refused global is named, not only the first one the unpickler stopped at
+    (``first``, the fallback for a file whose pickle cannot be scanned).
+    """
+    import zipfile
+
+    names: set[str] = set()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            allowed = allowed_globals()
+            names = {n for n in pickle_globals(zf.read(pkl)) if n not in allowed and not _storage_type(n)}
+    except Exception:  # noqa: BLE001 - a damaged or legacy (non-zip) file: name the one we saw
+        names = set()
+    if first:
+        names.add(first)
+    return sorted(names)
 
 
 def load_pt(path: str | Path, trust_pickle: bool = False) -> Any:
@@ -202,19 +343,15 @@ def load_pt(path: str | Path, trust_pickle: bool = False) -> Any:
         except Exception as e:  # noqa: BLE001 - a broken pickle raises anything
             raise DataError(f"{path}: cannot be read as a torch/pickle file: {type(e).__name__}: {e}") from e
     try:
-        with torch.serialization.safe_globals(numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        names = refused_globals(path, text)
-        if "Weights only load failed" in text or names:
-            what = ", ".join(names) if names else "a global that is not allow-listed"
-            raise DataError(
-                f"{path}: refused to unpickle {what}: the file holds Python objects beyond lists, dicts, "
-                "strings, numbers, numpy arrays and tensors, and unpickling them can run arbitrary code. "
-                "If you trust the file's source, re-run with trust_pickle=true"
-            ) from e
-        raise DataError(f"{path}: not a readable torch file: {e}") from e
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module()
+        )
+    except RefusedGlobal as e:
+        raise DataError(
+            f"{path}: refused to unpickle {', '.join(refused_globals(path, e.name))}: the file holds Python "
+            "objects beyond lists, dicts, strings, numbers, numpy arrays and tensors, and unpickling them can "
+            "run arbitrary code. If you trust the file's source, re-run with trust_pickle=true"
+        ) from e
     except Exception as e:  # noqa: BLE001 - zip/EOF/format errors come as many types
         raise DataError(f"{path}: not a readable torch file: {type(e).__name__}: {e}") from e
 
@@ -484,33 +621,98 @@ def _trajectories(cfg: Config) -> Iterator[_Traj]:
             yield _Traj(path, i, steps, official)
 
 
-def _rows(cfg: Config, trajs: list[_Traj], ids: list[int]) -> Iterator[tuple[dict, list, Any]]:
-    """(encoded-ready row, locs, features-or-None) for every step, in dataset order."""
+@dataclasses.dataclass
+class _StepFeatures:
+    """One step's features for the cache: f(s_t) (None without ``image_features``), the candidates'
+    (N, D) features, and f(s_{t+1}) (None where neither the step nor a next step says what s_{t+1} is)."""
+
+    state: np.ndarray | None
+    actions: np.ndarray
+    next_state: np.ndarray | None
+
+
+@dataclasses.dataclass
+class _NextCheck:
+    """Steps whose own next_* fields disagree with the following step's current fields, and trajectories
+    that end without ``done`` (cut by the horizon or an emulator error)."""
+
+    mismatches: int = 0
+    first_mismatch: str = ""
+    truncated: list[str] = dataclasses.field(default_factory=list)
+    truncated_unknown: list[str] = dataclasses.field(default_factory=list)
+
+
+def _optional_array(step: dict, key: str, loc: str) -> np.ndarray | None:
+    value = step.get(key)
+    return None if value is None else _as_array(value, loc, key).reshape(-1)
+
+
+def _optional_string(step: dict, key: str, loc: str) -> str | None:
+    value = step.get(key)
+    return None if value is None or (isinstance(value, str) and not value) else _string(step, key, loc)
+
+
+def _rows(
+    cfg: Config, trajs: list[_Traj], ids: list[int], check: _NextCheck
+) -> Iterator[tuple[dict, str, Any]]:
+    """(encoded-ready row, loc, _StepFeatures-or-None) for every step, in dataset order.
+
+    s_{t+1} is the step's own ``next_*`` fields where it has them: the official trainer reads
+    ``next_observation`` and ``next_image_features`` for V(s') (DigiRL-agent/digiq @ 8181379,
+    ``digiq/algorithms/digiq/trainer.py:149``, frame-stacked as ``[cur, next]`` at
+    ``offpolicy_train_loop.py:22``), so they are the truth even where the next row says otherwise; the next
+    row stands in only where they are absent.
+    """
 
     resolvers: dict[Path, _ImageResolver] = {}
     for tr, tid in zip(trajs, ids):
         resolver = resolvers.setdefault(tr.file, _ImageResolver(cfg.image_root, tr.file.parent))
         locs = [where(tr.file, tr.index, t) for t in range(len(tr.steps))]
         rewards = [_reward(s, loc) for s, loc in zip(tr.steps, locs)]
+        dones = [_done(s, loc) for s, loc in zip(tr.steps, locs)]
         mc = discounted_returns(rewards, cfg.gamma)
         paths = _screen_paths(tr.steps, cfg.image_path_mode, locs)
+        obs = [_string(s, "observation", loc) for s, loc in zip(tr.steps, locs)]
+        next_obs = [_optional_string(s, "next_observation", loc) for s, loc in zip(tr.steps, locs)]
+        states: list[np.ndarray | None] = []
+        next_states: list[np.ndarray | None] = []
+        if cfg.features_output:
+            states = [_optional_array(s, "image_features", loc) for s, loc in zip(tr.steps, locs)]
+            next_states = [_optional_array(s, "next_image_features", loc) for s, loc in zip(tr.steps, locs)]
+        last = len(tr.steps) - 1
+        for t in range(last):
+            own_f, row_f = (next_states[t], states[t + 1]) if cfg.features_output else (None, None)
+            differs = next_obs[t] is not None and next_obs[t] != obs[t + 1]
+            if own_f is not None and row_f is not None:
+                differs |= own_f.shape != row_f.shape or not np.allclose(own_f, row_f, rtol=1e-5, atol=1e-6)
+            if differs:
+                check.mismatches += 1
+                check.first_mismatch = check.first_mismatch or locs[t]
+        if not dones[last]:
+            check.truncated.append(locs[last])
+            if cfg.features_output and next_states[last] is None:
+                check.truncated_unknown.append(locs[last])
         for t, (step, loc) in enumerate(zip(tr.steps, locs)):
-            obs = _string(step, "observation", loc)
             action = _string(step, "action", loc)
-            task = _string(step, "task", loc) if step.get("task") is not None else goal_from_observation(obs)
+            task = (
+                _string(step, "task", loc) if step.get("task") is not None else goal_from_observation(obs[t])
+            )
             cands = candidates_from(step.get("action_list"), action, loc)
-            feats = _step_features(step, cands, loc) if cfg.features_output else None
-            cur, nxt = paths[t]
+            feats = None
+            if cfg.features_output:
+                nxt = next_states[t] if next_states[t] is not None else (states[t + 1] if t < last else None)
+                feats = _StepFeatures(states[t], _candidate_features(step, cands, loc), nxt)
+            cur, nxt_path = paths[t]
             row = {
                 "traj_id": tid,
                 "step_id": t,
                 "task": task,
-                "observation": obs,
+                "observation": obs[t],
                 "screenshot": {"bytes": resolver.read(cur, loc), "path": None},
-                "next_screenshot": {"bytes": resolver.read(nxt, loc), "path": None},
+                "next_screenshot": {"bytes": resolver.read(nxt_path, loc), "path": None},
                 "action": action,
                 "reward": rewards[t],
-                "done": _done(step, loc),
+                "done": dones[t],
                 "mc_return": float(mc[t]),
                 "candidates": cands,
                 "state_key": "",
@@ -518,8 +720,8 @@ def _rows(cfg: Config, trajs: list[_Traj], ids: list[int]) -> Iterator[tuple[dic
             yield row, loc, feats
 
 
-def _step_features(step: dict, cands: list[str], loc: str) -> tuple[np.ndarray | None, np.ndarray]:
-    """(state feature or None, (N, D) per-candidate features) of one step."""
+def _candidate_features(step: dict, cands: list[str], loc: str) -> np.ndarray:
+    """(N, D) per-candidate features of one step."""
     if "q_rep_out_list" in step and step["q_rep_out_list"] is not None:
         acts = _as_array(step["q_rep_out_list"], loc, "q_rep_out_list")
     elif "q_rep_out" in step and step["q_rep_out"] is not None and len(cands) <= 1:
@@ -534,10 +736,7 @@ def _step_features(step: dict, cands: list[str], loc: str) -> tuple[np.ndarray |
         raise DataError(
             f"{loc}, key 'q_rep_out_list': {acts.shape[0]} features for {len(cands)} candidate actions"
         )
-    state = None
-    if step.get("image_features") is not None:
-        state = _as_array(step["image_features"], loc, "image_features").reshape(-1)
-    return state, acts
+    return acts
 
 
 def run(cfg: Config) -> ImportSummary:
@@ -561,26 +760,29 @@ def run(cfg: Config) -> ImportSummary:
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.import-", dir=output.parent))
     try:
         arrow = scratch / "rows.arrow"
-        state_rows: list[np.ndarray | None] = []
-        action_rows: list[np.ndarray] = []
+        feature_rows: list[_StepFeatures] = []
+        feature_locs: list[str] = []
+        check = _NextCheck()
         n_cands: list[int] = []
         invalid = 0
         successes: dict[int, bool] = {}
         writer = ArrowWriter(features=FEATURES, path=str(arrow))
         try:
-            for row, _loc, feats in tqdm(_rows(cfg, trajs, ids), total=n_steps, desc="import", unit="step"):
+            rows = _rows(cfg, trajs, ids, check)
+            for row, loc, feats in tqdm(rows, total=n_steps, desc="import", unit="step"):
                 writer.write(FEATURES.encode_example(row))
                 n_cands.append(len(row["candidates"]))
                 invalid += not parse_action(row["action"]).is_valid
                 successes[row["traj_id"]] = successes.get(row["traj_id"], False) or row["reward"] > 0
                 if feats is not None:
-                    state_rows.append(feats[0])
-                    action_rows.append(feats[1])
+                    feature_rows.append(feats)
+                    feature_locs.append(loc)
             writer.finalize()
         finally:
             writer.close()
         if cfg.features_output:
-            _check_feature_rows(state_rows, action_rows, trajs)
+            _check_feature_rows(feature_rows, feature_locs)
+        _log_next_check(check)
         info = {
             "source": "import",
             "inputs": [str(p) for p in cfg.inputs],
@@ -594,8 +796,8 @@ def run(cfg: Config) -> ImportSummary:
             fingerprint = load_from_disk(str(output))._fingerprint  # what a reader of `output` sees
             write_feature_cache(
                 Path(cfg.features_output),
-                state_rows,
-                action_rows,
+                [f.state for f in feature_rows],
+                [f.actions for f in feature_rows],
                 dtype=cfg.features_dtype,
                 shard_rows=cfg.features_shard_rows,
                 meta={
@@ -603,6 +805,7 @@ def run(cfg: Config) -> ImportSummary:
                     "dataset_fingerprint": fingerprint,
                     "source_files": [str(p) for p in cfg.inputs],
                 },
+                next_state_rows=[f.next_state for f in feature_rows],
                 overwrite=cfg.overwrite,
             )
     finally:
@@ -619,6 +822,8 @@ def run(cfg: Config) -> ImportSummary:
         traj_ids=id_source,
         output=str(output),
         features_output=cfg.features_output,
+        next_mismatches=check.mismatches,
+        truncated=len(check.truncated),
     )
     for line in summary.lines():
         print(line)  # noqa: T201 - the command's report on stdout
@@ -637,23 +842,58 @@ def _assign_ids(trajs: list[_Traj]) -> tuple[list[int], str]:
     return list(range(len(trajs))), "position"
 
 
-def _check_feature_rows(
-    state_rows: list[np.ndarray | None], action_rows: list[np.ndarray], trajs: list[_Traj]
-) -> None:
-    """All rows must stack into one cache: same state presence and widths, same feature width."""
-    files = sorted({str(t.file) for t in trajs})
-    have = [s is not None for s in state_rows]
-    if any(have) and not all(have):
-        raise DataError(
-            f"{files}: image_features is present on some steps and missing on others (dataset row "
-            f"{have.index(False)} lacks it); cannot build one state-feature tensor"
+def _check_feature_rows(rows: list[_StepFeatures], locs: list[str]) -> None:
+    """All rows must stack into one cache: same state presence and widths, same feature width. An error
+    names the first step that differs from the first step (file, trajectory, step) and that first step."""
+    first = rows[0]
+    for f, loc in zip(rows, locs):
+        if (f.state is None) != (first.state is None):
+            lacks, has = (loc, locs[0]) if f.state is None else (locs[0], loc)
+            raise DataError(
+                f"{lacks}, key 'image_features': missing, but {has} has it; every step needs it (or none) "
+                "to build one state-feature tensor"
+            )
+        if f.state is not None and f.state.shape != first.state.shape:
+            raise DataError(
+                f"{loc}, key 'image_features': width {f.state.shape[0]}, but {locs[0]} has width "
+                f"{first.state.shape[0]}; every step needs the same width"
+            )
+        if f.next_state is not None and first.state is not None and f.next_state.shape != first.state.shape:
+            raise DataError(
+                f"{loc}, key 'next_image_features': width {f.next_state.shape[0]}, but image_features at "
+                f"{locs[0]} has width {first.state.shape[0]}"
+            )
+        if f.actions.shape[1] != first.actions.shape[1]:
+            raise DataError(
+                f"{loc}, key 'q_rep_out_list': feature width {f.actions.shape[1]}, but {locs[0]} has width "
+                f"{first.actions.shape[1]}; every step needs the same width"
+            )
+
+
+def _log_next_check(check: _NextCheck) -> None:
+    """Say where s_(t+1) of the cache and the rows train-critic reads part ways (see docs/aitw.md)."""
+    if check.mismatches:
+        log.warning(
+            "%d step(s) have next_observation / next_image_features that differ from the following step's "
+            "observation / image_features (first: %s). The feature cache's next_state holds each step's own "
+            "next_image_features (the official trainer's s'); train-critic reads s' from the following row",
+            check.mismatches,
+            check.first_mismatch,
         )
-    dims = {s.shape for s in state_rows if s is not None}
-    if len(dims) > 1:
-        raise DataError(f"{files}: image_features have different shapes {sorted(dims)}")
-    widths = {a.shape[1] for a in action_rows}
-    if len(widths) > 1:
-        raise DataError(f"{files}: q_rep_out_list feature widths differ across steps: {sorted(widths)}")
+    if check.truncated:
+        log.warning(
+            "%d trajectory(ies) end without done (cut short), e.g. %s: their last step's s' is its own next "
+            "fields, and train-critic treats the step as terminal (no bootstrap from V(s'))",
+            len(check.truncated),
+            "; ".join(check.truncated[:3]),
+        )
+    if check.truncated_unknown:
+        log.warning(
+            "%d of them have no next_image_features either (%s): next_state is unknown there (zeros, listed "
+            "in the manifest's next_state_unknown_rows)",
+            len(check.truncated_unknown),
+            "; ".join(check.truncated_unknown[:3]),
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -670,11 +910,15 @@ def write_feature_cache(
     shard_rows: int = 1024,
     meta: dict | None = None,
     overwrite: bool = False,
+    next_state_rows: list[np.ndarray | None] | None = None,
 ) -> Path:
-    """Write a ``digiq-features-v1`` cache: ``state`` (R, Ds), ``actions`` (R, N, Da), ``valid`` (R, N).
+    """Write a ``digiq-features-v1`` cache: ``state`` (R, Ds), ``actions`` (R, N, Da), ``valid`` (R, N),
+    and with ``next_state_rows`` (and state features) ``next_state`` (R, Ds), f(s_{t+1}) per row.
 
     Rows with fewer candidates than the widest row are zero-padded and marked in ``valid``. With no
     ``image_features`` the state is a zero column (Ds = 1), noted in the manifest (``state_features``).
+    ``next_state`` rows nobody knows (a last step without ``next_image_features``) are zeros, listed in the
+    manifest's ``next_state_unknown_rows``.
     """
     import torch
 
@@ -689,6 +933,8 @@ def write_feature_cache(
     has_state = state_rows and state_rows[0] is not None
     state_dim = int(state_rows[0].shape[0]) if has_state else 1
     padded = any(a.shape[0] != n_cand for a in action_rows)
+    with_next = bool(has_state and next_state_rows is not None)
+    unknown_next = [i for i, n in enumerate(next_state_rows or []) if n is None] if with_next else []
     tdtype = getattr(torch, dtype)
     shards = []
     with staged_dir(path, overwrite=overwrite) as tmp:
@@ -707,6 +953,12 @@ def write_feature_cache(
                 "state": torch.from_numpy(state).to(tdtype),
                 "actions": torch.from_numpy(acts).to(tdtype),
             }
+            if with_next:
+                nxt = np.zeros_like(state)
+                for j, n in enumerate(next_state_rows[start:end]):
+                    if n is not None:
+                        nxt[j] = n
+                tensors["next_state"] = torch.from_numpy(nxt).to(tdtype)
             if padded:
                 tensors["valid"] = torch.from_numpy(valid)
             name = f"shard-{index:05d}.safetensors"
@@ -726,6 +978,14 @@ def write_feature_cache(
                 "image_features (official BLIP-2 pooled, Salesforce/blip2-opt-2.7b)"
                 if has_state
                 else "none: zeros of dim 1 (the file has no image_features)"
+            ),
+            **(
+                {
+                    "next_state": "each step's own next_image_features, else the next step's image_features",
+                    "next_state_unknown_rows": unknown_next,
+                }
+                if with_next
+                else {}
             ),
             "shards": shards,
             **(meta or {}),
