@@ -4,7 +4,9 @@ with an FSDP2-sharded tiny VLM on the CPU (gloo).
 accelerate shards with FSDP only on GPUs, so the model is sharded here with torch's own ``fully_shard``
 (what accelerate's FSDP2 plugin calls), per decoder layer and at the root. Trains 4 steps and checkpoints
 at step 2 through digiq.training.checkpoint; then a fresh sharded model resumes from that checkpoint and
-trains steps 3-4. Prints ``FSDP-RESUME bitwise=<bool> ...`` on the main process.
+trains steps 3-4. Prints ``FSDP-RESUME bitwise=<bool> ...`` on the main process, with the checkpoint files
+each process read on resume (``reads=[rank 0's, rank 1's]``: only the main process may read the weights and
+the optimizer state, the others receive them by broadcast).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -21,6 +24,7 @@ from digiq.models.prompts import make_inputs, yes_no_token_ids
 from digiq.models.tiny import TinySpec
 from digiq.models.vlm import answer_logits, build_tiny_vlm, decoder_layers
 from digiq.stages.finetune_vlm import yes_no_loss
+from digiq.training import checkpoint
 from digiq.training.accelerator import make_accelerator
 from digiq.training.checkpoint import gather_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 from digiq.training.schedule import make_scheduler
@@ -70,14 +74,28 @@ def main(out: Path) -> None:
     reference = gather_weights(model)
 
     model2, processor2, opt2, sched2 = sharded_model(mesh)
+    read: list[str] = []
+    load_file = checkpoint.load_file
+
+    def counting_load_file(path: str, *args, **kwargs):
+        read.append(Path(path).name)
+        return load_file(path, *args, **kwargs)
+
+    checkpoint.load_file = counting_load_file
     resumed_at = load_checkpoint(latest_checkpoint(out)).restore_training(model2, opt2, sched2, rank)
+    checkpoint.load_file = load_file
+    reads: list = [None] * acc.num_processes
+    dist.all_gather_object(reads, sorted(read))
     for i in range(resumed_at, 4):
         step(model2, processor2, opt2, sched2, i, rank)
     got = gather_weights(model2)
     if acc.is_main_process:
         bitwise = reference.keys() == got.keys() and all(torch.equal(reference[k], got[k]) for k in reference)
         files = sorted(p.name for p in latest_checkpoint(out).iterdir())
-        print(f"FSDP-RESUME bitwise={bitwise} same_init={same_init} resumed_at={resumed_at} files={files}")
+        print(
+            f"FSDP-RESUME bitwise={bitwise} same_init={same_init} resumed_at={resumed_at} files={files} "
+            f"reads={reads}"
+        )
     acc.wait_for_everyone()
 
 

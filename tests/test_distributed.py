@@ -150,7 +150,8 @@ def test_cache_features_shards_are_written_by_their_owner_only(sim_dataset: Path
 
 def test_fsdp_sharded_checkpoint_resumes_bitwise(tmp_path: Path):
     """FSDP2 (torch's fully_shard, per decoder layer) on 2 CPU processes: the toolkit gathers the shards into
-    one full checkpoint written by rank 0, and a freshly sharded model resumes from it bit for bit."""
+    one full checkpoint written by rank 0, and a freshly sharded model resumes from it bit for bit with only
+    rank 0 reading the weights and optimizer state (the others receive them by broadcast)."""
     env = digiq_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).parent / "fsdp_resume.py"), str(tmp_path / "run")]  # fmt: skip
@@ -159,3 +160,6 @@ def test_fsdp_sharded_checkpoint_resumes_bitwise(tmp_path: Path):
     line = next(x for x in r.stdout.splitlines() if x.startswith("FSDP-RESUME"))
     assert "bitwise=True" in line and "same_init=True" in line and "resumed_at=2" in line, line
     assert "rng-1.safetensors" in line
+    # only the main process reads the full weights and optimizer state; each process its own RNG file
+    rank0 = "['model.safetensors', 'optimizer.safetensors', 'rng-0.safetensors']"
+    assert f"reads=[{rank0}, ['rng-1.safetensors']]" in line, line

@@ -14,9 +14,12 @@ Layout under a run's ``output_dir`` (each step folder replaced atomically throug
 
 Weights and optimiser state are *full* (unsharded) state dicts keyed by parameter name, gathered with
 ``torch.distributed.checkpoint.state_dict`` (https://pytorch.org/docs/stable/distributed.checkpoint.html):
-under FSDP the shards are gathered to the main process, which alone writes; on resume every process reads
-the files and the same API shards them again, so a checkpoint written by any number of processes (and by
-DDP or FSDP) resumes under any other. :func:`save_checkpoint` is therefore called by *every* process.
+under FSDP the shards are gathered to the main process, which alone writes; on resume under FSDP the main
+process alone reads the files and the same API broadcasts them tensor by tensor into every process's shards
+(``broadcast_from_rank0``: one full copy in host memory, not one per process), so a checkpoint written by
+any number of processes (and by DDP or FSDP) resumes under any other. Only trainable parameters are
+gathered: a LoRA run never copies its frozen base to the CPU. :func:`save_checkpoint` is therefore called
+by *every* process.
 
 The newest ``keep`` finished step folders are kept. No pickles (TRL #3247): ``torch.save`` of an optimiser
 state dict is a pickle, so its tensors go to safetensors and the rest to JSON.
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_file
@@ -99,12 +103,43 @@ def gather_weights(model: torch.nn.Module, trainable_only: bool = True) -> dict[
     """The full state dict of ``model`` on the CPU (its trainable parameters only by default).
 
     Collective: every process calls it; under FSDP only the main process gets the tensors (the others an
-    empty dict). ``model`` is the unwrapped module (``accelerator.unwrap_model``): under FSDP2 that is the
-    sharded module itself.
+    empty dict). ``model`` is the unwrapped module (``accelerate.unwrap_model``): under FSDP2 that is the
+    sharded module itself. With ``trainable_only`` frozen parameters are dropped *before* gathering and
+    copying (``ignore_frozen_params``): a LoRA model's base never reaches the CPU.
     """
-    state = _dcp().get_model_state_dict(model, options=_full())
+    options = _dcp().StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
+    )
+    state = _dcp().get_model_state_dict(model, options=options)
     keep = trainable_names(model) if trainable_only else set(state)
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if k in keep}
+
+
+def _broadcasts(model: torch.nn.Module) -> bool:
+    """True when a restore reads the files on the main process only and broadcasts them: FSDP shards over
+    several processes (under DDP or on one process every process holds the full model and reads its own)."""
+    return is_sharded(model) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _reads(model: torch.nn.Module) -> bool:
+    """Whether this process reads the checkpoint's weight / optimizer files."""
+    return not _broadcasts(model) or dist.get_rank() == 0
+
+
+def _raise_everywhere(model: torch.nn.Module, error: str | None) -> None:
+    """Raise the main process's error on every process (the others would wait in the broadcast forever)."""
+    if _broadcasts(model):
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise DataError(error)
+
+
+def _load_options(model: torch.nn.Module) -> Any:
+    return _dcp().StateDictOptions(
+        full_state_dict=is_sharded(model), strict=False, broadcast_from_rank0=_broadcasts(model)
+    )
 
 
 def _flatten_optimizer(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -202,30 +237,41 @@ class Checkpoint:
     ) -> None:
         """Load the saved tensors into ``model`` (unwrapped); every trainable parameter (with
         ``trainable_only``) or every state entry must be there, and nothing the model lacks."""
-        state = self.weights(stem)
-        if state is None:
-            raise DataError(f"{self.path}: checkpoint has no {stem}.safetensors")
-        wanted = trainable_names(model) if trainable_only else set(model.state_dict())
+        state: dict[str, torch.Tensor] = {}
+        error = None
+        if _reads(model):  # under FSDP the main process alone: the others receive its tensors
+            state = self.weights(stem) or {}
+            error = self._check_weights(model, stem, state, trainable_only)
+        _raise_everywhere(model, error)
+        _dcp().set_model_state_dict(model, state, options=_load_options(model))
+
+    def _check_weights(
+        self, model: torch.nn.Module, stem: str, state: dict[str, torch.Tensor], trainable_only: bool
+    ) -> str | None:
+        if not (self.path / f"{stem}.safetensors").is_file():
+            return f"{self.path}: checkpoint has no {stem}.safetensors"
+        names = set(model.state_dict())
+        wanted = trainable_names(model) if trainable_only else names
         missing = sorted(wanted - set(state))
         if missing:
-            raise DataError(
+            return (
                 f"{self.path}: checkpoint lacks {len(missing)} trainable parameter(s) of the model, e.g. "
                 f"{missing[0]!r}; was it written by a run with different model / LoRA settings?"
             )
-        unknown = sorted(set(state) - set(model.state_dict()))
+        unknown = sorted(set(state) - names)
         if unknown:
-            raise DataError(f"{self.path}: checkpoint parameter {unknown[0]!r} does not exist in the model")
-        options = _dcp().StateDictOptions(full_state_dict=is_sharded(model), strict=False)
-        _dcp().set_model_state_dict(model, state, options=options)
+            return f"{self.path}: checkpoint parameter {unknown[0]!r} does not exist in the model"
+        return None
 
     def restore_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if "optimizer" in self.state:
-            tensors = load_file(str(self.path / "optimizer.safetensors"))
-            osd = _unflatten_optimizer(tensors, self.state["optimizer"])
+            osd: dict[str, Any] = {}
+            if _reads(model):  # under FSDP the main process alone, as restore_weights
+                tensors = load_file(str(self.path / "optimizer.safetensors"))
+                osd = _unflatten_optimizer(tensors, self.state["optimizer"])
             # Not strict: a parameter that never received a gradient (LLaVA's unused vision post-layernorm)
             # has no AdamW state, at saving as now.
-            options = _dcp().StateDictOptions(full_state_dict=is_sharded(model), strict=False)
-            _dcp().set_optimizer_state_dict(model, optimizer, osd, options=options)
+            _dcp().set_optimizer_state_dict(model, optimizer, osd, options=_load_options(model))
 
     def restore_scheduler(self, scheduler: Any) -> None:
         if "scheduler" in self.state:
