@@ -129,3 +129,35 @@ def test_report_shows_text_inputs(critics) -> None:
                          critic_dir=str(paths["plain"]), max_trajectories=1)  # fmt: skip
     report.run(cfg2)
     assert 'class="text-inputs"' not in (root / "report2" / "index.html").read_text()
+
+
+def test_offline_best_of_n_never_picks_an_unparsable_candidate(tmp_path: Path, monkeypatch) -> None:
+    """A "garbage output" candidate whose Q is the largest: extract-policy masks it (A = 0, the official
+    actor's rule), and so must the offline report; the logged action, the best valid one, is kept."""
+    pt = two_task_file(tmp_path, per_goal=2, horizon=HORIZON)
+    data = torch.load(pt, weights_only=False)
+    for traj in data:
+        for step in traj:
+            step["action_list"][2] = "garbage output"
+    torch.save(data, pt)
+    ds, feats = import_file(pt, tmp_path)
+    cfg = load_config(
+        tc.Config,
+        None,
+        [f"dataset={ds}", f"features={feats}", f"output_dir={tmp_path / 'c'}", "batch_size=8", "steps_per_epoch=1",
+         "epochs=1", "critic.q_hidden=[8]", "critic.v_hidden=[8]", "device=cpu", "wandb.mode=disabled"],
+    )  # fmt: skip
+    tc.run(cfg)
+    real = evaluate.score
+
+    def rigged(critic, inputs, idx, cols):
+        q, v = real(critic, inputs, idx, cols)
+        q = v[:, None] + torch.tensor([0.5, -1.0, 5.0])  # logged 0.5 above V, garbage 5 above V
+        return q, v
+
+    monkeypatch.setattr(evaluate, "score", rigged)
+    res = _evaluate(tmp_path, ds, feats, tmp_path / "c" / "critic", "eval", "rows=all", "threshold=0.1")
+    assert res["critic/rows"] == 4 * HORIZON
+    assert res["critic/best_of_n_replaces_logged"] == 0.0
+    assert res["critic/best_of_n_kept_fraction"] == 1.0
+    assert res["critic/best_of_n_valid_candidate_fraction"] == pytest.approx(2 / 3)

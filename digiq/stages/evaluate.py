@@ -282,7 +282,8 @@ def critic_report(cfg: Config, ds: Any) -> dict[str, Any]:
       V(s_0) only, one per trajectory);
     - ``advantage``: quantiles, mean and positive fraction of A(s, a_logged) = Q - V;
     - ``best_of_n``: kept fraction at ``threshold`` and how often the argmax candidate is not the logged
-      action (all rows and kept rows), with the official rule (:func:`digiq.models.policy.best_of_n`).
+      action (all rows and kept rows), with the official rule (:func:`digiq.models.policy.best_of_n`;
+      a candidate that does not parse gets A = 0, as in extract-policy).
     """
     from digiq.data.schema import split_by_trajectory
     from digiq.models.policy import best_of_n
@@ -305,6 +306,9 @@ def critic_report(cfg: Config, ds: Any) -> dict[str, Any]:
         vs.append(v_b)
     q_all, v = torch.cat(qs), torch.cat(vs)  # (M, N), (M,)
     valid = cache.valid[rows] if cache.valid is not None else torch.ones_like(q_all, dtype=torch.bool)
+    # extract-policy's rule (and the official actor's, trainer.py:264-271): a candidate that does not parse
+    # as an action gets A = 0, so it never wins the argmax however high its Q.
+    valid = valid & parsable_candidates(ds, rows, q_all.shape[1])
     tr, _ = load_transitions(cfg.dataset, gamma)
     mc = tr.mc_return[rows].astype(np.float64)
     q0, v_np = q_all[:, 0].double().numpy(), v.double().numpy()
@@ -341,10 +345,23 @@ def critic_report(cfg: Config, ds: Any) -> dict[str, Any]:
         "critic/advantage_quantiles": dict(zip(["p05", "p25", "p50", "p75", "p95"], map(float, qs_))),
         "critic/best_of_n_threshold": cfg.threshold,
         "critic/best_of_n_candidates": int(q_all.shape[1]),
+        "critic/best_of_n_valid_candidate_fraction": float(valid.float().mean()),
         "critic/best_of_n_kept_fraction": float(kept.mean()),
         "critic/best_of_n_replaces_logged": float(replaced.mean()),
         "critic/best_of_n_replaces_logged_when_kept": float(replaced[kept].mean()) if kept.any() else 0.0,
     }
+
+
+def parsable_candidates(ds: Any, rows: np.ndarray, n: int) -> torch.Tensor:
+    """(len(rows), n) bool: candidate j of each row parses as a valid action (``parse_action(a).is_valid``,
+    as extract-policy masks candidates); columns past a row's list are False. A row without candidates has
+    the dataset action alone, as the feature cache stores it."""
+    cols = ds.select_columns(["action", "candidates"])[[int(r) for r in rows]]
+    out = torch.zeros(len(rows), n, dtype=torch.bool)
+    for i, (action, cands) in enumerate(zip(cols["action"], cols["candidates"])):
+        for j, a in enumerate((cands or [action])[:n]):
+            out[i, j] = parse_action(a).is_valid
+    return out
 
 
 def screens_line(res: dict[str, Any]) -> str:
