@@ -252,3 +252,18 @@ def test_stage1_collection_holds_out_the_datasets_validation_trajectories(tmp_pa
     stamp = (tmp_path / pipeline.STAGE1_DATA / "_COMPLETE").stat().st_mtime_ns
     pipeline._collect_stage1_data(cfg)
     assert (tmp_path / pipeline.STAGE1_DATA / "_COMPLETE").stat().st_mtime_ns == stamp
+
+
+def test_candidates_from_the_behaviour_model_or_pi_beta(tmp_path: Path) -> None:
+    """The paper's protocol: a model collects the data (collect.policy) and the candidates come from a model,
+    that one or its behaviour clone; never from the scripted sampler unless asked (an oracle reference)."""
+    model = resolve_model_folder(GUI_TINY)
+    base = [f"output_dir={tmp_path}", f"collect.policy={model}", "candidates.source=policy"]
+    wired = pipeline.wire(load_config(pipeline.Config, None, [*base, "candidates_from=behaviour"]))
+    assert wired["candidates"].policy == model and wired["collect"].policy == model
+    wired = pipeline.wire(load_config(pipeline.Config, None, base))
+    assert wired["candidates"].policy == str(tmp_path / "bc" / "policy")
+    with pytest.raises(ConfigError, match="set collect.policy to a policy folder"):
+        load_config(pipeline.Config, None, ["candidates_from=behaviour", "candidates.source=policy"])
+    with pytest.raises(ConfigError, match="needs candidates.source=policy"):
+        load_config(pipeline.Config, None, [f"collect.policy={model}", "candidates_from=behaviour"])

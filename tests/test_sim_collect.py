@@ -110,3 +110,39 @@ def test_cli_collect_and_rollout(tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1 and "neither a built-in policy" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_model_behaviour_policy_collects_by_sampling(tmp_path: Path) -> None:
+    """The paper's protocol: a pixel model (here the shipped GUI-pretrained policy) collects the data by
+    sampling; the same seed collects the same episodes, and greedy collection takes the model's greedy action."""
+    from digiq.config import ConfigError
+    from digiq.models.policy import generate_actions, load_policy
+    from digiq.models.shipped import GUI_TINY, resolve_model_folder
+
+    model = resolve_model_folder(GUI_TINY)
+    kw = {"num_trajectories": 4, "policy": model, "batch_size": 4}
+
+    def run(name: str, **extra):
+        collect.run(_cfg(tmp_path / name, **kw, **extra))
+        return load_dataset(tmp_path / name)
+
+    a, b, c = run("a", temperature=1.0), run("b", temperature=1.0), run("c", temperature=1.0, seed=1)
+    assert a["action"] == b["action"] and a["state_key"] == b["state_key"]
+    assert a["action"] != c["action"]
+    assert dataset_info(tmp_path / "a")["config"]["policy"] == model
+
+    g = run("g", temperature=0.0)
+    m, processor, spec = load_policy(model, device="cpu")
+    rows = g.select(range(3))
+    want = generate_actions(
+        m, processor, list(rows["screenshot"]), list(rows["observation"]), temperature=0.0, spec=spec
+    )
+    assert list(rows["action"]) == [w[0] for w in want]
+
+    with pytest.raises(ConfigError, match="num_candidates must be 0"):
+        _cfg(tmp_path / "x", num_candidates=4, **kw).validate()
+    with pytest.raises(ConfigError, match="env=sim only"):
+        _cfg(tmp_path / "x", env="miniwob", **kw).validate()
+    with pytest.raises(ConfigError, match="neither 'scripted' nor an existing policy folder"):
+        _cfg(tmp_path / "x", policy=str(tmp_path / "nope")).validate()

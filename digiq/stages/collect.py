@@ -78,6 +78,16 @@ class Config:
     gamma: float = 0.95
     # 0: leave `candidates` empty. >0: index 0 = the dataset action, then n-1 behaviour samples.
     num_candidates: int = 0
+    # The behaviour policy that collects the data. 'scripted' = the environment's scripted policy (it reads
+    # privileged state: a demonstrator, or a reference row). A folder = an exported digiq policy, a pixel
+    # model that reads only the screen and the prompt, sampled at `temperature`: the paper's protocol,
+    # where AutoUI collects the offline data (Digi-Q paper, Sec. 5.1). Simulated device only for now.
+    policy: str = "scripted"
+    # Sampling temperature of a model policy (0 = greedy; the official candidate sampler uses 1.2,
+    # DigiRL-agent/digiq @ 8181379, postprocess_data/get_more_actions/get_more_actions_batched.py:77).
+    temperature: float = 1.0
+    # A model policy: episodes stepped together (one generation batch).
+    batch_size: int = 64
     # Seed of the task order, the behaviour policy and the candidate sampler (same seed = same dataset).
     seed: int = 0
     # Replace a finished output at output_dir instead of refusing it.
@@ -101,6 +111,22 @@ class Config:
         check(self.num_candidates >= 0, "num_candidates must be >= 0")
         check(self.num_workers > 0, "num_workers must be > 0")
         check(self.shard_size > 0, "shard_size must be > 0")
+        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        check(self.batch_size > 0, "batch_size must be > 0")
+        if self.policy != "scripted":
+            check(
+                self.env == "sim",
+                f"policy={self.policy}: a model behaviour policy collects on env=sim only for now",
+            )
+            check(
+                self.num_candidates == 0,
+                "a model behaviour policy leaves the candidates to `digiq candidates source=policy "
+                "policy=<a model>` (num_candidates must be 0 here)",
+            )
+            check(
+                Path(self.policy).is_dir(),
+                f"policy={self.policy}: neither 'scripted' nor an existing policy folder",
+            )
         check(
             self.env == "miniwob" or not self.resume,
             "resume is for env=miniwob (the simulator takes seconds)",
@@ -216,9 +242,20 @@ def collect_columns(cfg: Config, phone: SimPhone | None = None, progress: bool =
     )
     phone = phone or SimPhone(cfg.sim)
     instances, policy, cands = _sim_plan(cfg, phone)
+    workers = 1
+    if cfg.policy != "scripted":
+        from digiq.models.policy import load_policy_fn
+
+        # Its own seed stream (the scripted plan's third child would be the candidates'): the same seed
+        # collects the same episodes.
+        model_seed = int(np.random.SeedSequence(cfg.seed).spawn(4)[3].generate_state(1)[0])
+        policy = load_policy_fn(
+            cfg.policy, temperature=cfg.temperature, seed=model_seed, batch_size=cfg.batch_size
+        )
+        workers = min(cfg.batch_size, len(instances))
     with tqdm(total=len(instances), desc="sim collect", unit="traj", disable=not progress) as bar:
         episodes = run_episodes(
-            make_envs("sim", 1, phone=phone),
+            make_envs("sim", workers, phone=phone),
             instances,
             policy,
             candidates=cands,

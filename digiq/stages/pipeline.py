@@ -160,6 +160,11 @@ class Config:
     # 0.589 vs 0.656; the app on the home screen, which needs the goal) and extracts 0.435 instead of 0.762
     # (docs/results.md, "Stage 1 >= 0.95").
     stage1_trajectories: int = 0
+    # Which model samples the Best-of-N candidates with candidates.source=policy: 'pi_beta' = the behaviour
+    # clone of the data (train_bc's export); 'behaviour' = the model that collected the data
+    # (collect.policy, a policy folder), as the paper samples AutoUI. candidates.source=sim ignores it: the
+    # simulator's scripted sampler reads the optimal actions, an oracle-backed reference.
+    candidates_from: Literal["pi_beta", "behaviour"] = "pi_beta"
     # torch threads (0 = torch's default). On a shared 2-core machine 1-2 is fastest.
     threads: int = 0
     # The environment data is collected on and policies are evaluated on: sim = the simulated phone;
@@ -180,6 +185,15 @@ class Config:
         for s in [*self.stages, *self.force]:
             check(s in STAGES, f"unknown stage {s!r}; stages are {list(STAGES)}")
         check(self.threads >= 0, "threads must be >= 0")
+        check(
+            self.candidates_from == "pi_beta" or self.collect.policy != "scripted",
+            "candidates_from=behaviour samples the model that collected the data: set collect.policy to a "
+            "policy folder (the scripted policy is no model)",
+        )
+        check(
+            self.candidates_from == "pi_beta" or self.candidates.source == "policy",
+            "candidates_from=behaviour needs candidates.source=policy",
+        )
         check(
             self.stage1_trajectories == 0 or self.stage1_trajectories > self.collect.num_trajectories,
             f"stage1_trajectories ({self.stage1_trajectories}) must be 0 (Stage 1 on the dataset) or more than "
@@ -260,7 +274,7 @@ def wire(cfg: Config) -> dict[str, Any]:
     c["train_bc"].output_dir = str(d["train_bc"])
     c["candidates"].dataset = str(d["collect"])
     c["candidates"].output_dir = str(d["candidates"])
-    c["candidates"].policy = policy
+    c["candidates"].policy = c["collect"].policy if cfg.candidates_from == "behaviour" else policy
     c["cache_features"].dataset = str(data)
     c["cache_features"].output_dir = str(d["cache_features"])
     if cfg.features_from == "base":
