@@ -615,6 +615,40 @@ def test_subprocess_config_typos_and_unknown_model(world: World, tmp_path: Path)
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_models_unavailable_offline_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The official AitW critic config names roberta-base; offline and not cached, train-critic (and a stage
+    loading it as its VLM) says so in one line naming the setting and the id, not a transformers traceback."""
+    from aitw_helpers import import_file, two_task_file
+    from huggingface_hub import try_to_load_from_cache
+
+    from digiq.models.tiny_text import save_tiny_text_encoder
+
+    if isinstance(try_to_load_from_cache("roberta-base", "config.json"), str):
+        pytest.skip("roberta-base is in this machine's Hugging Face cache")
+    ds, feats = import_file(two_task_file(tmp_path, per_goal=1), tmp_path)
+    official = Path(__file__).resolve().parents[1] / "configs" / "train-critic" / "official-aitw.yaml"
+    enc = save_tiny_text_encoder(str(tmp_path / "tiny-roberta"))
+    cases = [
+        (["train-critic", "--config", str(official), f"dataset={ds}", f"features={feats}",
+          f"output_dir={tmp_path / 'c'}", "wandb.mode=disabled"],
+         "critic.text.encoder='roberta-base': cannot load the text encoder", "not available offline (HF_HUB_OFFLINE=1)"),
+        (["cache-features", f"dataset={ds}", f"output_dir={tmp_path / 'f'}", "model.name_or_path=roberta-base",
+          "device=cpu"],
+         "model.name_or_path='roberta-base': cannot load the VLM", "not available offline (HF_HUB_OFFLINE=1)"),
+        (["cache-features", f"dataset={ds}", f"output_dir={tmp_path / 'f'}", f"model.name_or_path={enc}",
+          "device=cpu"],
+         f"model.name_or_path='{enc}': cannot load the VLM", "not a VLM digiq supports"),
+    ]  # fmt: skip
+    for argv, what, why in cases:
+        capsys.readouterr()
+        rc = main(argv)  # an escaping exception is the traceback the user would see
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith(f"digiq {argv[0]}: error:")]
+        assert rc == 1 and len(lines) == 1, err[-2000:]
+        assert what in lines[0] and why in lines[0], lines[0]
+        assert not is_complete(tmp_path / "c") and not is_complete(tmp_path / "f")
+
+
 def test_bad_input_table_is_documented() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
     missing = [name for name in CASES if f"`{name}`" not in doc]

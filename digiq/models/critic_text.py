@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from digiq.actions import ActionType, parse_action
+from digiq.errors import model_unavailable
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -82,13 +83,16 @@ class TextEncoders(nn.Module):
         weights then come from a saved critic's state dict)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(name)
         roles = ROLES if separate else ("shared",)
-        if weights:
-            models = {r: AutoModel.from_pretrained(name) for r in roles}
-        else:
-            config = AutoConfig.from_pretrained(name)
-            models = {r: AutoModel.from_config(config) for r in roles}
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            if weights:
+                models = {r: AutoModel.from_pretrained(name) for r in roles}
+            else:
+                config = AutoConfig.from_pretrained(name)
+                models = {r: AutoModel.from_config(config) for r in roles}
+        except (OSError, ValueError) as e:  # not found (offline: not cached), or not a text model
+            raise model_unavailable("critic.text.encoder", name, e, "text encoder") from e
         return cls(models, tok, max_length)
 
     def save_config(self, directory: str | Path) -> None:

@@ -27,7 +27,7 @@ import torch
 from transformers.image_utils import SizeDict
 
 from digiq.config import LoraConfig, ModelConfig
-from digiq.errors import DigiqError
+from digiq.errors import DigiqError, model_unavailable
 from digiq.models.families import BY_MODEL_TYPE, FAMILIES
 from digiq.models.tiny import TinySpec, parse_tiny_name
 from digiq.models.tiny_text import default_tokenizer
@@ -161,10 +161,11 @@ def load_vlm(cfg: ModelConfig | str, lora: LoraConfig | None = None, for_trainin
             try:
                 model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
             except (OSError, ValueError) as e:
-                raise DigiqError(f"cannot load VLM {name!r}: {e}") from e
+                raise model_unavailable("model.name_or_path", name, e, "VLM") from e
             family = meta.get("family") or family_of(model)
             processor = _load_processor(name, family)
         _no_crop(processor)
+    _pixel_budget(processor, cfg, family)
     processor.digiq_family = family
     if hasattr(processor, "tokenizer"):
         processor.tokenizer.padding_side = "left"
