@@ -1,0 +1,216 @@
+"""Build the simulated device's behaviour model, our AutoUI analogue, and ship it with its card.
+
+In the paper the offline data is collected by AutoUI, a pixel GUI agent trained on human demonstrations,
+and the Best-of-N candidates are sampled from it (Digi-Q paper, arXiv:2502.15760, Sec. 5.1). Here the
+simulator's scripted policy is the demonstrator (the people of AutoUI's data): it demonstrates the
+*training* goals only, and the shipped GUI-pretrained VLM is behaviour-cloned on those demonstrations.
+The result reads only pixels and the prompt; `digiq pipeline` then collects its offline data by sampling it
+(`collect.policy`, `collect.temperature`).
+
+    PYTHONPATH=. python scripts/make_behaviour_model.py --config configs/behaviour-model/sim.yaml
+
+Steps, each into `<work_dir>/<step>`: demonstrations (`digiq collect`, the demonstrator without mistakes,
+training goals) -> `digiq train-bc` from `start` -> `digiq evaluate` greedy and sampled at `temperature` on the
+training goals and, where the benchmark has them, the validation goals -> the export, `README.md` (the card)
+and `behaviour.json` (the record) written atomically to `output`. Its data holds no validation or test goal
+(the record lists the demonstrated tasks; a test checks their split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from digiq.config import load_config, save_config, to_dict
+from digiq.data.schema import dataset_info
+from digiq.errors import DigiqError
+from digiq.models.shipped import GUI_TINY, resolve_model_folder
+from digiq.sim.behaviour import BehaviourConfig
+from digiq.stages import collect, evaluate, train_bc
+from digiq.training.policy_loop import POLICY_DIR
+from digiq.utils.io import atomic_write_json, is_complete, mark_complete, staged_dir
+from digiq.utils.machine import describe
+
+RECORD = "behaviour.json"
+COMMAND = "PYTHONPATH=. python scripts/make_behaviour_model.py --config configs/behaviour-model/sim.yaml"
+
+
+def _demonstrations() -> collect.Config:
+    return collect.Config(
+        num_trajectories=400, split="train", behaviour=BehaviourConfig(p_optimal=1.0), seed=1000
+    )
+
+
+def _bc() -> train_bc.Config:
+    c = train_bc.Config()
+    c.train = dataclasses.replace(c.train, batch_size=32, epochs=6.0, log_every=25)
+    c.optim = dataclasses.replace(c.optim, lr=2e-3)
+    return c
+
+
+@dataclasses.dataclass
+class Config:
+    # The shipped folder (written whole, atomically, at the end).
+    output: str = "data/pretrained/gui-tiny-agent"
+    # Intermediate steps (demonstrations, train-bc, evaluations); kept so a killed run resumes per step.
+    work_dir: str = "runs/behaviour_model"
+    # The GUI-pretrained VLM the clone starts from.
+    start: str = GUI_TINY
+    # The demonstrations: the scripted demonstrator on training goals (split must stay train).
+    demonstrations: collect.Config = dataclasses.field(default_factory=_demonstrations)
+    train_bc: train_bc.Config = dataclasses.field(default_factory=_bc)
+    # The sampling temperature the pipeline collects with; the card reports success at it and greedy.
+    temperature: float = 1.0
+    # Episodes per evaluation (per split, greedy and sampled).
+    eval_episodes: int = 200
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.demonstrations.split != "train":
+            raise DigiqError("demonstrations.split must be train: the behaviour model never sees other goals")
+        if self.temperature <= 0:
+            raise DigiqError("temperature must be > 0 (the model collects by sampling)")
+        self.demonstrations.validate()
+        self.train_bc.validate()
+
+
+def _splits(cfg: Config) -> list[str]:
+    from digiq.sim.phone import SimPhone
+
+    phone = SimPhone(cfg.demonstrations.sim)
+    out = ["train"]
+    try:
+        phone.tasks("val")
+        out.append("val")
+    except DigiqError:
+        pass
+    return out
+
+
+def run(cfg: Config) -> dict:
+    t0 = time.perf_counter()
+    machine = describe()  # measured first: the stage times are read against this rate
+    work = Path(cfg.work_dir)
+    demos = work / "demonstrations"
+    if not is_complete(demos):
+        collect.run(dataclasses.replace(cfg.demonstrations, output_dir=str(demos), overwrite=True))
+    t_demo = time.perf_counter() - t0
+    bc_dir = work / "bc"
+    if not is_complete(bc_dir / POLICY_DIR):
+        bc = dataclasses.replace(
+            cfg.train_bc,
+            dataset=str(demos),
+            output_dir=str(bc_dir),
+            seed=cfg.seed,
+            overwrite=True,
+            model=dataclasses.replace(cfg.train_bc.model, name_or_path=resolve_model_folder(cfg.start)),
+        )
+        bc_metrics = train_bc.run(bc)
+    else:
+        bc_metrics = json.loads((bc_dir / "metrics.json").read_text())
+    t_bc = time.perf_counter() - t0 - t_demo
+    policy = str(bc_dir / POLICY_DIR)
+    results: dict[str, dict] = {}
+    for split in _splits(cfg):
+        for name, temp in (("greedy", 0.0), ("sampled", cfg.temperature)):
+            folder = work / f"eval_{split}_{name}"
+            if (folder / "metrics.json").exists():
+                m = json.loads((folder / "metrics.json").read_text())
+            else:
+                m = evaluate.run(
+                    evaluate.Config(
+                        policy=policy,
+                        split=split,
+                        num_episodes=cfg.eval_episodes,
+                        temperature=temp,
+                        seed=cfg.seed,
+                        output_dir=str(folder),
+                        sim=cfg.demonstrations.sim,
+                    )
+                )
+            results[f"{split}/{name}"] = {
+                k: m[k] for k in ("success_rate", "ci_low", "ci_high", "num_episodes")
+            }
+    info = dataset_info(demos)
+    record = {
+        "command": COMMAND,
+        "config": to_dict(cfg),
+        "demonstrations": {
+            "trajectories": info["num_trajectories"],
+            "steps": info["num_steps"],
+            "demonstrator_success": info["success_rate"],
+            "tasks": sorted(info["per_task_success"]),
+        },
+        "train_bc": {k: v for k, v in bc_metrics.items() if isinstance(v, (int, float))},
+        "success": results,
+        "seconds": {"demonstrations": t_demo, "train_bc": t_bc, "total": time.perf_counter() - t0},
+        "machine": machine,
+    }
+    out = Path(cfg.output)
+    with staged_dir(out, overwrite=True) as tmp:
+        shutil.copytree(policy, tmp, dirs_exist_ok=True)
+        (tmp / "_COMPLETE").unlink(missing_ok=True)
+        atomic_write_json(tmp / RECORD, record)
+        (tmp / "README.md").write_text(card(record))
+        mark_complete(tmp)
+    save_config(cfg, work)
+    print(card(record))
+    return record
+
+
+def card(record: dict) -> str:
+    c, d, s = record["config"], record["demonstrations"], record["success"]
+    rows = "\n".join(
+        f"| {key.split('/')[0]} | {key.split('/')[1]} | {v['success_rate']:.3f} "
+        f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['num_episodes']} |"
+        for key, v in s.items()
+    )
+    secs = record["seconds"]
+    demo_p = c["demonstrations"]["behaviour"]["p_optimal"]
+    bc_train, bc_lr = c["train_bc"]["train"], c["train_bc"]["optim"]["lr"]
+    m = record["machine"]
+    return f"""# gui-tiny-agent: the simulated device's behaviour model (our AutoUI analogue)
+
+`{c["start"]}` behaviour-cloned on demonstrations of the simulated device's **training** goals. It reads
+the screenshot and the prompt only (no simulator state). `digiq pipeline` collects its offline data by
+sampling it at temperature {c["temperature"]} (`collect.policy`, `collect.temperature`), as the paper's data
+was collected by AutoUI. It never saw a validation or test goal: the demonstrations cover {len(d["tasks"])}
+training tasks (listed in `{RECORD}`).
+
+## How it was made
+
+- command: `{record["command"]}`
+- demonstrations: {d["trajectories"]} trajectories, {d["steps"]} steps, by the scripted demonstrator (p_optimal {demo_p}, seed {c["demonstrations"]["seed"]}; its success {d["demonstrator_success"]:.3f})
+- behaviour cloning: seed {c["seed"]}; batch {bc_train["batch_size"]}, {bc_train["epochs"]} epochs, lr {bc_lr}
+- wall time: {secs["total"]:.0f} s in all ({secs["demonstrations"]:.0f} s demonstrations, {secs["train_bc"]:.0f} s behaviour cloning)
+- machine: {m.get("cpu", "?")}, {m.get("cores", "?")} cores, measured matmul rate {m["matmul_gflops"]:.1f} GFLOP/s
+
+## Success on the simulated device (95% Wilson intervals over episodes)
+
+| goals | decoding | success | episodes |
+|---|---|---|---|
+{rows}
+
+`tests/test_shipped_model.py` checks this card against `{RECORD}` and re-measures greedy success.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="a YAML file (configs/behaviour-model/sim.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. demonstrations.num_trajectories=200")
+    args = ap.parse_args(argv)
+    cfg = load_config(Config, args.config, args.overrides)
+    try:
+        run(cfg)
+    except DigiqError as e:
+        sys.exit(f"make_behaviour_model: {e}")
+
+
+if __name__ == "__main__":
+    main()
