@@ -16,6 +16,12 @@ from digiq.sim.phone import SimConfig, SimPhone
 from digiq.sim.tasks import TEST_QUERIES, TRAIN_QUERIES
 
 
+def v2_episode_seed(run_seed: int, episode: int) -> int:
+    """The start seed of episode ``episode`` of a run seeded ``run_seed`` (benchmark v2): distinct for up to
+    2**20 episodes per run."""
+    return (int(run_seed) << 20) + int(episode)
+
+
 class SimEnv:
     """One simulated phone. Cheap: a rollout uses as many as it steps episodes together."""
 
@@ -27,10 +33,16 @@ class SimEnv:
         self.goal = ""
 
     def task_instances(self, split: str, num: int, seed: int) -> list[TaskInstance]:
-        """Tasks cycled in one seeded permutation (every task gets ``num / #tasks`` episodes, up to one)."""
+        """Tasks cycled in one seeded permutation (every task gets ``num / #tasks`` episodes, up to one).
+
+        v1 starts are fixed (every instance has seed 0, as before); a v2 episode draws its start from its
+        instance seed, distinct per episode and per run seed."""
         tasks = self.phone.tasks(split)
         order = np.random.default_rng(seed).permutation(len(tasks))
-        return [TaskInstance(tasks[int(order[i % len(tasks)])].task_id) for i in range(num)]
+        out = [TaskInstance(tasks[int(order[i % len(tasks)])].task_id) for i in range(num)]
+        if self.phone.config.benchmark == "v2":
+            out = [TaskInstance(inst.task_id, v2_episode_seed(seed, i)) for i, inst in enumerate(out)]
+        return out
 
     def _obs(self) -> Observation:
         assert self.state is not None
@@ -43,7 +55,7 @@ class SimEnv:
 
     def reset(self, instance: TaskInstance) -> Observation:
         task = self.phone.task(instance.task_id)
-        self.state, self.goal = self.phone.reset(task), task.goal
+        self.state, self.goal = self.phone.reset(task, instance.seed), task.goal
         return self._obs()
 
     def step(self, action: Action) -> StepResult:

@@ -13,6 +13,8 @@ Modules:
 * :mod:`digiq.sim.render`    pillow drawing of a state
 * :mod:`digiq.sim.phone`    ``SimPhone`` / ``SimConfig``: reset, step, render, state keys, q_star, v_star
 * :mod:`digiq.sim.behaviour` ``BehaviourPolicy`` / ``BehaviourConfig``: the noisy AutoUI-like data policy
+* :mod:`digiq.sim.v2`        benchmark v2 (``SimConfig.benchmark = "v2"``): train / val / test, randomised
+  starts; docs/benchmark_v2.md
 
 Behind the environment interface it is :class:`digiq.envs.sim.SimEnv`; collection and evaluation
 (``digiq collect`` / ``digiq evaluate``, alias ``digiq sim collect`` / ``digiq sim rollout``) live in

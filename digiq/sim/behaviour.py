@@ -22,7 +22,6 @@ from digiq.config import check
 from digiq.sim import layout as L
 from digiq.sim.layout import State
 from digiq.sim.phone import SimPhone
-from digiq.sim.tasks import TEST_QUERIES, TRAIN_QUERIES
 
 MISTAKES = ("random_tap", "wrong_widget", "back", "home", "complete", "wrong_type", "swipe", "impossible")
 
@@ -82,7 +81,7 @@ class BehaviourPolicy:
     def _realise(self, state: State, a: Action) -> Action:
         """Turn a canonical action into what an agent would emit: jittered taps, case noise in typing."""
         if a.is_tap and a.touch is not None:
-            w = L.hit(state, a.touch)
+            w = self.phone.hit(state, a.touch)
             return self._jittered_tap(w.box) if w is not None else a
         if a.type is ActionType.TYPE and a.text and self.rng.random() < self.config.p_case_noise:
             return Action.type_text(a.text.upper() if self.rng.random() < 0.5 else a.text.title())
@@ -102,7 +101,7 @@ class BehaviourPolicy:
         if kind == "random_tap":
             return Action.tap(round(self.rng.uniform(0.05, 0.99), 4), round(self.rng.uniform(0.01, 0.99), 4))
         if kind == "wrong_widget":
-            ws = L.widgets(state)
+            ws = self.phone.widgets(state)
             if not ws:
                 return Action.tap(
                     round(self.rng.uniform(0.05, 0.99), 4), round(self.rng.uniform(0.01, 0.99), 4)
@@ -118,7 +117,8 @@ class BehaviourPolicy:
             return Action.key(ActionType.STATUS_TASK_IMPOSSIBLE)
         if kind == "wrong_type":
             task = self.phone.task(state.task_id)
-            pool = [q for q in (*TRAIN_QUERIES, *TEST_QUERIES) if q != task.query]
+            # v2: the train words and the task's own held-out group only (docs/benchmark_v2.md)
+            pool = [q for q in self.phone.query_pool(task) if q != task.query]
             return Action.type_text(pool[int(self.rng.integers(len(pool)))])
         # a stray vertical swipe
         y0, y1 = (0.75, 0.35) if self.rng.random() < 0.5 else (0.35, 0.75)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections import OrderedDict
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -39,7 +40,11 @@ from digiq.errors import DigiqError
 from digiq.sim import layout as L
 from digiq.sim.layout import State
 from digiq.sim.render import render_state
-from digiq.sim.tasks import Task, catalogue, task_index
+from digiq.sim.tasks import TEST_QUERIES, TRAIN_QUERIES, Task, catalogue, task_index
+from digiq.sim.v2 import layout as v2_layout
+from digiq.sim.v2.layout import StateV2, is_v2_id
+from digiq.sim.v2.phone import PhoneV2
+from digiq.sim.v2.tasks import TaskV2
 
 # Canonical swipes: finger moves up (content scrolls down the list), down, and sideways (always a no-op).
 SWIPE_UP = Action.swipe((0.75, 0.5), (0.35, 0.5))
@@ -66,11 +71,16 @@ class SimConfig:
     height: int = 320
     # How many decoded PIL screenshots to keep in memory (PNG bytes of every rendered state are always kept).
     image_cache_size: int = 512
+    # Which task catalogue `tasks(split)` serves: v1 (32 test goals, fixed starts) or v2 (train / val / test,
+    # randomised starts from the episode seed; docs/benchmark_v2.md). Every other method serves a task or
+    # state of either benchmark whatever this says (v2 ids start with "v2/").
+    benchmark: Literal["v1", "v2"] = "v1"
 
     def validate(self, where: str = "sim") -> None:
 
         check(32 <= self.width <= 2048 and 32 <= self.height <= 4096, f"{where}: screen size out of range")
         check(self.image_cache_size >= 0, f"{where}.image_cache_size must be >= 0")
+        check(self.benchmark in ("v1", "v2"), f"{where}.benchmark must be v1 or v2, got {self.benchmark!r}")
 
 
 @dataclasses.dataclass
@@ -94,28 +104,51 @@ class SimPhone:
         self._img: OrderedDict[str, Image.Image] = OrderedDict()
         self._graphs: dict[bool, _Graph] = {}
         self._values: dict[tuple[str, float], np.ndarray] = {}
+        self._v2: PhoneV2 | None = None
+
+    @property
+    def v2(self) -> PhoneV2:
+        """The benchmark-v2 device (built on first use; v1 never touches it)."""
+        if self._v2 is None:
+            self._v2 = PhoneV2(self.config.width, self.config.height)
+        return self._v2
 
     # -- tasks ------------------------------------------------------------------------------------
-    def tasks(self, split: str = "train") -> list[Task]:
+    def tasks(self, split: str = "train") -> list[Task] | list[TaskV2]:
+        if self.config.benchmark == "v2":
+            return self.v2.tasks(split)
         cat = catalogue()
         if split not in cat:
             raise DigiqError(f"unknown sim split {split!r}; expected one of {sorted(cat)}")
         return list(cat[split])
 
-    def task(self, task: Task | str) -> Task:
+    def task(self, task: Task | TaskV2 | str) -> Task | TaskV2:
         if isinstance(task, Task):
             return task
+        if isinstance(task, TaskV2) or is_v2_id(task):
+            return self.v2.task(task)
         try:
             return task_index()[task]
         except KeyError:
             raise DigiqError(f"unknown sim task id {task!r}") from None
 
     # -- dynamics ---------------------------------------------------------------------------------
-    def reset(self, task: Task | str) -> State:
+    def query_pool(self, task: Task | TaskV2) -> tuple[str, ...]:
+        """The queries a demonstrator may mistype on ``task`` (v2: never a word of another held-out group)."""
+        if isinstance(task, TaskV2):
+            return self.v2.query_pool(task)
+        return (*TRAIN_QUERIES, *TEST_QUERIES)
+
+    def reset(self, task: Task | TaskV2 | str, seed: int = 0) -> State | StateV2:
+        """The start state. v1 starts are fixed (``seed`` is ignored); a v2 start is drawn from ``seed``."""
         t = self.task(task)
+        if isinstance(t, TaskV2):
+            return self.v2.reset(t, seed)
         return State(t.task_id, L.HOME, toggles=t.initial_toggles)
 
     def is_goal(self, state: State, task: Task | None = None) -> bool:
+        if isinstance(state, StateV2):
+            return self.v2.is_goal(state, task)  # type: ignore[arg-type]
         t = task or self.task(state.task_id)
         s = state
         if t.kind == "toggle":
@@ -199,6 +232,8 @@ class SimPhone:
 
         A goal state is absorbing: any action from it returns ``(state, 0.0, True)``.
         """
+        if isinstance(state, StateV2):
+            return self.v2.transition(state, action)  # type: ignore[return-value]
         t = self.task(state.task_id)
         a = parse_action(action) if isinstance(action, str) else action
         if self.is_goal(state, t):
@@ -213,6 +248,8 @@ class SimPhone:
 
     def step(self, state: State, action: Action | str) -> tuple[State, float, bool]:
         """Apply ``action``; ``done`` also when the task's horizon (``max_steps`` actions) is reached."""
+        if isinstance(state, StateV2):
+            return self.v2.step(state, action)  # type: ignore[return-value]
         nxt, reward, terminal = self.transition(state, action)
         nxt = dataclasses.replace(nxt, steps=state.steps + 1)
         done = terminal or nxt.steps >= self.task(state.task_id).max_steps
@@ -223,6 +260,8 @@ class SimPhone:
         return state.key
 
     def state_from_key(self, key: str) -> State:
+        if is_v2_id(key):
+            return self.v2.state_from_key(key)  # type: ignore[return-value]
         try:
             s = L.state_from_key(key)
         except ValueError as e:
@@ -237,6 +276,8 @@ class SimPhone:
     def render_png(self, state: State | str) -> bytes:
         """PNG bytes of the screenshot; each distinct state is rendered and encoded once."""
         s = self._state(state)
+        if isinstance(s, StateV2):
+            return self.v2.render_png(s)
         key = s.key
         data = self._png.get(key)
         if data is None:
@@ -263,7 +304,16 @@ class SimPhone:
         return img.copy()
 
     def widgets(self, state: State | str) -> list[L.Widget]:
-        return L.widgets(self._state(state))
+        s = self._state(state)
+        if isinstance(s, StateV2):
+            return v2_layout.widgets(s)  # type: ignore[return-value]
+        return L.widgets(s)
+
+    def hit(self, state: State, point: tuple[float, float]) -> L.Widget | None:
+        """The widget a tap at ``point`` hits (with a v2 episode's layout), or None."""
+        if isinstance(state, StateV2):
+            return v2_layout.hit(state, point)  # type: ignore[return-value]
+        return L.hit(state, point)
 
     # -- exact values -----------------------------------------------------------------------------
     def canonical_actions(self, state: State | str) -> list[Action]:
@@ -272,6 +322,8 @@ class SimPhone:
         The order depends only on the task-free state, so it indexes the shared transition table.
         """
         s = self._state(state)
+        if isinstance(s, StateV2):
+            return self.v2.canonical_actions(s)
         t = self.task(s.task_id)
         acts = [Action.tap((w.box[0] + w.box[2]) / 2, (w.box[1] + w.box[3]) / 2) for w in L.widgets(s)]
         empty = L.empty_point(s)
@@ -287,6 +339,11 @@ class SimPhone:
         return bool(task.query)
 
     def _graph(self, task: Task) -> _Graph:
+        if isinstance(task, TaskV2):
+            raise DigiqError(
+                f"task {task.task_id}: the full transition table (and Q^beta, BehaviourValues) is v1-only; "
+                "benchmark v2 has exact Q*/V* through q_star / v_star"
+            )
         sig = self._signature(task)
         g = self._graphs.get(sig)
         if g is not None:
@@ -332,7 +389,9 @@ class SimPhone:
         return g
 
     def num_states(self, task: Task | str) -> int:
-        """Size of the task's (step-free) state graph."""
+        """Size of the task's (step-free) state graph (v2: of its value-key quotient)."""
+        if isinstance(task, TaskV2) or is_v2_id(task):
+            return self.v2.num_states(task)
         return len(self._graph(self.task(task)).keys)
 
     def _goal_mask(self, task: Task, g: _Graph) -> np.ndarray:
@@ -372,12 +431,16 @@ class SimPhone:
 
     def v_star(self, state_key: str | State, gamma: float) -> float:
         s = self._state(state_key)
+        if isinstance(s, StateV2):
+            return self.v2.v_star(s, gamma)
         t, _, i = self._index(s)
         return float(self.values(t, gamma)[i])
 
     def q_star(self, state_key: str | State, actions: list[str | Action], gamma: float) -> np.ndarray:
         """Q*(s, a) = r(s, a) + gamma (1 - terminal) V*(s') for any actions (strings or Actions)."""
         s = self._state(state_key)
+        if isinstance(s, StateV2):
+            return self.v2.q_star(s, actions, gamma)
         t, g, _ = self._index(s)
         v = self.values(t, gamma)
         out = np.zeros(len(actions), dtype=np.float64)
@@ -395,6 +458,8 @@ class SimPhone:
     def optimal_actions(self, state: State | str, gamma: float = 0.95) -> list[Action]:
         """The canonical actions that attain V*(s) (ties kept, in canonical order)."""
         s = self._state(state)
+        if isinstance(s, StateV2):
+            return self.v2.optimal_actions(s, gamma)
         acts = self.canonical_actions(s)
         q = self.q_star(s, acts, gamma)
         best = q.max()
