@@ -40,6 +40,7 @@ from digiq.envs.base import Observation, TaskInstance
 from digiq.envs.miniwob import MiniWoBConfig
 from digiq.envs.miniwob_policy import MiniWoBBehaviourConfig
 from digiq.envs.rollout import Episode, run_episodes
+from digiq.envs.sim import v2_episode_seed
 from digiq.errors import DataError
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
 from digiq.sim.phone import SimConfig, SimPhone
@@ -72,8 +73,9 @@ class Config:
     output_dir: str = "data/sim"
     # Number of trajectories; on the simulator 500 gives ~3.7k steps, enough for the critic stages on a CPU.
     num_trajectories: int = 500
-    # Task split (train and test are disjoint: tasks on the simulator, page seeds on MiniWoB++).
-    split: Literal["train", "test"] = "train"
+    # Task split (disjoint: tasks on the simulator, page seeds on MiniWoB++; val exists on benchmarks that
+    # have validation goals).
+    split: Literal["train", "val", "test"] = "train"
     # Discount for mc_return (0.95 as the official default.yaml).
     gamma: float = 0.95
     # 0: leave `candidates` empty. >0: index 0 = the dataset action, then n-1 behaviour samples.
@@ -154,10 +156,12 @@ def _sim_plan(cfg: Config, phone: SimPhone) -> tuple[list[TaskInstance], Any, An
     cand_pi = BehaviourPolicy(phone, seed=int(seeds[2].generate_state(1)[0]), config=cfg.behaviour)
     order: list[int] = []
     instances = []
-    for _ in range(cfg.num_trajectories):
+    v2 = phone.config.benchmark == "v2"  # randomised starts: each episode its own start seed
+    for i in range(cfg.num_trajectories):
         if not order:  # a fresh seeded permutation per pass over the tasks: balanced task counts
             order = [int(i) for i in order_rng.permutation(len(tasks))]
-        instances.append(TaskInstance(tasks[order.pop()].task_id))
+        start = v2_episode_seed(cfg.seed, i) if v2 else 0
+        instances.append(TaskInstance(tasks[order.pop()].task_id, start))
     return (
         instances,
         lambda batch: [pi.act(b["info"]["state"]) for b in batch],
