@@ -267,3 +267,42 @@ def test_candidates_from_the_behaviour_model_or_pi_beta(tmp_path: Path) -> None:
         load_config(pipeline.Config, None, ["candidates_from=behaviour", "candidates.source=policy"])
     with pytest.raises(ConfigError, match="needs candidates.source=policy"):
         load_config(pipeline.Config, None, [f"collect.policy={model}", "candidates_from=behaviour"])
+
+
+def test_benchmark_v2_and_a_model_behaviour_policy_are_wired(tmp_path: Path) -> None:
+    """benchmark=v2 reaches every stage that steps the device; a model that collected the data is evaluated as
+    it collected (sampled at collect.temperature) and greedy."""
+    model = resolve_model_folder(GUI_TINY)
+    cfg = load_config(
+        pipeline.Config,
+        None,
+        [f"output_dir={tmp_path}", "benchmark=v2", f"collect.policy={model}", "collect.temperature=0.7"],
+    )
+    wired = pipeline.wire(cfg)
+    assert {wired[s].sim.benchmark for s in ("collect", "candidates", "evaluate")} == {"v2"}
+    assert (
+        pipeline.wire(load_config(pipeline.Config, None, [f"output_dir={tmp_path}"]))[
+            "evaluate"
+        ].sim.benchmark
+        == "v1"
+    )
+    policies = pipeline._policies_to_evaluate(cfg)
+    assert policies["behaviour"] == (model, 0.7) and policies["behaviour_greedy"] == (model, 0.0)
+    assert policies["bc"][0].endswith("bc/policy") and set(policies) == {
+        "behaviour",
+        "behaviour_greedy",
+        "bc",
+        "extracted",
+    }
+
+
+def test_summary_intervals_are_over_goals() -> None:
+    """A goal's repeated greedy episodes are one outcome: 32 goals x 3 identical episodes give the 32-goal
+    interval, not the 96-episode one."""
+    from digiq.utils.stats import wilson_interval
+
+    per_task = {f"g{i}": [3, 3] if i < 20 else [0, 3] for i in range(32)}
+    m = {"success_rate": 60 / 96, "ci_low": 0.0, "ci_high": 1.0, "num_episodes": 96, "per_task": per_task}
+    md = pipeline.render_summary({"stages": {"evaluate": {"metrics": {"bc": m}}}})
+    lo, hi = wilson_interval(20, 32)
+    assert f"| bc | 0.625 | [{lo:.3f}, {hi:.3f}] | 32 | 96 |" in md

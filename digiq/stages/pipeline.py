@@ -52,6 +52,7 @@ from digiq.training.policy_loop import POLICY_DIR
 from digiq.utils.io import atomic_write_json, atomic_write_text, is_complete, mark_complete
 from digiq.utils.logging import get_logger
 from digiq.utils.machine import describe, matmul_gflops
+from digiq.utils.stats import clustered_success
 
 log = get_logger("pipeline")
 
@@ -165,6 +166,9 @@ class Config:
     # (collect.policy, a policy folder), as the paper samples AutoUI. candidates.source=sim ignores it: the
     # simulator's scripted sampler reads the optimal actions, an oracle-backed reference.
     candidates_from: Literal["pi_beta", "behaviour"] = "pi_beta"
+    # The simulated device's benchmark (env=sim): v1 (32 test goals, fixed starts) or v2 (train / val / test
+    # goals, randomised starts; docs/benchmark_v2.md). Sets the `sim.benchmark` of every stage that steps it.
+    benchmark: Literal["v1", "v2"] = "v1"
     # torch threads (0 = torch's default). On a shared 2-core machine 1-2 is fastest.
     threads: int = 0
     # The environment data is collected on and policies are evaluated on: sim = the simulated phone;
@@ -247,6 +251,8 @@ def wire(cfg: Config) -> dict[str, Any]:
         if hasattr(c[name], "seed"):
             c[name].seed = cfg.seed
     c["collect"].output_dir = str(d["collect"])
+    for name in ("collect", "candidates", "evaluate"):
+        c[name].sim = dataclasses.replace(c[name].sim, benchmark=cfg.benchmark)
     c["collect"].env = c["evaluate"].env = cfg.env
     data = d["candidates"]
     if cfg.env == "miniwob":
@@ -302,12 +308,20 @@ def wire(cfg: Config) -> dict[str, Any]:
     return c
 
 
-def _policies_to_evaluate(cfg: Config) -> dict[str, str]:
+def _policies_to_evaluate(cfg: Config) -> dict[str, tuple[str, float | None]]:
+    """label -> (policy, temperature; None = the evaluate config's). A model that collected the data is
+    evaluated as it collected (sampled) and greedy; the scripted policy as itself."""
     out = Path(cfg.output_dir)
+    behaviour: dict[str, tuple[str, float | None]] = {"behaviour": ("behaviour", None)}
+    if cfg.collect.policy != "scripted":
+        behaviour = {
+            "behaviour": (cfg.collect.policy, cfg.collect.temperature),
+            "behaviour_greedy": (cfg.collect.policy, 0.0),
+        }
     return {
-        "behaviour": "behaviour",
-        "bc": str(out / FOLDERS["train_bc"] / POLICY_DIR),
-        "extracted": str(out / FOLDERS["extract_policy"] / POLICY_DIR),
+        **behaviour,
+        "bc": (str(out / FOLDERS["train_bc"] / POLICY_DIR), None),
+        "extracted": (str(out / FOLDERS["extract_policy"] / POLICY_DIR), None),
     }
 
 
@@ -316,10 +330,12 @@ def _run_stage(name: str, stage_cfg: Any, cfg: Config) -> dict[str, Any]:
         return run_collect(stage_cfg) or {}
     if name == "evaluate":
         results = {}
-        for label, policy in _policies_to_evaluate(cfg).items():
+        for label, (policy, temperature) in _policies_to_evaluate(cfg).items():
             ecfg = dataclasses.replace(
                 stage_cfg, policy=policy, mode="online", output_dir=str(Path(stage_cfg.output_dir) / label)
             )
+            if temperature is not None:
+                ecfg.temperature = temperature
             log.info("evaluate %s (%s)", label, policy)
             results[label] = evaluate.run(ecfg)
         return results
@@ -445,14 +461,18 @@ def render_summary(summary: dict[str, Any]) -> str:
     ev = summary.get("stages", {}).get("evaluate", {}).get("metrics", {})
     if ev:
         traced = any(isinstance(m, dict) and "first_mistake_screens" in m for m in ev.values())
-        head = "| policy | test success | 95% CI | episodes |"
+        # Intervals over goals, not episodes: a goal's repeated greedy episodes are one outcome.
+        head = "| policy | test success (mean over goals) | 95% CI over goals | goals | episodes |"
         lines += [head + " failed episodes by first-mistake screen |" if traced else head]
-        lines.append("|---|---|---|---|---|" if traced else "|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|" if traced else "|---|---|---|---|---|")
         for label, m in ev.items():
             if isinstance(m, dict) and "success_rate" in m:
+                units = [tuple(v) for v in (m.get("per_task") or {}).values()]
+                rate, lo, hi, goals = (
+                    clustered_success(units) if units else (m["success_rate"], m["ci_low"], m["ci_high"], "")
+                )
                 row = (
-                    f"| {label} | {m['success_rate']:.3f} | [{m.get('ci_low', 0):.3f}, {m.get('ci_high', 0):.3f}] "
-                    f"| {m.get('num_episodes', '')} |"
+                    f"| {label} | {rate:.3f} | [{lo:.3f}, {hi:.3f}] | {goals} | {m.get('num_episodes', '')} |"
                 )
                 lines.append(row + f" {evaluate.screens_line(m)} |" if traced else row)
         lines.append("")
