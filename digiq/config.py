@@ -95,6 +95,10 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
     attn_implementation: str | None = "sdpa"
+    # Qwen-VL families only: the image processor's pixel budget per screenshot (null = the checkpoint's own,
+    # which keeps a phone screen near its full resolution; docs/distributed.md, "Qwen2-VL's image tokens").
+    max_pixels: int | None = None
+    min_pixels: int | None = None
     # Seed for the random weights of 'tiny:' models.
     tiny_seed: int = 0
 

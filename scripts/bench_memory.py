@@ -154,8 +154,9 @@ def run_child(
 
 
 def meta_report() -> str:
-    """Markdown: each real-size model's facts, then each stage's per-GPU estimate by component."""
-    from digiq.training.memory import REAL_MODELS, memory_table, model_facts
+    """Markdown: each real-size model's facts, the image tokens of phone screens (the processors' own resize),
+    then each stage's per-GPU estimate by component, Qwen2-VL at its checkpoint's and at digiq's max_pixels."""
+    from digiq.training.memory import QWEN2_VL_SHIPPED_MAX_PIXELS, REAL_MODELS, memory_table, model_facts
 
     lines = [
         "| model | parameters | vision + projector | FSDP wraps | LoRA r=128 params |",
@@ -167,16 +168,30 @@ def meta_report() -> str:
             f"| {name} | {f.params / 1e9:.3f}B | {f.vision_params / 1e6:.0f}M | {', '.join(f.wrap_classes)} "
             f"| {f.lora_params / 1e6:.0f}M |"
         )
-    rows = memory_table()
-    parts = list(dict.fromkeys(k for r in rows for k in r if k not in ("model", "stage", "total")))
     lines += [
         "",
-        "| model | stage | " + " | ".join(parts) + " | total GiB / GPU |",
-        "|---" * (len(parts) + 3) + "|",
+        "| model | max_pixels | screen | image tokens (LM) | vision tokens (tower) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in REAL_MODELS.items():
+        for max_pixels in (None, QWEN2_VL_SHIPPED_MAX_PIXELS) if name.startswith("qwen") else (None,):
+            for screen in ((1080, 2400), (1440, 3120)):
+                image, vision = m.tokens(*screen, max_pixels=max_pixels)
+                budget = "checkpoint's" if max_pixels is None else f"{max_pixels:,}"
+                lines.append(f"| {name} | {budget} | {screen[0]} x {screen[1]} | {image:,} | {vision:,} |")
+    rows = memory_table() + memory_table(("qwen2-vl-7b",), max_pixels=QWEN2_VL_SHIPPED_MAX_PIXELS)
+    skip = ("model", "stage", "total", "image_tokens")
+    parts = list(dict.fromkeys(k for r in rows for k in r if k not in skip))
+    lines += [
+        "",
+        "| model | image tokens | stage | " + " | ".join(parts) + " | total GiB / GPU |",
+        "|---" * (len(parts) + 4) + "|",
     ]
     for r in rows:
         cells = " | ".join(f"{r[k]:.1f}" if k in r else "" for k in parts)
-        lines.append(f"| {r['model']} | {r['stage']} | {cells} | **{r['total']:.1f}** |")
+        lines.append(
+            f"| {r['model']} | {r['image_tokens']:,} | {r['stage']} | {cells} | **{r['total']:.1f}** |"
+        )
     return "\n".join(lines)
 
 

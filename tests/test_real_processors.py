@@ -184,3 +184,69 @@ def test_paligemma_224_and_448(side, tmp_path):
     inputs = _run(model, processor, tmp_path, _screen(PHONES[0]))
     assert tuple(inputs["pixel_values"].shape) == (1, 3, side, side)
     assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == (side // 14) ** 2
+
+
+def _qwen2_vl_folder(tmp_path: Path) -> Path:
+    """A tiny Qwen2-VL saved with the real checkpoint's image processor (min_pixels 56*56, max_pixels
+    28*28*16384, from Qwen/Qwen2-VL-2B-Instruct's preprocessor_config.json)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from digiq.models.families import FAMILIES
+
+    model, _ = build_tiny_vlm("qwen2-vl", TinySpec(**SMALL))
+    ip = Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    processor = FAMILIES["qwen2-vl"].processor_loader()(image_processor=ip, tokenizer=default_tokenizer())
+    save_vlm(model, processor, tmp_path / "qwen")
+    return tmp_path / "qwen"
+
+
+def _image_tokens(cfg, screen: tuple[int, int]) -> int:
+    model, processor = load_vlm(cfg)
+    inputs = P.make_inputs(
+        processor, [_screen(screen)], ["Turn on wifi"], [None], [Action.tap(0.4, 0.5)], "overlay"
+    )
+    t, h, w = inputs["image_grid_thw"][0].tolist()
+    n = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n == t * h * w // 4  # the prompt holds one token per merged 2 x 2 patch
+    return n
+
+
+@pytest.mark.parametrize("size", PHONES)
+def test_qwen2_vl_max_pixels_sets_the_image_tokens(size, tmp_path):
+    """model.max_pixels reaches the real Qwen2-VL image processor: with the checkpoint's budget a phone screen
+    keeps its resolution (each side rounded to 28 px: 86 x 39 merged patches for 1080 x 2400, 111 x 51 for
+    1440 x 3120); with max_pixels = 1280*28*28 it drops under the budget. digiq.training.memory (the memory
+    table) counts the same tokens."""
+    from digiq.config import ModelConfig
+    from digiq.training.memory import qwen2_vl_tokens
+
+    folder = str(_qwen2_vl_folder(tmp_path))
+    w, h = size
+    native = round(h / 28) * round(w / 28)  # the processor's formula below max_pixels
+    assert native == {(1080, 2400): 3354, (1440, 3120): 5661}[size]
+    assert _image_tokens(ModelConfig(name_or_path=folder), size) == native == qwen2_vl_tokens(w, h)[0]
+    budget = 1280 * 28 * 28
+    capped = _image_tokens(ModelConfig(name_or_path=folder, max_pixels=budget), size)
+    assert capped == qwen2_vl_tokens(w, h, max_pixels=budget)[0]
+    assert capped * 4 * 14 * 14 <= budget and capped < native / 2
+    # a budget above the screen changes nothing; min_pixels above it upscales
+    assert _image_tokens(ModelConfig(name_or_path=folder, max_pixels=4 * w * h), size) == native
+    assert (
+        _image_tokens(ModelConfig(name_or_path=folder, min_pixels=2 * w * h, max_pixels=4 * w * h), size)
+        > native
+    )
+
+
+def test_max_pixels_is_refused_where_it_does_not_apply(tmp_path):
+    from digiq.config import ModelConfig
+    from digiq.errors import DigiqError
+
+    with pytest.raises(
+        DigiqError, match=r"model.max_pixels / model.min_pixels apply to the Qwen-VL .* llava model"
+    ):
+        load_vlm(ModelConfig(name_or_path="tiny:llava", max_pixels=1280 * 28 * 28))
+    folder = str(_qwen2_vl_folder(tmp_path))
+    with pytest.raises(DigiqError, match=r"need 0 < model.min_pixels \(5000\) <= model.max_pixels \(4000\)"):
+        load_vlm(ModelConfig(name_or_path=folder, min_pixels=5000, max_pixels=4000))

@@ -53,6 +53,9 @@ class FamilySpec:
     prefix_sharing: bool = True
     # Qwen-VL's 3-axis rotary positions: text after an image continues at max(prefix positions) + 1.
     mrope: bool = False
+    # The image processor resizes to a pixel budget (``size.shortest_edge`` / ``longest_edge`` = min_pixels /
+    # max_pixels, Qwen-VL's ``smart_resize``): ``model.min_pixels`` / ``model.max_pixels`` apply to it.
+    pixel_budget: bool = False
 
     @property
     def template(self) -> tuple[str, str, str]:
@@ -125,6 +128,7 @@ QWEN2_VL = FamilySpec(
     image_only=True,
     vision_modules=("visual",),
     mrope=True,
+    pixel_budget=True,
 )
 
 # Qwen/Qwen2.5-VL-3B-Instruct: Qwen2-VL's template and quirks, its own classes.

@@ -210,6 +210,28 @@ def _no_crop(processor) -> None:
         ip.size = SizeDict(height=side, width=side)
 
 
+def _pixel_budget(processor, cfg: ModelConfig, family: str) -> None:
+    """``model.min_pixels`` / ``model.max_pixels`` into a Qwen-VL image processor's ``size`` (shortest_edge /
+    longest_edge are the pixel bounds its smart_resize keeps each image within); saved with the processor."""
+    if cfg.min_pixels is None and cfg.max_pixels is None:
+        return
+    where = f"model {cfg.name_or_path!r}"
+    if not FAMILIES[family].pixel_budget:
+        raise DigiqError(
+            f"model.max_pixels / model.min_pixels apply to the Qwen-VL families' image processors; {where} is a "
+            f"{family} model (its processor sets its own image size): remove the setting"
+        )
+    ip = processor.image_processor
+    lo = cfg.min_pixels if cfg.min_pixels is not None else _size(ip.size, "shortest_edge")
+    hi = cfg.max_pixels if cfg.max_pixels is not None else _size(ip.size, "longest_edge")
+    if not 0 < lo <= hi:
+        raise DigiqError(f"{where}: need 0 < model.min_pixels ({lo}) <= model.max_pixels ({hi})")
+    ip.size = SizeDict(shortest_edge=lo, longest_edge=hi)
+    for name, value in (("min_pixels", lo), ("max_pixels", hi)):
+        if hasattr(ip, name):  # transformers 4 reads these attributes, not size
+            setattr(ip, name, value)
+
+
 def is_peft(model: Any) -> bool:
     from peft import PeftModel  # a dependency, imported here: importing it (with transformers) takes seconds
 

@@ -66,21 +66,54 @@ def qwen2_vl_7b_config() -> Any:
     )  # fmt: skip
 
 
+# The screenshot the table is computed for (a 1080 x 2400 phone; AitW's are 1080 x 2400 or 1440 x 3120).
+SCREEN = (1080, 2400)
+# Qwen2-VL's pixel budget per image in the checkpoints' preprocessor_config.json (Qwen/Qwen2-VL-2B-Instruct and
+# -7B-Instruct): min_pixels 56*56, max_pixels 28*28*16384, i.e. almost any phone screen at its own resolution.
+QWEN2_VL_MIN_PIXELS = 56 * 56
+QWEN2_VL_MAX_PIXELS = 28 * 28 * 16384
+# What digiq's Qwen2-VL configs set (model.max_pixels): the lighter budget the Qwen2-VL model card suggests,
+# 1280 merged 28 x 28 tiles (docs/distributed.md, "Qwen2-VL's image tokens").
+QWEN2_VL_SHIPPED_MAX_PIXELS = 1280 * 28 * 28
+
+
+def qwen2_vl_tokens(
+    width: int, height: int, max_pixels: int | None = None, min_pixels: int | None = None
+) -> tuple[int, int]:
+    """``(image tokens in the language model, patches in the vision tower)`` of one ``width x height``
+    screenshot, computed with the image processor's own ``smart_resize`` (a multiple of 28 px per side within
+    ``[min_pixels, max_pixels]``, 14-px patches, 2 x 2 merged); ``None`` = the checkpoint's budget."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    h, w = smart_resize(
+        height,
+        width,
+        factor=28,
+        min_pixels=QWEN2_VL_MIN_PIXELS if min_pixels is None else min_pixels,
+        max_pixels=QWEN2_VL_MAX_PIXELS if max_pixels is None else max_pixels,
+    )
+    patches = (h // 14) * (w // 14)
+    return patches // 4, patches
+
+
+def llava_1_5_tokens(width: int, height: int, max_pixels: int | None = None) -> tuple[int, int]:
+    """LLaVA-1.5: every screen becomes 336 x 336 (load_vlm's whole-screen resize): (336 / 14)^2 = 576 image
+    tokens, 577 in the tower (with CLIP's class token). ``max_pixels`` does not apply."""
+    return 576, 577
+
+
 @dataclasses.dataclass(frozen=True)
 class RealModel:
     config: Callable[[], Any]
-    # Image tokens a 1080 x 2400 screenshot becomes in the language model, and the prompt's text tokens.
-    image_tokens: int
+    # (width, height, max_pixels) -> (image tokens in the language model, vision tokens in the tower)
+    tokens: Callable[..., tuple[int, int]]
+    # The prompt's text tokens.
     text_tokens: int
-    # Vision tokens per image in the tower (before merging) and the tower's width / depth.
-    vision_tokens: int
 
 
 REAL_MODELS = {
-    # 336 x 336 after load_vlm's resize: (336 / 14)^2 = 576 tokens.
-    "llava-1.5-7b": RealModel(llava_1_5_7b_config, image_tokens=576, text_tokens=160, vision_tokens=577),
-    # Qwen2-VL at the model card's max_pixels = 1280 * 28 * 28: 1280 merged tokens from 5120 patches.
-    "qwen2-vl-7b": RealModel(qwen2_vl_7b_config, image_tokens=1280, text_tokens=160, vision_tokens=5120),
+    "llava-1.5-7b": RealModel(llava_1_5_7b_config, llava_1_5_tokens, text_tokens=160),
+    "qwen2-vl-7b": RealModel(qwen2_vl_7b_config, qwen2_vl_tokens, text_tokens=160),
 }
 
 
@@ -193,6 +226,15 @@ STAGE_RUNS = (
     StageRun("finetune-vlm (LoRA r=128, DDP, batch 8)", "lora", batch=8),
     StageRun("finetune-vlm (full, FSDP x8, batch 16)", "full", batch=16),
     StageRun("train-bc (full, FSDP x8, batch 4)", "full", batch=4, full_logits=True),
+    # the one-node recipe of docs/distributed.md: pi_beta and the extraction as LoRA on the frozen bf16 base
+    StageRun("train-bc (LoRA r=128, DDP, batch 8)", "lora", batch=8, full_logits=True),
+    StageRun(
+        "extract-policy (LoRA r=128, DDP, batch 4, + pi_beta)",
+        "lora",
+        batch=4,
+        full_logits=True,
+        frozen_copy=True,
+    ),
     StageRun(
         "extract-policy (full, FSDP x8, batch 4, + pi_beta)",
         "full",
@@ -207,12 +249,26 @@ STAGE_RUNS = (
 )
 
 
-def memory_table(names: tuple[str, ...] = tuple(REAL_MODELS)) -> list[dict]:
+def memory_table(
+    names: tuple[str, ...] = tuple(REAL_MODELS),
+    screen: tuple[int, int] = SCREEN,
+    max_pixels: int | None = None,
+) -> list[dict]:
+    """Per model and stage the per-GPU estimate (GiB by component, ``total``) and the ``image_tokens`` of one
+    ``screen`` (width, height); ``max_pixels`` is Qwen2-VL's budget (None = the checkpoint's own)."""
     rows = []
     for name in names:
         facts = model_facts(name)
         m = REAL_MODELS[name]
+        image_tokens, vision_tokens = m.tokens(*screen, max_pixels=max_pixels)
         for run in STAGE_RUNS:
-            est = estimate(facts, run, m.image_tokens, m.text_tokens, m.vision_tokens)
-            rows.append({"model": name, "stage": run.stage, **{k: round(v, 1) for k, v in est.items()}})
+            est = estimate(facts, run, image_tokens, m.text_tokens, vision_tokens)
+            rows.append(
+                {
+                    "model": name,
+                    "stage": run.stage,
+                    "image_tokens": image_tokens,
+                    **{k: round(v, 1) for k, v in est.items()},
+                }
+            )
     return rows
