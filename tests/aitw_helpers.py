@@ -21,7 +21,8 @@ def two_task_file(
 
     So a critic whose inputs lack the goal sees identical rows for both goals and cannot tell them apart.
     Written as the official post-processed files are (image_path = s_t, next_image_path = s_(t+1), one
-    ``q_rep_out_list`` (N, D) array and 1408-d-like ``image_features`` per step).
+    ``q_rep_out_list`` (N, D) array, 1408-d-like ``image_features`` and the next step's ``next_observation``
+    / ``next_image_features`` per step).
     """
     rng = np.random.default_rng(seed)
     screens = rng.normal(size=(horizon + 1, ds)).astype(np.float32)
@@ -52,6 +53,9 @@ def two_task_file(
                         "task": goal,
                         "action_list": cands,
                         "image_features": screens[t],
+                        # s_(t+1) as the official files store it (the trainer reads these for V(s'))
+                        "next_observation": make_observation(goal, acts[t]),
+                        "next_image_features": screens[t + 1],
                         "q_rep_out_list": feats[t],
                         "q_rep_out": feats[t, 0],
                     }

@@ -94,6 +94,19 @@ def _inputs(critic, steps: list[list[dict]], row: int) -> tuple[np.ndarray, np.n
     return v_in, q_in
 
 
+def _next_v_input(critic, steps: list[list[dict]], row: int) -> np.ndarray:
+    """V input of s' as the official trainer builds it: from the step's own next_observation (previous action
+    and goal, the critic's regexes, critic.py:104-105) and next_image_features stacked [cur, next]
+    (offpolicy_train_loop.py:22; trainer.py:149), not from the following row."""
+    traj, t = divmod(row, HORIZON)
+    step = steps[traj][t]
+    prev = re.search(r"Previous Actions: (.*?)Goal:", step["next_observation"]).group(1)
+    goal = re.search(r"Goal: (.*?)</s>", step["next_observation"]).group(1)
+    p_ty, p_tx = _official_type_text(prev)
+    return np.concatenate([_pooled(critic, "type", p_ty), _pooled(critic, "text", p_tx), _pooled(critic, "goal", goal),
+                           step["image_features"], step["next_image_features"]])  # fmt: skip
+
+
 @pytest.mark.slow
 def test_one_official_step_equals_hand_computation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pt = two_task_file(tmp_path, per_goal=3, horizon=HORIZON)
@@ -128,8 +141,7 @@ def test_one_official_step_equals_hand_computation(tmp_path: Path, monkeypatch: 
         traj, t = divmod(row, HORIZON)
         step = steps[traj][t]
         v_in, q_in = _inputs(critic, steps, row)
-        nxt = row + 1 if t + 1 < HORIZON else row  # terminal: masked by done
-        v_in_next, _ = _inputs(target, steps, nxt)
+        v_in_next = _next_v_input(target, steps, row)  # the last step's is masked by done
         _, q_in_t = _inputs(target, steps, row)
         q_pred.append(ensemble_mlp_numpy(critic.q_net, q_in[None])[0])
         v_pred.append(ensemble_mlp_numpy(critic.v_net, v_in[None])[0])
