@@ -23,17 +23,20 @@ clamp A to [0, 1], keep the state when A > threshold.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from PIL import Image
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from digiq.actions import Action, ActionType, goal_from_observation, parse_action
 from digiq.config import ModelConfig
@@ -317,11 +320,17 @@ def shift_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log p of the label tokens (B, T-1) and the mask of target positions (B, T-1)."""
+    """Per-token log p of the label tokens (B, T-1) and the mask of target positions (B, T-1).
+
+    Only the target positions are normalised: their logit rows are gathered first (in the logits' dtype) and
+    cast to float32 there, so the float32 intermediates are (#target tokens, V) instead of (B, T-1, V).
+    """
     lg, lb = shift_logits_labels(logits, labels)
     mask = lb != IGNORE_INDEX
-    lp = torch.log_softmax(lg.float(), dim=-1).gather(-1, lb.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return lp * mask, mask
+    rows = lg[mask].float()  # (N, V)
+    picked = rows.gather(-1, lb[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(rows, dim=-1)
+    lp = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+    return lp, mask
 
 
 def weighted_nll(
@@ -344,18 +353,54 @@ def weighted_nll(
 
 
 def masked_token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over target tokens of KL(p || q) between the full next-token distributions (p = policy)."""
+    """Mean over target tokens of KL(p || q) between the full next-token distributions (p = policy).
+
+    As :func:`token_logprobs`, only the target positions' rows are gathered and normalised in float32.
+    """
     lp, lb = shift_logits_labels(logits_p, labels)
     lq, _ = shift_logits_labels(logits_q, labels)
-    mask = (lb != IGNORE_INDEX).float()
-    logp, logq = torch.log_softmax(lp.float(), -1), torch.log_softmax(lq.float(), -1)
+    mask = lb != IGNORE_INDEX
+    logp = torch.log_softmax(lp[mask].float(), -1)
+    logq = torch.log_softmax(lq[mask].float(), -1)
     kl = (logp.exp() * (logp - logq)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp_min(1.0)
+    return kl.sum() / mask.sum().clamp_min(1)
 
 
 def policy_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits (B, T, V) of every position of a training batch (teacher forcing, no cache)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return model(**inputs, use_cache=False).logits
+
+
+def label_span(labels: torch.Tensor) -> tuple[int, int]:
+    """``(lo, hi)``: positions ``lo .. hi - 1`` hold every target token of the batch and the position before
+    each (whose logits predict it); ``(0, 0)`` when the batch has no target token."""
+    where = (labels != IGNORE_INDEX).any(0).nonzero()
+    if where.numel() == 0:
+        return 0, 0
+    return max(int(where[0]) - 1, 0), int(where[-1]) + 1
+
+
+def label_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` cut to the batch's target span (:func:`label_span`): the losses of this module
+    on them equal the losses on ``policy_logits(model, batch)`` and ``batch["labels"]``.
+
+    The LM head runs on the span only (``logits_to_keep`` with the span's positions), so the logits are
+    (B, span, V) instead of (B, T, V): the prompt, image tokens included, is most of T. Models whose forward
+    does not take ``logits_to_keep`` compute every position and the span is cut from them.
+    """
+    labels = batch["labels"]
+    lo, hi = label_span(labels)
+    if hi == 0:  # no target token: any position will do, the losses are 0
+        lo, hi = 0, 1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    base = unwrap(model)
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        keep = torch.arange(lo, hi, device=labels.device)
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, lo:hi]
+    return logits, labels[:, lo:hi]
 
 
 @torch.no_grad()
@@ -405,53 +450,349 @@ def generate_texts(
     ``temperature``: None = the spec's setting, 0 = greedy, > 0 = ancestral sampling at that temperature
     (no top-k / top-p, as the official candidate sampler). ``seed`` makes sampling reproducible without
     touching the caller's RNG stream.
+
+    Families where :func:`fast_decoding_applies` decode with :func:`decode_from_prefill` (the same tokens as
+    ``generate``, a fraction of its time on small models); the others with ``generate``.
     """
     if temperature is None:  # the export's own setting
         temperature = spec.temperature if spec.do_sample else 0.0
-    do_sample = temperature > 0
+    if temperature <= 0 and num_samples > 1:
+        raise ValueError("num_samples > 1 needs sampling (temperature > 0)")
     if user_texts is not None:
         enc = chat_inputs(processor, screenshots, user_texts)
     else:
         enc = build_policy_inputs(processor, screenshots, observations, spec)
     enc = {k: v.to(_device(model)) for k, v in enc.items()}
+    budget = max_new_tokens or spec.max_new_tokens
+    if fast_decoding_applies(model, spec.family):
+        with _eval_mode(model):
+            pre = prefill_prompts(model, enc)
+        rows = torch.arange(len(screenshots)).repeat_interleave(num_samples)
+        texts = decode_texts(model, processor, pre, rows, spec, temperature, budget, seed)
+    else:
+        texts = _generate_texts_hf(model, processor, enc, spec, num_samples, temperature, budget, seed)
+    return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(screenshots))]
+
+
+def _generate_texts_hf(
+    model: Any,
+    processor: Any,
+    enc: dict[str, torch.Tensor],
+    spec: PolicySpec,
+    num_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int | None,
+) -> list[str]:
+    """``model.generate`` (the path of the families the custom decoding loop does not cover)."""
     tok = processor.tokenizer
     kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens or spec.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         use_cache=True,
         num_return_sequences=num_samples,
     )
-    if do_sample:
+    if temperature > 0:
         kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
     else:
-        if num_samples > 1:
-            raise ValueError("num_samples > 1 needs sampling (temperature > 0)")
         kwargs.update(do_sample=False)
-    was_training = model.training
-    model.eval()
-    dev = _device(model)
-    fork = (
-        torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
-        if seed is not None
-        else _nullcontext()
-    )
-    with fork:
-        if seed is not None:
-            torch.manual_seed(seed)
+    with _eval_mode(model), _seeded(model, seed):
         if num_samples > 1 and FAMILIES[spec.family].prefix_sharing:
             out = _generate_from_one_prefill(model, enc, num_samples, FAMILIES[spec.family].mrope, kwargs)
         else:
             out = model.generate(**enc, **kwargs)
-    if was_training:
-        model.train()
-    new = out[:, enc["input_ids"].shape[1] :]
-    texts = tok.batch_decode(new, skip_special_tokens=True)
+    return _texts(processor, out[:, enc["input_ids"].shape[1] :], spec)
+
+
+def _texts(processor: Any, new_tokens: torch.Tensor, spec: PolicySpec) -> list[str]:
+    texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     answer = TEMPLATES[spec.family][2]
     texts = [t[len(answer) :] if answer and t.startswith(answer) else t for t in texts]
-    texts = [t.strip() for t in texts]
-    B = len(screenshots)
-    return [texts[i * num_samples : (i + 1) * num_samples] for i in range(B)]
+    return [t.strip() for t in texts]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+@contextlib.contextmanager
+def _seeded(model: Any, seed: int | None) -> Iterator[None]:
+    """Seed the global RNG for the block (what ``generate`` samples from) and restore the caller's stream."""
+    if seed is None:
+        yield
+        return
+    dev = _device(model)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom KV-cached decoding (prefix-sharing families with standard 1-D positions)
+# --------------------------------------------------------------------------------------------------
+
+# GenerationConfig fields that make ``generate`` add a logits processor (repetition penalty, forced or
+# suppressed tokens, ...) with their no-op values. The custom loop applies only temperature, so a model whose
+# generation config sets any of these decodes with ``generate`` instead.
+_NOOP_PROCESSING: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "renormalize_logits": (None, False),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+    "min_p": (None,),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "top_h": (None,),
+    "token_healing": (None, False),
+}
+
+
+def fast_decoding_applies(model: Any, family: str) -> bool:
+    """Whether :func:`decode_from_prefill` reproduces ``generate`` for this model.
+
+    It needs a causal prompt whose KV cache can be copied per sample (``prefix_sharing``), positions that
+    ``attention_mask.cumsum - 1`` gives (not Qwen-VL's M-RoPE, whose decoding offsets the model keeps itself),
+    a forward that takes ``logits_to_keep``, and a generation config that adds no logits processor.
+    """
+    fam = FAMILIES[family]
+    base = unwrap(model)
+    if not fam.prefix_sharing or fam.mrope:
+        return False
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return False
+    # The prompt's cache is copied layer by layer as plain (keys, values): no sliding-window layers.
+    text = base.config.get_text_config(decoder=True)
+    layer_types = getattr(text, "layer_types", None) or ()
+    if getattr(text, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
+        return False
+    gc = getattr(base, "generation_config", None)
+    return gc is None or all(getattr(gc, k, None) in ok for k, ok in _NOOP_PROCESSING.items())
+
+
+@dataclasses.dataclass
+class PromptPrefill:
+    """A batch of left-padded prompts run once: per decoder layer the (keys, values) of every prompt token,
+    the next-token logits after the prompt (float32), the attention mask and the last prompt position."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor  # (B, V)
+    attention_mask: torch.Tensor  # (B, L)
+    last_position: torch.Tensor  # (B,)
+
+
+@torch.no_grad()
+def prefill_prompts(model: Any, enc: dict[str, torch.Tensor]) -> PromptPrefill:
+    """Run the prompts (images included) once, keeping only the KV cache and the last position's logits.
+
+    Positions are the ones ``generate`` gives left-padded prompts (``attention_mask.cumsum - 1``, 0 on the
+    padding); ``logits_to_keep=1`` applies the LM head to the last position only, as ``generate`` does.
+    """
+    mask = enc["attention_mask"]
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(**enc, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    return PromptPrefill(kv, out.logits[:, -1].float(), mask, pos[:, -1])
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A KV cache layer that writes new tokens into buffers sized for the whole decode.
+
+    ``DynamicLayer`` concatenates the whole cache with each new token: the bulk of a decode step's time for
+    small models. Here the keys / values seen by attention are views of the first ``n`` positions.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, extra: int) -> None:
+        super().__init__()
+        B, H, L, D = keys.shape
+        self.kbuf = keys.new_empty((B, H, L + extra, D))
+        self.vbuf = values.new_empty((B, H, L + extra, values.shape[-1]))
+        self.kbuf[:, :, :L] = keys
+        self.vbuf[:, :, :L] = values
+        self.n = L
+        self.device, self.dtype = keys.device, keys.dtype
+        self.is_initialized = True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self.kbuf[:, :, : self.n], self.vbuf[:, :, : self.n]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = key_states.shape[-2]
+        self.kbuf[:, :, self.n : self.n + t] = key_states
+        self.vbuf[:, :, self.n : self.n + t] = value_states
+        self.n += t
+        self._views()
+        return self.keys, self.values
+
+    def keep_rows(self, idx: torch.Tensor) -> None:
+        self.kbuf, self.vbuf = self.kbuf.index_select(0, idx), self.vbuf.index_select(0, idx)
+        self._views()
+
+
+@torch.no_grad()
+def decode_from_prefill(
+    model: Any,
+    pre: PromptPrefill,
+    rows: torch.Tensor,
+    temperature: float,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    block_seeds: Sequence[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """New tokens (R, steps) for the prompts ``rows`` (indices into ``pre``; a prompt repeated k times gives
+    k samples): greedy (``temperature`` 0) or ancestral sampling at ``temperature``, no top-k / top-p.
+
+    The computation of ``generate``'s decoding loop without its per-step machinery (logits processors,
+    stopping criteria objects, input preparation, a KV cache copied whole at every token): logits in float32,
+    divided by the temperature, softmax; a row that emitted EOS continues with padding; decoding stops when
+    every row has ended or after ``max_new_tokens``. Greedy decoding gives ``generate``'s tokens.
+
+    Sampling: a token is drawn by inverting the cumulative distribution (float64) at one uniform number per
+    row and step: the distribution of ``generate``'s ``torch.multinomial``, which draws an exponential number
+    per vocabulary entry (most of a small model's step), so seeded samples differ from ``generate``'s
+    (tests/test_policy.py checks the distribution). The uniforms are drawn for all R rows at every step, from
+    the global RNG, or with ``block_seeds`` = [(seed, n), ...] (consecutive blocks of n rows) from one generator
+    per block seeded with its seed: a block's samples are then those of a call on its rows alone under
+    ``torch.manual_seed(seed)``, so callers can decode many seeded batches in one call.
+
+    Rows that have produced the same tokens from the same prompt have the same next-token distribution: the
+    forward pass runs once per distinct (prompt, tokens so far), a node of the prefix tree of the samples,
+    and each row draws its own token from its node's distribution. The k samples of a state start as one
+    node and split where they differ (at T = 1.2 a policy's samples mostly share their first tokens, the
+    action type); rows that have ended leave the tree.
+    """
+    dev = pre.logits.device
+    rows = rows.to(dev)
+    R = int(rows.numel())
+    do_sample = temperature > 0
+    states, row_node = torch.unique(rows, return_inverse=True)  # nodes = distinct prompts at first
+    cache = DynamicCache()
+    cache.layers = [
+        _PreallocatedLayer(k.index_select(0, states), v.index_select(0, states), max_new_tokens)
+        for k, v in pre.kv
+    ]
+    logits = pre.logits.index_select(0, states)  # (nodes, V)
+    L = pre.attention_mask.shape[1]
+    mask = torch.cat(
+        [
+            pre.attention_mask.index_select(0, states),
+            pre.attention_mask.new_ones((len(states), max_new_tokens)),
+        ],
+        dim=-1,
+    )
+    pos = pre.last_position.index_select(0, states)
+    unfinished = torch.ones(R, dtype=torch.bool, device=dev)
+    out = torch.full((R, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
+    V = logits.shape[-1]
+    if block_seeds is not None:
+        if sum(n for _, n in block_seeds) != R:
+            raise ValueError(f"block_seeds cover {sum(n for _, n in block_seeds)} rows, not the {R} rows")
+        gens = [(torch.Generator(device=dev).manual_seed(int(sd)), int(n)) for sd, n in block_seeds]
+
+    def uniforms() -> torch.Tensor:
+        if block_seeds is None:
+            return torch.rand(R, device=dev, dtype=torch.float64)
+        return torch.cat([torch.rand(n, generator=g, device=dev, dtype=torch.float64) for g, n in gens])
+
+    steps = 0
+    for step in range(max_new_tokens):
+        live = unfinished.nonzero().squeeze(1)  # rows still decoding; row_node[live] are their nodes
+        nodes = row_node.index_select(0, live)
+        if do_sample:
+            u = uniforms().index_select(0, live)
+            cdf = torch.softmax(logits / temperature, dim=-1).double().cumsum(-1)
+            cdf = cdf.index_select(0, nodes)
+            tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1).clamp_max(V - 1)
+        else:
+            tok = logits.argmax(-1).index_select(0, nodes)
+        out[live, step] = tok
+        steps = step + 1
+        unfinished.index_fill_(0, live[tok == eos_token_id], False)
+        going = tok != eos_token_id
+        if step == max_new_tokens - 1 or not bool(going.any()):
+            break
+        live, nodes, tok = live[going], nodes[going], tok[going]
+        # The new nodes: distinct (parent node, token) pairs of the rows that go on.
+        keys, inverse = torch.unique(nodes * V + tok, return_inverse=True)
+        parent, node_tok = keys // V, keys % V
+        row_node = torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, live, inverse)
+        if parent.numel() != logits.shape[0] or not bool(
+            (parent == torch.arange(len(parent), device=dev)).all()
+        ):
+            for layer in cache.layers:
+                layer.keep_rows(parent)
+            mask, pos = mask.index_select(0, parent), pos.index_select(0, parent)
+        pos = pos + 1
+        logits = (
+            model(
+                input_ids=node_tok.unsqueeze(1),
+                attention_mask=mask[:, : L + step + 1],
+                position_ids=pos.unsqueeze(1),
+                **{_cache_kw(model): cache},
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            .logits[:, -1]
+            .float()
+        )
+    return out[:, :steps]
+
+
+def decode_texts(
+    model: Any,
+    processor: Any,
+    pre: PromptPrefill,
+    rows: torch.Tensor | Sequence[int],
+    spec: PolicySpec,
+    temperature: float,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+    block_seeds: Sequence[tuple[int, int]] | None = None,
+) -> list[str]:
+    """Raw texts generated from ``pre`` for the prompts ``rows`` (one text per entry; repeat a row for more
+    samples of that prompt): :func:`decode_from_prefill`, seeded like :func:`generate_texts` (``seed``) or
+    per block of rows (``block_seeds``)."""
+    tok = processor.tokenizer
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    if rows.numel() == 0:
+        return []
+    with _eval_mode(model), _seeded(model, seed):
+        new = decode_from_prefill(
+            model,
+            pre,
+            rows,
+            float(temperature),
+            max_new_tokens or spec.max_new_tokens,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            block_seeds,
+        )
+    return _texts(processor, new.cpu(), spec)
 
 
 # Per-token inputs besides the ids: cut with the prompt, repeated with the samples.
@@ -469,13 +810,17 @@ def _generate_from_one_prefill(
     continues from it: it runs the last prompt token and decodes, as it would have. The positions of the
     prefill are the ones ``generate`` gives left-padded prompts (``attention_mask.cumsum - 1``); Qwen-VL's
     M-RoPE positions are computed by the model, which keeps the per-row offset for decoding in
-    ``rope_deltas`` (repeated here as the cache is). Tests check the outputs equal ``generate``'s.
+    ``rope_deltas`` (repeated here as the cache is). Only the cache is needed from the prefill:
+    ``logits_to_keep=1`` spares the LM head on every other position. Tests check the outputs equal
+    ``generate``'s.
     """
     mask = enc["attention_mask"]
     head = {key: (v[:, :-1] if key in _PER_TOKEN else v) for key, v in enc.items()}
     if not mrope:
         pos = mask[:, :-1].long().cumsum(-1) - 1
         head["position_ids"] = pos.masked_fill(mask[:, :-1] == 0, 1)
+    if "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters:
+        head["logits_to_keep"] = 1
     cache = model(**head, use_cache=True).past_key_values
     cache.batch_repeat_interleave(k)
     base = unwrap(model).model
@@ -489,14 +834,6 @@ def _generate_from_one_prefill(
 def _cache_kw(model: Any) -> str:
     """transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns until it is removed)."""
     return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def generate_actions(
@@ -520,6 +857,42 @@ def generate_actions(
         model, processor, screenshots, observations, spec, num_samples, temperature, max_new_tokens, seed
     )
     return [[to_autoui(t, spec.action_format) for t in row] for row in texts]
+
+
+def prefill_policy(
+    model: Any,
+    processor: Any,
+    screenshots: Sequence[Image.Image],
+    observations: Sequence[str],
+    spec: PolicySpec,
+) -> PromptPrefill | None:
+    """The policy prompts of a batch of states run once (:func:`prefill_prompts`), to draw any number of
+    actions per state with :func:`sample_actions`; None where :func:`fast_decoding_applies` does not hold."""
+    if not fast_decoding_applies(model, spec.family):
+        return None
+    enc = build_policy_inputs(processor, screenshots, observations, spec)
+    with _eval_mode(model):
+        return prefill_prompts(model, {k: v.to(_device(model)) for k, v in enc.items()})
+
+
+def sample_actions(
+    model: Any,
+    processor: Any,
+    pre: PromptPrefill,
+    rows: Sequence[int],
+    spec: PolicySpec,
+    temperature: float,
+    seed: int | None = None,
+    max_new_tokens: int | None = None,
+    block_seeds: Sequence[tuple[int, int]] | None = None,
+) -> list[str]:
+    """One AutoUI action per entry of ``rows`` (state indices into ``pre``), drawn at ``temperature``: what
+    ``generate_actions`` returns for those states, without running their prompts again. ``block_seeds``:
+    see :func:`decode_from_prefill`."""
+    texts = decode_texts(
+        model, processor, pre, list(rows), spec, temperature, max_new_tokens, seed, block_seeds
+    )
+    return [to_autoui(t, spec.action_format) for t in texts]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from accelerate import Accelerator
@@ -28,7 +28,7 @@ from digiq.actions import parse_action
 from digiq.config import check, to_dict
 from digiq.data.schema import FEATURES, dataset_info, decode_batch, load_dataset, save_dataset, undecoded_view
 from digiq.errors import DataError
-from digiq.models.policy import generate_actions, load_policy
+from digiq.models.policy import generate_actions, load_policy, prefill_policy, sample_actions
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
 from digiq.sim.phone import SimConfig, SimPhone
 from digiq.training.accelerator import make_accelerator
@@ -56,8 +56,11 @@ class Config:
     temperature: float = 1.2
     # Re-sample an invalid output up to this many times (official: 3).
     max_resamples: int = 3
-    # States per generation call.
+    # States per seeded batch: the samples of a batch derive from (seed, batch index, attempt).
     batch_size: int = 16
+    # Seeded batches decoded together (each keeps its own seeds, so the candidates do not depend on it):
+    # larger calls spread the per-token cost of a forward pass over more rows.
+    batches_per_call: int = 4
     # Where the policy runs ('auto' = a GPU when visible) and its weights' dtype ('auto' = bfloat16 on a
     # GPU, float32 on the CPU).
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -76,6 +79,7 @@ class Config:
         check(self.source != "policy" or bool(self.policy), "source=policy needs policy=<folder>")
         check(self.temperature > 0, "temperature must be > 0")
         check(self.max_resamples >= 0 and self.batch_size > 0, "max_resamples >= 0, batch_size > 0")
+        check(self.batches_per_call >= 1, "batches_per_call must be >= 1")
         check(
             Path(self.dataset).resolve() != Path(self.output_dir).resolve(),
             "output_dir must differ from dataset",
@@ -103,7 +107,7 @@ def policy_candidates(ds, cfg: Config, accelerator: Accelerator) -> tuple[list[l
 
     Under a launcher, process r samples batches r, r + W, ... on its own device and the main process
     gathers them; a batch's seeds depend only on (seed, batch, attempt), so the result is the same for any
-    number of processes."""
+    number of processes (and of ``batches_per_call``)."""
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device if cfg.device == "auto" else cfg.device
     model, processor, spec = load_policy(cfg.policy, device, cfg.dtype)
@@ -114,42 +118,40 @@ def policy_candidates(ds, cfg: Config, accelerator: Accelerator) -> tuple[list[l
         return out, 0
     view = undecoded_view(ds, ["screenshot", "observation"])  # decoded per batch with named errors
     starts = list(range(0, len(ds), cfg.batch_size))
+    mine_batches = list(range(rank, len(starts), world))
     mine: list[tuple[list[int], list[list[str]]]] = []
     bar = tqdm(
         desc="candidates (policy)", unit="batch", total=len(starts), disable=not accelerator.is_main_process
     )
-    for b in range(rank, len(starts), world):
-        start = starts[b]
-        rows = list(range(start, min(len(ds), start + cfg.batch_size)))
-        got = decode_batch(view[rows], str(cfg.dataset))
+    per_call = cfg.batches_per_call
+    for c in range(0, len(mine_batches), per_call):
+        batches = mine_batches[c : c + per_call]
+        rows = [list(range(starts[b], min(len(ds), starts[b] + cfg.batch_size))) for b in batches]
+        got = decode_batch(view[[r for rs in rows for r in rs]], str(cfg.dataset))
         shots, obs = got["screenshot"], got["observation"]
-        # Seeds derive from (seed, batch, attempt): the result does not depend on what ran before.
-        samples = generate_actions(
-            model, processor, shots, obs, n_extra, cfg.temperature, seed=_seed(cfg.seed, b, 0), spec=spec
-        )
+        # Each state's prompt (image included) runs once for its samples and its re-samples alike.
+        pre = prefill_policy(model, processor, shots, obs, spec)
+
+        call = _Call(model, processor, spec, cfg, pre, shots, obs, batches, [len(rs) for rs in rows])
+        samples = call.draw([list(range(len(rs))) for rs in rows], n_extra, 0)
         for attempt in range(1, cfg.max_resamples + 1):
             bad = [
-                (i, j)
-                for i in range(len(rows))
-                for j in range(n_extra)
-                if not parse_action(samples[i][j]).is_valid
+                [
+                    (i, j)
+                    for i in range(len(rs))
+                    for j in range(n_extra)
+                    if not parse_action(sm[i][j]).is_valid
+                ]
+                for rs, sm in zip(rows, samples)
             ]
-            if not bad:
+            if not any(bad):
                 break
-            redo = generate_actions(
-                model,
-                processor,
-                [shots[i] for i, _ in bad],
-                [obs[i] for i, _ in bad],
-                1,
-                cfg.temperature,
-                seed=_seed(cfg.seed, b, attempt),
-                spec=spec,
-            )
-            for (i, j), r in zip(bad, redo):
-                samples[i][j] = r[0]
-        mine.append((rows, samples))
-        bar.update(world)
+            redo = call.draw([[i for i, _ in bd] for bd in bad], 1, attempt)
+            for bd, sm, rd in zip(bad, samples, redo):
+                for (i, j), r in zip(bd, rd):
+                    sm[i][j] = r[0]
+        mine.extend(zip(rows, samples))
+        bar.update(world * len(batches))
     bar.close()
     done = gather_object(mine) if world > 1 else mine
     invalid_left = 0
@@ -158,6 +160,54 @@ def policy_candidates(ds, cfg: Config, accelerator: Accelerator) -> tuple[list[l
             out[r].extend(samples[i])
             invalid_left += sum(not parse_action(s).is_valid for s in samples[i])
     return out, invalid_left
+
+
+@dataclasses.dataclass
+class _Call:
+    """The seeded batches decoded together: their states' prompts run once (``pre``; None = ``generate``)."""
+
+    model: Any
+    processor: Any
+    spec: Any
+    cfg: Config
+    pre: Any
+    shots: list
+    obs: list
+    batches: list[int]
+    sizes: list[int]
+
+    def draw(self, states: list[list[int]], k: int, attempt: int) -> list[list[list[str]]]:
+        """k actions for each listed state (indices within its batch) of each batch of the call."""
+        cfg = self.cfg
+        # Seeds derive from (seed, batch, attempt): the result does not depend on what ran before.
+        seeds = [_seed(cfg.seed, b, attempt) for b in self.batches]
+        offset = np.cumsum([0, *self.sizes])
+        if self.pre is None:
+            res = []
+            for i, sts in enumerate(states):
+                sh = [self.shots[offset[i] + j] for j in sts]
+                ob = [self.obs[offset[i] + j] for j in sts]
+                kw = dict(seed=seeds[i], spec=self.spec)
+                res.append(
+                    generate_actions(self.model, self.processor, sh, ob, k, cfg.temperature, **kw)
+                    if sts
+                    else []
+                )
+            return res
+        flat = sample_actions(
+            self.model,
+            self.processor,
+            self.pre,
+            [int(offset[i]) + j for i, sts in enumerate(states) for j in sts for _ in range(k)],
+            self.spec,
+            cfg.temperature,
+            block_seeds=[(sd, len(sts) * k) for sd, sts in zip(seeds, states)],
+        )
+        res, at = [], 0
+        for sts in states:
+            res.append([flat[at + j * k : at + (j + 1) * k] for j in range(len(sts))])
+            at += len(sts) * k
+        return res
 
 
 def _seed(seed: int, batch: int, attempt: int) -> int:

@@ -31,8 +31,8 @@ from digiq.models.policy import (
     collate_encoded,
     encode_row,
     format_action,
+    label_logits,
     masked_token_kl,
-    policy_logits,
     save_policy,
     target_ids,
     weighted_nll,
@@ -243,9 +243,9 @@ def train_steps(
         batch = {k: v.to(device) for k, v in batch.items()}
         lr = opt.param_groups[0]["lr"]  # the rate of this update (the scheduler moves it after the step)
         with accelerator.autocast():
-            logits = policy_logits(model, batch)
+            logits, labels = label_logits(model, batch)  # the LM head on the target span only
             w = None if weights is None else torch.as_tensor(weights[idx], device=device)
-            loss = weighted_nll(logits, batch["labels"], w)
+            loss = weighted_nll(logits, labels, w)
         accelerator.backward(loss)
         if max_grad_norm > 0:  # the prepared parameters: FSDP replaces the modules' parameters
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -259,8 +259,8 @@ def train_steps(
             row = {"train/loss": float(np.mean(losses[-log_every:])), "train/lr": lr}
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logits = policy_logits(ref_model, batch)
-                    last_kl = float(masked_token_kl(logits.detach(), ref_logits, batch["labels"]))
+                    ref_logits, _ = label_logits(ref_model, batch)
+                    last_kl = float(masked_token_kl(logits.detach(), ref_logits, labels))
                     row["train/kl_to_beta"] = last_kl
             logger.log(row, done)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}")
