@@ -60,7 +60,8 @@ PROBE=$("$PY" "$RUN" --probe)
 PROBE_RC=$?
 printf '%s\n' "$PROBE" | sed 's/^/[gpu_check]   /'
 if [ "$PROBE_RC" = 3 ]; then
-  die "$PYBIN has no torch: install this machine's CUDA build of torch into it first, or set PYTHON to a Python that has one (this script never installs torch)"
+  die "$PYBIN has no torch: install this machine's CUDA build of torch into it first," \
+    "or set PYTHON to a Python that has one (this script never installs torch)"
 fi
 [ "$PROBE_RC" = 0 ] || die "probing $PYBIN failed (exit $PROBE_RC)"
 MISSING=$(printf '%s\n' "$PROBE" | sed -n 's/^missing: //p' | sed 's/ (have .*//')
@@ -73,9 +74,11 @@ if [ -n "$MISSING" ]; then
   TORCH_PIN="torch==$("$PY" -c 'import torch; print(torch.__version__)')"
   if [ "$DRY" = 1 ]; then
     [ "$EDITABLE" = 1 ] && echo "[gpu_check] would install: $PY -m pip install --no-deps -e $REPO"
-    [ ${#PKGS[@]} -gt 0 ] && echo "[gpu_check] would install: $PY -m pip install ${PKGS[*]} (constraint $TORCH_PIN)"
+    [ ${#PKGS[@]} -gt 0 ] &&
+      echo "[gpu_check] would install: $PY -m pip install ${PKGS[*]} (constraint $TORCH_PIN)"
   else
-    "$PY" -m pip --version >/dev/null 2>&1 || die "$PYBIN has no pip: install pip for it (python3 -m ensurepip) or set PYTHON"
+    "$PY" -m pip --version >/dev/null 2>&1 ||
+      die "$PYBIN has no pip: install pip for it (python3 -m ensurepip) or set PYTHON"
     echo "$TORCH_PIN" > "$WORK/constraints.txt"
     if [ ${#PKGS[@]} -gt 0 ]; then
       echo "[gpu_check] installing: ${PKGS[*]} (constraint $TORCH_PIN)"
@@ -99,7 +102,8 @@ else
   # DIGIQ_GPU_CHECK_CPU=1: the same steps on the CPU as one "GPU", to test this script's plumbing (accelerate
   # runs the FSDP steps as plain MULTI_CPU there: the report's "distributed" says so)
   [ "${DIGIQ_GPU_CHECK_CPU:-0}" = 1 ] && [ "$NGPU" = 0 ] && NGPU=1
-  [ "$NGPU" -gt 0 ] || die "$PYBIN sees no CUDA GPU (torch.cuda.device_count() == 0): run it on a GPU machine, or use --dry-run"
+  [ "$NGPU" -gt 0 ] ||
+    die "$PYBIN sees no CUDA GPU (torch.cuda.device_count() == 0): run it on a GPU machine, or use --dry-run"
   mkdir -p "$OUT" || die "cannot create $OUT"
   : > "$DIGIQ_GPU_REPORT"
   : > "$OUT/steps.jsonl"
@@ -110,7 +114,8 @@ FAILED=()
 record() {
   local wall
   wall=$(awk -v a="$3" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }')
-  "$PY" -c 'import json, sys; print(json.dumps({"label": sys.argv[1], "command": sys.argv[4], "rc": int(sys.argv[2]), "wall_s": float(sys.argv[3])}))' \
+  "$PY" -c 'import json, sys
+print(json.dumps({"label": sys.argv[1], "command": sys.argv[4], "rc": int(sys.argv[2]), "wall_s": float(sys.argv[3])}))' \
     "$1" "$2" "$wall" "$4" >> "$OUT/steps.jsonl"
   if [ "$2" != 0 ]; then
     FAILED+=("$1")
@@ -178,9 +183,12 @@ GUI=$REPO/data/pretrained/gui-tiny
 ACC=("$PY" -m accelerate.commands.launch)
 # FSDP2 full shard, bf16, wrapping LlamaDecoderLayer and CLIPEncoderLayer: the shipped 7B launcher config.
 # On a GPU, gpu_run.py fails the step unless accelerate really ran FSDP (on the CPU it runs MULTI_CPU).
-FSDP=(env DIGIQ_EXPECT_DISTRIBUTED=FSDP "${ACC[@]}" --config_file "$CFG/accelerate/fsdp_7b.yaml" --num_processes "$NGPU")
+FSDP=(env DIGIQ_EXPECT_DISTRIBUTED=FSDP "${ACC[@]}" --config_file "$CFG/accelerate/fsdp_7b.yaml"
+  --num_processes "$NGPU")
 # The exported model loads with plain transformers, in a fresh Python.
-LOADS='import sys; from transformers import AutoModelForImageTextToText as M, AutoProcessor as P; M.from_pretrained(sys.argv[1]); P.from_pretrained(sys.argv[1]); print("loads:", sys.argv[1])'
+LOADS='import sys
+from transformers import AutoModelForImageTextToText as M, AutoProcessor as P
+M.from_pretrained(sys.argv[1]); P.from_pretrained(sys.argv[1]); print("loads:", sys.argv[1])'
 
 # ---- 1. the tiny model: every stage on one GPU (precision left at auto: bf16 on the GPU) ---------------
 step collect -- sim collect output_dir="$D" num_trajectories=40 overwrite=true
@@ -226,7 +234,8 @@ fi
 if [ "$MODE" = full ]; then
   shell make-7b "$PY" "$REPO/scripts/make_random_vlm.py" llava-1.5-7b "$OUT/llava7b"
   step finetune-vlm-7b-lora -- finetune-vlm --config "$CFG/finetune-vlm/llava-1.5-7b.yaml" \
-    model.name_or_path="$OUT/llava7b" dataset="$D" output_dir="$OUT/ft7b" max_steps=10 max_val_rows=64 overwrite=true
+    model.name_or_path="$OUT/llava7b" dataset="$D" output_dir="$OUT/ft7b" max_steps=10 max_val_rows=64 \
+    overwrite=true
   step cache-features-7b -- cache-features dataset="$C" model.name_or_path="$OUT/llava7b" \
     output_dir="$OUT/feats7b" rendering=overlay batch_size=17 overwrite=true
   step candidates-7b -- candidates dataset="$D" output_dir="$OUT/cands7b" source=policy \
@@ -238,7 +247,8 @@ if [ "$MODE" = full ]; then
       lora.enabled=false optim.lr=2e-5 dataset="$D" output_dir="$OUT/fsdp_ft7b" max_steps=4 save_every=2
       max_val_rows=64)
     step fsdp-finetune-vlm-7b "${FSDP[@]}" -- "${FT7B[@]}" overwrite=true
-    shell fsdp-kill-7b rm -rf "$OUT/fsdp_ft7b/checkpoints/step-4" "$OUT/fsdp_ft7b/model" "$OUT/fsdp_ft7b/_COMPLETE"
+    shell fsdp-kill-7b rm -rf "$OUT/fsdp_ft7b/checkpoints/step-4" "$OUT/fsdp_ft7b/model" \
+      "$OUT/fsdp_ft7b/_COMPLETE"
     step fsdp-finetune-vlm-7b-resume "${FSDP[@]}" -- "${FT7B[@]}" --resume
     shell fsdp-export-loads-7b "$PY" -c "$LOADS" "$OUT/fsdp_ft7b/model"
     step fsdp-train-bc-7b "${FSDP[@]}" -- train-bc model.name_or_path="$OUT/llava7b" dataset="$D" \
