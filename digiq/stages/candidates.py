@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
@@ -59,8 +60,9 @@ class Config:
     # States per seeded batch: the samples of a batch derive from (seed, batch index, attempt).
     batch_size: int = 16
     # Seeded batches decoded together (each keeps its own seeds, so the candidates do not depend on it):
-    # larger calls spread the per-token cost of a forward pass over more rows.
-    batches_per_call: int = 4
+    # larger calls spread the per-token cost of a forward pass over more rows, and need that many times the
+    # memory. 0 = 4 on the CPU, 1 on a GPU (where batch_size is sized to the memory).
+    batches_per_call: int = 0
     # Where the policy runs ('auto' = a GPU when visible) and its weights' dtype ('auto' = bfloat16 on a
     # GPU, float32 on the CPU).
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -79,7 +81,7 @@ class Config:
         check(self.source != "policy" or bool(self.policy), "source=policy needs policy=<folder>")
         check(self.temperature > 0, "temperature must be > 0")
         check(self.max_resamples >= 0 and self.batch_size > 0, "max_resamples >= 0, batch_size > 0")
-        check(self.batches_per_call >= 1, "batches_per_call must be >= 1")
+        check(self.batches_per_call >= 0, "batches_per_call must be >= 0 (0 = auto)")
         check(
             Path(self.dataset).resolve() != Path(self.output_dir).resolve(),
             "output_dir must differ from dataset",
@@ -123,7 +125,7 @@ def policy_candidates(ds, cfg: Config, accelerator: Accelerator) -> tuple[list[l
     bar = tqdm(
         desc="candidates (policy)", unit="batch", total=len(starts), disable=not accelerator.is_main_process
     )
-    per_call = cfg.batches_per_call
+    per_call = cfg.batches_per_call or (4 if torch.device(device).type == "cpu" else 1)
     for c in range(0, len(mine_batches), per_call):
         batches = mine_batches[c : c + per_call]
         rows = [list(range(starts[b], min(len(ds), starts[b] + cfg.batch_size))) for b in batches]
