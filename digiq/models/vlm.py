@@ -258,6 +258,66 @@ def apply_lora(model, lora: LoraConfig):
     return get_peft_model(model, pc)
 
 
+def export_state(model, merge_lora: bool = True) -> dict[str, torch.Tensor] | None:
+    """The weights :func:`save_vlm` writes for an FSDP-sharded ``model``; ``None`` when it is not sharded.
+
+    Collective: under FSDP every process calls it (the shards are gathered, on the CPU, to the main
+    process, which gets the full state dict; the others an empty dict), then the main process alone passes
+    it to :func:`save_vlm` as ``state_dict``. A sharded model's own tensors cannot be written (safetensors
+    reads its parameters' storage, which FSDP2 frees) and ``merge_and_unload`` cannot merge shards, so a
+    PeftModel's adapters are merged here, into the gathered base weights, when ``merge_lora``. A model
+    that is not sharded (one process, DDP) returns ``None`` at once, with no collective call: the main
+    process saves the live model as before.
+    """
+    from digiq.training.checkpoint import gather_weights, is_sharded  # training imports models, not back
+
+    if not is_sharded(model):
+        return None
+    state = gather_weights(model, trainable_only=False)
+    if state and is_peft(model) and merge_lora:
+        state = merged_lora_state(model, state)
+    return state
+
+
+def merged_lora_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PeftModel's full state dict with its LoRA adapters merged, keyed as the plain base model's.
+
+    The weights ``merge_and_unload`` leaves (peft's ``Linear.merge``): W + (B @ A) * scaling per adapted
+    linear layer, computed in float32 for half-precision weights as peft does on the CPU. Only what
+    :func:`apply_lora` builds (LoRA on linear layers) is supported.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import transpose
+
+    out = dict(state)
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        weight_key = f"{name}.base_layer.weight"
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            if not isinstance(module.get_base_layer(), torch.nn.Linear) or module.use_dora.get(adapter):
+                raise DigiqError(
+                    f"cannot merge the LoRA adapter on {name} of a sharded model: only plain LoRA on linear "
+                    "layers merges under FSDP; export with merge_lora=false"
+                )
+            a = out.pop(f"{name}.lora_A.{adapter}.weight")
+            b = out.pop(f"{name}.lora_B.{adapter}.weight")
+            w = out[weight_key]
+            if w.dtype in (torch.float16, torch.bfloat16):
+                a, b = a.float(), b.float()
+            delta = transpose(b @ a, module.fan_in_fan_out) * module.scaling[adapter]
+            out[weight_key] = w + delta.to(w.dtype)
+    left = [k for k in out if ".lora_" in k or "modules_to_save" in k]
+    if left:
+        raise DigiqError(
+            f"cannot merge {left[0]!r} of a sharded model into plain weights; use merge_lora=false"
+        )
+    prefix = "base_model.model."
+    return {k.removeprefix(prefix).replace(".base_layer.", "."): v for k, v in out.items()}
+
+
 def save_vlm(
     model,
     processor,
@@ -265,24 +325,38 @@ def save_vlm(
     merge_lora: bool = True,
     base: str | None = None,
     tiny_seed: int = 0,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """``save_pretrained`` model + processor into ``out_dir`` (plus ``digiq_vlm.json``) for :func:`load_vlm`.
 
     A PeftModel is merged into plain weights when ``merge_lora``; else only the adapter is written and
     ``base`` (the base model's name_or_path) is recorded so loading can rebuild it. A ``tiny:`` base is
-    rebuilt deterministically from its seed.
+    rebuilt deterministically from its seed. An FSDP-sharded model is written from ``state_dict``, the
+    gathered weights of :func:`export_state` (already merged when ``merge_lora``): call that on every
+    process first, then this on the main process.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     family = getattr(processor, "digiq_family", None) or family_of(model)
     meta: dict[str, Any] = {"family": family}
-    if is_peft(model):
-        if merge_lora:
+    if is_peft(model) and not merge_lora:
+        meta["base"] = base
+        meta["tiny_seed"] = tiny_seed
+    if state_dict is not None:
+        # The gathered weights of a sharded model: merged LoRA is keyed as the plain base model's.
+        target = model.get_base_model() if is_peft(model) and merge_lora else model
+        target.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
+    else:
+        from digiq.training.checkpoint import is_sharded
+
+        if is_sharded(model):
+            raise DigiqError(
+                f"{out_dir}: the model is sharded (FSDP): gather its weights with export_state(model) on every "
+                "process and pass them to save_vlm(..., state_dict=...) on the main process"
+            )
+        if is_peft(model) and merge_lora:
             model = model.merge_and_unload()
-        else:
-            meta["base"] = base
-            meta["tiny_seed"] = tiny_seed
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
     processor.save_pretrained(str(out_dir))
     if FAMILIES[family].image_only:  # read by digiq versions before the family registry
         meta["processor"] = "qwen-image-only"

@@ -47,7 +47,7 @@ from digiq.data.schema import (
 from digiq.errors import DataError
 from digiq.models.families import FAMILIES
 from digiq.models.prompts import make_inputs, previous_action_from_observation, yes_no_token_ids
-from digiq.models.vlm import answer_logits, family_of, load_vlm, save_vlm
+from digiq.models.vlm import answer_logits, export_state, family_of, load_vlm, save_vlm
 from digiq.training.accelerator import make_accelerator, train_dtype
 from digiq.training.checkpoint import inner, load_checkpoint, save_checkpoint
 from digiq.training.data_order import epoch_order
@@ -487,8 +487,10 @@ def run(cfg: Config) -> dict:
         "rendering": cfg.rendering,
     }
     accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(model)
+    # Under FSDP every process takes part in gathering the shards; the main process alone writes.
+    state = export_state(final, merge_lora=cfg.merge_lora)
     if main:
-        final = accelerator.unwrap_model(model)
         with staged_dir(out / "model", overwrite=True) as tmp:
             save_vlm(
                 final,
@@ -497,6 +499,7 @@ def run(cfg: Config) -> dict:
                 merge_lora=cfg.merge_lora,
                 base=cfg.model.name_or_path,
                 tiny_seed=cfg.model.tiny_seed,
+                state_dict=state,
             )
         atomic_write_json(out / "metrics.json", summary)
         finish_output(out, {"steps": step})

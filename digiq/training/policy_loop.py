@@ -37,6 +37,7 @@ from digiq.models.policy import (
     target_ids,
     weighted_nll,
 )
+from digiq.models.vlm import export_state
 from digiq.training.checkpoint import inner, load_checkpoint, save_checkpoint
 from digiq.training.data_order import epoch_order
 from digiq.training.output import finish_output
@@ -376,8 +377,10 @@ def train_policy(
         logger, ref_model, desc,
     )  # fmt: skip
     metrics: dict[str, Any] = {**(extra_metrics or {}), **fit}
+    # Under FSDP every process takes part in gathering the shards; the main process alone writes.
+    state = export_state(model, merge_lora=True)
     if is_main:
-        save_policy(model, processor, out / POLICY_DIR, spec, export_info)
+        save_policy(model, processor, out / POLICY_DIR, spec, export_info, state_dict=state)
         logger.log({f"final/{k}": v for k, v in fit.items()}, int(fit["steps"]))
         atomic_write_json(out / "metrics.json", metrics)
         finish_output(out, {"steps": int(fit["steps"])})
