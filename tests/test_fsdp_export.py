@@ -130,6 +130,25 @@ def test_train_bc_under_fsdp_exports_the_trained_policy_and_resumes_bitwise(
     assert_equal(reloaded(broken / "policy"), export)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_extract_policy_kl_reference_is_rank0s_on_every_process(sim_dataset: Path, tmp_path: Path):
+    """With RAM-efficient loading only rank 0 loads pi_beta (tests/fsdp_reference.py gives rank 1 zeros, as
+    the loader may): the trained policy gets rank 0's weights through FSDP's preparation, and the frozen
+    KL reference, which no launcher prepares, must too."""
+    from digiq.config import load_config
+    from digiq.stages import train_bc
+
+    bc = tmp_path / "bc"
+    train_bc.run(load_config(train_bc.Config, None, [f"dataset={sim_dataset}", f"output_dir={bc}", *BC]))
+    r = launch_fsdp(["extract-policy", f"dataset={sim_dataset}", f"init_policy={bc / 'policy'}",
+                     f"output_dir={tmp_path / 'ex'}", "scorer=q_star", "threshold=-1", "train.batch_size=4",
+                     "train.max_steps=2", "train.num_workers=0", "log_kl=true", "wandb.mode=disabled"],
+                    script=LAUNCHER.parent / "fsdp_reference.py")  # fmt: skip
+    assert "REFERENCE same=True loaded=True" in r.stdout, r.stdout[-2000:]
+    assert (tmp_path / "ex" / "policy" / "digiq_policy.json").is_file()
+
+
 def test_merged_lora_state_equals_merge_and_unload():
     """The merge a sharded export applies to gathered weights gives merge_and_unload's weights, bit for bit."""
     from digiq.models.tiny import TinySpec

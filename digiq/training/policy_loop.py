@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from datasets import Image as HFImage
 from tqdm.auto import tqdm
@@ -213,6 +214,28 @@ def warn_long_targets(processor: Any, spec: PolicySpec, targets: Sequence[str]) 
         )
 
 
+def share_from_main(module: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Move ``module`` to the accelerator's device with the main process's weights on every process.
+
+    For a model no ``accelerator.prepare`` sees: the frozen pi_beta copy of the KL term. Under FSDP's
+    RAM-efficient loading (``fsdp_cpu_ram_efficient_loading``, configs/accelerate/fsdp_7b.yaml) only local
+    rank 0 is sure to get the checkpoint's values (accelerate's FSDP2 preparation itself treats the other
+    processes' weights as placeholders and replaces them with rank 0's); ``prepare`` broadcasts them into the
+    model it shards, a model it never sees keeps the placeholders (empty, zero or meta tensors). So every
+    parameter and buffer is broadcast from the main process, one tensor at a time (no second full copy).
+    """
+
+    def tensors() -> list[torch.Tensor]:  # read again after to_empty, which replaces them
+        return [*module.parameters(), *module.buffers()]
+
+    if any(t.is_meta for t in tensors()):
+        module.to_empty(device=accelerator.device)  # storage to receive the main process's values
+    module.to(accelerator.device)
+    if accelerator.num_processes > 1:
+        for t in tensors():
+            dist.broadcast(t.data, src=0)
+
+
 def train_steps(
     accelerator: Accelerator,
     model: Any,
@@ -310,7 +333,8 @@ def fit_policy(
         log.info("resumed from %s at step %d / %d", resume_from, start, total)
     device = accelerator.device
     if ref_model is not None:
-        ref_model.to(device).eval().requires_grad_(False)
+        share_from_main(ref_model, accelerator)
+        ref_model.eval().requires_grad_(False)
     if train.batch_size % world:
         raise DataError(f"train.batch_size {train.batch_size} is not divisible by {world} processes")
 
