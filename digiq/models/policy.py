@@ -451,8 +451,9 @@ def generate_texts(
     (no top-k / top-p, as the official candidate sampler). ``seed`` makes sampling reproducible without
     touching the caller's RNG stream.
 
-    Families where :func:`fast_decoding_applies` decode with :func:`decode_from_prefill` (the same tokens as
-    ``generate``, a fraction of its time on small models); the others with ``generate``.
+    Families where :func:`fast_decoding_applies` decode with :func:`decode_from_prefill`, a fraction of
+    ``generate``'s time on small models: greedy gives ``generate``'s tokens, sampling draws from the same
+    distribution but not the same seeded stream. The other families decode with ``generate``.
     """
     if temperature is None:  # the export's own setting
         temperature = spec.temperature if spec.do_sample else 0.0
