@@ -15,9 +15,9 @@ taps / typing / key presses, N candidates per state) and a random RoBERTa (``--t
   (``trainer.py:255-265``), 5 passes each, vs table lookups of strings embedded once (the one-time table
   cost is reported separately).
 
-Runs the real training step of ``digiq train-critic`` (``train_step``: TD loss, backward, grad clipping,
-foreach Adam, target EMA) on random features held in memory, then times ``torch.mm`` alone at every GEMM
-shape that step performs and reports achieved / measured.
+Runs the real training step of ``digiq train-critic`` (``CriticLearner.step``: TD loss, backward, grad
+clipping, foreach Adam, target EMA) on random features held in memory, then times ``torch.mm`` alone at
+every GEMM shape that step performs and reports achieved / measured.
 
 FLOP count per step (T twins, batch B, layer l with shape in_l x out_l, one multiply-add = 2 FLOPs):
 - online Q on f(s,a) and online V on f(s): forward 2*B*in*out per layer; backward computes grad-weight
@@ -37,7 +37,8 @@ import time
 import torch
 
 from digiq.models.critic import Critic, CriticArch, make_target
-from digiq.stages import train_critic as tc
+from digiq.training.critic_data import SampledBatch, StagedTensors
+from digiq.training.critic_learner import CriticLearner, Objective
 
 
 def layer_shapes(in_dim: int, hidden: list[int]) -> list[tuple[int, int]]:
@@ -252,7 +253,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     R, N, D, B = args.rows, args.candidates, args.feat, args.batch
-    data = tc.DeviceData(
+    data = StagedTensors(
         state=torch.randn(R, D, device=dev),
         actions=torch.randn(R, N, D, device=dev),
         valid=None,
@@ -263,10 +264,11 @@ def main() -> None:
     )
     arch = CriticArch(D, D, tuple(args.hidden), tuple(args.hidden), layer_norm=not args.no_layer_norm)
     critic = Critic(arch).to(dev)
-    target = make_target(critic)
-    cfg = tc.Config(dataset="x", features="x", batch_size=B)
     opt = torch.optim.Adam(critic.parameters(), lr=1e-4, foreach=True, fused=None)
-    autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if args.dtype == "bf16" else None
+    # train-critic's default objective (TD, aggregate pairing, min) and update.
+    learner = CriticLearner(critic, Objective(), opt, make_target(critic))
+    if args.dtype == "bf16":
+        learner.autocast = lambda: torch.autocast(dev, dtype=torch.bfloat16)
 
     gen = torch.Generator(device=dev).manual_seed(0)
     idxs = [torch.randint(R, (B,), device=dev, generator=gen) for _ in range(8)]
@@ -275,8 +277,7 @@ def main() -> None:
     def step() -> None:
         idx = idxs[state["i"] % len(idxs)]
         state["i"] += 1
-        kw = {"autocast": autocast} if autocast else {}
-        tc.train_step(critic, critic, target, opt, data, idx, cfg, None, **kw)
+        learner.step(data, SampledBatch(idx))
 
     T = arch.num_twins
     gemms = step_gemms(B, T, layer_shapes(D, args.hidden), layer_shapes(D, args.hidden))

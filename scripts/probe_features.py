@@ -39,7 +39,8 @@ from digiq.data.schema import split_by_trajectory
 from digiq.data.transitions import load_transitions
 from digiq.models.critic import Critic, CriticArch
 from digiq.sim.phone import SimPhone
-from digiq.stages import train_critic as tc
+from digiq.training.critic_data import StagedTensors, feature_stats
+from digiq.training.critic_metrics import q_star_table, qstar_metrics
 
 LOSSES = ("mse", "advantage", "listwise")
 
@@ -63,7 +64,7 @@ def probe(
     ``loss``: ``mse`` (regression on Q*), ``advantage`` (regression on Q* centred per state, prediction
     centred alike) or ``listwise`` (softmax mass on each state's Q*-optimal set).
 
-    ``qstar_*`` are ``(rows (M,), Q* (M, N))`` from :func:`digiq.stages.train_critic.q_star_table`.
+    ``qstar_*`` are ``(rows (M,), Q* (M, N))`` from :func:`digiq.training.critic_metrics.q_star_table`.
     """
     torch.manual_seed(seed)
     rows_t, q_t = qstar_train
@@ -81,7 +82,7 @@ def probe(
     )
     critic = Critic(arch)
     train = torch.as_tensor(rows_t)
-    critic.set_normalization(*tc.feature_stats(state, train), *tc.feature_stats(actions, train))
+    critic.set_normalization(*feature_stats(state, train), *feature_stats(actions, train))
     opt = torch.optim.Adam(critic.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -103,7 +104,7 @@ def probe(
         value.backward()
         opt.step()
     critic.eval()
-    data = tc.DeviceData(
+    data = StagedTensors(
         state=state,
         actions=actions.float(),
         valid=valid,
@@ -113,7 +114,7 @@ def probe(
         next_idx=torch.arange(R),
     )
     rows_v, q_v = qstar_val
-    return tc.qstar_metrics(critic, data, rows_v, q_v, eval_batch_size=4096)
+    return qstar_metrics(critic, data, rows_v, q_v, eval_batch_size=4096)
 
 
 def main() -> None:
@@ -138,8 +139,8 @@ def main() -> None:
     for path in args.features:
         cache = FeatureCache.open(path)
         N = cache.num_candidates
-        qs_train = tc.q_star_table(tr, train_rows, N, args.gamma, q_fn)
-        qs_val = tc.q_star_table(tr, val_rows, N, args.gamma, q_fn)
+        qs_train = q_star_table(tr, train_rows, N, args.gamma, q_fn)
+        qs_val = q_star_table(tr, val_rows, N, args.gamma, q_fn)
         runs = [
             probe(
                 cache.state.float(),

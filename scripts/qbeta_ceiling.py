@@ -37,12 +37,12 @@ from digiq.models.policy import best_of_n
 from digiq.sim import layout as L
 from digiq.sim.behaviour import BehaviourValues
 from digiq.sim.phone import SimPhone
-from digiq.stages import train_critic as tc
+from digiq.training.critic_metrics import candidate_ranking
 
 
 def ranking(scores: np.ndarray, reference: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     """train-critic's Q* ranking metrics of ``scores`` against ``reference`` (all candidates valid)."""
-    return tc.candidate_ranking(scores.astype(np.float64), reference.astype(np.float64))
+    return candidate_ranking(scores.astype(np.float64), reference.astype(np.float64))
 
 
 def targets(

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from digiq.models.change_probe import fit_change_probe
-from digiq.stages.train_critic import noop_candidates
+from digiq.models.change_probe import fit_change_probe, noop_candidates
 
 
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

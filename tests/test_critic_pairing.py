@@ -10,6 +10,8 @@ from aitw_helpers import ensemble_mlp_numpy
 from digiq.config import load_config
 from digiq.models.critic import Critic, CriticArch
 from digiq.stages import train_critic as tc
+from digiq.training.critic_data import SampledBatch, StagedTensors
+from digiq.training.critic_learner import CriticLearner, backup_targets
 
 GAMMA = 0.9
 
@@ -19,7 +21,7 @@ def batch():
     return _batch()
 
 
-def _batch(q_param: str = "direct") -> tuple[Critic, Critic, tc.DeviceData]:
+def _batch(q_param: str = "direct") -> tuple[Critic, Critic, StagedTensors]:
     arch = CriticArch(
         state_dim=3, action_dim=4, q_hidden=(5,), v_hidden=(6,), layer_norm=False, q_param=q_param
     )
@@ -29,7 +31,7 @@ def _batch(q_param: str = "direct") -> tuple[Critic, Critic, tc.DeviceData]:
     target = Critic(arch).requires_grad_(False)
     g = torch.Generator().manual_seed(3)
     R = 5
-    data = tc.DeviceData(
+    data = StagedTensors(
         state=torch.randn(R, 3, generator=g),
         actions=torch.randn(R, 2, 4, generator=g),
         valid=None,
@@ -41,7 +43,13 @@ def _batch(q_param: str = "direct") -> tuple[Critic, Critic, tc.DeviceData]:
     return critic, target, data
 
 
-def _hand(critic: Critic, target: Critic, data: tc.DeviceData, idx: np.ndarray, pairing: str, how: str):
+def _loss(critic: Critic, target: Critic, data: StagedTensors, idx: np.ndarray, cfg: tc.Config):
+    """The learner's loss on rows ``idx`` with the objective train-critic builds from ``cfg``."""
+    learner = CriticLearner(critic, tc.objective(cfg), torch.optim.Adam(critic.parameters()), target)
+    return learner.loss(data, SampledBatch(torch.as_tensor(idx)))
+
+
+def _hand(critic: Critic, target: Critic, data: StagedTensors, idx: np.ndarray, pairing: str, how: str):
     s = data.state.double().numpy()
     a = data.actions[:, 0].double().numpy()
     r, d = data.reward.double().numpy(), data.done.double().numpy()
@@ -77,7 +85,7 @@ def test_backup_equals_hand_computation(batch, pairing: str, how: str) -> None:
         ],
     )
     idx = np.array([0, 1, 2, 3, 4, 0])
-    loss, parts = tc.batch_loss(critic, target, data, torch.as_tensor(idx), cfg)
+    loss, parts = _loss(critic, target, data, idx, cfg)
     hq, hv = _hand(critic, target, data, idx, pairing, how)
     assert parts["loss_q"].item() == pytest.approx(hq, abs=1e-6)
     assert parts["loss_v"].item() == pytest.approx(hv, abs=1e-6)
@@ -99,7 +107,7 @@ def test_pairing_is_validated() -> None:
     with pytest.raises(ConfigError, match="target_pairing"):
         load_config(tc.Config, None, ["dataset=x", "features=y", "critic.target_pairing=pairs"])
     with pytest.raises(ValueError, match="target_pairing"):
-        tc.backup_targets(torch.zeros(2, 2), torch.zeros(2, 2), "pairs", "min")
+        backup_targets(torch.zeros(2, 2), torch.zeros(2, 2), "pairs", "min")
 
 
 @pytest.mark.parametrize(("pairing", "how"), [("per_head", "max"), ("aggregate", "min")])
@@ -109,7 +117,7 @@ def test_dueling_backup_equals_hand_computation(pairing: str, how: str) -> None:
     over = ["dataset=x", "features=y", f"gamma={GAMMA}", "critic.q_param=dueling"]
     cfg = load_config(tc.Config, None, [*over, f"critic.target_pairing={pairing}", f"critic.aggregate={how}"])
     idx = np.array([0, 1, 2, 3, 4, 0])
-    loss, parts = tc.batch_loss(critic, target, data, torch.as_tensor(idx), cfg)
+    loss, parts = _loss(critic, target, data, idx, cfg)
 
     s, a = data.state.double().numpy(), data.actions[:, 0].double().numpy()
     r, d, nxt = data.reward.double().numpy(), data.done.double().numpy(), data.next_idx.numpy()

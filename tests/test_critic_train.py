@@ -22,6 +22,7 @@ from digiq.models.critic import load_critic
 from digiq.stages import pipeline
 from digiq.stages import train_critic as tc
 from digiq.training.checkpoint import latest_checkpoint
+from digiq.training.critic_metrics import candidate_ranking, sim_screens
 from digiq.utils.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,24 +72,24 @@ def test_candidate_ranking_per_group_top1() -> None:
     Q*-optimal, computed here by hand."""
     q = np.array([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
     qstar = np.array([[1.0, 0, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]])
-    m, agree = tc.candidate_ranking(q, qstar, groups=["home", "home", "search", "search"])
+    m, agree = candidate_ranking(q, qstar, groups=["home", "home", "search", "search"])
     assert agree.tolist() == [True, False, True, False]
     assert (m["val/qstar_top1/home"], m["val/qstar_top1/search"], m["val/qstar_top1_agreement"]) == (
         0.5,
         0.5,
         0.5,
     )
-    m, _ = tc.candidate_ranking(q, qstar, groups=["a", "b", "b", "b"])
+    m, _ = candidate_ranking(q, qstar, groups=["a", "b", "b", "b"])
     assert m["val/qstar_top1/a"] == 1.0 and m["val/qstar_top1/b"] == pytest.approx(1 / 3)
-    assert not any(k.startswith("val/qstar_top1/") for k in tc.candidate_ranking(q, qstar)[0])
+    assert not any(k.startswith("val/qstar_top1/") for k in candidate_ranking(q, qstar)[0])
     with pytest.raises(ValueError, match="group names"):
-        tc.candidate_ranking(q, qstar, groups=["a"])
+        candidate_ranking(q, qstar, groups=["a"])
     keys = [
         "train/search/buynow_com/yoga_mat|home|-1|0|0|0|0|100",
         "test/open_browser|browser|-1|0|0|0|0|100",
     ]
-    assert tc.sim_screens(keys) == ["home", "browser"]
-    assert tc.sim_screens(["s3"]) is None  # not the simulator's keys (e.g. the tiny MDP's): no groups
+    assert sim_screens(keys) == ["home", "browser"]
+    assert sim_screens(["s3"]) is None  # not the simulator's keys (e.g. the tiny MDP's): no groups
 
 
 class _Interrupted(Exception):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from digiq.errors import DataError
-from digiq.stages.train_critic import feature_stats
+from digiq.training.critic_data import feature_stats
 
 
 def test_feature_stats_chunked_equals_direct() -> None:

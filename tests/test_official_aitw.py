@@ -16,6 +16,7 @@ from digiq.config import load_config
 from digiq.models.tiny_text import save_tiny_text_encoder
 from digiq.stages import extract_policy as ep
 from digiq.stages import train_critic as tc
+from digiq.training.critic_learner import CriticLearner
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ROOT / "configs" / "train-critic" / "official-aitw.yaml"
@@ -114,15 +115,17 @@ def test_one_official_step_equals_hand_computation(tmp_path: Path, monkeypatch: 
     ds, feats = import_file(pt, tmp_path)
     enc = save_tiny_text_encoder(str(tmp_path / "tiny-roberta"))
     seen: dict = {}
-    real_step = tc.train_step
+    real_step = CriticLearner.step
 
-    def spy(model, critic, target, opt, data, idx, cfg, *rest, **kw):
-        seen.update(critic=copy.deepcopy(critic), target=copy.deepcopy(target), idx=idx.clone())
-        loss, parts = real_step(model, critic, target, opt, data, idx, cfg, *rest, **kw)
+    def spy(self, data, batch):
+        seen.update(
+            critic=copy.deepcopy(self.critic), target=copy.deepcopy(self.target), idx=batch.idx.clone()
+        )
+        loss, parts = real_step(self, data, batch)
         seen.update(loss=loss, parts=parts)
         return loss, parts
 
-    monkeypatch.setattr(tc, "train_step", spy)
+    monkeypatch.setattr(CriticLearner, "step", spy)
     # The official config; only the widths shrink (10752-wide layers do not fit a unit test) and the
     # encoder is a tiny random RoBERTa instead of roberta-base.
     cfg = load_config(

@@ -4,10 +4,12 @@ Stage 1 fine-tunes the VLM on exactly this label, so its intermediate features c
 regression on the dataset action's features, fitted on the training split, predicts it for candidates the
 dataset never executed. train-critic's no-op backup (``noop.enabled``) uses it to give those candidates a
 Bellman target: a screen that did not change is the same state, so Q(s, a) = r + gamma V(s) with r = 0.
+:func:`noop_candidates` applies the probe to every candidate and returns the mask of those to back up.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -64,3 +66,39 @@ class _Probe(torch.nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.lin(_standardise(x, self.mean, self.std)).squeeze(-1))
+
+
+def noop_candidates(
+    actions: torch.Tensor,
+    valid: torch.Tensor | None,
+    labels: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    threshold: float,
+    seed: int = 0,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """(R, N) float mask of the candidates to back up as no-ops, and the probe's diagnostics.
+
+    A linear probe on the dataset action's features (column 0) of ``train_rows`` learns the Stage-1 label
+    ``labels`` (R,); a candidate is a no-op where its P(changed) < ``threshold``. Column 0 (executed: it
+    has its real transition) and padding are never masked.
+    """
+    y = torch.as_tensor(labels, dtype=torch.float32)
+    tr = torch.as_tensor(train_rows, dtype=torch.long)
+    probe = fit_change_probe(actions[tr.to(actions.device), 0].cpu(), y[tr], seed=seed).to(actions.device)
+    p = torch.cat([probe(actions[i : i + chunk]) for i in range(0, len(actions), chunk)])  # (R, N)
+    mask = p < threshold
+    mask[:, 0] = False
+    if valid is not None:
+        mask &= valid.bool()
+    stats = {
+        "noop/candidates_masked": float(mask[:, 1:].float().mean()),
+        "noop/rows_with_one": float(mask.any(1).float().mean()),
+        "noop/train_label_positive": float(y[tr].mean()) if len(tr) else float("nan"),
+    }
+    if len(val_rows):
+        vr = torch.as_tensor(val_rows, dtype=torch.long)
+        pred = (p[vr.to(p.device), 0].cpu() >= 0.5).float()
+        stats["noop/probe_val_accuracy"] = float((pred == y[vr]).float().mean())
+    return mask.float(), stats

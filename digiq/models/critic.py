@@ -95,6 +95,65 @@ class CriticArch:
         return cls(**d)
 
 
+@dataclasses.dataclass
+class CriticTextConfig:
+    """train-critic's ``critic.text`` settings: the official critic's text inputs (critic_text.py)."""
+
+    # Hugging Face text encoder (AutoModel name or folder; official: roberta-base, default.yaml:19) that
+    # embeds the goal, the previous action's type and typed text, and each candidate's type and typed text
+    # (official critic.py:16-26,156-157). Empty: no text inputs.
+    encoder: str = ""
+    # One encoder per role (goal, action type, typed text) as the official three roberta-base; false = one
+    # encoder shared by all roles (a third of the parameters, one pass per batch).
+    separate: bool = True
+    # Train the encoders with the heads (official: the critic's optimiser covers them, trainer.py:54-55).
+    # false = frozen: each unique string is embedded once and cached next to the features.
+    finetune: bool = False
+    # Tokens per string (goals and typed texts are short).
+    max_length: int = 128
+    # Strings per encoder pass when embedding the frozen tables.
+    batch_size: int = 256
+
+
+@dataclasses.dataclass
+class CriticNetConfig:
+    """train-critic's ``critic`` settings; :meth:`arch` turns them into a :class:`CriticArch`."""
+
+    # Hidden widths of each twin Q head on f(s, a) (official: 10752-3840x3, with RoBERTa inputs).
+    q_hidden: tuple[int, ...] = (1024, 1024)
+    # Hidden widths of each twin V head on f(s) (official: 2304x3).
+    v_hidden: tuple[int, ...] = (1024, 1024)
+    # LayerNorm after every hidden layer (the official MLPs have none); stabilises TD on raw VLM features.
+    layer_norm: bool = True
+    # Twin aggregation when scoring (Q, V, advantages) and, with target_pairing=aggregate, in the TD
+    # targets: min = clipped double-Q; 'max' is the official scoring rule (trainer.py:264-265).
+    aggregate: Literal["min", "max", "mean"] = "min"
+    # TD targets: 'aggregate' backs up both heads from the twin-aggregated target heads; 'per_head' backs
+    # up head i from target head i only (q_i <- r + gamma (1-d) V_targ_i(s'), v_i <- Q_targ_i(s, a')), the
+    # official backup (trainer.py:148-152,173-175).
+    target_pairing: Literal["aggregate", "per_head"] = "aggregate"
+    # State features as frames [prev, cur] (step 0: [cur, cur]), as official offpolicy_train_loop.py:15-25.
+    frame_stack: bool = False
+    # Q's input: the action feature alone, or the V input first (official critic.py:157: state_action).
+    q_input: Literal["action", "state_action"] = "action"
+    # 'dueling': Q(s, a) = sg[V(s)] + A(f(s, a)), so the Q head fits advantages, not the between-state
+    # spread of the TD targets (beyond the paper; docs/results.md measures it); 'direct' = the official Q.
+    q_param: Literal["direct", "dueling"] = "direct"
+    text: CriticTextConfig = dataclasses.field(default_factory=CriticTextConfig)
+    # Standardise inputs with the feature mean/std of the training split (stored inside the critic).
+    normalize_inputs: bool = True
+
+    def arch(self, state_dim: int, action_dim: int) -> CriticArch:
+        """The architecture these settings give on features of widths ``state_dim`` / ``action_dim``."""
+        return CriticArch(
+            state_dim=state_dim, action_dim=action_dim, q_hidden=tuple(self.q_hidden),
+            v_hidden=tuple(self.v_hidden), layer_norm=self.layer_norm, aggregate=self.aggregate,
+            frame_stack=2 if self.frame_stack else 1, q_input=self.q_input, q_param=self.q_param,
+            text_encoder=self.text.encoder, text_separate=self.text.separate,
+            text_max_length=self.text.max_length, text_finetune=self.text.finetune,
+        )  # fmt: skip
+
+
 class EnsembleMLP(nn.Module):
     """``T`` independent MLPs ``in -> hidden... -> 1`` evaluated as batched matmuls: (..., in) -> (..., T).
 

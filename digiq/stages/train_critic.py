@@ -6,121 +6,57 @@
     digiq train-critic ... --resume                                       # continue from the last epoch
     accelerate launch --multi_gpu --num_processes 2 -m digiq train-critic ...   # multi-GPU (DDP)
 
-TD (DigiRL-agent/digiq @ 8181379, ``trainer.py:133-176``)::
+TD (Digi-Q's backup, DigiRL-agent/digiq @ 8181379 ``trainer.py:133-176``) or MC (the paper's ablation: both
+heads regress on the discounted return, recomputed from the rewards with ``gamma`` as
+``offpolicy_train_loop.py:110``). ``backup_action`` picks a' in V's target Q_targ(s, a'),
+``critic.target_pairing`` which target head backs up which online head (``per_head`` is the official backup,
+``trainer.py:148-152,173-175``; ``critic.aggregate: max`` alone does not reproduce it), ``noop.enabled``
+(beyond the paper; the pipeline's default) adds ``noop.weight * (Q(s, a) - gamma V_targ(s))^2`` for the
+candidates a linear probe on the Stage-1 labels reads as leaving the screen unchanged, and
+``critic.frame_stack`` / ``q_input`` / ``text`` give the official critic's inputs
+(:mod:`digiq.models.critic_text`, ``configs/train-critic/official-aitw.yaml``).
 
-    J_Q = (Q_i(s,a) - r - gamma (1-d) V_targ(s'))^2        J_V = (V_i(s) - Q_targ(s,a'))^2
-
-with a' the dataset action (``backup_action: dataset``, the official default) or one random stored
-candidate per sample (``candidate``; the official draws one index for the whole batch). Which target head
-backs up which online head is ``critic.target_pairing``: ``aggregate`` (default) backs up both heads from
-the twin-aggregated target (min by default: clipped double-Q); ``per_head`` backs up head i from target
-head i only, as the official code (``trainer.py:148-152,173-175``). ``critic.aggregate: max`` alone does
-not reproduce the official backup: it only sets the aggregation used for scoring (and for ``aggregate``
-pairing). MC: both heads regress on the discounted return, recomputed here from the
-rewards with ``gamma`` (the official loader also recomputes it, ``offpolicy_train_loop.py:110``).
-
-``noop.enabled`` (beyond the paper; the pipeline's default) adds a Bellman target for the candidates the
-dataset never executed but that leave the screen unchanged: a linear probe on the dataset actions' Stage-1
-labels marks them, and J_Q gains ``noop.weight * (Q(s, a) - gamma V_targ(s))^2`` (:class:`NoopBackupConfig`).
-
-Inputs: the cached features alone by default; ``critic.frame_stack``, ``critic.q_input`` and
-``critic.text`` give the official critic's inputs (goal and action text through a Hugging Face encoder,
-``[prev, cur]`` state frames, Q reading the V input: :mod:`digiq.models.critic_text`,
-``configs/train-critic/official-aitw.yaml``).
-
-All features sit in (device) memory as one tensor; a batch is a tensor gather by sampled row indices.
-Outputs in ``output_dir``: ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` (final validation
-metrics), ``checkpoints/step-N/`` (one per epoch, the layout of :mod:`digiq.training.checkpoint`: critic,
-EMA target, optimiser, scheduler, RNG) and the final ``critic/`` (load with
-:func:`digiq.models.critic.load_critic`).
+This module is the recipe (configs, set-up, train loop, checkpoints, evaluation). The objectives and the
+update are :class:`digiq.training.critic_learner.CriticLearner`'s, data staging and batch sampling
+:mod:`digiq.training.critic_data`'s, the validation metrics :mod:`digiq.training.critic_metrics`'s. Outputs
+in ``output_dir``: ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` (final validation metrics),
+``checkpoints/step-N/`` (one per epoch, the layout of :mod:`digiq.training.checkpoint`: critic, EMA target,
+optimiser, scheduler, RNG) and the final ``critic/`` (:func:`digiq.models.critic.load_critic`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from digiq.config import OptimConfig, WandbConfig, check, save_config, to_dict
-from digiq.data.features import FeatureCache
 from digiq.data.labels import dataset_labels
-from digiq.data.schema import split_by_trajectory
-from digiq.data.transitions import Transitions, check_candidate_counts, load_transitions
 from digiq.errors import DataError
-from digiq.losses import mc_loss, noop_q_loss, td_q_loss, td_target, td_v_loss
-from digiq.models.change_probe import fit_change_probe
-from digiq.models.critic import Critic, CriticArch, aggregate_twins, make_target, save_critic, soft_update
-from digiq.models.critic_text import CriticInputs, TextEncoders, build_inputs, gather, score
-from digiq.sim.layout import state_from_key
-from digiq.sim.phone import SimPhone
+from digiq.models.change_probe import noop_candidates
+from digiq.models.critic import Critic, CriticArch, CriticNetConfig, save_critic
+from digiq.models.critic_text import TextEncoders, build_inputs
 from digiq.training.accelerator import make_accelerator, resolve_mixed_precision
 from digiq.training.checkpoint import load_checkpoint, save_checkpoint
+from digiq.training.critic_data import RowSampler, StagedTensors, feature_stats, open_critic_data
+from digiq.training.critic_learner import CriticLearner, Objective
+from digiq.training.critic_metrics import QStarFn, QStarSet, validation_metrics
 from digiq.training.output import begin_output, check_output, finish_output
 from digiq.training.schedule import make_scheduler
 from digiq.utils.io import atomic_write_json
 from digiq.utils.logging import MetricsLogger, get_logger
 from digiq.utils.seed import set_seed
-from digiq.utils.stats import pearson, spearman
 
 log = get_logger(__name__)
 # Splits its work over the processes of a launcher (digiq.cli).
 DISTRIBUTED = True
 
-# q_star_fn(state_key, candidate_action_strings, gamma) -> exact Q* per candidate (np.ndarray (N,)).
-QStarFn = Callable[[str, list[str], float], np.ndarray]
 CRITIC_DIR = "critic"
-
-
-@dataclasses.dataclass
-class CriticTextConfig:
-    # Hugging Face text encoder (AutoModel name or folder; official: roberta-base, default.yaml:19) that
-    # embeds the goal, the previous action's type and typed text, and each candidate's type and typed text
-    # (official critic.py:16-26,156-157). Empty: no text inputs.
-    encoder: str = ""
-    # One encoder per role (goal, action type, typed text) as the official three roberta-base; false = one
-    # encoder shared by all roles (a third of the parameters, one pass per batch).
-    separate: bool = True
-    # Train the encoders with the heads (official: the critic's optimiser covers them, trainer.py:54-55).
-    # false = frozen: each unique string is embedded once and cached next to the features.
-    finetune: bool = False
-    # Tokens per string (goals and typed texts are short).
-    max_length: int = 128
-    # Strings per encoder pass when embedding the frozen tables.
-    batch_size: int = 256
-
-
-@dataclasses.dataclass
-class CriticNetConfig:
-    # Hidden widths of each twin Q head on f(s, a) (official: 10752-3840x3, with RoBERTa inputs).
-    q_hidden: tuple[int, ...] = (1024, 1024)
-    # Hidden widths of each twin V head on f(s) (official: 2304x3).
-    v_hidden: tuple[int, ...] = (1024, 1024)
-    # LayerNorm after every hidden layer (the official MLPs have none); stabilises TD on raw VLM features.
-    layer_norm: bool = True
-    # Twin aggregation when scoring (Q, V, advantages) and, with target_pairing=aggregate, in the TD
-    # targets: min = clipped double-Q; 'max' is the official scoring rule (trainer.py:264-265).
-    aggregate: Literal["min", "max", "mean"] = "min"
-    # TD targets: 'aggregate' backs up both heads from the twin-aggregated target heads; 'per_head' backs
-    # up head i from target head i only (q_i <- r + gamma (1-d) V_targ_i(s'), v_i <- Q_targ_i(s, a')), the
-    # official backup (trainer.py:148-152,173-175).
-    target_pairing: Literal["aggregate", "per_head"] = "aggregate"
-    # State features as frames [prev, cur] (step 0: [cur, cur]), as official offpolicy_train_loop.py:15-25.
-    frame_stack: bool = False
-    # Q's input: the action feature alone, or the V input first (official critic.py:157: state_action).
-    q_input: Literal["action", "state_action"] = "action"
-    # 'dueling': Q(s, a) = sg[V(s)] + A(f(s, a)), so the Q head fits advantages, not the between-state
-    # spread of the TD targets (beyond the paper; docs/results.md measures it); 'direct' = the official Q.
-    q_param: Literal["direct", "dueling"] = "direct"
-    text: CriticTextConfig = dataclasses.field(default_factory=CriticTextConfig)
-    # Standardise inputs with the feature mean/std of the training split (stored inside the critic).
-    normalize_inputs: bool = True
 
 
 @dataclasses.dataclass
@@ -238,350 +174,16 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------
-# Exact-Q* validation data
+# Recipe: setup (data, model, learner), train loop, checkpoint, evaluation
 # --------------------------------------------------------------------------------------------------
 
 
-def q_star_table(
-    tr: Transitions, rows: np.ndarray, num_candidates: int, gamma: float, q_star_fn: QStarFn
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Q* for every candidate of the simulated rows among ``rows``: (row ids (M,), Q* (M, N))."""
-    keep, table = [], []
-    for r in rows.tolist():
-        cands = tr.candidates[r]
-        if not tr.state_key[r] or len(cands) != num_candidates or num_candidates < 2:
-            continue
-        table.append(np.asarray(q_star_fn(tr.state_key[r], list(cands), gamma), dtype=np.float64))
-        keep.append(r)
-    if not keep:
-        return np.zeros(0, np.int64), np.zeros((0, num_candidates))
-    return np.asarray(keep, dtype=np.int64), np.stack(table)
-
-
-@torch.no_grad()
-def feature_stats(
-    x: torch.Tensor, rows: torch.Tensor, max_elements: int = 1 << 22
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean/std over ``x[rows]`` (flattening any candidate dim), accumulated in float64 chunk by chunk.
-
-    A chunk holds at most ``max_elements`` feature values (32 MiB in float64): chunks of a fixed row count
-    would, for (R, 16, 4096) action features, gather and upcast GBs at once (scripts/bench_memory.py).
-    """
-    dim = x.shape[-1]
-    per_row = max(1, x[0].numel()) if len(x) else 1
-    chunk = max(1, max_elements // per_row)
-    s = torch.zeros(dim, dtype=torch.float64, device=x.device)
-    sq = torch.zeros(dim, dtype=torch.float64, device=x.device)
-    n = 0
-    for i in range(0, len(rows), chunk):
-        part = x[rows[i : i + chunk]].reshape(-1, dim).double()
-        s += part.sum(0)
-        sq += (part * part).sum(0)
-        n += part.shape[0]
-    mean = s / max(n, 1)
-    var = (sq / max(n, 1) - mean * mean).clamp_min(0)
-    return mean.float(), var.sqrt().float()
-
-
-# --------------------------------------------------------------------------------------------------
-# Losses on a batch and validation
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class DeviceData:
-    """Everything a training step gathers from, on the training device."""
-
-    state: torch.Tensor  # (R, Ds) cache dtype
-    actions: torch.Tensor  # (R, N, Da) cache dtype
-    valid: torch.Tensor | None  # (R, N) bool
-    reward: torch.Tensor  # (R,) float32
-    done: torch.Tensor  # (R,) float32
-    mc_return: torch.Tensor  # (R,) float32
-    next_idx: torch.Tensor  # (R,) int64
-    # (R, N) float32: 1 where candidate j of row r is a no-op to back up with gamma V(s) (noop.enabled).
-    noop: torch.Tensor | None = None
-    # What the critic reads (state/actions above, plus frame stacking and text ids/tables); None = the
-    # plain features (built from state/actions on first use).
-    inputs: CriticInputs | None = None
-
-    def critic_inputs(self) -> CriticInputs:
-        if self.inputs is None:
-            self.inputs = CriticInputs(self.state, self.actions)
-        return self.inputs
-
-
-def backup_targets(
-    v_next_all: torch.Tensor, q_back_all: torch.Tensor, pairing: str, how: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-twin TD targets (B, T) for the online heads from the target heads' (B, T) outputs.
-
-    ``per_head``: twin i gets target twin i's value, unchanged (official ``trainer.py:148-152``);
-    ``aggregate``: every twin gets the twin-aggregate (``how``) of the target heads.
-    """
-    if pairing == "per_head":
-        return v_next_all, q_back_all
-    if pairing != "aggregate":
-        raise ValueError(f"unknown target_pairing {pairing!r}; use per_head or aggregate")
-    T = v_next_all.shape[-1]
-    v = aggregate_twins(v_next_all, how).unsqueeze(-1).expand(-1, T)
-    q = aggregate_twins(q_back_all, how).unsqueeze(-1).expand(-1, T)
-    return v, q
-
-
-def batch_loss(
-    model: torch.nn.Module,
-    target: Critic | None,
-    data: DeviceData,
-    idx: torch.Tensor,
-    cfg: Config,
-    backup_col: torch.Tensor | None = None,
-    noop_col: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss for rows ``idx``; ``model`` is the (possibly DDP-wrapped) critic, called once via forward().
-
-    ``noop_col`` (B,): one candidate per row to back up as a no-op (its weight is ``data.noop``; rows with
-    none carry weight 0), scored in the same forward as the dataset action.
-    """
-    inputs = data.critic_inputs()
-    online = getattr(model, "module", model)
-    b = gather(inputs, idx, 0, online.text)  # a fine-tuned encoder: one pass per encoder, with gradients
-    if noop_col is None:
-        q, v = model(b.state, b.action, b.state_text, b.action_text)  # (B, T) each
-    else:
-        pair = torch.stack([b.action, inputs.actions[idx, noop_col]], dim=1)  # (B, 2, Da)
-        q2, v = model(b.state, pair, b.state_text, None)  # (B, 2, T), (B, T); text is refused by validate
-        q, q_noop = q2[:, 0], q2[:, 1]
-    T = q.shape[-1]
-    if cfg.critic_loss == "mc":
-        g = data.mc_return[idx].unsqueeze(-1).expand(-1, T)
-        lq, lv = mc_loss(q, g), mc_loss(v, g)
-    else:
-        assert target is not None
-        expand = lambda t: t.unsqueeze(-1).expand(-1, T)  # noqa: E731 - explicit (B,)->(B,T), no broadcasting
-        with torch.no_grad():
-            nb = gather(inputs, data.next_idx[idx], None, target.text)
-            # The online batch's inputs serve the target too unless the target has its own (fine-tuned)
-            # encoders or backs up another candidate.
-            same = backup_col is None and (inputs.texts is None or inputs.tables is not None)
-            tb = b if same else gather(inputs, idx, 0 if backup_col is None else backup_col, target.text)
-            v_next, q_back = backup_targets(
-                target.v_all(nb.state, nb.state_text).float(),
-                target.q_all(tb.action, tb.state, tb.state_text, tb.action_text).float(),
-                cfg.critic.target_pairing,
-                cfg.critic.aggregate,
-            )
-        lq = td_q_loss(q.float(), expand(data.reward[idx]), expand(data.done[idx]), v_next, cfg.gamma)
-        if cfg.critic.q_param == "dueling":
-            # Q_targ(s, a') = V_targ(s) + A_targ(s, a') would regress V on itself: no anchor (measured: top-1
-            # 0.41, V's correlation with the return halved). V's own TD target r + gamma V_targ(s') has the
-            # fixed point V^beta, the same as E_{a'~beta} Q^beta(s, a') of the paper's J_V.
-            v_back = td_target(expand(data.reward[idx]), expand(data.done[idx]), v_next, cfg.gamma)
-            lv = td_v_loss(v.float(), v_back)
-        else:
-            lv = td_v_loss(v.float(), q_back)
-    parts = {"loss_q": lq.detach(), "loss_v": lv.detach(), "q_mean": q.detach().mean()}
-    loss = lq + lv
-    if noop_col is not None:
-        assert data.noop is not None
-        w = data.noop[idx, noop_col].unsqueeze(-1).expand(-1, T)
-        with torch.no_grad():
-            # TD: the target heads' V(s), paired with the online heads as the J_Q backup. MC has no target
-            # heads: its own V(s), a regression on the observed returns from s, stopped.
-            v_s = target.v_all(b.state, b.state_text).float() if target is not None else v.detach().float()
-            v_s, _ = backup_targets(v_s, v_s, cfg.critic.target_pairing if target is not None else "aggregate",
-                                    cfg.critic.aggregate)  # fmt: skip
-        ln = noop_q_loss(q_noop.float(), v_s, cfg.gamma, w)
-        loss = loss + cfg.noop.weight * ln
-        parts["loss_noop"] = ln.detach()
-    return loss, parts
-
-
-def train_step(
-    model: torch.nn.Module,
-    critic: Critic,
-    target: Critic | None,
-    opt: torch.optim.Optimizer,
-    data: DeviceData,
-    idx: torch.Tensor,
-    cfg: Config,
-    backup_col: torch.Tensor | None = None,
-    autocast: Callable[[], Any] = contextlib.nullcontext,
-    noop_col: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimiser step: loss, backward, clip, Adam, target EMA. ``model`` may be DDP around ``critic``.
-
-    Returns detached tensors (no host sync here: the caller decides when to read them).
-    """
-    with autocast():  # forward only; backward runs outside autocast as torch recommends
-        loss, parts = batch_loss(model, target, data, idx, cfg, backup_col, noop_col)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.optim.max_grad_norm > 0:
-        trainable = [p for p in critic.parameters() if p.requires_grad]
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm, foreach=True)
-    opt.step()
-    if target is not None:
-        soft_update(target, critic, cfg.tau)
-    return loss.detach(), parts
-
-
-@torch.no_grad()
-def evaluate(
-    critic: Critic,
-    data: DeviceData,
-    rows: np.ndarray,
-    gamma: float,
-    eval_batch_size: int,
-    qstar_rows: np.ndarray | None = None,
-    qstar: np.ndarray | None = None,
-    qstar_groups: Sequence[str] | None = None,
-) -> dict[str, float]:
-    """Validation metrics on ``rows`` with the online critic (twin-aggregated); ``qstar_groups`` (one name per
-    ``qstar_rows`` row, the simulator's screens) adds the top-1 agreement per group."""
-    critic.eval()
-    out: dict[str, float] = {}
-    if len(rows) == 0:
-        return out
-    q_sa, v_s, td = [], [], []
-    inputs = data.critic_inputs()
-    for i in range(0, len(rows), eval_batch_size):
-        idx = torch.as_tensor(rows[i : i + eval_batch_size], device=data.state.device)
-        q, v = score(critic, inputs, idx, 0)
-        _, v_next = score(critic, inputs, data.next_idx[idx], 0)
-        td.append(q - (data.reward[idx] + gamma * (1 - data.done[idx]) * v_next))
-        q_sa.append(q)
-        v_s.append(v)
-    q_np = torch.cat(q_sa).cpu().double().numpy()
-    v_np = torch.cat(v_s).cpu().double().numpy()
-    td_np = torch.cat(td).cpu().double().numpy()
-    mc = data.mc_return[torch.as_tensor(rows, device=data.mc_return.device)].cpu().double().numpy()
-    out["val/td_error"] = float(np.mean(td_np**2))
-    out["val/q_mc_mse"] = float(np.mean((q_np - mc) ** 2))
-    out["val/q_mc_pearson"] = pearson(q_np, mc)
-    out["val/v_mc_pearson"] = pearson(v_np, mc)
-    out["val/q_mean"] = float(q_np.mean())
-    out["val/mc_mean"] = float(mc.mean())
-    if qstar_rows is not None and qstar is not None and len(qstar_rows):
-        out.update(qstar_metrics(critic, data, qstar_rows, qstar, eval_batch_size, qstar_groups))
-    return out
-
-
-@torch.no_grad()
-def qstar_metrics(
-    critic: Critic,
-    data: DeviceData,
-    rows: np.ndarray,
-    qstar: np.ndarray,
-    eval_batch_size: int,
-    groups: Sequence[str] | None = None,
-) -> dict[str, float]:
-    """Top-1 agreement of argmax_i Q(s, a_i) with the Q*-optimal set, and mean Spearman(Q, Q*) per state.
-
-    Padding candidates (``valid`` False) are excluded. A state whose Q* (or Q) is constant over its
-    candidates has no defined Spearman and is left out of that mean (its count is reported).
-    """
-    chunk = max(1, eval_batch_size // max(1, data.actions.shape[1]))
-    qs = []
-    for i in range(0, len(rows), chunk):
-        idx = torch.as_tensor(rows[i : i + chunk], device=data.actions.device)
-        qs.append(score(critic, data.critic_inputs(), idx, slice(None))[0].cpu())
-    q = torch.cat(qs).double().numpy()  # (M, N)
-    valid = (
-        np.ones_like(q, dtype=bool)
-        if data.valid is None
-        else data.valid[torch.as_tensor(rows, device=data.valid.device)].cpu().numpy()
-    )
-    return candidate_ranking(q, qstar, valid, groups)[0]
-
-
-def candidate_ranking(
-    q: np.ndarray, qstar: np.ndarray, valid: np.ndarray | None = None, groups: Sequence[str] | None = None
-) -> tuple[dict[str, float], np.ndarray]:
-    """Ranking of scores ``q`` (M, N) against reference values ``qstar`` (M, N) over the valid candidates:
-    the metrics of :func:`qstar_metrics` and, per state, whether argmax ``q`` is a (tied) maximiser of
-    ``qstar`` (M,) bool. Index 0 is the dataset action. ``groups`` (M names) adds ``val/qstar_top1/<name>``:
-    the top-1 agreement within each group (on the simulator, per screen: where the critic ranks badly)."""
-    if valid is None:
-        valid = np.ones_like(q, dtype=bool)
-    agree, behaviour, chance, rhos = [], [], [], []
-    for j in range(len(q)):
-        m = valid[j]
-        qj, sj = q[j][m], qstar[j][m]
-        best = sj >= sj.max() - 1e-6
-        agree.append(bool(best[int(np.argmax(qj))]))
-        behaviour.append(bool(best[0]))  # index 0 = the dataset action
-        chance.append(best.mean())
-        rho = spearman(qj, sj)
-        if not math.isnan(rho):
-            rhos.append(rho)
-    metrics = {
-        "val/qstar_top1_agreement": float(np.mean(agree)),
-        "val/qstar_spearman": float(np.mean(rhos)) if rhos else float("nan"),
-        "val/qstar_states": float(len(q)),
-        "val/qstar_spearman_states": float(len(rhos)),
-        # Context: how often the dataset action / a uniformly random candidate is Q*-optimal.
-        "val/qstar_dataset_action_optimal": float(np.mean(behaviour)),
-        "val/qstar_random_optimal": float(np.mean(chance)),
-    }
-    if groups is not None:
-        if len(groups) != len(q):
-            raise ValueError(f"{len(groups)} group names for {len(q)} states")
-        hits: dict[str, list[bool]] = {}
-        for g, a in zip(groups, agree):
-            hits.setdefault(g, []).append(a)
-        metrics.update({f"val/qstar_top1/{g}": float(np.mean(v)) for g, v in sorted(hits.items())})
-    return metrics, np.asarray(agree, dtype=bool)
-
-
-def sim_screens(state_keys: Sequence[str]) -> list[str] | None:
-    """The simulator's screen of each state key (``home``, ``search``, ...); None if a key is not the
-    simulator's."""
-    try:
-        return [state_from_key(k).screen for k in state_keys]
-    except ValueError:
-        return None
-
-
-def noop_candidates(
-    actions: torch.Tensor,
-    valid: torch.Tensor | None,
-    labels: np.ndarray,
-    train_rows: np.ndarray,
-    val_rows: np.ndarray,
-    threshold: float,
-    seed: int = 0,
-    chunk: int = 1024,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """(R, N) float mask of the candidates to back up as no-ops, and the probe's diagnostics.
-
-    A linear probe on the dataset action's features (column 0) of ``train_rows`` learns the Stage-1 label
-    ``labels`` (R,); a candidate is a no-op where its P(changed) < ``threshold``. Column 0 (executed: it
-    has its real transition) and padding are never masked.
-    """
-    y = torch.as_tensor(labels, dtype=torch.float32)
-    tr = torch.as_tensor(train_rows, dtype=torch.long)
-    probe = fit_change_probe(actions[tr.to(actions.device), 0].cpu(), y[tr], seed=seed).to(actions.device)
-    p = torch.cat([probe(actions[i : i + chunk]) for i in range(0, len(actions), chunk)])  # (R, N)
-    mask = p < threshold
-    mask[:, 0] = False
-    if valid is not None:
-        mask &= valid.bool()
-    stats = {
-        "noop/candidates_masked": float(mask[:, 1:].float().mean()),
-        "noop/rows_with_one": float(mask.any(1).float().mean()),
-        "noop/train_label_positive": float(y[tr].mean()) if len(tr) else float("nan"),
-    }
-    if len(val_rows):
-        vr = torch.as_tensor(val_rows, dtype=torch.long)
-        pred = (p[vr.to(p.device), 0].cpu() >= 0.5).float()
-        stats["noop/probe_val_accuracy"] = float((pred == y[vr]).float().mean())
-    return mask.float(), stats
-
-
-# --------------------------------------------------------------------------------------------------
-# Recipe
-# --------------------------------------------------------------------------------------------------
+def objective(cfg: Config) -> Objective:
+    """The learner's objective for ``cfg`` (the dueling V target follows the critic's own q_param)."""
+    return Objective(
+        loss=cfg.critic_loss, gamma=cfg.gamma, tau=cfg.tau, target_pairing=cfg.critic.target_pairing,
+        aggregate=cfg.critic.aggregate, noop_weight=cfg.noop.weight, max_grad_norm=cfg.optim.max_grad_norm,
+    )  # fmt: skip
 
 
 def _resume_state(resume_from: Path, arch: CriticArch, features: str) -> tuple[Any, CriticArch]:
@@ -616,46 +218,18 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     check(
         cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} must be divisible by the {world} processes"
     )
-    local_batch = cfg.batch_size // world
     device = accelerator.device
 
-    resume_from = check_output(out, cfg.resume, cfg.overwrite, "train-critic")
     # ---- inputs (checked before the output folder is touched) ---------------------------------------
-    tr, ds = load_transitions(cfg.dataset, cfg.gamma)
-    feats = FeatureCache.open(cfg.features)
-    # The fingerprint catches a cache made for another dataset of the same length, and the candidate count
-    # one made before `digiq candidates` changed the rows: both would otherwise train a critic on the
-    # wrong features without any error.
-    feats.check_against(len(tr.reward), dataset_path=cfg.dataset, fingerprint=ds._fingerprint)
-    check_candidate_counts(tr.candidates, feats.num_candidates, cfg.dataset, cfg.features, ds)
-    if tr.num_truncated and is_main:
-        log.warning(
-            "%d trajectorie(s) end without done=1 (truncated); their last step is treated as terminal",
-            tr.num_truncated,
-        )
-    train_rows, val_rows = split_by_trajectory(ds, cfg.val_fraction)
-    if len(train_rows) == 0:
-        raise DataError(f"{cfg.dataset}: no training trajectories left after val_fraction={cfg.val_fraction}")
-    N = feats.num_candidates
-    if cfg.backup_action == "candidate" and N < 2:
-        raise DataError(
-            f"backup_action=candidate needs candidates in the feature cache, {cfg.features} has N=1"
-        )
-    arch = CriticArch(
-        state_dim=feats.state_dim,
-        action_dim=feats.action_dim,
-        q_hidden=tuple(cfg.critic.q_hidden),
-        v_hidden=tuple(cfg.critic.v_hidden),
-        layer_norm=cfg.critic.layer_norm,
-        aggregate=cfg.critic.aggregate,
-        frame_stack=2 if cfg.critic.frame_stack else 1,
-        q_input=cfg.critic.q_input,
-        q_param=cfg.critic.q_param,
-        text_encoder=cfg.critic.text.encoder,
-        text_separate=cfg.critic.text.separate,
-        text_max_length=cfg.critic.text.max_length,
-        text_finetune=cfg.critic.text.finetune,
-    )
+    resume_from = check_output(out, cfg.resume, cfg.overwrite, "train-critic")
+    cd = open_critic_data(cfg.dataset, cfg.features, cfg.gamma, cfg.val_fraction, warn=is_main)
+    tr, ds, N = cd.transitions, cd.dataset, cd.features.num_candidates
+    train_rows, val_rows = cd.train_rows, cd.val_rows
+    if cfg.backup_action == "candidate":
+        cd.require_candidates("backup_action=candidate")
+    if cfg.noop.enabled:
+        cd.require_candidates("noop.enabled")
+    arch = cfg.critic.arch(cd.features.state_dim, cd.features.action_dim)
     ck = None
     if resume_from is not None:
         ck, arch = _resume_state(resume_from, arch, cfg.features)
@@ -670,20 +244,10 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     begin_output(out, cfg.overwrite, accelerator)
     set_seed(cfg.seed + rank)
 
-    data = DeviceData(
-        state=feats.state.to(device),
-        actions=feats.actions.to(device),
-        valid=None if feats.valid is None else feats.valid.to(device),
-        reward=torch.as_tensor(tr.reward, device=device),
-        done=torch.as_tensor(tr.done, device=device),
-        mc_return=torch.as_tensor(tr.mc_return, device=device),
-        next_idx=torch.as_tensor(tr.next_idx, device=device),
-    )
-    del feats
+    data = StagedTensors.stage(cd.features, tr, device)
+    del cd
     noop_stats: dict[str, float] = {}
     if cfg.noop.enabled:
-        if N < 2:
-            raise DataError(f"noop.enabled needs candidates in the feature cache, {cfg.features} has N=1")
         labels = dataset_labels(ds, cfg.noop.eps, cfg.noop.scale, cfg.dataset)
         # The same deterministic fit on every process (a few hundred full-batch steps on (R, Da)).
         data.noop, noop_stats = noop_candidates(
@@ -692,17 +256,21 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         if is_main:
             log.info("no-op backup: %s", {k: round(v, 4) for k, v in noop_stats.items()})
 
-    # ---- model ----------------------------------------------------------------------------------
+    # ---- model and learner ----------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical init on every rank
     critic = Critic(arch, text).to(device)
-    train_t = torch.as_tensor(train_rows, device=device)
     if ck is not None:
         ck.restore_weights(critic, trainable_only=False)
     elif cfg.critic.normalize_inputs:
+        train_t = torch.as_tensor(train_rows, device=device)
         s_mean, s_std = feature_stats(data.state, train_t)
         a_mean, a_std = feature_stats(data.actions, train_t)
         critic.set_normalization(s_mean, s_std, a_mean, a_std)
-    target = make_target(critic) if cfg.critic_loss == "td" else None
+    # The target heads copy the critic as it now stands (normalisation set or weights restored).
+    learner = CriticLearner.create(
+        critic, objective(cfg), cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.weight_decay
+    )
+    target, opt = learner.target, learner.optimizer
     if target is not None and ck is not None and ck.weights("target") is not None:
         ck.restore_weights(target, "target", trainable_only=False)
     if arch.frame_stack > 1 or arch.text_encoder:
@@ -712,14 +280,6 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
             critic, data.state, data.actions, ds, cfg.features, tables=not arch.text_finetune,
             batch_size=cfg.critic.text.batch_size,
         )  # fmt: skip
-    # One Adam over the heads and, when fine-tuned, the encoders (official trainer.py:54-55).
-    opt = torch.optim.Adam(
-        [p for p in critic.parameters() if p.requires_grad],
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
-        foreach=True,
-    )
     total = cfg.epochs * cfg.steps_per_epoch
     sched = make_scheduler(opt, cfg.optim.scheduler, total, cfg.optim.warmup_ratio)
     start_step, start_epoch = 0, 0
@@ -729,27 +289,20 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         ck.restore_rng(rank)
         start_step, start_epoch = ck.step, int(ck.position["epoch"])
     # DDP by hand (not accelerator.prepare) so that no process-wide autocast wrapper is attached to forward.
-    model: torch.nn.Module = critic
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
+        learner.model = torch.nn.parallel.DistributedDataParallel(
             critic, device_ids=[device.index] if device.type == "cuda" else None
         )
     use_bf16 = resolve_mixed_precision(cfg.mixed_precision, cpu=device.type != "cuda") == "bf16"
+    learner.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    # ---- validation set-up (exact Q* on simulated data) -----------------------------------------
-    qs_rows = qs_table = qs_screens = None
-    if is_main and cfg.q_star == "auto" and len(val_rows):
-        sim_rows = [r for r in val_rows.tolist() if tr.state_key[r] and len(tr.candidates[r]) == N and N >= 2]
-        if sim_rows:
-            fn = q_star_fn or SimPhone().q_star
-            try:
-                qs_rows, qs_table = q_star_table(tr, np.asarray(sim_rows), N, cfg.gamma, fn)
-                qs_screens = sim_screens([tr.state_key[int(r)] for r in qs_rows])
-            except Exception as e:  # noqa: BLE001 - a metric source must not kill the training run
-                log.warning("exact Q* unavailable for these state keys (%s): skipping the Q* metrics", e)
+    # ---- validation set-up (exact Q* on simulated data, main process) ---------------------------
+    qs = QStarSet()  # exact Q* of the simulated validation rows (main process)
+    if is_main and cfg.q_star == "auto":
+        qs = QStarSet.build(tr, val_rows, N, cfg.gamma, q_star_fn)
+    validate = functools.partial(
+        validation_metrics, critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs
+    )
 
     if is_main:
         save_config(cfg, out)
@@ -762,51 +315,30 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         sum(p.numel() for p in critic.parameters()), total, device, world,
     )  # fmt: skip
 
-    gen = torch.Generator(device="cpu")
-    train_cpu = torch.as_tensor(train_rows)
-    valid_cpu = None if data.valid is None else data.valid.cpu().float()
-    noop_cpu = None if data.noop is None else data.noop.cpu()
+    # ---- train loop ----------------------------------------------------------------------------------
+    backup_candidate = cfg.critic_loss == "td" and cfg.backup_action == "candidate"
+    sampler = RowSampler(train_rows, cfg.batch_size // world, data, backup_candidate, cfg.seed, rank)
     step = start_step
     metrics: dict[str, float] = {}
     bar = tqdm(total=total, initial=start_step, disable=not is_main, desc="train-critic")
     for epoch in range(start_epoch, cfg.epochs):
-        # Sampling depends only on (seed, rank, epoch): resuming at an epoch boundary replays it exactly.
-        gen.manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + epoch)
-        model.train()
+        sampler.start_epoch(epoch)  # (seed, rank, epoch) alone: a resumed epoch replays exactly
+        learner.model.train()
         for _ in range(cfg.steps_per_epoch):
-            idx_cpu = train_cpu[torch.randint(len(train_cpu), (local_batch,), generator=gen)]
-            col = None
-            if cfg.critic_loss == "td" and cfg.backup_action == "candidate":
-                if valid_cpu is None:
-                    col = torch.randint(N, (local_batch,), generator=gen)
-                else:
-                    col = torch.multinomial(valid_cpu[idx_cpu], 1, generator=gen).squeeze(1)
-                col = col.to(device, non_blocking=True)
-            ncol = None
-            if noop_cpu is not None:
-                w = noop_cpu[idx_cpu]  # advanced indexing copies: the mask itself is not written
-                w[w.sum(1) == 0, 0] = 1.0  # a row without no-ops draws column 0, whose weight is 0
-                ncol = torch.multinomial(w, 1, generator=gen).squeeze(1).to(device, non_blocking=True)
-            idx = idx_cpu.to(device, non_blocking=True)
             lr = opt.param_groups[0]["lr"]  # the rate of this update (the scheduler moves it after the step)
-            loss, parts = train_step(model, critic, target, opt, data, idx, cfg, col, autocast, ncol)
+            loss, parts = learner.step(data, sampler.draw(device))
             sched.step()
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
-                logs = {k: float(v) for k, v in parts.items()}
-                logs["loss"] = float(loss)
-                logs["lr"] = lr
+                logs = {**{k: float(v) for k, v in parts.items()}, "loss": float(loss), "lr": lr}
                 if not math.isfinite(logs["loss"]):
                     raise DataError(f"critic loss became {logs['loss']} at step {step}: lower optim.lr")
                 logger.log({f"train/{k}": v for k, v in logs.items()}, step)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
         # ---- end of epoch: validate (main process) + checkpoint (every process; the main one writes) ----
         if is_main:
-            metrics = evaluate(
-                critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table, qs_screens
-            )
-            metrics.update(epoch=float(epoch + 1), **noop_stats)
+            metrics = {**validate(), "epoch": float(epoch + 1), **noop_stats}
             logger.log(metrics, step)
             shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/")}
             log.info("epoch %d/%d step %d: %s", epoch + 1, cfg.epochs, step, shown)
@@ -817,12 +349,10 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         )  # fmt: skip
     bar.close()
 
+    # ---- final critic and metrics --------------------------------------------------------------------
     if is_main:
         if not metrics:  # resumed a finished run: recompute the final metrics
-            metrics = evaluate(
-                critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs_rows, qs_table, qs_screens
-            )
-            metrics.update(noop_stats)
+            metrics = {**validate(), **noop_stats}
         metrics["step"] = float(step)
         save_critic(
             critic,
