@@ -346,3 +346,46 @@ def test_stream_never_contains_v2_held_out_goals_sites_or_words() -> None:
         assert not tokens & (held_words | sites), text
         assert not any(g in text for g in goals), text
         assert not any(q in text for q in queries), text
+
+
+def test_any_action_on_any_task_steps_and_renders(phone: SimPhone) -> None:
+    """A learnt policy does what the demonstrator never does (type into a shop's search field on a settings
+    task, say): random actions on tasks of every kind must step, render and keep exact values defined."""
+    import random
+
+    def tap(state, name: str):
+        (w,) = [w for w in phone.widgets(state) if w.name == name]
+        return phone.step(state, Action.tap((w.box[0] + w.box[2]) / 2, (w.box[1] + w.box[3]) / 2))[0]
+
+    # a settings goal, a shop, its search field, a typed word: the goal has no query to compare it with
+    toggle = next(t for t in phone.tasks("train") if t.kind == "toggle")
+    s = tap(tap(phone.reset(toggle, 7), "app:ShopMart"), "search_bar")
+    s = phone.step(s, Action.type_text("hello"))[0]
+    assert phone.render(s).size == (180, 320) and phone.v_star(s, GAMMA) > 0
+
+    rng = random.Random(0)
+    tasks = phone.tasks("train")
+    kinds: dict[str, object] = {}
+    for t in tasks:
+        kinds.setdefault(t.kind, t)
+    words = ["hello", "", "usb cable", "asdf"]
+    for k, t in enumerate(kinds.values()):
+        for episode in range(6):
+            s = phone.reset(t, 100 * k + episode)
+            for _ in range(25):
+                r = rng.random()
+                if r < 0.6:
+                    a = Action.tap(rng.random(), rng.random())
+                elif r < 0.75:
+                    a = Action.type_text(rng.choice(words))
+                elif r < 0.85:
+                    a = Action.swipe((rng.random(), rng.random()), (rng.random(), rng.random()))
+                else:
+                    a = Action.key(
+                        rng.choice([ActionType.PRESS_BACK, ActionType.PRESS_HOME, ActionType.PRESS_ENTER])
+                    )
+                s, _, done = phone.step(s, a)
+                assert phone.render(s).size == (180, 320)
+                phone.v_star(s, GAMMA)
+                if done:
+                    break

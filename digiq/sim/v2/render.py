@@ -26,7 +26,10 @@ def item_name(query: str, variant: int) -> str:
 
 
 def query_colour(query: str) -> tuple[int, int, int]:
-    """By catalogue position: a query and its decoy (the next query of its group) never share a colour."""
+    """By catalogue position: a query and its decoy (the next query of its group) never share a colour. Text
+    that is no catalogue query (typed on a task without one) is drawn grey."""
+    if query not in ALL_QUERIES:
+        return (150, 150, 150)
     return R1.ITEM_PALETTE[ALL_QUERIES.index(query) % len(R1.ITEM_PALETTE)]
 
 
