@@ -10,7 +10,7 @@ Three losses:
 
 * ``--loss mse`` (the default, the first probe): regression on the Q* values. Most of Q*'s variance lies
   *between* states, so the fit spends itself there; at its default budget (1,000 steps of 32 states) a TD
-  critic has beaten its top-1 (docs/results.md). Its Spearman is the steadier number.
+  critic has beaten its top-1 (docs/experiments/2026-12-07-sim-v1.md). Its Spearman is the steadier number.
 * ``--loss advantage``: regression on Q* minus the mean Q* of the state's valid candidates, with the
   prediction centred the same way: the MSE of ``mse`` without its between-state part. It is what
   ``critic.q_param=dueling`` gives a TD critic (Q = V(s) + A(s, a)), measured with every label known.

@@ -137,7 +137,7 @@ class CriticNetConfig:
     # Q's input: the action feature alone, or the V input first (official critic.py:157: state_action).
     q_input: Literal["action", "state_action"] = "action"
     # 'dueling': Q(s, a) = sg[V(s)] + A(f(s, a)), so the Q head fits advantages, not the between-state
-    # spread of the TD targets (beyond the paper; docs/results.md measures it); 'direct' = the official Q.
+    # spread of the TD targets (beyond the paper; docs/experiments/2026-12-07-sim-v1.md measures it); 'direct' = the official Q.
     q_param: Literal["direct", "dueling"] = "direct"
     text: CriticTextConfig = dataclasses.field(default_factory=CriticTextConfig)
     # Standardise inputs with the feature mean/std of the training split (stored inside the critic).

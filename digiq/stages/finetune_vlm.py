@@ -91,7 +91,7 @@ class Config:
     val_fraction: float = 0.2
     # 4, not 8: on the simulator's pipeline data (2 Stage-1 seeds x 3 critic seeds x 200 test episodes) the
     # policy extracted on 4-epoch features solves 0.598 [0.569, 0.625] against 0.608 [0.580, 0.636] after 8
-    # epochs, with the same critic top-1 (0.499 vs 0.482), at half Stage 1's time (docs/results.md).
+    # epochs, with the same critic top-1 (0.499 vs 0.482), at half Stage 1's time (docs/experiments/2026-12-07-sim-v1.md).
     epochs: int = 4
     # Stop after this many optimizer steps (0 = run all epochs).
     max_steps: int = 0

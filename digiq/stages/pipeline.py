@@ -68,8 +68,7 @@ STAGES = (
 )
 
 
-# The simulated-device recipe: the tuned settings of configs/{finetune-vlm/tiny,train-bc/tiny,candidates/sim,
-# extract-policy/td,evaluate/sim}.yaml, as code so that a plain `digiq pipeline` needs no YAML file.
+# The simulated-device recipe. docs/defaults.md gives, for each value, the split and the numbers that chose it.
 def _train_bc() -> train_bc.Config:
     c = train_bc.Config()
     c.train = dataclasses.replace(c.train, batch_size=32, epochs=6.0, log_every=25)
@@ -78,29 +77,14 @@ def _train_bc() -> train_bc.Config:
 
 
 def _candidates() -> candidates.Config:
-    # The simulator's scripted behaviour policy collected the data, so it is the behaviour policy to sample
-    # candidates from (the official pipeline samples them from AutoUI, its data collector). Candidates from
-    # the tiny pi_beta (`candidates.source=policy`) work too, but are only as good as that policy.
+    # The scripted sampler reads the simulator's optimal actions: an oracle-backed reference, not the paper's
+    # protocol (candidates from a model: source=policy with candidates_from); docs/defaults.md.
     return candidates.Config(source="sim", num_candidates=16)
 
 
 def _train_critic() -> train_critic.Config:
-    # 1000 steps of 256 rows cover the ~2,900 training transitions ~90 times. The cosine decay settles the
-    # final epoch: at a constant lr the top-1 agreement with argmax Q* of successive epochs swings by up to
-    # 0.25 (argmax among near-tied candidates), and extraction uses the final critic. On the default
-    # pipeline's features (seeds 0-2, docs/results.md) 1024-wide heads + cosine reach top-1 0.568 against
-    # 0.526 for 512-wide heads at a constant lr (0.550 for 512 + cosine).
-    # Beyond the paper, measured on the default run's features (seeds 0-2, docs/results.md "The no-op
-    # backup"): candidates the Stage-1 probe reads as leaving the screen unchanged get the target gamma V(s)
-    # (they were the default critic's argmax on 27% of the validation states), and Q = sg[V(s)] + A(s, a)
-    # (dueling) so the head fits what ranks candidates. Critic top-1 0.494 -> 0.626, extracted policy
-    # 0.582 -> 0.763 (600 test episodes each). A looser probe threshold (0.5) ranks better on validation
-    # (0.662) but extracts worse (0.593): on rare screens (the product page) the probe calls the untried
-    # "add to cart" taps no-ops and the backup then teaches them gamma V(s) instead of the reward.
-    # The advantage head also reads f(s) (the official critic's input, critic.py:157): Stage 1 trains
-    # f(s, a) on the screen change alone and it keeps little of the goal (a linear probe reads the goal's
-    # site off f(s, a) of home-screen app taps at 0.67, off f(s) at 0.88), while the right app depends on
-    # it. Top-1 0.626 -> 0.656 (home 0.62 -> 0.65), success the same (0.763 vs 0.762; seeds 0-2).
+    # Cosine decay settles the final epoch, which extraction uses. Beyond the paper: the no-op backup and a
+    # dueling head; the advantage head reads [f(s), f(s, a)] as the official critic does (critic.py:157).
     c = train_critic.Config(epochs=10)
     c.optim = dataclasses.replace(c.optim, scheduler="cosine")
     c.critic.q_param = "dueling"
@@ -110,10 +94,7 @@ def _train_critic() -> train_critic.Config:
 
 
 def _extract() -> extract_policy.Config:
-    # The official WebShop threshold (trainer.py:285-294: 0.05; 0.10 for general tasks). On the default
-    # run's critics (seeds 0-2, 200 test episodes each) 0.05 keeps 0.86-0.88 of the states instead of 0.64-0.66
-    # and the extracted policy solves 0.735 [0.698, 0.769] against 0.608 [0.569, 0.647] at 0.10
-    # (docs/results.md); every seed gained.
+    # The official WebShop threshold (trainer.py:285-294: 0.05; 0.10 for general tasks).
     c = extract_policy.Config(threshold=0.05)
     c.train = dataclasses.replace(c.train, batch_size=32, epochs=8.0)
     c.optim = dataclasses.replace(c.optim, lr=1e-3)
@@ -140,8 +121,8 @@ class Config:
     # The weights Stage 1 fine-tunes. 'pretrained' (default) = the GUI-pretrained model `pretrained`, which
     # is then also pi_beta's start (train_bc.model): the paper's setting, a VLM that already reads screens
     # (LLaVA-1.5) for the critic and a pretrained GUI policy (AutoUI) for pi_beta. 'bc' = the
-    # behaviour-cloned policy's VLM (train_bc's output, whatever train_bc.model is): the only offline
-    # "pretraining" before gui-tiny existed (0.922 held-out vs 0.850 from random weights, docs/results.md).
+    # behaviour-cloned policy's VLM (train_bc's output, whatever train_bc.model is), the start before gui-tiny
+    # existed.
     # 'model' = finetune_vlm.model as configured (a hub VLM such as LLaVA-1.5 on real data).
     stage1_init: Literal["pretrained", "bc", "model"] = "pretrained"
     # The pretrained VLM of stage1_init=pretrained: a save_pretrained folder (repository-relative paths are
@@ -154,12 +135,8 @@ class Config:
     # collect.num_trajectories, the finetune_vlm stage first collects `data_stage1`: the same behaviour policy
     # on the same tasks with the same seed, so its first collect.num_trajectories trajectories are the
     # dataset's own. Stage 1 holds out the same trajectories as without the option (the dataset's last
-    # finetune_vlm.val_fraction, which the critic validates on) and trains on all the others. It needs only
-    # (s_t, a_t, s_{t+1}); every other stage keeps the dataset. Stage 1's errors are taps (~1,700 in the
-    # dataset's training split): with 1,500 trajectories and finetune_vlm.epochs=3 it reaches 0.956 held-out
-    # against 0.932, at 2.5x Stage 1's time. Off by default: on those features the critic ranks worse (top-1
-    # 0.589 vs 0.656; the app on the home screen, which needs the goal) and extracts 0.435 instead of 0.762
-    # (docs/results.md, "Stage 1 >= 0.95").
+    # finetune_vlm.val_fraction, which the critic validates on) and trains on all the others; every other
+    # stage keeps the dataset. Off by default (docs/defaults.md).
     stage1_trajectories: int = 0
     # Which model samples the Best-of-N candidates with candidates.source=policy: 'pi_beta' = the behaviour
     # clone of the data (train_bc's export); 'behaviour' = the model that collected the data

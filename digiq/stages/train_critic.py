@@ -65,7 +65,7 @@ class NoopBackupConfig:
     # screen as it was (a tap on nothing, Go on an empty field). Such an action leads back to the same state
     # with no reward, so Q(s, a) = gamma V(s); without it the critic sees returns for the dataset action
     # only and ranks unexecuted no-ops at random (on the simulator they are 47% of the candidates and the
-    # argmax of the default critic on 27% of the validation states; docs/results.md). Which candidates
+    # argmax of the default critic on 27% of the validation states; docs/experiments/2026-12-07-sim-v1.md). Which candidates
     # leave the screen unchanged is read off the cached features by a linear probe fitted on the dataset
     # actions' Stage-1 labels (s_t vs s_{t+1}, as Stage 1): no simulator knowledge.
     enabled: bool = False
@@ -73,7 +73,7 @@ class NoopBackupConfig:
     # a real state change wrongly backed up by gamma V(s) would teach a wrong value).
     threshold: float = 0.1
     # Weight of the no-op term against J_Q (one no-op candidate drawn per sampled row, of ~7 per state on
-    # the simulator; 10 ranked better than 3 there, docs/results.md).
+    # the simulator; 10 ranked better than 3 there, docs/experiments/2026-12-07-sim-v1.md).
     weight: float = 10.0
     # The Stage-1 label's threshold and scale (mean squared pixel difference at 0.25x; finetune_vlm's).
     eps: float = 30.0
