@@ -41,7 +41,7 @@ from digiq.envs.miniwob import MiniWoBConfig
 from digiq.envs.miniwob_policy import MiniWoBBehaviourConfig
 from digiq.envs.rollout import Episode, run_episodes
 from digiq.envs.sim import v2_episode_seed
-from digiq.errors import DataError
+from digiq.errors import DataError, DigiqError
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
 from digiq.sim.phone import SimConfig, SimPhone
 from digiq.utils.io import atomic_write_json, is_complete, refuse_finished
@@ -63,6 +63,17 @@ def screen_change(png_a: bytes, png_b: bytes, scale: float = CHANGE_SCALE) -> fl
 
     with Image.open(io.BytesIO(png_a)) as a, Image.open(io.BytesIO(png_b)) as b:
         return screen_diff(a, b, scale)
+
+
+def _policy_folder(policy: str) -> str | None:
+    """A policy folder as given, or relative to the repository (the shipped models), or None."""
+    from digiq.models.shipped import resolve_model_folder
+
+    try:
+        folder = resolve_model_folder(policy)
+    except DigiqError:
+        return None
+    return folder if Path(folder).is_dir() else None
 
 
 @dataclasses.dataclass
@@ -126,7 +137,7 @@ class Config:
                 "policy=<a model>` (num_candidates must be 0 here)",
             )
             check(
-                Path(self.policy).is_dir(),
+                _policy_folder(self.policy) is not None,
                 f"policy={self.policy}: neither 'scripted' nor an existing policy folder",
             )
         check(
@@ -254,7 +265,10 @@ def collect_columns(cfg: Config, phone: SimPhone | None = None, progress: bool =
         # collects the same episodes.
         model_seed = int(np.random.SeedSequence(cfg.seed).spawn(4)[3].generate_state(1)[0])
         policy = load_policy_fn(
-            cfg.policy, temperature=cfg.temperature, seed=model_seed, batch_size=cfg.batch_size
+            _policy_folder(cfg.policy),
+            temperature=cfg.temperature,
+            seed=model_seed,
+            batch_size=cfg.batch_size,
         )
         workers = min(cfg.batch_size, len(instances))
     with tqdm(total=len(instances), desc="sim collect", unit="traj", disable=not progress) as bar:

@@ -230,6 +230,8 @@ def wire(cfg: Config) -> dict[str, Any]:
     c["collect"].output_dir = str(d["collect"])
     for name in ("collect", "candidates", "evaluate"):
         c[name].sim = dataclasses.replace(c[name].sim, benchmark=cfg.benchmark)
+    if cfg.collect.policy != "scripted":  # a shipped behaviour model is found from any working directory
+        c["collect"].policy = resolve_model_folder(cfg.collect.policy)
     c["collect"].env = c["evaluate"].env = cfg.env
     data = d["candidates"]
     if cfg.env == "miniwob":
@@ -291,9 +293,10 @@ def _policies_to_evaluate(cfg: Config) -> dict[str, tuple[str, float | None]]:
     out = Path(cfg.output_dir)
     behaviour: dict[str, tuple[str, float | None]] = {"behaviour": ("behaviour", None)}
     if cfg.collect.policy != "scripted":
+        model = resolve_model_folder(cfg.collect.policy)
         behaviour = {
-            "behaviour": (cfg.collect.policy, cfg.collect.temperature),
-            "behaviour_greedy": (cfg.collect.policy, 0.0),
+            "behaviour": (model, cfg.collect.temperature),
+            "behaviour_greedy": (model, 0.0),
         }
     return {
         **behaviour,
