@@ -4,7 +4,7 @@ Every stage owns one top-level dataclass (defined next to its recipe in ``digiq/
 pieces (optimiser, LoRA, wandb, model) live here. A config is resolved in three layers, later wins:
 
 1. the dataclass defaults,
-2. a YAML file (``--config configs/train_critic/td.yaml``),
+2. a YAML file (``--config configs/train-critic/td.yaml``),
 3. dotted overrides on the command line (``critic.lr=3e-4 output_dir=runs/x``).
 
 Unknown keys and wrong types fail *before* any work starts, with the file or flag that caused them and a
