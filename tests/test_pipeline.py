@@ -303,6 +303,11 @@ def test_summary_intervals_are_over_goals() -> None:
 
     per_task = {f"g{i}": [3, 3] if i < 20 else [0, 3] for i in range(32)}
     m = {"success_rate": 60 / 96, "ci_low": 0.0, "ci_high": 1.0, "num_episodes": 96, "per_task": per_task}
-    md = pipeline.render_summary({"stages": {"evaluate": {"metrics": {"bc": m}}}})
+    m["split"] = "val"
+    # as the pipeline stores it: the stage's metrics through _short, then rendered
+    stored = pipeline._short({"bc": m, "paths": ["a", "b", "c"]})
+    assert "paths" not in stored
+    md = pipeline.render_summary({"stages": {"evaluate": {"metrics": stored}}})
     lo, hi = wilson_interval(20, 32)
     assert f"| bc | 0.625 | [{lo:.3f}, {hi:.3f}] | 32 | 96 |" in md
+    assert "| policy | val success (mean over goals) |" in md

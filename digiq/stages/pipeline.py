@@ -364,8 +364,15 @@ def _collect_stage1_data(cfg: Config) -> None:
 def _short(metrics: Any) -> Any:
     """Scalars only (stage results may hold lists or paths)."""
     if isinstance(metrics, dict):
-        return {k: _short(v) for k, v in metrics.items() if isinstance(v, (int, float, str, bool, dict))}
+        return {k: _short(v) for k, v in metrics.items() if _scalar_or_nested(v)}
     return metrics
+
+
+def _scalar_or_nested(v: Any) -> bool:
+    """Scalars, dicts, and short lists of numbers (per-goal ``[successes, episodes]`` for the summary)."""
+    if isinstance(v, (list, tuple)):
+        return len(v) <= 2 and all(isinstance(x, (int, float)) for x in v)
+    return isinstance(v, (int, float, str, bool, dict))
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -442,7 +449,9 @@ def render_summary(summary: dict[str, Any]) -> str:
     if ev:
         traced = any(isinstance(m, dict) and "first_mistake_screens" in m for m in ev.values())
         # Intervals over goals, not episodes: a goal's repeated greedy episodes are one outcome.
-        head = "| policy | test success (mean over goals) | 95% CI over goals | goals | episodes |"
+        splits = {m.get("split") for m in ev.values() if isinstance(m, dict)} - {None}
+        split = splits.pop() if len(splits) == 1 else "test"
+        head = f"| policy | {split} success (mean over goals) | 95% CI over goals | goals | episodes |"
         lines += [head + " failed episodes by first-mistake screen |" if traced else head]
         lines.append("|---|---|---|---|---|---|" if traced else "|---|---|---|---|---|")
         for label, m in ev.items():
