@@ -86,19 +86,20 @@ def _field_comments(cls: type) -> dict[str, str]:
     return out
 
 
-def describe_config(cls: type, prefix: str = "") -> list[str]:
-    """Human-readable lines ``key = default  # comment`` for every (nested) field of a config class."""
+def describe_config(cls: type, prefix: str = "", default: typing.Any = None) -> list[str]:
+    """Human-readable lines ``key = default  # comment`` for every (nested) field of a config class; the
+    defaults are ``default``'s values (an instance of ``cls``; ``cls()`` when None)."""
 
     lines: list[str] = []
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)
-    default = cls()
+    default = cls() if default is None else default
     for f in dataclasses.fields(cls):
         value = getattr(default, f.name)
         name = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             lines.append(f"  [{name}]" + (f"  # {comments[f.name]}" if f.name in comments else ""))
-            lines.extend(describe_config(type(value), prefix=f"{name}."))
+            lines.extend(describe_config(type(value), prefix=f"{name}.", default=value))
             continue
         tp = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
         shown = to_dict(value) if isinstance(value, (tuple, list)) else value
@@ -106,6 +107,14 @@ def describe_config(cls: type, prefix: str = "") -> list[str]:
         if f.name in comments:
             lines.extend("      " + w for w in textwrap.wrap(comments[f.name], 96))
     return lines
+
+
+def _recipe_defaults(cls: type) -> typing.Any:
+    """``cls`` resolved from its recipe file alone, or None when that fails (the run then says why)."""
+    try:
+        return load_config(cls)
+    except ConfigError:
+        return None
 
 
 def _is_sequence_field(cls: type, name: str) -> bool:
@@ -155,11 +164,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_cls = module.Config
     positional = getattr(module, "POSITIONAL", None)
 
+    fields_help = "config fields (override with key=value):\n"
+    defaults = None
+    if getattr(config_cls, "RECIPE", None):
+        # --help shows the recipe's values, the ones a run without --config uses
+        fields_help = f"config fields (defaults: {config_cls.RECIPE}; override with key=value):\n"
+        defaults = _recipe_defaults(config_cls)
     parser = argparse.ArgumentParser(
         prog=f"digiq {name}",
         description=(module.__doc__ or help_line).strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config fields (override with key=value):\n" + "\n".join(describe_config(config_cls)),
+        epilog=fields_help + "\n".join(describe_config(config_cls, default=defaults)),
     )
     parser.add_argument(
         "--config", "-c", help="YAML config file (see configs/); overrides still apply on top"

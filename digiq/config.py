@@ -4,8 +4,10 @@ Every stage owns one top-level dataclass (defined next to its recipe in ``digiq/
 pieces (optimiser, LoRA, wandb, model) live here. A config is resolved in three layers, later wins:
 
 1. the dataclass defaults,
-2. a YAML file (``--config configs/train-critic/td.yaml``),
-3. dotted overrides on the command line (``critic.lr=3e-4 output_dir=runs/x``).
+2. the class's recipe file, when it names one (``RECIPE``, repository-relative: ``digiq pipeline`` reads
+   ``configs/pipeline/default.yaml``),
+3. a YAML file (``--config configs/train-critic/td.yaml``),
+4. dotted overrides on the command line (``critic.lr=3e-4 output_dir=runs/x``).
 
 Unknown keys and wrong types fail *before* any work starts, with the file or flag that caused them and a
 "did you mean" hint (lerobot validates the same way, ``cfg.validate()`` before distributed init). The
@@ -24,6 +26,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
+from digiq.models.shipped import REPO_ROOT
 from digiq.utils.io import atomic_write_text
 
 T = TypeVar("T")
@@ -346,29 +349,48 @@ def parse_overrides(overrides: typing.Sequence[str], cls: Any) -> dict[str, Any]
     return tree
 
 
+def recipe_path(cls: type) -> Path | None:
+    """The YAML file a config class reads before any ``--config`` (its ``RECIPE`` class attribute, relative to
+    the repository, so it is found from any working directory), or None when the class names none."""
+    recipe = getattr(cls, "RECIPE", None)
+    if not recipe:
+        return None
+    path = REPO_ROOT / recipe
+    if not path.is_file():
+        raise ConfigError(f"the default recipe {path} of {cls.__module__}.{cls.__name__} is missing")
+    return path
+
+
+def _read_yaml(cls: type, path: str | Path) -> dict[str, Any]:
+    """A YAML config file's contents, its keys checked against ``cls`` (errors name the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+    try:
+        from_dict(cls, loaded)  # surface unknown keys against the file, not the merged dict
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return _mark_whole(cls, loaded)
+
+
 def load_config(
     cls: type[T], config_path: str | Path | None = None, overrides: typing.Sequence[str] = ()
 ) -> T:
-    """Defaults <- YAML file <- dotted overrides, then ``validate()``; errors name the file or flag."""
+    """Defaults <- recipe file <- YAML file <- dotted overrides, then ``validate()``; errors name the file or
+    flag."""
     # Start from the dataclass defaults as a dict, so a partial YAML section or a single dotted override
     # (``optim.lr=1e-3``) keeps the parent's ``default_factory`` values for the other fields of the section.
     defaults = to_dict(cls())
     data: dict[str, Any] = {}
-    if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
-        try:
-            from_dict(cls, loaded)  # surface unknown keys against the file, not the merged dict
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-        data = _mark_whole(cls, loaded)
+    for path in (recipe_path(cls), config_path):
+        if path is not None:
+            data = _merge(data, _read_yaml(cls, path))
     if overrides:
         try:
             data = _merge(data, parse_overrides(overrides, cls))

@@ -255,7 +255,7 @@ def test_two_process_ddp_with_the_pipelines_critic(tmp_path: Path) -> None:
     of a row go through one forward, and every process fits the same probe."""
     ds, feats, _, _ = make_run_inputs(tmp_path, num_traj=40, eps=0.5, gamma=GAMMA, noop_action=3)
     out = tmp_path / "ddp"
-    pc = pipeline.Config().train_critic
+    pc = load_config(pipeline.Config).train_critic  # the recipe, configs/pipeline/default.yaml
     assert pc.noop.enabled  # the assertions below are about the backup
     _torchrun_train_critic(
         ds, feats, out, f"critic.q_param={pc.critic.q_param}", f"critic.q_input={pc.critic.q_input}",

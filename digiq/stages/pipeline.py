@@ -1,6 +1,6 @@
 """``digiq pipeline``: the whole Digi-Q pipeline on the simulated device, resumable stage by stage.
 
-    digiq pipeline                                   # defaults: configs/pipeline/default.yaml values
+    digiq pipeline                                   # the recipe: configs/pipeline/default.yaml
     digiq pipeline output_dir=runs/p2 seed=1 train_critic.critic_loss=mc
     digiq pipeline --resume                          # continue a killed run (finished stages are skipped)
 
@@ -16,6 +16,10 @@ A stage whose folder holds a ``_COMPLETE`` marker is skipped; a folder without o
 support ``resume``) or rebuilt. The per-stage sections take any field of that stage's own config, except the
 input/output paths, which the pipeline wires (``<output_dir>/<stage>``). ``summary.json`` / ``summary.md``
 collect the numbers: behaviour, BC and extracted-policy success rates, critic ranking metrics, stage times.
+
+The recipe (every value tuned for the simulated device) is ``configs/pipeline/default.yaml``, read on top of the
+stages' own defaults before any ``--config`` file (``configs/pipeline/smoke.yaml`` and the others change it
+key by key); ``digiq pipeline --print-config`` prints the resolved config without running anything.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from digiq.config import ConfigError, check, save_config, to_dict
 from digiq.data.schema import (
@@ -68,46 +72,11 @@ STAGES = (
 )
 
 
-# The simulated-device recipe. docs/defaults.md gives, for each value, the split and the numbers that chose it.
-def _train_bc() -> train_bc.Config:
-    c = train_bc.Config()
-    c.train = dataclasses.replace(c.train, batch_size=32, epochs=6.0, log_every=25)
-    c.optim = dataclasses.replace(c.optim, lr=2e-3)
-    return c
-
-
-def _candidates() -> candidates.Config:
-    # The scripted sampler reads the simulator's optimal actions: an oracle-backed reference, not the paper's
-    # protocol (candidates from a model: source=policy with candidates_from); docs/defaults.md.
-    return candidates.Config(source="sim", num_candidates=16)
-
-
-def _train_critic() -> train_critic.Config:
-    # Cosine decay settles the final epoch, which extraction uses. Beyond the paper: the no-op backup and a
-    # dueling head; the advantage head reads [f(s), f(s, a)] as the official critic does (critic.py:157).
-    c = train_critic.Config(epochs=10)
-    c.optim = dataclasses.replace(c.optim, scheduler="cosine")
-    c.critic.q_param = "dueling"
-    c.critic.q_input = "state_action"
-    c.noop = train_critic.NoopBackupConfig(enabled=True, threshold=0.1, weight=10.0)
-    return c
-
-
-def _extract() -> extract_policy.Config:
-    # The official WebShop threshold (trainer.py:285-294: 0.05; 0.10 for general tasks).
-    c = extract_policy.Config(threshold=0.05)
-    c.train = dataclasses.replace(c.train, batch_size=32, epochs=8.0)
-    c.optim = dataclasses.replace(c.optim, lr=1e-3)
-    return c
-
-
-def _evaluate() -> evaluate.Config:
-    # trace: the summary says on which screen each policy's failed episodes first went wrong (exact Q*).
-    return evaluate.Config(temperature=0.0, num_episodes=100, trace=True)
-
-
 @dataclasses.dataclass
 class Config:
+    # The recipe: read before any --config, on top of these defaults (the stages' own); docs/defaults.md.
+    RECIPE: ClassVar[str] = "configs/pipeline/default.yaml"
+
     # Root folder; every stage writes <output_dir>/<stage>.
     output_dir: str = "runs/pipeline"
     # Seed for every stage (each stage's own `seed` is overwritten with it).
@@ -155,12 +124,12 @@ class Config:
     env: Literal["sim", "miniwob"] = "sim"
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
     finetune_vlm: finetune_vlm.Config = dataclasses.field(default_factory=finetune_vlm.Config)
-    train_bc: train_bc.Config = dataclasses.field(default_factory=_train_bc)
-    candidates: candidates.Config = dataclasses.field(default_factory=_candidates)
+    train_bc: train_bc.Config = dataclasses.field(default_factory=train_bc.Config)
+    candidates: candidates.Config = dataclasses.field(default_factory=candidates.Config)
     cache_features: cache_features.Config = dataclasses.field(default_factory=cache_features.Config)
-    train_critic: train_critic.Config = dataclasses.field(default_factory=_train_critic)
-    extract_policy: extract_policy.Config = dataclasses.field(default_factory=_extract)
-    evaluate: evaluate.Config = dataclasses.field(default_factory=_evaluate)
+    train_critic: train_critic.Config = dataclasses.field(default_factory=train_critic.Config)
+    extract_policy: extract_policy.Config = dataclasses.field(default_factory=extract_policy.Config)
+    evaluate: evaluate.Config = dataclasses.field(default_factory=evaluate.Config)
 
     def validate(self) -> None:
         for s in [*self.stages, *self.force]:
