@@ -23,6 +23,7 @@ from digiq.models.featurize import reference_features
 from digiq.models.prompts import previous_action_from_observation
 from digiq.models.vlm import load_vlm
 from digiq.stages import cache_features as cf
+from digiq.utils.io import RUN_RECORD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,6 @@ def test_cache_is_readable_and_equals_per_pair_reference(dataset: Path, full_run
     cache.check_against(5, num_candidates=3)
     assert cache.manifest["rendering"] == "text" and cache.manifest["model"] == "tiny:llava"
     assert [s["file"] for s in cache.manifest["shards"]] == [f"shard-0000{i}.safetensors" for i in range(3)]
-    assert not (full_run / cf.IN_PROGRESS).exists()
     # rows 1 and 4 (different shards) against plain per-pair forwards of the same prompts
     from datasets import load_from_disk
 
@@ -116,7 +116,7 @@ def test_resume_recomputes_only_missing_shards(dataset: Path, full_run: Path, tm
     out = tmp_path / "feats"
     first = cf.run(_cfg(dataset, out, "max_shards=1"))  # a "kill" after one shard
     assert first["status"] == "incomplete" and first["computed_shards"] == [0]
-    assert (out / cf.IN_PROGRESS).is_file() and not (out / "_COMPLETE").exists()
+    assert (out / RUN_RECORD).is_file() and not (out / "_COMPLETE").exists()
     with pytest.raises(DataError, match="incomplete"):
         FeatureCache.open(out)  # a partial cache is never served
     # a torn shard (as after a kill mid-write of a non-atomic copy) is detected and recomputed
@@ -124,21 +124,23 @@ def test_resume_recomputes_only_missing_shards(dataset: Path, full_run: Path, tm
     data = (out / "shard-00001.safetensors").read_bytes()
     (out / "shard-00001.safetensors").write_bytes(data[: len(data) // 2])
     mtime0 = (out / "shard-00000.safetensors").stat().st_mtime_ns
-    second = cf.run(_cfg(dataset, out))
+    with pytest.raises(FileExistsError, match=f"{out} holds an unfinished cache-features run; pass --resume"):
+        cf.run(_cfg(dataset, out))
+    second = cf.run(_cfg(dataset, out, "resume=true"))
     assert second["status"] == "complete"
     assert second["skipped_shards"] == [0] and second["computed_shards"] == [1, 2]
     assert (out / "shard-00000.safetensors").stat().st_mtime_ns == mtime0
     a, b = FeatureCache.open(out), FeatureCache.open(full_run)
     assert torch.equal(a.state, b.state) and torch.equal(a.actions, b.actions)
     # finished: a second identical run does nothing
-    assert cf.run(_cfg(dataset, out))["status"] == "already complete"
+    assert cf.run(_cfg(dataset, out, "resume=true"))["status"] == "already complete"
 
 
 def test_mismatched_in_progress_state_is_refused(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "feats"
     cf.run(_cfg(dataset, out, "max_shards=0"))
     with pytest.raises(DataError, match="different configuration.*layer"):
-        cf.run(_cfg(dataset, out, "layer=1"))
+        cf.run(_cfg(dataset, out, "layer=1", "resume=true"))
     with pytest.raises(FileExistsError):
         cf.run(_cfg(dataset, tmp_path, "layer=1"))  # a non-empty folder that is not ours
     done = cf.run(_cfg(dataset, out, "layer=1", "overwrite=true", "dtype=float16", "rendering=overlay"))

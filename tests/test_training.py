@@ -152,8 +152,9 @@ def test_checkpoint_prune_and_refusals(tmp_path: Path) -> None:
 
 def test_output_rule(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert check_output(out, resume=False, overwrite=False, what="x") is None  # fresh: nothing there
-    begin_output(out, overwrite=False)
+    plan = check_output(out, resume=False, overwrite=False, what="x")
+    assert plan.action == "fresh" and plan.resume_from is None  # fresh: nothing there
+    begin_output(plan)
     save_checkpoint(out, 5, _Net())
     (out / "metrics.jsonl").write_text('{"step": 5}\n')
     with pytest.raises(FileExistsError, match="unfinished x run; pass --resume"):
@@ -166,14 +167,16 @@ def test_output_rule(tmp_path: Path) -> None:
     with pytest.raises(DigiqError, match="cannot both"):
         check_output(out, resume=True, overwrite=True, what="x")
     # --resume continues from the newest checkpoint and takes the marker away until the run finishes again
-    assert check_output(out, resume=True, overwrite=False, what="x").name == "step-5"
+    plan = check_output(out, resume=True, overwrite=False, what="x")
+    assert plan.resume_from.name == "step-5"
     assert is_complete(out)  # check_output itself changes nothing
-    begin_output(out, overwrite=False)
+    begin_output(plan)
     assert not is_complete(out) and (out / "metrics.jsonl").exists()
-    # overwrite deletes the old run
-    assert check_output(out, resume=False, overwrite=True, what="x") is None
-    begin_output(out, overwrite=True)
-    assert list(out.iterdir()) == []
+    # overwrite starts over in an empty folder (the old run is kept aside until the new one finishes)
+    plan = check_output(out, resume=False, overwrite=True, what="x")
+    assert plan.action == "overwrite" and plan.resume_from is None
+    begin_output(plan)
+    assert [p.name for p in out.iterdir()] == ["digiq_run.json"]
 
 
 def test_metrics_logger_drops_lines_after_the_resumed_checkpoint(tmp_path: Path) -> None:

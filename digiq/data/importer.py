@@ -49,9 +49,17 @@ import numpy as np
 
 from digiq.actions import goal_from_observation, parse_action
 from digiq.config import check, to_dict
-from digiq.data.schema import FEATURES, discounted_returns, save_dataset
+from digiq.data.schema import FEATURES, dataset_info, discounted_returns, save_dataset
 from digiq.errors import DataError, where
-from digiq.utils.io import atomic_save_safetensors, atomic_write_json, is_complete, staged_dir
+from digiq.utils.io import (
+    OutputPlan,
+    atomic_save_safetensors,
+    atomic_write_json,
+    config_fingerprint,
+    plan_output,
+    staged_dir,
+    staged_output,
+)
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -72,6 +80,9 @@ class Config:
     output: str = ""
     # Replace an existing finished output. A failed import never damages the existing one.
     overwrite: bool = False
+    # Nothing to redo when output (and features_output) already hold this very import (same input files
+    # and settings); an import of other files or settings there is refused.
+    resume: bool = False
     # Folder of the screenshots: substitutes the literal '<path_to_images>' prefix of released files;
     # relative image paths are resolved against it (then against the .pt file's folder); absolute paths
     # that do not exist are retried under it by their trailing components (authors' machines' paths).
@@ -739,6 +750,15 @@ def _candidate_features(step: dict, cands: list[str], loc: str) -> np.ndarray:
     return acts
 
 
+def import_fingerprint(cfg: Config) -> dict[str, Any]:
+    """The import's settings and its input files (size and modification time: a re-released file differs)."""
+    files = []
+    for f in cfg.inputs:
+        st = Path(f).stat() if Path(f).is_file() else None
+        files.append([str(Path(f).resolve()), st.st_size if st else None, int(st.st_mtime) if st else None])
+    return {**config_fingerprint(cfg, exclude=("inputs",)), "input_files": files}
+
+
 def run(cfg: Config) -> ImportSummary:
     """Import ``cfg.inputs`` into ``cfg.output`` (and ``cfg.features_output``); returns a summary."""
     from datasets import Dataset, load_from_disk
@@ -746,11 +766,17 @@ def run(cfg: Config) -> ImportSummary:
     from tqdm.auto import tqdm
 
     output = Path(cfg.output)
-    for target in [output] + ([Path(cfg.features_output)] if cfg.features_output else []):
-        if target.exists() and is_complete(target) and not cfg.overwrite:
-            raise FileExistsError(
-                f"{target} already holds a finished output; pass overwrite=true to replace it"
-            )
+    fingerprint = import_fingerprint(cfg)
+    plans = [
+        plan_output(target, "import", resume=cfg.resume, overwrite=cfg.overwrite, fingerprint=fingerprint)
+        for target in [cfg.output] + ([cfg.features_output] if cfg.features_output else [])
+    ]
+    if all(p.finished for p in plans):
+        summary = ImportSummary(**dataset_info(output)["summary"])
+        log.info("%s already holds this import: nothing to do", output)
+        for line in ["already imported: " + summary.lines()[0], *summary.lines()[1:]]:
+            print(line)  # noqa: T201 - the command's report on stdout
+        return summary
 
     trajs = list(_trajectories(cfg))
     ids, id_source = _assign_ids(trajs)
@@ -783,14 +809,29 @@ def run(cfg: Config) -> ImportSummary:
         if cfg.features_output:
             _check_feature_rows(feature_rows, feature_locs)
         _log_next_check(check)
+        summary = ImportSummary(
+            trajectories=len(trajs),
+            steps=n_steps,
+            success_rate=float(np.mean(list(successes.values()))) if successes else 0.0,
+            candidates_min=min(n_cands),
+            candidates_mean=float(np.mean(n_cands)),
+            candidates_max=max(n_cands),
+            invalid_actions=invalid,
+            traj_ids=id_source,
+            output=str(output),
+            features_output=cfg.features_output,
+            next_mismatches=check.mismatches,
+            truncated=len(check.truncated),
+        )
         info = {
             "source": "import",
             "inputs": [str(p) for p in cfg.inputs],
             "gamma": cfg.gamma,
             "traj_id_source": id_source,
             "config": to_dict(cfg),
+            "summary": dataclasses.asdict(summary),
         }
-        save_dataset(Dataset.from_file(str(arrow)), output, info, overwrite=cfg.overwrite)
+        save_dataset(Dataset.from_file(str(arrow)), output, info, plan=plans[0])
         if cfg.features_output:
             # Everything was validated above, so only an I/O error can stop us between the two outputs.
             fingerprint = load_from_disk(str(output))._fingerprint  # what a reader of `output` sees
@@ -806,25 +847,10 @@ def run(cfg: Config) -> ImportSummary:
                     "source_files": [str(p) for p in cfg.inputs],
                 },
                 next_state_rows=[f.next_state for f in feature_rows],
-                overwrite=cfg.overwrite,
+                plan=plans[1],
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-    summary = ImportSummary(
-        trajectories=len(trajs),
-        steps=n_steps,
-        success_rate=float(np.mean(list(successes.values()))) if successes else 0.0,
-        candidates_min=min(n_cands),
-        candidates_mean=float(np.mean(n_cands)),
-        candidates_max=max(n_cands),
-        invalid_actions=invalid,
-        traj_ids=id_source,
-        output=str(output),
-        features_output=cfg.features_output,
-        next_mismatches=check.mismatches,
-        truncated=len(check.truncated),
-    )
     for line in summary.lines():
         print(line)  # noqa: T201 - the command's report on stdout
     return summary
@@ -911,6 +937,7 @@ def write_feature_cache(
     meta: dict | None = None,
     overwrite: bool = False,
     next_state_rows: list[np.ndarray | None] | None = None,
+    plan: OutputPlan | None = None,
 ) -> Path:
     """Write a ``digiq-features-v1`` cache: ``state`` (R, Ds), ``actions`` (R, N, Da), ``valid`` (R, N),
     and with ``next_state_rows`` (and state features) ``next_state`` (R, Ds), f(s_{t+1}) per row.
@@ -937,7 +964,7 @@ def write_feature_cache(
     unknown_next = [i for i, n in enumerate(next_state_rows or []) if n is None] if with_next else []
     tdtype = getattr(torch, dtype)
     shards = []
-    with staged_dir(path, overwrite=overwrite) as tmp:
+    with staged_output(plan) if plan is not None else staged_dir(path, overwrite=overwrite) as tmp:
         for index, start in enumerate(range(0, n_rows, shard_rows)):
             end = min(start + shard_rows, n_rows)
             acts = np.zeros((end - start, n_cand, action_dim), dtype=np.float32)

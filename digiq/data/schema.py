@@ -29,7 +29,7 @@ import numpy as np
 from datasets import Dataset, Features, Image, List, Value, load_from_disk
 
 from digiq.errors import DataError, where
-from digiq.utils.io import atomic_write_json, is_complete, staged_dir
+from digiq.utils.io import OutputPlan, atomic_write_json, is_complete, staged_dir, staged_output
 
 FEATURES = Features(
     {
@@ -142,11 +142,23 @@ def validate_dataset(ds: Dataset, source: str = "dataset") -> None:
         raise DataError(f"{source}: a traj_id appears in two separate runs of rows; traj_ids must be unique")
 
 
-def save_dataset(ds: Dataset, path: str | Path, info: dict | None = None, overwrite: bool = True) -> Path:
-    """``save_to_disk`` into a staged folder, renamed into place with a completion marker."""
+def save_dataset(
+    ds: Dataset,
+    path: str | Path,
+    info: dict | None = None,
+    *,
+    overwrite: bool = False,
+    plan: OutputPlan | None = None,
+) -> Path:
+    """``save_to_disk`` into a staged folder, renamed into place with a completion marker.
 
+    A finished dataset at ``path`` is replaced only with ``overwrite``; a stage passes its ``plan``
+    (:func:`digiq.utils.io.plan_output`) instead, which decides that and records the run."""
     path = Path(path)
-    with staged_dir(path, overwrite=overwrite) as tmp:
+    if plan is not None and plan.path != path:
+        raise ValueError(f"save_dataset: the plan is for {plan.path}, not {path}")
+    staged = staged_output(plan) if plan is not None else staged_dir(path, overwrite=overwrite)
+    with staged as tmp:
         ds.save_to_disk(str(tmp))
         atomic_write_json(tmp / INFO_FILE, info or {})
     return path

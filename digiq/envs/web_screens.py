@@ -168,7 +168,10 @@ def save_web_screens(rows: list[dict], path: str | Path, cfg: WebScreensConfig) 
         "split": [r["split"] for r in rows],
     }
     return save_dataset(
-        Dataset.from_dict(cols, features=feats), path, {"web_screens": dataclasses.asdict(cfg)}
+        Dataset.from_dict(cols, features=feats),
+        path,
+        {"web_screens": dataclasses.asdict(cfg)},
+        overwrite=False,
     )
 
 

@@ -334,9 +334,9 @@ class Critic(nn.Module):
         (critics without text inputs; see :func:`digiq.models.critic_text.score` otherwise)."""
         return self.q(action_feats, state_feats) - self.v(state_feats).unsqueeze(-1)
 
-    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None, *, overwrite: bool = False) -> Path:
         """Shorthand for :func:`save_critic`."""
-        return save_critic(self, path, extra)
+        return save_critic(self, path, extra, overwrite=overwrite)
 
     def forward(
         self,
@@ -375,9 +375,10 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 
 
 def save_critic(
-    critic: Critic, path: str | Path, extra: dict[str, Any] | None = None, overwrite: bool = True
+    critic: Critic, path: str | Path, extra: dict[str, Any] | None = None, *, overwrite: bool = False
 ) -> Path:
-    """Write ``<path>/critic.safetensors`` + ``critic.json`` atomically (staged dir + completion marker)."""
+    """Write ``<path>/critic.safetensors`` + ``critic.json`` atomically (staged dir + completion marker); a
+    finished critic at ``path`` is replaced only with ``overwrite``."""
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in critic.state_dict().items()}
     with staged_dir(path, overwrite=overwrite) as tmp:

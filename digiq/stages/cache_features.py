@@ -12,10 +12,10 @@ and its KV cache is shared by the state-only prompt and all N action suffixes.
 
 Output: the feature-cache format of :mod:`digiq.data.features` (``manifest.json``, ``shard-XXXXX.safetensors``,
 ``_COMPLETE``). Rows are cut into fixed shards of ``shard_rows``; rank r of W computes shards r, r+W, ...,
-each written atomically. The output folder holds an ``in_progress.json`` (the identity of the run: model,
-layer, rendering, dataset fingerprint, ...) while shards accumulate, so a killed run resumes by default and
-recomputes only missing or broken shards; a different identity is refused unless ``overwrite=true``. The
-main process writes the manifest and the completion marker last, after a barrier and after checking every
+each written atomically. The output folder's run record (:func:`digiq.utils.io.plan_output`) holds the
+identity of the run (model, layer, rendering, dataset fingerprint, ...) while shards accumulate, so a killed
+run continues with ``--resume`` and recomputes only missing or broken shards; a different identity is
+refused unless ``overwrite=true``. The main process writes the manifest and the completion marker last, after a barrier and after checking every
 shard, so readers never see a partial cache.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import struct
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from digiq.config import ModelConfig, check, save_config, to_dict
+from digiq.config import ModelConfig, check, save_config
 from digiq.data.features import DTYPES, shard_name, write_manifest, write_shard
 from digiq.data.schema import decode_batch, load_dataset, undecoded_view
 from digiq.errors import DataError
@@ -40,14 +39,13 @@ from digiq.models.featurize import Featurizer
 from digiq.models.prompts import previous_action_from_observation
 from digiq.models.vlm import inference_dtype, load_vlm, resolve_layer
 from digiq.training.accelerator import make_accelerator
-from digiq.utils.io import atomic_write_json, clear_complete, is_complete, mark_complete
+from digiq.utils.io import begin_output, finish_output, plan_output
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
 # Splits its work over the processes of a launcher (digiq.cli).
 DISTRIBUTED = True
 
-IN_PROGRESS = "in_progress.json"
 # safetensors dtype names of our storage dtypes (checked from the shard header without loading it).
 ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -56,7 +54,7 @@ ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 class Config:
     # Dataset folder (digiq schema). Reads screenshot, task, observation, action and candidates.
     dataset: str = ""
-    # Output folder of the feature cache (written in place with an in_progress.json; see the module doc).
+    # Output folder of the feature cache (written in place, shard by shard; see the module doc).
     output_dir: str = "runs/features"
     # The frozen VLM: Stage 1's `<finetune_output>/model` (the finetune output folder itself also works),
     # any local save_pretrained folder or hub id, or 'tiny:llava' for an un-fine-tuned baseline. Its dtype
@@ -82,7 +80,7 @@ class Config:
     # DataLoader workers that read and decode the screenshots while the model runs (null: 4 on a GPU, none
     # on the CPU, where they would take the model's cores).
     num_workers: int | None = None
-    # Continue an interrupted run (also automatic when output_dir holds a matching in_progress.json).
+    # Continue an interrupted run of the same identity (its finished shards are kept).
     resume: bool = False
     # Delete whatever is in output_dir (another run's shards or a finished cache) and start over.
     overwrite: bool = False
@@ -190,46 +188,6 @@ def shard_ok(path: Path, rows: int, n: int, dtype: str, with_valid: bool) -> boo
     ):
         return False
     return ("valid" in h) == with_valid
-
-
-def _prepare_output(out: Path, ident: dict, cfg: Config) -> str:
-    """Decide what to do with ``out``: 'fresh', 'resume' or 'done'; raise where it must be refused.
-
-    Every process calls this before anyone writes (they reach the same decision); only the main process
-    then acts on it.
-    """
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return "fresh"
-    if not out.is_dir():
-        raise DataError(f"output_dir {out} exists and is not a folder")
-    if cfg.overwrite:
-        return "overwrite"
-    if is_complete(out):
-        man = out / "manifest.json"
-        old = json.loads(man.read_text()).get("config_hash") if man.is_file() else None
-        if old == ident["config_hash"]:
-            return "done"
-        raise FileExistsError(
-            f"{out} already holds a finished feature cache of another configuration; pass overwrite=true "
-            "to replace it"
-        )
-    state_file = out / IN_PROGRESS
-    if not state_file.is_file():
-        raise FileExistsError(
-            f"{out} is not empty and holds no {IN_PROGRESS} (not a cache-features run); choose another "
-            "output_dir or pass overwrite=true"
-        )
-    try:
-        old = json.loads(state_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{state_file}: unreadable in-progress state ({e}); pass overwrite=true") from e
-    if old.get("config_hash") != ident["config_hash"]:
-        diff = sorted(k for k in ident if k != "config_hash" and old.get(k) != ident[k])
-        raise DataError(
-            f"{out} holds an interrupted cache-features run with a different configuration (differs in: "
-            f"{', '.join(diff) or 'config_hash'}); resume it with the same settings or pass overwrite=true"
-        )
-    return "resume"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,10 +317,14 @@ def run(cfg: Config) -> dict:
     layer = resolve_layer(model, cfg.layer)
     ident = run_identity(cfg, model_cfg, layer, fingerprint, R, N)
 
-    decision = _prepare_output(out, ident, cfg)
+    # Every process decides (they reach the same decision) before anyone writes; the main one acts.
+    fingerprint = {k: v for k, v in ident.items() if k != "config_hash"}
+    plan = plan_output(
+        out, "cache-features", resume=cfg.resume, overwrite=cfg.overwrite, fingerprint=fingerprint
+    )
     acc.wait_for_everyone()  # nobody writes before every process has looked at the folder
     num_shards = (R + cfg.shard_rows - 1) // cfg.shard_rows
-    if decision == "done":
+    if plan.finished:
         log.info("%s already holds this feature cache (config %s); nothing to do", out, ident["config_hash"])
         return {
             "status": "already complete",
@@ -371,12 +333,9 @@ def run(cfg: Config) -> dict:
             "num_shards": num_shards,
         }
     if is_main:
-        if decision == "overwrite":
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if decision == "resume":
+        if plan.action == "resume":
             log.info("resuming the interrupted cache in %s (config %s)", out, ident["config_hash"])
-        atomic_write_json(out / IN_PROGRESS, {**ident, "dataset": str(cfg.dataset), "config": to_dict(cfg)})
+        begin_output(plan)
     acc.wait_for_everyone()
 
     dtype = DTYPES[cfg.dtype]
@@ -483,9 +442,7 @@ def _finalize(
         "rendering": cfg.rendering,
         "shards": [{"file": shard_name(s), "start": a, "end": b} for s, (a, b) in sorted(bounds.items())],
     }
-    clear_complete(out)
     write_manifest(out, meta)
     save_config(cfg, out)
-    mark_complete(out, {"config_hash": ident["config_hash"]})
-    (out / IN_PROGRESS).unlink(missing_ok=True)
+    finish_output(out, {"config_hash": ident["config_hash"]})
     log.info("feature cache complete: %s (%d rows, %d shards)", out, ident["num_rows"], len(bounds))

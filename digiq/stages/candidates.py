@@ -33,7 +33,7 @@ from digiq.models.policy import generate_actions, load_policy, prefill_policy, s
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
 from digiq.sim.phone import SimConfig, SimPhone
 from digiq.training.accelerator import make_accelerator
-from digiq.utils.io import refuse_finished
+from digiq.utils.io import config_fingerprint, plan_output
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -217,7 +217,9 @@ def _seed(seed: int, batch: int, attempt: int) -> int:
 
 
 def run(cfg: Config) -> dict[str, float]:
-    refuse_finished(cfg.output_dir, cfg.overwrite)
+    plan = plan_output(
+        cfg.output_dir, "candidates", overwrite=cfg.overwrite, fingerprint=config_fingerprint(cfg)
+    )
     accelerator = make_accelerator(cpu=None if cfg.device == "auto" else cfg.device == "cpu")
     t0 = time.perf_counter()
     ds = load_dataset(cfg.dataset)
@@ -245,7 +247,7 @@ def run(cfg: Config) -> dict[str, float]:
         "config_candidates": to_dict(cfg),
     }
     if accelerator.is_main_process:
-        save_dataset(new, cfg.output_dir, info, overwrite=cfg.overwrite)
+        save_dataset(new, cfg.output_dir, info, plan=plan)
     accelerator.wait_for_everyone()
     stats = {
         "rows": float(len(new)),

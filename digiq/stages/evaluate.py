@@ -42,7 +42,7 @@ from digiq.models.critic_text import build_inputs, score
 from digiq.models.policy import generate_actions, load_policy, load_policy_fn
 from digiq.sim.behaviour import BehaviourConfig
 from digiq.sim.phone import SimConfig, SimPhone
-from digiq.utils.io import atomic_write_json
+from digiq.utils.io import atomic_write_json, config_fingerprint, plan_output, staged_output
 from digiq.utils.logging import get_logger
 from digiq.utils.stats import pearson
 
@@ -94,6 +94,8 @@ class Config:
     # Best-of-N threshold of the replacement statistics (official 0.05 webshop, 0.10 general).
     threshold: float = 0.10
     output_dir: str = "runs/eval"
+    # Replace a finished evaluation at output_dir instead of refusing it.
+    overwrite: bool = False
     sim: SimConfig = dataclasses.field(default_factory=SimConfig)
     # The simulator's behaviour policy (policy=behaviour, env=sim).
     behaviour: BehaviourConfig = dataclasses.field(default_factory=BehaviourConfig)
@@ -371,13 +373,16 @@ def screens_line(res: dict[str, Any]) -> str:
 
 
 def run(cfg: Config) -> dict[str, Any]:
+    plan = plan_output(
+        cfg.output_dir, "evaluate", overwrite=cfg.overwrite, fingerprint=config_fingerprint(cfg)
+    )
     t0 = time.perf_counter()
     res = evaluate_online(cfg) if cfg.mode in ("online", "sim") else evaluate_offline(cfg)
     res["mode"] = cfg.mode
     res["seconds"] = time.perf_counter() - t0
-    out = Path(cfg.output_dir)
-    save_config(cfg, out)
-    atomic_write_json(out / "metrics.json", res)
+    with staged_output(plan) as tmp:
+        save_config(cfg, tmp)
+        atomic_write_json(tmp / "metrics.json", res)
     if cfg.mode in ("online", "sim"):
         sys.stdout.write(
             f"{cfg.policy} on {cfg.env} {cfg.split}: success {res['success_rate']:.3f} "

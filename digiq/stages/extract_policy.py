@@ -248,7 +248,8 @@ def run(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, name="train.mixed_precision")
     is_main = accelerator.is_main_process
-    resume_from = check_output(out, cfg.resume, cfg.overwrite, "extract-policy")
+    plan = check_output(out, cfg.resume, cfg.overwrite, "extract-policy", cfg)
+    resume_from = plan.resume_from
     set_seed(cfg.seed)
     ds = load_dataset(cfg.dataset)
     cols = ds.select_columns(["action", "candidates", "state_key"])
@@ -272,7 +273,7 @@ def run(cfg: Config) -> dict[str, Any]:
         raise DataError(
             f"no state passes the advantage filter (threshold={cfg.threshold}); lower threshold or check the critic"
         )
-    begin_output(out, cfg.overwrite, accelerator)
+    begin_output(plan, accelerator)
     if is_main:
         save_config(cfg, out)
         atomic_save_safetensors(

@@ -317,7 +317,8 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, find_unused_parameters=True)
     main = accelerator.is_main_process
-    resume_from = check_output(out, cfg.resume, cfg.overwrite, "finetune-vlm")
+    plan = check_output(out, cfg.resume, cfg.overwrite, "finetune-vlm", cfg)
+    resume_from = plan.resume_from
     set_seed(cfg.seed)
 
     dtype = train_dtype(cfg.model.dtype, accelerator, frozen_base=cfg.lora.enabled)
@@ -349,7 +350,7 @@ def run(cfg: Config) -> dict:
         100 * va_stats["positive_fraction"],
         va_stats["majority_accuracy"],
     )
-    begin_output(out, cfg.overwrite, accelerator)
+    begin_output(plan, accelerator)
     if main:
         save_config(cfg, out)
 

@@ -326,7 +326,7 @@ def _collect_stage1_data(cfg: Config) -> None:
     keep = [*bounds[: n - held], *bounds[n:], *bounds[n - held : n]]
     order = [i for s, e in keep for i in range(s, e)]
     info = {**dataset_info(raw), "stage1_of": str(base.output_dir), "held_out_last": held}
-    save_dataset(ds.select(order), folder, info)
+    save_dataset(ds.select(order), folder, info, overwrite=True)  # rebuilt only when unfinished or forced
     shutil.rmtree(raw, ignore_errors=True)
 
 

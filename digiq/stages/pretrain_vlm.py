@@ -57,7 +57,7 @@ from digiq.training.checkpoint import inner, load_checkpoint
 from digiq.training.output import begin_output, check_output, finish_output
 from digiq.training.policy_loop import PolicyOptimConfig, train_steps
 from digiq.training.schedule import make_scheduler
-from digiq.utils.io import atomic_write_json, atomic_write_text, is_complete, refuse_finished, staged_dir
+from digiq.utils.io import atomic_write_json, atomic_write_text, is_complete, plan_output, staged_output
 from digiq.utils.logging import MetricsLogger, get_logger
 from digiq.utils.machine import describe
 from digiq.utils.seed import set_seed
@@ -331,15 +331,20 @@ def run(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator()
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    resume_from = check_output(out, cfg.resume, cfg.overwrite, "pretrain-vlm")
-    if cfg.export_dir:
-        refuse_finished(cfg.export_dir, cfg.overwrite)  # before hours of training, not after
+    plan = check_output(out, cfg.resume, cfg.overwrite, "pretrain-vlm", cfg)
+    resume_from = plan.resume_from
+    # the export folder is checked before hours of training, not after
+    export = (
+        plan_output(cfg.export_dir, "pretrain-vlm export", overwrite=cfg.overwrite)
+        if cfg.export_dir
+        else None
+    )
     if cfg.train.batch_size % world:
         raise DataError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} processes")
     machine = describe()
     set_seed(cfg.seed)
     model, processor = load_vlm(cfg.model, None, for_training=True)
-    begin_output(out, cfg.overwrite, accelerator)
+    begin_output(plan, accelerator)
     if is_main:
         save_config(cfg, out)
     total = cfg.train.max_steps
@@ -410,8 +415,8 @@ def run(cfg: Config) -> dict[str, Any]:
         atomic_write_text(out / MODEL_DIR / "README.md", model_card(cfg, metrics, command))
         logger.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, float)}, total)
         atomic_write_json(out / "metrics.json", metrics)
-        if cfg.export_dir:
-            with staged_dir(cfg.export_dir, overwrite=cfg.overwrite) as tmp:
+        if export is not None:
+            with staged_output(export) as tmp:
                 for f in sorted((out / MODEL_DIR).iterdir()):
                     if f.is_file() and not f.name.startswith("_"):
                         shutil.copy2(f, tmp / f.name)

@@ -11,7 +11,7 @@ every candidate is shown too. Plots: Q/V distributions and Q(s, a_dataset) again
 
 Everything the page needs is inlined (base64 images, inline CSS, no scripts or external resources), so
 ``index.html`` can be mailed or opened from any disk. The output folder (``index.html``, ``plots/*.png``,
-``summary.json``) is written through :func:`digiq.utils.io.staged_dir`: it appears complete or not at all.
+``summary.json``) is written through :func:`digiq.utils.io.staged_output`: it appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ from digiq.utils.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    refuse_finished,
-    staged_dir,
+    config_fingerprint,
+    plan_output,
+    staged_output,
 )
 from digiq.utils.logging import get_logger
 from digiq.utils.stats import pearson
@@ -313,7 +314,7 @@ def _candidate_rows(
 
 def run(cfg: Config) -> dict[str, Any]:
     """Write the report folder; returns a summary (also written to ``summary.json``)."""
-    refuse_finished(cfg.output_dir, cfg.overwrite)
+    plan = plan_output(cfg.output_dir, "report", overwrite=cfg.overwrite, fingerprint=config_fingerprint(cfg))
     ds = load_dataset(cfg.dataset)
     critic = feats = None
     inputs: CriticInputs | None = None
@@ -465,7 +466,7 @@ def run(cfg: Config) -> dict[str, Any]:
         f"<main>{legend}{plots_html}{''.join(sections)}</main></body></html>"
     )
     summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
-    with staged_dir(cfg.output_dir, overwrite=cfg.overwrite) as tmp:
+    with staged_output(plan) as tmp:
         atomic_write_text(tmp / "index.html", page)
         for name, data in plots.items():
             atomic_write_bytes(tmp / "plots" / name, data)

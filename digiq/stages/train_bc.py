@@ -138,13 +138,14 @@ def run(cfg: Config) -> dict[str, float]:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, name="train.mixed_precision")
     is_main = accelerator.is_main_process
-    resume_from = check_output(out, cfg.resume, cfg.overwrite, "train-bc")
+    plan = check_output(out, cfg.resume, cfg.overwrite, "train-bc", cfg)
+    resume_from = plan.resume_from
     set_seed(cfg.seed)
     examples = bc_examples(cfg)
     dtype = train_dtype(cfg.model.dtype, accelerator, frozen_base=cfg.lora.enabled)
     model, processor = load_vlm(dataclasses.replace(cfg.model, dtype=dtype), cfg.lora, for_training=True)
     spec = cfg.policy.spec(processor.digiq_family)
-    begin_output(out, cfg.overwrite, accelerator)
+    begin_output(plan, accelerator)
     if is_main:
         warn_long_targets(processor, spec, examples.targets[:2000])
         save_config(cfg, out)

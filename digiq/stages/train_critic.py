@@ -221,7 +221,8 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     device = accelerator.device
 
     # ---- inputs (checked before the output folder is touched) ---------------------------------------
-    resume_from = check_output(out, cfg.resume, cfg.overwrite, "train-critic")
+    plan = check_output(out, cfg.resume, cfg.overwrite, "train-critic", cfg)
+    resume_from = plan.resume_from
     cd = open_critic_data(cfg.dataset, cfg.features, cfg.gamma, cfg.val_fraction, warn=is_main)
     tr, ds, N = cd.transitions, cd.dataset, cd.features.num_candidates
     train_rows, val_rows = cd.train_rows, cd.val_rows
@@ -241,7 +242,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         )
         text = TextEncoders.load(arch.text_encoder, arch.text_separate, arch.text_max_length)
         arch = dataclasses.replace(arch, text_dim=text.hidden_size)
-    begin_output(out, cfg.overwrite, accelerator)
+    begin_output(plan, accelerator)
     set_seed(cfg.seed + rank)
 
     data = StagedTensors.stage(cd.features, tr, device)
@@ -359,6 +360,7 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
             out / CRITIC_DIR,
             extra={"gamma": cfg.gamma, "critic_loss": cfg.critic_loss, "step": step, "features": str(cfg.features),
                    "dataset": str(cfg.dataset), "val_fraction": cfg.val_fraction},
+            overwrite=True,  # this run's own critic/ (a resumed run rewrites it); the run folder was guarded
         )  # fmt: skip
         atomic_write_json(out / "metrics.json", {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                                  for k, v in metrics.items()})  # fmt: skip
