@@ -1,13 +1,16 @@
 """Devices behind one interface (:class:`digiq.envs.base.Env`), and the episodes run on them.
 
 * :mod:`digiq.envs.base`     ``Env``, ``Observation``, ``StepResult``, ``TaskInstance``
+* :mod:`digiq.envs.registry` ``EnvSpec``, ``register_env``, ``get_env``: environments by name, with their
+  scripted policies and capabilities (docs/environments.md)
 * :mod:`digiq.envs.sim`      the simulated phone (:mod:`digiq.sim`), with its scripted policies
 * :mod:`digiq.envs.miniwob`  MiniWoB++ in headless Chromium (``pip install -e ".[miniwob]"``)
 * :mod:`digiq.envs.miniwob_policy`  the scripted DOM behaviour policy for MiniWoB++
 * :mod:`digiq.envs.rollout`  ``run_episodes``: lock-step episodes over several environment workers
 
 Collection (``digiq collect env=...``), evaluation (``digiq evaluate env=...``) and candidate sampling are
-written once against the interface; a policy is passed in as a function of a batch of screens.
+written once against the interface and the registry; a policy is passed in as a function of a batch of
+screens.
 """
 
 from __future__ import annotations
@@ -18,83 +21,76 @@ from typing import Any
 import numpy as np
 
 from digiq.envs.base import Env, Observation, StepResult, TaskInstance
+from digiq.envs.registry import BUILTINS, EnvSpec, get_env, register_env, registered
 from digiq.envs.rollout import PolicyFn, run_episodes
 from digiq.errors import DigiqError
 from digiq.utils.stats import wilson_interval
 
-ENVS = ("sim", "miniwob")
-BUILTINS = ("behaviour", "optimal", "random")
-
 __all__ = [
     "BUILTINS",
-    "ENVS",
     "Env",
+    "EnvSpec",
     "Observation",
     "StepResult",
     "TaskInstance",
     "builtin_policy_fn",
     "evaluate_policy",
+    "get_env",
     "make_envs",
     "per_task_success",
+    "register_env",
+    "registered",
     "success_summary",
 ]
 
 
-def make_envs(name: str, num: int, *, sim: Any = None, miniwob: Any = None, phone: Any = None) -> list[Env]:
-    """``num`` workers of environment ``name`` (simulated phones share one ``SimPhone``: its caches)."""
-    if name == "sim":
-        from digiq.envs.sim import SimEnv
-        from digiq.sim.phone import SimPhone
+def make_envs(
+    name: str,
+    num: int,
+    *,
+    config: Any = None,
+    world: Any = None,
+    sim: Any = None,
+    miniwob: Any = None,
+    phone: Any = None,
+) -> list[Env]:
+    """``num`` devices of environment ``name`` sharing one ``world`` (opened from ``config`` when None).
 
-        phone = phone or SimPhone(sim)
-        return [SimEnv(phone=phone) for _ in range(num)]
-    if name == "miniwob":
-        from digiq.envs.miniwob import MiniWoBConfig, MiniWoBEnv
-
-        cfg = miniwob or MiniWoBConfig()
-        envs: list[Env] = []
-        try:
-            for _ in range(num):
-                envs.append(MiniWoBEnv(cfg))
-        except BaseException:
-            for e in envs:
-                e.close()
-            raise
-        return envs
-    raise DigiqError(f"unknown environment {name!r}; choose one of {', '.join(ENVS)}")
+    ``phone`` (a ``SimPhone``) is the simulator's world, ``sim`` / ``miniwob`` its and MiniWoB++'s config:
+    the names of earlier releases."""
+    spec = get_env(name)
+    world = world if world is not None else phone
+    if world is None:
+        world = spec.open(next((c for c in (config, sim, miniwob) if c is not None), None))
+    return spec.make(world, num)
 
 
-def builtin_policy_fn(env: str, name: str, seed: int = 0, **kw: Any) -> PolicyFn:
+def builtin_policy_fn(
+    env: str,
+    name: str,
+    seed: int = 0,
+    *,
+    world: Any = None,
+    config: Any = None,
+    behaviour: Any = None,
+    **kw: Any,
+) -> PolicyFn:
     """A scripted policy of environment ``env``: ``behaviour`` (the data-collection policy), ``optimal``
     (argmax Q* on the simulator, the DOM expert on MiniWoB++) or ``random`` (the behaviour's mistakes only).
 
-    Keywords: ``phone`` / ``behaviour`` (sim), ``miniwob_behaviour`` (a ``MiniWoBBehaviourConfig``)."""
+    ``world`` / ``config``: the environment's (default settings when both are None); ``behaviour``: its
+    behaviour policy's settings. Earlier names: ``phone`` (the simulator's world), ``miniwob_behaviour``."""
     if name not in BUILTINS:
-        raise DigiqError(f"unknown built-in policy {name!r} (behaviour, optimal, random)")
-    if env == "sim":
-        from digiq.envs.sim import sim_policy_fn
-        from digiq.sim.phone import SimPhone
-
-        return sim_policy_fn(name, kw.get("phone") or SimPhone(), seed, kw.get("behaviour"))
-    if env == "miniwob":
-        from digiq.envs.miniwob_policy import MiniWoBBehaviour, MiniWoBBehaviourConfig
-
-        pi = MiniWoBBehaviour(kw.get("miniwob_behaviour") or MiniWoBBehaviourConfig())
-        p = {"behaviour": None, "optimal": 1.0, "random": 0.0}[name]
-        rngs: dict[int, np.random.Generator] = {}
-
-        def fn(batch: list[dict]) -> list[Any]:
-            out = []
-            for b in batch:
-                # One stream per episode, restarted with the episode: worker scheduling and browser restarts
-                # do not change what the policy does.
-                if b["step"] == 0 or b["episode"] not in rngs:
-                    rngs[b["episode"]] = np.random.default_rng([seed, 1, b["episode"]])
-                out.append(pi.act(b["info"], rngs[b["episode"]], p_optimal=p))
-            return out
-
-        return fn
-    raise DigiqError(f"unknown environment {env!r}; choose one of {', '.join(ENVS)}")
+        raise DigiqError(f"unknown built-in policy {name!r} ({', '.join(BUILTINS)})")
+    spec = get_env(env)
+    world = world if world is not None else kw.get("phone")
+    if world is None:
+        world = spec.open(config)
+    if behaviour is None and spec.behaviour_section:
+        behaviour = kw.get(spec.behaviour_section)
+    if behaviour is None and spec.behaviour_cls is not None:
+        behaviour = spec.behaviour_cls()
+    return spec.scripted_policy(world, behaviour, name, seed)
 
 
 def per_task_success(outcomes: Iterable[tuple[str, bool]]) -> dict[str, list[int]]:
@@ -138,27 +134,32 @@ def evaluate_policy(
     miniwob: Any = None,
     num_workers: int = 1,
     trace: bool = False,
+    config: Any = None,
+    world: Any = None,
 ) -> dict[str, Any]:
     """Run ``num_episodes`` episodes of ``policy_fn`` on ``split`` of environment ``env``.
 
-    The simulator steps ``batch_size`` phones in blocks (the policy sees batches of that size); MiniWoB++ runs
-    ``num_workers`` browsers, each taking its next episode as soon as one ends. Tasks are cycled in a seeded
-    order (MiniWoB++ instances also get fresh page seeds: see :func:`digiq.envs.miniwob.task_instances`).
+    Lock-step environments (the simulator) step ``batch_size`` devices in blocks (the policy sees batches of
+    that size); the others (MiniWoB++) run ``num_workers`` devices, each taking its next episode as soon as
+    one ends. Tasks are cycled in a seeded order (MiniWoB++ instances also get fresh page seeds: see
+    :func:`digiq.envs.miniwob.task_instances`). ``world`` (``phone`` on the simulator) or ``config``
+    (``miniwob`` on MiniWoB++) sets the environment up (its defaults when all are None).
     Returns ``success_rate, ci_low, ci_high, num_episodes, num_successes, mean_steps, split, per_task``.
 
-    ``trace`` (simulator only: it needs the exact Q*) adds where the failed episodes went wrong:
-    ``first_mistakes`` (per task, the first failed episode's first non-optimal step: see
+    ``trace`` (environments with a trace capability, i.e. an exact Q*) adds where the failed episodes went
+    wrong: ``first_mistakes`` (per task, the first failed episode's first non-optimal step: see
     :func:`digiq.envs.sim.first_mistake`) and ``first_mistake_screens`` (failed episodes counted by the screen
     of that step).
     """
     if num_episodes <= 0:
         raise DigiqError(f"num_episodes must be > 0, got {num_episodes}")
-    if trace and env != "sim":
-        raise DigiqError(f"trace needs the simulator's exact Q*; env={env!r} has none")
-    sim_run = env == "sim"
-    envs = make_envs(
-        env, min(batch_size, num_episodes) if sim_run else num_workers, miniwob=miniwob, phone=phone
-    )
+    spec = get_env(env)
+    tracer = spec.require("trace", "trace (the exact Q*)") if trace else None
+    world = world if world is not None else phone
+    if world is None:
+        world = spec.open(config if config is not None else miniwob)
+    lockstep = spec.lockstep
+    envs = spec.make(world, min(batch_size, num_episodes) if lockstep else num_workers)
     bar = None
     try:
         instances = envs[0].task_instances(split, num_episodes, seed)
@@ -170,9 +171,9 @@ def evaluate_policy(
             envs,
             instances,
             policy_fn,
-            refill=not sim_run,
-            threads=not sim_run,
-            group_by_task=not sim_run,
+            refill=not lockstep,
+            threads=not lockstep,
+            group_by_task=not lockstep,
             progress=bar,
             record=trace,
         )
@@ -182,27 +183,6 @@ def evaluate_policy(
         for e in envs:
             e.close()
     summary = success_summary(episodes, split)
-    if trace:
-        summary.update(trace_failures(envs[0].phone, episodes))
+    if tracer is not None:
+        summary.update(tracer(world, episodes))
     return summary
-
-
-def trace_failures(phone: Any, episodes: Sequence[Any]) -> dict[str, Any]:
-    """``first_mistakes`` and ``first_mistake_screens`` of recorded simulator episodes (see
-    :func:`evaluate_policy`); a failed episode whose every action was optimal counts under ``none``."""
-    from digiq.envs.sim import first_mistake
-
-    per_task: dict[str, dict] = {}
-    screens: dict[str, int] = {}
-    for e in episodes:
-        if e.success:
-            continue
-        m = first_mistake(phone, e.transitions)
-        screen = m["screen"] if m else "none"
-        screens[screen] = screens.get(screen, 0) + 1
-        if m is not None and e.instance.task_id not in per_task:
-            per_task[e.instance.task_id] = m
-    return {
-        "first_mistakes": dict(sorted(per_task.items())),
-        "first_mistake_screens": dict(sorted(screens.items(), key=lambda kv: (-kv[1], kv[0]))),
-    }

@@ -7,8 +7,8 @@ completes the task, which also ends the episode. ``Observation.info`` carries wh
 read (the simulator's state key, a page's DOM); learnt policies see the screenshot and the goal.
 
 Adding a device (an Android emulator, say) is one module with a class that has these four methods plus
-``task_instances``, and a branch in :func:`digiq.envs.make_envs`; the stages still name the simulator in a
-few places (collect, evaluate, pipeline), which an environment registry is to replace.
+``task_instances``, and one :func:`digiq.envs.registry.register_env` call that names its settings, scripted
+policies and capabilities (docs/environments.md).
 """
 
 from __future__ import annotations

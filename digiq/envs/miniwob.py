@@ -354,3 +354,79 @@ class MiniWoBEnv:
         self._last = self._observation(obs)
         self._done = self._steps >= self.config.max_steps
         return StepResult(self._last, 0.0, self._done, {"reason": "max_steps" if self._done else None})
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration (env=miniwob): the browser stack loads when the first browser starts, not here.
+# --------------------------------------------------------------------------------------------------
+
+
+def _make(config: MiniWoBConfig, num: int) -> list[MiniWoBEnv]:
+    envs: list[MiniWoBEnv] = []
+    try:
+        for _ in range(num):
+            envs.append(MiniWoBEnv(config))
+    except BaseException:
+        for e in envs:
+            e.close()
+        raise
+    return envs
+
+
+def _episode_stream(store: dict, b: dict, key: list[int]) -> np.random.Generator:
+    """The random stream of ``b``'s episode (``[*key, episode]``), restarted with the episode: worker
+    scheduling and browser restarts do not change what a policy does."""
+    if b["step"] == 0 or b["episode"] not in store:
+        store[b["episode"]] = np.random.default_rng([*key, b["episode"]])
+    return store[b["episode"]]
+
+
+def collect_plan(config: MiniWoBConfig, behaviour: Any, split: str, num: int, seed: int) -> Any:
+    """Per-episode random streams (actions: ``[seed, 1, episode]``, candidates: ``[seed, 2, episode]``), so an
+    episode does the same whichever worker runs it, whenever, and after a browser restart."""
+    from digiq.envs.miniwob_policy import MiniWoBBehaviour
+
+    pi = MiniWoBBehaviour(behaviour)
+    act_rngs: dict[int, np.random.Generator] = {}
+    cand_rngs: dict[int, np.random.Generator] = {}
+    return (
+        task_instances(config.tasks, split, num, seed),
+        lambda batch: [pi.act(b["info"], _episode_stream(act_rngs, b, [seed, 1])) for b in batch],
+        lambda batch, n: [
+            pi.sample_candidates(b["info"], n, _episode_stream(cand_rngs, b, [seed, 2])) for b in batch
+        ],
+    )
+
+
+def scripted_policy(config: MiniWoBConfig, behaviour: Any, name: str, seed: int) -> Any:
+    """``behaviour`` (the collection policy), ``optimal`` (the DOM expert) or ``random`` (its mistakes only)."""
+    from digiq.envs.miniwob_policy import MiniWoBBehaviour
+
+    pi = MiniWoBBehaviour(behaviour)
+    p = {"behaviour": None, "optimal": 1.0, "random": 0.0}[name]
+    rngs: dict[int, np.random.Generator] = {}
+    return lambda batch: [pi.act(b["info"], _episode_stream(rngs, b, [seed, 1]), p_optimal=p) for b in batch]
+
+
+def _register() -> None:
+    from digiq.envs.miniwob_policy import MiniWoBBehaviourConfig
+    from digiq.envs.registry import EnvSpec, register_env
+
+    register_env(
+        EnvSpec(
+            name="miniwob",
+            config_cls=MiniWoBConfig,
+            behaviour_cls=MiniWoBBehaviourConfig,
+            section="miniwob",
+            behaviour_section="miniwob_behaviour",
+            make=_make,
+            plan=collect_plan,
+            scripted_policy=scripted_policy,
+            lockstep=False,
+            volatile=("scratch_dir",),
+            check=lambda config, behaviour: behaviour.check_tasks(config.tasks),
+        )
+    )
+
+
+_register()

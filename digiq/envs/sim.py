@@ -1,4 +1,5 @@
-"""The simulated phone (:mod:`digiq.sim`) behind the :class:`~digiq.envs.base.Env` interface."""
+"""The simulated phone (:mod:`digiq.sim`) behind the :class:`~digiq.envs.base.Env` interface, registered as
+``env=sim`` with every capability (exact Q*, offline candidates, behaviour values, failure traces)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 
 from digiq.actions import Action, ActionType, action_label
 from digiq.envs.base import Observation, StepResult, TaskInstance
-from digiq.errors import DigiqError
+from digiq.envs.registry import EnvSpec, Plan, register_env
+from digiq.errors import DataError, DigiqError
 from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
 from digiq.sim.layout import State
 from digiq.sim.phone import SimConfig, SimPhone
@@ -130,3 +132,95 @@ def sim_policy_fn(name: str, phone: SimPhone, seed: int = 0, behaviour: Behaviou
 
         return lambda batch: [one().render() for _ in batch]
     raise DigiqError(f"unknown built-in policy {name!r} (behaviour, optimal, random)")
+
+
+def trace_failures(phone: SimPhone, episodes: Sequence[Any]) -> dict[str, Any]:
+    """``first_mistakes`` (per task, the first failed episode's first non-optimal step: see
+    :func:`first_mistake`) and ``first_mistake_screens`` (failed episodes counted by the screen of that step)
+    of recorded episodes; a failed episode whose every action was optimal counts under ``none``."""
+    per_task: dict[str, dict] = {}
+    screens: dict[str, int] = {}
+    for e in episodes:
+        if e.success:
+            continue
+        m = first_mistake(phone, e.transitions)
+        screen = m["screen"] if m else "none"
+        screens[screen] = screens.get(screen, 0) + 1
+        if m is not None and e.instance.task_id not in per_task:
+            per_task[e.instance.task_id] = m
+    return {
+        "first_mistakes": dict(sorted(per_task.items())),
+        "first_mistake_screens": dict(sorted(screens.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
+
+
+def collect_plan(phone: SimPhone, behaviour: BehaviourConfig, split: str, num: int, seed: int) -> Plan:
+    """``digiq collect``'s historical streams: a fresh permutation of the tasks per pass, one generator each
+    for the dataset actions and the candidates (the datasets of earlier releases are reproduced bit for bit)."""
+    tasks = phone.tasks(split)
+    seeds = np.random.SeedSequence(seed).spawn(3)
+    order_rng = np.random.default_rng(seeds[0])
+    pi = BehaviourPolicy(phone, seed=int(seeds[1].generate_state(1)[0]), config=behaviour)
+    cand_pi = BehaviourPolicy(phone, seed=int(seeds[2].generate_state(1)[0]), config=behaviour)
+    order: list[int] = []
+    instances = []
+    v2 = phone.config.benchmark == "v2"  # randomised starts: each episode its own start seed
+    for i in range(num):
+        if not order:  # a fresh seeded permutation per pass over the tasks: balanced task counts
+            order = [int(i) for i in order_rng.permutation(len(tasks))]
+        start = v2_episode_seed(seed, i) if v2 else 0
+        instances.append(TaskInstance(tasks[order.pop()].task_id, start))
+    return (
+        instances,
+        lambda batch: [pi.act(b["info"]["state"]) for b in batch],
+        lambda batch, n: [cand_pi.sample_candidates(b["info"]["state"], n) for b in batch],
+    )
+
+
+def offline_candidates(
+    phone: SimPhone,
+    behaviour: BehaviourConfig,
+    actions: Sequence[str],
+    state_keys: Sequence[str],
+    n: int,
+    seed: int,
+) -> list[list[str]]:
+    """[dataset action] + n-1 draws of the scripted behaviour policy (one seeded stream, dataset order)."""
+    from tqdm.auto import tqdm
+
+    pi = BehaviourPolicy(phone, seed=seed, config=behaviour)
+    out = []
+    for i, (a, key) in enumerate(tqdm(list(zip(actions, state_keys)), desc="candidates (sim)", unit="row")):
+        if not key:
+            raise DataError(
+                f"row {i}: empty state_key; source=sim needs a dataset collected by `digiq sim collect`"
+            )
+        out.append([a, *(c.render() for c in pi.sample_candidates(key, n - 1))])
+    return out
+
+
+def _behaviour_values(phone: SimPhone, gamma: float, samples: int, seed: int) -> Any:
+    from digiq.sim.behaviour import BehaviourValues
+
+    return BehaviourValues(phone, gamma, samples=samples, seed=seed)
+
+
+register_env(
+    EnvSpec(
+        name="sim",
+        config_cls=SimConfig,
+        behaviour_cls=BehaviourConfig,
+        section="sim",
+        behaviour_section="behaviour",
+        world=SimPhone,
+        # Simulated phones share one SimPhone (its render and value caches).
+        make=lambda phone, num: [SimEnv(phone=phone) for _ in range(num)],
+        plan=collect_plan,
+        scripted_policy=lambda phone, behaviour, name, seed: sim_policy_fn(name, phone, seed, behaviour),
+        lockstep=True,
+        candidates=offline_candidates,
+        q_star=lambda phone: phone.q_star,
+        behaviour_values=_behaviour_values,
+        trace=trace_failures,
+    )
+)

@@ -35,19 +35,18 @@ import numpy as np
 from digiq.config import ConfigError, check, to_dict
 from digiq.data.labels import DEFAULT_EPS, DEFAULT_SCALE, screen_diff
 from digiq.data.schema import FEATURES, discounted_returns, save_dataset, undecoded_view
-from digiq.envs import make_envs, per_task_success
-from digiq.envs.base import Observation, TaskInstance
-from digiq.envs.miniwob import MiniWoBConfig
-from digiq.envs.miniwob_policy import MiniWoBBehaviourConfig
+from digiq.envs import per_task_success
+from digiq.envs.base import Observation
+from digiq.envs.registry import EnvSpec, config_class, get_env, validate_env
 from digiq.envs.rollout import Episode, run_episodes
-from digiq.envs.sim import v2_episode_seed
 from digiq.errors import DataError, DigiqError
-from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
-from digiq.sim.phone import SimConfig, SimPhone
 from digiq.utils.io import atomic_write_json, is_complete, refuse_finished
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
+# The built-in environments' sections (YAMLs and overrides such as sim.benchmark=v2, miniwob.tasks=...).
+SimConfig, BehaviourConfig = config_class("sim"), config_class("sim", behaviour=True)
+MiniWoBConfig, MiniWoBBehaviourConfig = config_class("miniwob"), config_class("miniwob", behaviour=True)
 # The Stage-1 label (DigiRL-agent/digiq @ 8181379,
 # postprocess_data/get_more_actions/construct_sft_data.py:23-37): mean squared difference of the two
 # screenshots at 0.25x scale on 0-255, "Yes" if > 30 -- the rule finetune-vlm trains on (digiq/data/labels.py).
@@ -78,8 +77,9 @@ def _policy_folder(policy: str) -> str | None:
 
 @dataclasses.dataclass
 class Config:
-    # sim = the simulated phone; miniwob = MiniWoB++ in headless Chromium (pip install -e ".[miniwob]").
-    env: Literal["sim", "miniwob"] = "sim"
+    # A registered environment (digiq.envs.registry): sim = the simulated phone; miniwob = MiniWoB++ in
+    # headless Chromium (pip install -e ".[miniwob]").
+    env: str = "sim"
     # Where the dataset folder is written (HF save_to_disk + digiq_dataset.json + _COMPLETE).
     output_dir: str = "data/sim"
     # Number of trajectories; on the simulator 500 gives ~3.7k steps, enough for the critic stages on a CPU.
@@ -94,7 +94,8 @@ class Config:
     # The behaviour policy that collects the data. 'scripted' = the environment's scripted policy (it reads
     # privileged state: a demonstrator, or a reference row). A folder = an exported digiq policy, a pixel
     # model that reads only the screen and the prompt, sampled at `temperature`: the paper's protocol,
-    # where AutoUI collects the offline data (Digi-Q paper, Sec. 5.1). Simulated device only for now.
+    # where AutoUI collects the offline data (Digi-Q paper, Sec. 5.1). Lock-step environments (the
+    # simulator) only for now.
     policy: str = "scripted"
     # Sampling temperature of a model policy (0 = greedy; the official candidate sampler uses 1.2,
     # DigiRL-agent/digiq @ 8181379, postprocess_data/get_more_actions/get_more_actions_batched.py:77).
@@ -105,9 +106,11 @@ class Config:
     seed: int = 0
     # Replace a finished output at output_dir instead of refusing it.
     overwrite: bool = False
-    # MiniWoB++: keep the finished shards of a killed collection and collect only the missing episodes.
+    # Devices collected in shards (MiniWoB++): keep the finished shards of a killed collection and collect
+    # only the missing episodes.
     resume: bool = False
-    # MiniWoB++: browsers stepping episodes side by side (each is a Chromium: ~350 MB, about one core).
+    # MiniWoB++ (devices on worker threads): devices stepping episodes side by side (each browser is a
+    # Chromium: ~350 MB, about one core).
     num_workers: int = 1
     # MiniWoB++: finished episodes per shard (a kill loses at most the episodes of one unwritten shard).
     shard_size: int = 25
@@ -117,8 +120,11 @@ class Config:
     # MiniWoB++ tasks and browser, and the noise of its DOM behaviour policy (env=miniwob).
     miniwob: MiniWoBConfig = dataclasses.field(default_factory=MiniWoBConfig)
     miniwob_behaviour: MiniWoBBehaviourConfig = dataclasses.field(default_factory=MiniWoBBehaviourConfig)
+    # The settings of an environment registered without a section here, checked against its config class.
+    env_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
+        spec = validate_env(self)
         check(self.num_trajectories > 0, "num_trajectories must be > 0")
         check(0.0 <= self.gamma < 1.0, f"gamma must be in [0, 1), got {self.gamma}")
         check(self.num_candidates >= 0, "num_candidates must be >= 0")
@@ -128,8 +134,9 @@ class Config:
         check(self.batch_size > 0, "batch_size must be > 0")
         if self.policy != "scripted":
             check(
-                self.env == "sim",
-                f"policy={self.policy}: a model behaviour policy collects on env=sim only for now",
+                spec.lockstep,
+                f"policy={self.policy}: a model behaviour policy collects on env=sim only for now (lock-step "
+                f"environments), not env={self.env}",
             )
             check(
                 self.num_candidates == 0,
@@ -141,65 +148,9 @@ class Config:
                 f"policy={self.policy}: neither 'scripted' nor an existing policy folder",
             )
         check(
-            self.env == "miniwob" or not self.resume,
-            "resume is for env=miniwob (the simulator takes seconds)",
+            not spec.lockstep or not self.resume,
+            f"resume is for environments collected in shards (env=miniwob); env={self.env} collects in one go",
         )
-        self.sim.validate()
-        self.behaviour.validate()
-        self.miniwob.validate()
-        self.miniwob_behaviour.validate()
-        if self.env == "miniwob":
-            self.miniwob_behaviour.check_tasks(self.miniwob.tasks)
-
-
-# --------------------------------------------------------------------------------------------------
-# Plans: the instances, the behaviour policy and the candidate sampler of each environment
-# --------------------------------------------------------------------------------------------------
-
-
-def _sim_plan(cfg: Config, phone: SimPhone) -> tuple[list[TaskInstance], Any, Any]:
-    """The simulator's historical streams: a fresh permutation of the tasks per pass, one generator each for
-    the dataset actions and the candidates."""
-    tasks = phone.tasks(cfg.split)
-    seeds = np.random.SeedSequence(cfg.seed).spawn(3)
-    order_rng = np.random.default_rng(seeds[0])
-    pi = BehaviourPolicy(phone, seed=int(seeds[1].generate_state(1)[0]), config=cfg.behaviour)
-    cand_pi = BehaviourPolicy(phone, seed=int(seeds[2].generate_state(1)[0]), config=cfg.behaviour)
-    order: list[int] = []
-    instances = []
-    v2 = phone.config.benchmark == "v2"  # randomised starts: each episode its own start seed
-    for i in range(cfg.num_trajectories):
-        if not order:  # a fresh seeded permutation per pass over the tasks: balanced task counts
-            order = [int(i) for i in order_rng.permutation(len(tasks))]
-        start = v2_episode_seed(cfg.seed, i) if v2 else 0
-        instances.append(TaskInstance(tasks[order.pop()].task_id, start))
-    return (
-        instances,
-        lambda batch: [pi.act(b["info"]["state"]) for b in batch],
-        lambda batch, n: [cand_pi.sample_candidates(b["info"]["state"], n) for b in batch],
-    )
-
-
-def _miniwob_plan(cfg: Config) -> tuple[list[TaskInstance], Any, Any]:
-    """Per-episode random streams (actions: ``[seed, 1, episode]``, candidates: ``[seed, 2, episode]``), so an
-    episode does the same whichever worker runs it, whenever, and after a browser restart."""
-    from digiq.envs.miniwob import task_instances
-    from digiq.envs.miniwob_policy import MiniWoBBehaviour
-
-    pi = MiniWoBBehaviour(cfg.miniwob_behaviour)
-    act_rngs: dict[int, np.random.Generator] = {}
-    cand_rngs: dict[int, np.random.Generator] = {}
-
-    def stream(store: dict, b: dict, k: int) -> np.random.Generator:
-        if b["step"] == 0 or b["episode"] not in store:
-            store[b["episode"]] = np.random.default_rng([cfg.seed, k, b["episode"]])
-        return store[b["episode"]]
-
-    return (
-        task_instances(cfg.miniwob.tasks, cfg.split, cfg.num_trajectories, cfg.seed),
-        lambda batch: [pi.act(b["info"], stream(act_rngs, b, 1)) for b in batch],
-        lambda batch, n: [pi.sample_candidates(b["info"], n, stream(cand_rngs, b, 2)) for b in batch],
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,15 +199,23 @@ def episode_columns(episodes: list[Episode], gamma: float, changes: dict | None 
     return cols, changed
 
 
-def collect_columns(cfg: Config, phone: SimPhone | None = None, progress: bool = True) -> tuple[dict, dict]:
-    """The simulator's dataset columns (dict of lists) and summary stats, without writing anything."""
+def _plan(cfg: Config, spec: EnvSpec, world: Any) -> tuple[list, Any, Any]:
+    """The environment's instances, scripted behaviour policy and candidate sampler for ``cfg``."""
+    return spec.plan(world, spec.settings(cfg)[1], cfg.split, cfg.num_trajectories, cfg.seed)
+
+
+def collect_columns(cfg: Config, world: Any = None, progress: bool = True) -> tuple[dict, dict]:
+    """A lock-step environment's (the simulator's) dataset columns (dict of lists) and summary stats, without
+    writing anything. ``world``: the environment's opened world (a ``SimPhone``), else opened from ``cfg``."""
     from tqdm.auto import tqdm
 
+    spec = get_env(cfg.env)
     check(
-        cfg.env == "sim", "collect_columns is the simulator's in-memory collection; env=miniwob writes shards"
+        spec.lockstep,
+        f"collect_columns is the in-memory collection of lock-step environments; env={cfg.env} writes shards",
     )
-    phone = phone or SimPhone(cfg.sim)
-    instances, policy, cands = _sim_plan(cfg, phone)
+    world = world if world is not None else spec.open(spec.settings(cfg)[0])
+    instances, policy, cands = _plan(cfg, spec, world)
     workers = 1
     if cfg.policy != "scripted":
         from digiq.models.policy import load_policy_fn
@@ -271,9 +230,9 @@ def collect_columns(cfg: Config, phone: SimPhone | None = None, progress: bool =
             batch_size=cfg.batch_size,
         )
         workers = min(cfg.batch_size, len(instances))
-    with tqdm(total=len(instances), desc="sim collect", unit="traj", disable=not progress) as bar:
+    with tqdm(total=len(instances), desc=f"{cfg.env} collect", unit="traj", disable=not progress) as bar:
         episodes = run_episodes(
-            make_envs("sim", workers, phone=phone),
+            spec.make(world, workers),
             instances,
             policy,
             candidates=cands,
@@ -312,10 +271,31 @@ def _plan_fingerprint(cfg: Config) -> dict[str, Any]:
     d = to_dict(cfg)
     for k in ("output_dir", "overwrite", "resume", "num_workers", "shard_size", "num_trajectories"):
         d.pop(k, None)
-    d.pop("sim", None)
-    d.pop("behaviour", None)
-    d["miniwob"].pop("scratch_dir", None)
+    spec = get_env(cfg.env)
+    for name in _other_sections(spec):  # another environment's settings change nothing here
+        d.pop(name, None)
+    if not d["env_config"]:  # the plans of earlier releases have no such key
+        d.pop("env_config")
+    section = d.get(spec.section) if spec.section else d.get("env_config")
+    for k in spec.volatile:
+        section.pop(k, None)
     return d
+
+
+def _other_sections(spec: EnvSpec) -> list[str]:
+    """The stage-config sections of the registered environments other than ``spec``."""
+    from digiq.envs.registry import registered
+
+    out = []
+    for name in registered():
+        other = get_env(name)
+        if other is not spec:
+            out += [
+                f
+                for f in (other.section, other.behaviour_section)
+                if f and f not in (spec.section, spec.behaviour_section)
+            ]
+    return out
 
 
 def _finished_shards(shard_root: Path) -> list[Path]:
@@ -366,7 +346,9 @@ def _collect_miniwob(cfg: Config) -> tuple[Any, dict[str, Any]]:
             shard_root,
         )
 
-    instances, policy, cands = _miniwob_plan(cfg)
+    spec = get_env(cfg.env)
+    world = spec.open(spec.settings(cfg)[0])
+    instances, policy, cands = _plan(cfg, spec, world)
     pending: list[Episode] = []
     outcomes: list[Episode] = []
     next_shard = len(_finished_shards(shard_root))
@@ -392,11 +374,11 @@ def _collect_miniwob(cfg: Config) -> tuple[Any, dict[str, Any]]:
         if len(pending) >= cfg.shard_size:
             flush()
 
-    envs = make_envs("miniwob", cfg.num_workers, miniwob=cfg.miniwob)
+    envs = spec.make(world, cfg.num_workers)
     t0 = time.perf_counter()
     try:
         with tqdm(
-            total=cfg.num_trajectories, initial=len(done_ids), desc="collect miniwob", unit="ep"
+            total=cfg.num_trajectories, initial=len(done_ids), desc=f"collect {cfg.env}", unit="ep"
         ) as bar:
             run_episodes(
                 envs,
@@ -452,14 +434,15 @@ def _collect_miniwob(cfg: Config) -> tuple[Any, dict[str, Any]]:
 def run(cfg: Config) -> dict:
     from datasets import Dataset
 
-    if not (cfg.env == "miniwob" and cfg.resume):
+    spec = get_env(cfg.env)
+    if spec.lockstep or not cfg.resume:
         refuse_finished(cfg.output_dir, cfg.overwrite)
     elif is_complete(cfg.output_dir):
         log.info("%s is already complete: nothing to resume", cfg.output_dir)
         return {}
     t0 = time.perf_counter()
-    if cfg.env == "sim":
-        cols, stats = collect_columns(cfg, SimPhone(cfg.sim))
+    if spec.lockstep:
+        cols, stats = collect_columns(cfg)
         ds = Dataset.from_dict(cols, features=FEATURES)
     else:
         ds, stats = _collect_miniwob(cfg)
@@ -472,12 +455,13 @@ def run(cfg: Config) -> dict:
         "config": to_dict(cfg),
         **stats,
     }
-    if cfg.env == "sim":
-        info.update(sim=to_dict(cfg.sim), behaviour=to_dict(cfg.behaviour))
-    else:
-        info.update(miniwob=to_dict(cfg.miniwob), behaviour=to_dict(cfg.miniwob_behaviour))
-    # overwrite=True here also covers env=miniwob, whose unfinished folder (shards) the dataset replaces.
-    save_dataset(ds, cfg.output_dir, info, overwrite=cfg.overwrite or cfg.env == "miniwob")
+    config, behaviour = spec.settings(cfg)
+    info[spec.section or "env_config"] = to_dict(config)
+    if behaviour is not None:
+        info["behaviour"] = to_dict(behaviour)
+    # overwrite=True here also covers sharded collections, whose unfinished folder (shards) the dataset
+    # replaces.
+    save_dataset(ds, cfg.output_dir, info, overwrite=cfg.overwrite or not spec.lockstep)
     stats["seconds"] = time.perf_counter() - t0
     log.info(
         "wrote %d trajectories / %d steps to %s in %.1fs (behaviour success %.3f, screen-change fraction %.3f)",
