@@ -173,9 +173,11 @@ def test_truncated_trajectories_are_terminal(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli(mdp_inputs, tmp_path: Path) -> None:
     ds, feats, _, _ = mdp_inputs
+    # td.yaml's no-op backup probes the screenshots, which this synthetic MDP has none of
     cmd = [sys.executable, "-m", "digiq", "train-critic", "--config", "configs/train-critic/td.yaml",
            f"dataset={ds}", f"features={feats}", f"output_dir={tmp_path / 'cli'}", "epochs=1", "steps_per_epoch=5",
-           "critic.q_hidden=[16]", "critic.v_hidden=[16]", "wandb.mode=disabled", "q_star=skip"]  # fmt: skip
+           "critic.q_hidden=[16]", "critic.v_hidden=[16]", "wandb.mode=disabled", "q_star=skip",
+           "noop.enabled=false"]  # fmt: skip
     r = subprocess.run(cmd, cwd=ROOT, env=digiq_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert load_critic(tmp_path / "cli" / "critic").arch.q_hidden == (16,)
