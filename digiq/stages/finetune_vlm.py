@@ -53,7 +53,7 @@ from digiq.training.checkpoint import inner, load_checkpoint, save_checkpoint
 from digiq.training.data_order import epoch_order
 from digiq.training.output import begin_output, check_output, finish_output
 from digiq.training.schedule import make_scheduler
-from digiq.utils.io import atomic_write_json, staged_dir
+from digiq.utils.io import OutputPlan, atomic_write_json, staged_dir
 from digiq.utils.logging import MetricsLogger, get_logger
 from digiq.utils.seed import set_seed
 
@@ -312,19 +312,38 @@ def evaluate(
     }
 
 
-def run(cfg: Config) -> dict:
-    t0 = time.time()
-    out = Path(cfg.output_dir)
-    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, find_unused_parameters=True)
-    main = accelerator.is_main_process
-    plan = check_output(out, cfg.resume, cfg.overwrite, "finetune-vlm", cfg)
-    resume_from = plan.resume_from
-    set_seed(cfg.seed)
+@dataclasses.dataclass
+class Stage1Run:
+    """Everything the training loop, the checkpoints and the evaluations share; built by :func:`setup`."""
 
-    dtype = train_dtype(cfg.model.dtype, accelerator, frozen_base=cfg.lora.enabled)
-    model, processor = load_vlm(dataclasses.replace(cfg.model, dtype=dtype), lora=cfg.lora, for_training=True)
-    yes_id, no_id = yes_no_token_ids(processor)
-    data = Stage1Data(cfg.dataset, cfg.eps, cfg.label_scale, processor, cfg.rendering)
+    cfg: Config
+    out: Path
+    accelerator: Accelerator
+    model: Any
+    processor: Any
+    data: Stage1Data
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    yes_id: int
+    no_id: int
+    opt: Any
+    sched: Any
+    logger: MetricsLogger
+    global_bs: int
+    batches_per_epoch: int
+    total_steps: int
+    n_trainable: int
+    label_stats: tuple[dict, dict]  # (train, held-out)
+    # Where the loop stands (restored from a checkpoint on resume).
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    # The step of the last evaluation / checkpoint (nothing is done twice at one step).
+    eval_step: int = -1
+    ckpt_step: int = -1
+
+
+def _split(cfg: Config, data: Stage1Data) -> tuple[np.ndarray, np.ndarray]:
     train_rows, val_rows = split_by_trajectory(data.ds, cfg.val_fraction)
     if cfg.max_train_rows:
         train_rows = train_rows[: cfg.max_train_rows]
@@ -332,6 +351,19 @@ def run(cfg: Config) -> dict:
         val_rows = val_rows[: cfg.max_val_rows]
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise DataError(f"{cfg.dataset}: need trajectories in both the train and held-out split")
+    return train_rows, val_rows
+
+
+def setup(cfg: Config, accelerator: Accelerator, plan: OutputPlan) -> Stage1Run:
+    """Load the model and the labelled data, check them, then open the output folder and build the
+    optimizer, the scheduler and the logger (restored from the checkpoint when resuming)."""
+    out = plan.path
+    main = accelerator.is_main_process
+    dtype = train_dtype(cfg.model.dtype, accelerator, frozen_base=cfg.lora.enabled)
+    model, processor = load_vlm(dataclasses.replace(cfg.model, dtype=dtype), lora=cfg.lora, for_training=True)
+    yes_id, no_id = yes_no_token_ids(processor)
+    data = Stage1Data(cfg.dataset, cfg.eps, cfg.label_scale, processor, cfg.rendering)
+    train_rows, val_rows = _split(cfg, data)
     world = accelerator.num_processes
     global_bs = cfg.batch_size * world
     batches_per_epoch = len(train_rows) // global_bs  # drop the ragged tail: equal work on every rank
@@ -342,135 +374,144 @@ def run(cfg: Config) -> dict:
     log.info(
         "labels (eps=%g at %gx): train %d rows, %.1f%% changed; held-out %d rows, %.1f%% changed "
         "(majority baseline %.3f)",
-        cfg.eps,
-        cfg.label_scale,
-        tr_stats["count"],
-        100 * tr_stats["positive_fraction"],
-        va_stats["count"],
-        100 * va_stats["positive_fraction"],
-        va_stats["majority_accuracy"],
-    )
+        cfg.eps, cfg.label_scale, tr_stats["count"], 100 * tr_stats["positive_fraction"], va_stats["count"],
+        100 * va_stats["positive_fraction"], va_stats["majority_accuracy"],
+    )  # fmt: skip
     begin_output(plan, accelerator)
     if main:
         save_config(cfg, out)
 
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW(
         param_groups(model, cfg.optim.lr, cfg.vision_lr_scale),
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         betas=cfg.optim.betas,
     )
-    steps_per_epoch = batches_per_epoch // cfg.grad_accum
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = (batches_per_epoch // cfg.grad_accum) * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     sched = make_scheduler(opt, cfg.optim.scheduler, total_steps, cfg.optim.warmup_ratio)
-
     model, opt = accelerator.prepare(model, opt)
-    rank = accelerator.process_index
     step, epoch, batch_in_epoch = 0, 0, 0
-    if resume_from is not None:  # after prepare: under FSDP the full tensors are sharded onto the model
-        ck = load_checkpoint(resume_from)
-        step = ck.restore_training(accelerator.unwrap_model(model), inner(opt), sched, rank)
+    if plan.resume_from is not None:  # after prepare: under FSDP the full tensors are sharded onto the model
+        ck = load_checkpoint(plan.resume_from)
+        step = ck.restore_training(
+            accelerator.unwrap_model(model), inner(opt), sched, accelerator.process_index
+        )
         epoch, batch_in_epoch = ck.position["epoch"], ck.position["batch_in_epoch"]
-        log.info("resumed from %s: step %d, epoch %d, batch %d", resume_from, step, epoch, batch_in_epoch)
+        log.info(
+            "resumed from %s: step %d, epoch %d, batch %d", plan.resume_from, step, epoch, batch_in_epoch
+        )
     logger = MetricsLogger(
-        out, cfg.wandb, to_dict(cfg), enabled=main, resume_step=step if resume_from is not None else None
+        out, cfg.wandb, to_dict(cfg), enabled=main, resume_step=step if plan.resume_from is not None else None
     )
     log.info(
         "%s: %d trainable params; effective batch %d = %d x %d processes x %d accum; %d steps",
-        cfg.model.name_or_path,
-        n_trainable,
-        global_bs * cfg.grad_accum,
-        cfg.batch_size,
-        world,
-        cfg.grad_accum,
+        cfg.model.name_or_path, n_trainable, global_bs * cfg.grad_accum, cfg.batch_size, world, cfg.grad_accum,
         total_steps,
-    )
+    )  # fmt: skip
+    return Stage1Run(
+        cfg, out, accelerator, model, processor, data, train_rows, val_rows, yes_id, no_id, opt, sched, logger,
+        global_bs, batches_per_epoch, total_steps, n_trainable, (tr_stats, va_stats), step, epoch, batch_in_epoch,
+    )  # fmt: skip
 
-    bar = tqdm(total=total_steps, initial=step, desc="finetune-vlm", disable=not (main and cfg.progress))
+
+def checkpoint(r: Stage1Run) -> None:
+    """Save ``checkpoints/step-N`` with the data position (once per step; every process takes part)."""
+    if r.ckpt_step == r.step:
+        return
+    r.ckpt_step = r.step
+    position = {"epoch": r.epoch, "batch_in_epoch": r.batch_in_epoch}
+    save_checkpoint(
+        r.out, r.step, r.accelerator.unwrap_model(r.model), inner(r.opt), r.sched, position,
+        keep=r.cfg.keep_checkpoints, accelerator=r.accelerator,
+    )  # fmt: skip
+
+
+def evaluate_now(r: Stage1Run) -> dict:
+    """Evaluate on the held-out rows and log it at the current step."""
+    r.eval_step = r.step
+    res = evaluate(r.model, r.data, r.val_rows, r.accelerator, r.yes_id, r.no_id, r.cfg.eval_batch_size)
+    flat = {f"val/{k}": v for k, v in res.items() if k not in ("confusion", "by_action")}
+    flat.update({f"val/accuracy_{k}": v["accuracy"] for k, v in res["by_action"].items()})
+    r.logger.log(flat, r.step)
+    log.info(
+        "step %d eval: acc %.4f auc %.4f loss %.4f confusion %s (majority %.3f)",
+        r.step, res["accuracy"], res["auc"], res["loss"], res["confusion"], res["majority_baseline"],
+    )  # fmt: skip
+    return res
+
+
+def train_step(r: Stage1Run, order: np.ndarray) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches of this epoch's ``order``; returns the loss
+    (the mean over all processes' rows, not rank 0's share)."""
+    cfg, accelerator, rank = r.cfg, r.accelerator, r.accelerator.process_index
+    r.opt.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        b = (r.batch_in_epoch + micro) * r.global_bs
+        rows = order[b + rank * cfg.batch_size : b + (rank + 1) * cfg.batch_size]
+        inputs, y = r.data.batch(rows)
+        inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
+        last = micro == cfg.grad_accum - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(r.model)
+        with sync, accelerator.autocast():
+            logits = answer_logits(r.model, inputs)
+            loss = yes_no_loss(logits, y, r.yes_id, r.no_id) / cfg.grad_accum
+        accelerator.backward(loss)
+        loss_sum += float(accelerator.reduce(loss.detach(), reduction="mean"))
+    if cfg.optim.max_grad_norm > 0:  # the prepared parameters: FSDP replaces the modules' parameters
+        accelerator.clip_grad_norm_(r.model.parameters(), cfg.optim.max_grad_norm)
+    r.opt.step()
+    r.sched.step()
+    r.step += 1
+    r.batch_in_epoch += cfg.grad_accum
+    return loss_sum
+
+
+def train(r: Stage1Run) -> dict:
+    """The loop: epochs in the (seed, epoch) order, logging, evaluation and checkpoints on their cadence
+    and at every epoch's end; returns the last held-out evaluation (made at the final step)."""
+    cfg = r.cfg
+    bar = tqdm(
+        total=r.total_steps, initial=r.step, desc="finetune-vlm",
+        disable=not (r.accelerator.is_main_process and cfg.progress),
+    )  # fmt: skip
     last_eval: dict = {}
-    marks = {"eval": -1, "ckpt": -1}  # the step of the last eval / checkpoint
     running: list[float] = []
-
-    def checkpoint() -> None:
-        if marks["ckpt"] == step:
-            return
-        marks["ckpt"] = step
-        position = {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
-        save_checkpoint(
-            out, step, accelerator.unwrap_model(model), inner(opt), sched, position,
-            keep=cfg.keep_checkpoints, accelerator=accelerator,
-        )  # fmt: skip
-
-    def do_eval() -> dict:
-        marks["eval"] = step
-        res = evaluate(model, data, val_rows, accelerator, yes_id, no_id, cfg.eval_batch_size)
-        flat = {f"val/{k}": v for k, v in res.items() if k not in ("confusion", "by_action")}
-        flat.update({f"val/accuracy_{k}": v["accuracy"] for k, v in res["by_action"].items()})
-        logger.log(flat, step)
-        log.info(
-            "step %d eval: acc %.4f auc %.4f loss %.4f confusion %s (majority %.3f)",
-            step,
-            res["accuracy"],
-            res["auc"],
-            res["loss"],
-            res["confusion"],
-            res["majority_baseline"],
-        )
-        return res
-
-    while step < total_steps and epoch < cfg.epochs:
-        order = train_rows[epoch_order(len(train_rows), cfg.seed, epoch)]
-        while batch_in_epoch + cfg.grad_accum <= batches_per_epoch and step < total_steps:
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            lr = opt.param_groups[0]["lr"]  # the rate of this update (the scheduler moves it after the step)
-            for micro in range(cfg.grad_accum):
-                b = batch_in_epoch + micro
-                rows = order[
-                    b * global_bs + rank * cfg.batch_size : b * global_bs + (rank + 1) * cfg.batch_size
-                ]
-                inputs, y = data.batch(rows)
-                inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
-                last = micro == cfg.grad_accum - 1
-                sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    logits = answer_logits(model, inputs)
-                    loss = yes_no_loss(logits, y, yes_id, no_id) / cfg.grad_accum
-                accelerator.backward(loss)
-                # the logged loss is the mean over all processes' rows, not rank 0's share
-                loss_sum += float(accelerator.reduce(loss.detach(), reduction="mean"))
-            if cfg.optim.max_grad_norm > 0:  # the prepared parameters: FSDP replaces the modules' parameters
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            opt.step()
-            sched.step()
-            step += 1
-            batch_in_epoch += cfg.grad_accum
-            running.append(loss_sum)
+    while r.step < r.total_steps and r.epoch < cfg.epochs:
+        order = r.train_rows[epoch_order(len(r.train_rows), cfg.seed, r.epoch)]
+        while r.batch_in_epoch + cfg.grad_accum <= r.batches_per_epoch and r.step < r.total_steps:
+            lr = r.opt.param_groups[0][
+                "lr"
+            ]  # the rate of this update (the scheduler moves it after the step)
+            running.append(train_step(r, order))
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                logger.log({"train/loss": float(np.mean(running)), "train/lr": lr}, step)
+            if r.step % cfg.log_every == 0 or r.step == r.total_steps:
+                r.logger.log({"train/loss": float(np.mean(running)), "train/lr": lr}, r.step)
                 bar.set_postfix(loss=f"{np.mean(running):.4f}")
                 running = []
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                last_eval = do_eval()
-            if cfg.save_every and step % cfg.save_every == 0:
-                checkpoint()
-        if batch_in_epoch + cfg.grad_accum > batches_per_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
-            last_eval = do_eval()
-            checkpoint()
+            if cfg.eval_every and r.step % cfg.eval_every == 0:
+                last_eval = evaluate_now(r)
+            if cfg.save_every and r.step % cfg.save_every == 0:
+                checkpoint(r)
+        if r.batch_in_epoch + cfg.grad_accum > r.batches_per_epoch:
+            r.epoch, r.batch_in_epoch = r.epoch + 1, 0
+            last_eval = evaluate_now(r)
+            checkpoint(r)
     bar.close()
-    if marks["eval"] != step:
-        last_eval = do_eval()
-    checkpoint()
+    if r.eval_step != r.step:
+        last_eval = evaluate_now(r)
+    checkpoint(r)
+    return last_eval
 
-    elapsed = time.time() - t0
-    summary = {
+
+def summarize(r: Stage1Run, last_eval: dict, seconds: float) -> dict:
+    """``metrics.json``: the final held-out metrics next to the label balance and the run's size."""
+    tr_stats, va_stats = r.label_stats
+    return {
         "heldout_accuracy": last_eval["accuracy"],
         "heldout_auc": last_eval["auc"],
         "heldout_loss": last_eval["loss"],
@@ -480,38 +521,48 @@ def run(cfg: Config) -> dict:
         "majority_baseline": va_stats["majority_accuracy"],
         "train_labels": tr_stats,
         "heldout_labels": va_stats,
-        "steps": step,
-        "processes": world,
-        "trainable_parameters": n_trainable,
-        "seconds": elapsed,
-        "model": cfg.model.name_or_path,
-        "rendering": cfg.rendering,
+        "steps": r.step,
+        "processes": r.accelerator.num_processes,
+        "trainable_parameters": r.n_trainable,
+        "seconds": seconds,
+        "model": r.cfg.model.name_or_path,
+        "rendering": r.cfg.rendering,
     }
+
+
+def export(r: Stage1Run, summary: dict) -> None:
+    """Write ``model/`` (staged), ``metrics.json`` and, last, the completion marker."""
+    cfg, accelerator = r.cfg, r.accelerator
     accelerator.wait_for_everyone()
-    final = accelerator.unwrap_model(model)
+    final = accelerator.unwrap_model(r.model)
     # Under FSDP every process takes part in gathering the shards; the main process alone writes.
     state = export_state(final, merge_lora=cfg.merge_lora)
-    if main:
-        with staged_dir(out / "model", overwrite=True) as tmp:
+    if accelerator.is_main_process:
+        # this run's own model/ (a resumed run rewrites it); the run folder was guarded
+        with staged_dir(r.out / "model", overwrite=True) as tmp:
             save_vlm(
-                final,
-                processor,
-                tmp,
-                merge_lora=cfg.merge_lora,
-                base=cfg.model.name_or_path,
-                tiny_seed=cfg.model.tiny_seed,
-                state_dict=state,
-            )
-        atomic_write_json(out / "metrics.json", summary)
-        finish_output(out, {"steps": step})
+                final, r.processor, tmp, merge_lora=cfg.merge_lora, base=cfg.model.name_or_path,
+                tiny_seed=cfg.model.tiny_seed, state_dict=state,
+            )  # fmt: skip
+        atomic_write_json(r.out / "metrics.json", summary)
+        finish_output(r.out, {"steps": r.step})
         log.info(
             "done in %.0fs: held-out accuracy %.4f (majority %.4f), AUC %.4f -> %s",
-            elapsed,
-            summary["heldout_accuracy"],
-            summary["majority_baseline"],
-            summary["heldout_auc"],
-            out / "model",
-        )
-    logger.finish()
+            summary["seconds"], summary["heldout_accuracy"], summary["majority_baseline"],
+            summary["heldout_auc"], r.out / "model",
+        )  # fmt: skip
+
+
+def run(cfg: Config) -> dict:
+    """Fine-tune the VLM on the screen-change labels; returns the final metrics (also in metrics.json)."""
+    t0 = time.time()
+    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, find_unused_parameters=True)
+    plan = check_output(cfg.output_dir, cfg.resume, cfg.overwrite, "finetune-vlm", cfg)
+    set_seed(cfg.seed)
+    r = setup(cfg, accelerator, plan)
+    last_eval = train(r)
+    summary = summarize(r, last_eval, time.time() - t0)
+    export(r, summary)
+    r.logger.finish()
     accelerator.wait_for_everyone()
     return summary
