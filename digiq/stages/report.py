@@ -38,6 +38,7 @@ from digiq.models.critic import open_critic_and_features
 from digiq.models.critic_text import CriticInputs, build_inputs, score
 from digiq.sim.phone import SimPhone
 from digiq.utils.io import (
+    OutputPlan,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
@@ -312,12 +313,29 @@ def _candidate_rows(
 # --------------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Write the report folder; returns a summary (also written to ``summary.json``)."""
-    plan = plan_output(cfg.output_dir, "report", overwrite=cfg.overwrite, fingerprint=config_fingerprint(cfg))
-    ds = load_dataset(cfg.dataset)
-    critic = feats = None
+@dataclasses.dataclass
+class ReportInputs:
+    """What the page is built from: the dataset, its transitions and, with a critic, the critic and its
+    feature cache (:func:`open_inputs`)."""
+
+    ds: Any
+    tr: Any  # the dataset's transitions (MC returns, rewards, state keys)
+    gamma: float
+    bounds: list[tuple[int, int]]  # every trajectory's rows
+    shown: list[tuple[int, int]]  # the first max_trajectories of them
+    critic: Any = None
+    feats: Any = None
     inputs: CriticInputs | None = None
+    qstar_fn: Any = None  # exact Q* of a simulated state's candidates
+
+    @property
+    def num_candidates(self) -> int | None:
+        return self.feats.num_candidates if self.feats is not None else None
+
+
+def open_inputs(cfg: Config) -> ReportInputs:
+    ds = load_dataset(cfg.dataset)
+    critic = feats = inputs = None
     meta: dict[str, Any] = {}
     if cfg.critic_dir:
         critic, feats, meta = open_critic_and_features(cfg.critic_dir, cfg.features, ds, cfg.dataset)
@@ -326,112 +344,130 @@ def run(cfg: Config) -> dict[str, Any]:
     tr, _ = load_transitions(cfg.dataset, gamma)
     bounds = trajectory_bounds(ds.select_columns(["traj_id"]))
     shown = bounds[: cfg.max_trajectories]
-    N = feats.num_candidates if feats is not None else None
-
     qstar_fn = None
     if cfg.q_star == "auto" and any(tr.state_key[s] for s, _ in shown):
         qstar_fn = SimPhone().q_star
+    return ReportInputs(ds, tr, gamma, bounds, shown, critic, feats, inputs, qstar_fn)
 
-    # Values for the plots: Q(s, a_dataset) and V(s) on the first plot_rows rows.
-    plots: dict[str, bytes] = {}
-    summary: dict[str, Any] = {
-        "dataset": cfg.dataset,
-        "features": cfg.features,
-        "critic_dir": cfg.critic_dir,
-        "gamma": gamma,
-        "num_rows": len(ds),
-        "num_trajectories": len(bounds),
-        "shown_trajectories": len(shown),
-        "shown_steps": sum(e - s for s, e in shown),
-    }
-    q_shown_all: list[np.ndarray] = []
-    sections: list[str] = []
-    agree: list[bool] = []
-    for t_i, (s, e) in enumerate(tqdm(shown, desc="report", unit="traj")):
-        rows = np.arange(s, e)
-        if critic is not None:
-            assert feats is not None
-            assert inputs is not None
-            q_rows, v_rows = critic_values(critic, inputs, rows, cfg.eval_batch_size, True)
-        # Decoded by schema.iter_decoded_rows: a corrupt screenshot names its trajectory/step (DataError).
-        part = list(iter_decoded_rows(ds.select(range(s, e)), ds.column_names, source=str(cfg.dataset)))
-        steps_html = []
-        for j, r in enumerate(rows.tolist()):
-            row = part[j]
-            raw = list(row["candidates"]) or [row["action"]]
-            keep = list(range(len(raw)))
-            q = v = None
-            chosen = None
-            if critic is not None and feats is not None:
-                if len(raw) != N and not (N == 1 and not row["candidates"]):
-                    raise DataError(
-                        f"{cfg.dataset}: trajectory {row['traj_id']} step {row['step_id']} (row {r}) has "
-                        f"{len(raw)} candidates but the feature cache {cfg.features} has N={N}"
-                    )
-                if N == 1:
-                    raw = raw[:1]
-                keep = list(range(len(raw)))
-                if feats.valid is not None:  # padding candidates are not shown
-                    keep = [i for i in keep if bool(feats.valid[r, i])]
-                q = q_rows[j][keep]
-                v = float(v_rows[j])
-                chosen = int(np.argmax(q))
-                q_shown_all.append(q)
-            raw = [raw[i] for i in keep]
-            acts = [parse_action(x) for x in raw]
-            qstar = None
-            if qstar_fn is not None and row["state_key"]:
-                qstar = qstar_fn(row["state_key"], raw, gamma)
-                if chosen is not None:
-                    agree.append(bool(qstar[chosen] >= qstar.max() - 1e-6))
-            labels = [str(i) for i in range(len(acts))]
-            img = draw_actions(row["screenshot"], acts, labels, highlight=chosen, width=cfg.image_width)
-            facts = [
-                f"<b>step {row['step_id']}</b>",
-                f"r = {_fmt(float(row['reward']), 2)}",
-                f"MC return = {_fmt(float(tr.mc_return[r]))}",
-            ]
-            if v is not None:
-                facts.append(f"V(s) = <b>{_fmt(v)}</b>")
-            if row["done"]:
-                facts.append("done")
-            text_html = _text_inputs_html(inputs, r, keep) if inputs is not None else ""
-            steps_html.append(
-                f'<div class="step" data-row="{r}" data-step="{row["step_id"]}">'
-                f'<img class="shot" width="{img.width}" height="{img.height}" alt="step {row["step_id"]}" '
-                f'src="{_img_data_uri(img, cfg.image_format)}">'
-                f'<div class="info"><p class="facts">{" &middot; ".join(facts)}</p>'
-                f"{text_html}{_candidate_rows(acts, raw, q, v, qstar, chosen)}</div></div>"
+
+@dataclasses.dataclass
+class _Tally:
+    """Per-step numbers the summary and the plots collect across the shown trajectories."""
+
+    q_shown: list[np.ndarray] = dataclasses.field(default_factory=list)  # Q of every shown candidate
+    agree: list[bool] = dataclasses.field(default_factory=list)  # argmax Q is Q*-optimal
+
+
+def render_step(cfg: Config, inp: ReportInputs, r: int, row: dict, q_row, v_row, tally: _Tally) -> str:
+    """One step: the screenshot with its candidates drawn, the facts line and the candidate table."""
+    N = inp.num_candidates
+    raw = list(row["candidates"]) or [row["action"]]
+    keep = list(range(len(raw)))
+    q = v = None
+    chosen = None
+    if inp.critic is not None and inp.feats is not None:
+        if len(raw) != N and not (N == 1 and not row["candidates"]):
+            raise DataError(
+                f"{cfg.dataset}: trajectory {row['traj_id']} step {row['step_id']} (row {r}) has "
+                f"{len(raw)} candidates but the feature cache {cfg.features} has N={N}"
             )
-        first = ds[s]
-        ret = float(tr.mc_return[s])
-        sections.append(
-            f'<section class="card traj" id="traj-{first["traj_id"]}" data-traj="{first["traj_id"]}">'
-            f"<h2>Trajectory {first['traj_id']}</h2>"
-            f'<div class="goal">Goal: <b>{html.escape(first["task"])}</b> &middot; {e - s} steps &middot; '
-            f"return {_fmt(ret)} &middot; {'success' if float(np.max(tr.reward[s:e])) > 0 else 'no reward'}</div>"
-            f"{''.join(steps_html)}</section>"
-        )
-        log.debug("trajectory %d/%d rendered", t_i + 1, len(shown))
+        if N == 1:
+            raw = raw[:1]
+        keep = list(range(len(raw)))
+        if inp.feats.valid is not None:  # padding candidates are not shown
+            keep = [i for i in keep if bool(inp.feats.valid[r, i])]
+        q = q_row[keep]
+        v = float(v_row)
+        chosen = int(np.argmax(q))
+        tally.q_shown.append(q)
+    raw = [raw[i] for i in keep]
+    acts = [parse_action(x) for x in raw]
+    qstar = None
+    if inp.qstar_fn is not None and row["state_key"]:
+        qstar = inp.qstar_fn(row["state_key"], raw, inp.gamma)
+        if chosen is not None:
+            tally.agree.append(bool(qstar[chosen] >= qstar.max() - 1e-6))
+    labels = [str(i) for i in range(len(acts))]
+    img = draw_actions(row["screenshot"], acts, labels, highlight=chosen, width=cfg.image_width)
+    facts = [
+        f"<b>step {row['step_id']}</b>",
+        f"r = {_fmt(float(row['reward']), 2)}",
+        f"MC return = {_fmt(float(inp.tr.mc_return[r]))}",
+    ]
+    if v is not None:
+        facts.append(f"V(s) = <b>{_fmt(v)}</b>")
+    if row["done"]:
+        facts.append("done")
+    text_html = _text_inputs_html(inp.inputs, r, keep) if inp.inputs is not None else ""
+    return (
+        f'<div class="step" data-row="{r}" data-step="{row["step_id"]}">'
+        f'<img class="shot" width="{img.width}" height="{img.height}" alt="step {row["step_id"]}" '
+        f'src="{_img_data_uri(img, cfg.image_format)}">'
+        f'<div class="info"><p class="facts">{" &middot; ".join(facts)}</p>'
+        f"{text_html}{_candidate_rows(acts, raw, q, v, qstar, chosen)}</div></div>"
+    )
 
-    if critic is not None and feats is not None:
-        prow = np.arange(min(len(ds), cfg.plot_rows))
-        assert inputs is not None
-        q_d, v_d = critic_values(critic, inputs, prow, cfg.eval_batch_size, False)
-        q_d = q_d[:, 0]
-        mc = tr.mc_return[prow].astype(np.float64)
-        plots = make_plots(q_d, v_d, np.concatenate(q_shown_all) if q_shown_all else np.zeros(0), mc)
-        summary.update(
-            q_mc_pearson=pearson(q_d, mc),
-            q_mean=float(q_d.mean()),
-            v_mean=float(v_d.mean()),
-            plot_rows=len(prow),
-            num_candidates=N,
-        )
-    if agree:
-        summary["shown_argmax_q_star_optimal"] = float(np.mean(agree))
 
-    meta_bits = [f"dataset <code>{html.escape(cfg.dataset)}</code>", f"{len(ds)} rows", f"gamma {gamma}"]
+def render_trajectory(cfg: Config, inp: ReportInputs, s: int, e: int, tally: _Tally) -> str:
+    """One trajectory's card (rows ``s..e``): its goal and return, then every step."""
+    ds, rows = inp.ds, np.arange(s, e)
+    q_rows = v_rows = None
+    if inp.critic is not None:
+        assert inp.feats is not None
+        assert inp.inputs is not None
+        q_rows, v_rows = critic_values(inp.critic, inp.inputs, rows, cfg.eval_batch_size, True)
+    # Decoded by schema.iter_decoded_rows: a corrupt screenshot names its trajectory/step (DataError).
+    part = list(iter_decoded_rows(ds.select(range(s, e)), ds.column_names, source=str(cfg.dataset)))
+    steps_html = [
+        render_step(
+            cfg,
+            inp,
+            r,
+            part[j],
+            None if q_rows is None else q_rows[j],
+            None if v_rows is None else v_rows[j],
+            tally,
+        )
+        for j, r in enumerate(rows.tolist())
+    ]
+    first = ds[s]
+    ret = float(inp.tr.mc_return[s])
+    return (
+        f'<section class="card traj" id="traj-{first["traj_id"]}" data-traj="{first["traj_id"]}">'
+        f"<h2>Trajectory {first['traj_id']}</h2>"
+        f'<div class="goal">Goal: <b>{html.escape(first["task"])}</b> &middot; {e - s} steps &middot; '
+        f"return {_fmt(ret)} &middot; {'success' if float(np.max(inp.tr.reward[s:e])) > 0 else 'no reward'}</div>"
+        f"{''.join(steps_html)}</section>"
+    )
+
+
+def value_plots(cfg: Config, inp: ReportInputs, tally: _Tally) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The plots (PNG bytes) and summary numbers of Q(s, a_dataset) and V(s) on the first plot_rows rows."""
+    if inp.critic is None or inp.feats is None:
+        return {}, {}
+    prow = np.arange(min(len(inp.ds), cfg.plot_rows))
+    assert inp.inputs is not None
+    q_d, v_d = critic_values(inp.critic, inp.inputs, prow, cfg.eval_batch_size, False)
+    q_d = q_d[:, 0]
+    mc = inp.tr.mc_return[prow].astype(np.float64)
+    plots = make_plots(q_d, v_d, np.concatenate(tally.q_shown) if tally.q_shown else np.zeros(0), mc)
+    numbers = {
+        "q_mc_pearson": pearson(q_d, mc),
+        "q_mean": float(q_d.mean()),
+        "v_mean": float(v_d.mean()),
+        "plot_rows": len(prow),
+        "num_candidates": inp.num_candidates,
+    }
+    return plots, numbers
+
+
+def render_page(cfg: Config, summary: dict[str, Any], plots: dict[str, bytes], sections: list[str]) -> str:
+    """The whole self-contained page: header, legend, plots and trajectory cards."""
+    meta_bits = [
+        f"dataset <code>{html.escape(cfg.dataset)}</code>",
+        f"{summary['num_rows']} rows",
+        f"gamma {summary['gamma']}",
+    ]
     if cfg.critic_dir:
         meta_bits += [
             f"critic <code>{html.escape(cfg.critic_dir)}</code>",
@@ -458,18 +494,49 @@ def run(cfg: Config) -> dict[str, Any]:
         "key presses a badge at the top; numbers are candidate indices (0 = the dataset action). "
         "The argmax-Q candidate is drawn and listed in the highlight colour.</p>"
     )
-    page = (
+    return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(cfg.title)}</title>"
         f"<style>{CSS % {'hi': hex_colour(HIGHLIGHT), 'chosen': hex_colour(CHOSEN_BG)}}</style></head><body>"
         f'<header><h1>{html.escape(cfg.title)}</h1><div class="meta">{" &middot; ".join(meta_bits)}</div></header>'
         f"<main>{legend}{plots_html}{''.join(sections)}</main></body></html>"
     )
-    summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+
+
+def write_report(plan: OutputPlan, page: str, plots: dict[str, bytes], summary: dict[str, Any]) -> None:
+    """``index.html``, ``plots/*.png`` and ``summary.json``, swapped into place together."""
     with staged_output(plan) as tmp:
         atomic_write_text(tmp / "index.html", page)
         for name, data in plots.items():
             atomic_write_bytes(tmp / "plots" / name, data)
         atomic_write_json(tmp / "summary.json", summary)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Write the report folder; returns a summary (also written to ``summary.json``)."""
+    plan = plan_output(cfg.output_dir, "report", overwrite=cfg.overwrite, fingerprint=config_fingerprint(cfg))
+    inp = open_inputs(cfg)
+    summary: dict[str, Any] = {
+        "dataset": cfg.dataset,
+        "features": cfg.features,
+        "critic_dir": cfg.critic_dir,
+        "gamma": inp.gamma,
+        "num_rows": len(inp.ds),
+        "num_trajectories": len(inp.bounds),
+        "shown_trajectories": len(inp.shown),
+        "shown_steps": sum(e - s for s, e in inp.shown),
+    }
+    tally = _Tally()
+    sections = []
+    for t_i, (s, e) in enumerate(tqdm(inp.shown, desc="report", unit="traj")):
+        sections.append(render_trajectory(cfg, inp, s, e, tally))
+        log.debug("trajectory %d/%d rendered", t_i + 1, len(inp.shown))
+    plots, numbers = value_plots(cfg, inp, tally)
+    summary.update(numbers)
+    if tally.agree:
+        summary["shown_argmax_q_star_optimal"] = float(np.mean(tally.agree))
+    page = render_page(cfg, summary, plots, sections)
+    summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+    write_report(plan, page, plots, summary)
     log.info("report written to %s", Path(cfg.output_dir) / "index.html")
     return json.loads(json.dumps(summary))
