@@ -61,6 +61,11 @@ class Config:
     work_dir: str = "runs/behaviour_model"
     # The GUI-pretrained VLM the clone starts from.
     start: str = GUI_TINY
+    # 0 = read screens as `start`'s processor does. N > 0 (a multiple of the vision tower's image_size, e.g.
+    # 256 for gui-tiny): clone from a copy of `start` whose processor resizes the screen to N x N and splits it
+    # into tower-sized tiles plus a global view (digiq.models.screen_tiles): same weights, more image tokens.
+    # The setting is saved with the model, so everything fine-tuned from it reads screens the same way.
+    tile_longest_edge: int = 0
     # The demonstrations: the scripted demonstrator on training goals (split must stay train).
     demonstrations: collect.Config = dataclasses.field(default_factory=_demonstrations)
     train_bc: train_bc.Config = dataclasses.field(default_factory=_bc)
@@ -75,6 +80,8 @@ class Config:
             raise DigiqError("demonstrations.split must be train: the behaviour model never sees other goals")
         if self.temperature <= 0:
             raise DigiqError("temperature must be > 0 (the model collects by sampling)")
+        if self.tile_longest_edge < 0:
+            raise DigiqError(f"tile_longest_edge must be >= 0 (0 = no tiles), got {self.tile_longest_edge}")
         self.demonstrations.validate()
         self.train_bc.validate()
 
@@ -92,7 +99,20 @@ def _splits(cfg: Config) -> list[str]:
     return out
 
 
+def start_folder(cfg: Config, work: Path) -> tuple[str, int]:
+    """The folder the clone starts from and the image tokens of one screen under its processor: ``start``
+    itself, or (``tile_longest_edge`` > 0) its copy ``<work_dir>/start`` whose processor tiles the screen."""
+    from digiq.models.screen_tiles import image_tokens, tile_screens
+    from digiq.models.vlm import load_vlm
+
+    src = resolve_model_folder(cfg.start)
+    if not cfg.tile_longest_edge:
+        return src, image_tokens(load_vlm(src)[1])
+    return str(work / "start"), tile_screens(src, work / "start", cfg.tile_longest_edge)
+
+
 def run(cfg: Config) -> dict:
+    cfg.validate()
     t0 = time.perf_counter()
     machine = describe()  # measured first: the stage times are read against this rate
     work = Path(cfg.work_dir)
@@ -101,6 +121,7 @@ def run(cfg: Config) -> dict:
         collect.run(dataclasses.replace(cfg.demonstrations, output_dir=str(demos), overwrite=True))
     t_demo = time.perf_counter() - t0
     bc_dir = work / "bc"
+    start, tokens = start_folder(cfg, work)
     if not is_complete(bc_dir / POLICY_DIR):
         bc = dataclasses.replace(
             cfg.train_bc,
@@ -108,7 +129,7 @@ def run(cfg: Config) -> dict:
             output_dir=str(bc_dir),
             seed=cfg.seed,
             overwrite=True,
-            model=dataclasses.replace(cfg.train_bc.model, name_or_path=resolve_model_folder(cfg.start)),
+            model=dataclasses.replace(cfg.train_bc.model, name_or_path=start),
         )
         bc_metrics = train_bc.run(bc)
     else:
@@ -146,6 +167,7 @@ def run(cfg: Config) -> dict:
             "demonstrator_success": info["success_rate"],
             "tasks": sorted(info["per_task_success"]),
         },
+        "image_tokens": tokens,
         "train_bc": {k: v for k, v in bc_metrics.items() if isinstance(v, (int, float))},
         "success": results,
         "seconds": {"demonstrations": t_demo, "train_bc": t_bc, "total": time.perf_counter() - t0},
@@ -186,6 +208,7 @@ training tasks (listed in `{RECORD}`).
 
 - command: `{record["command"]}`
 - demonstrations: {d["trajectories"]} trajectories, {d["steps"]} steps, by the scripted demonstrator (p_optimal {demo_p}, seed {c["demonstrations"]["seed"]}; its success {d["demonstrator_success"]:.3f})
+- screen reading: {record["image_tokens"]} image tokens per screen (tile_longest_edge {c["tile_longest_edge"]}; 0 = the start's processor)
 - behaviour cloning: seed {c["seed"]}; batch {bc_train["batch_size"]}, {bc_train["epochs"]} epochs, lr {bc_lr}
 - wall time: {secs["total"]:.0f} s in all ({secs["demonstrations"]:.0f} s demonstrations, {secs["train_bc"]:.0f} s behaviour cloning)
 - machine: {m.get("cpu", "?")}, {m.get("cores", "?")} cores, measured matmul rate {m["matmul_gflops"]:.1f} GFLOP/s

@@ -1,0 +1,93 @@
+"""The behaviour model's screen reading: a model folder whose processor tiles the screen
+(digiq.models.screen_tiles), and make_behaviour_model's option that clones from it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from digiq.errors import DigiqError
+from digiq.models.screen_tiles import image_tokens, tile_screens
+from digiq.models.tiny import parse_tiny_name
+from digiq.models.vlm import build_tiny_vlm, load_vlm, save_vlm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "make_behaviour_model", ROOT / "scripts/make_behaviour_model.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _saved(tmp_path: Path, name: str = "tiny:idefics3@image_size=64,patch=16,hidden=32,layers=1") -> Path:
+    family, spec = parse_tiny_name(name)
+    model, processor = build_tiny_vlm(family, spec, seed=0)
+    return save_vlm(model, processor, tmp_path / "src")
+
+
+def _count_image_tokens(processor, screen: Image.Image) -> int:
+    enc = processor(text=["<image>Goal: open the Clock app"], images=[[screen]], return_tensors="pt")
+    return int((enc["input_ids"] == processor.image_token_id).sum())
+
+
+@pytest.mark.parametrize(("edge", "tiles"), [(128, 2 * 2), (192, 3 * 2)])
+def test_tiles_reach_the_saved_processor_and_the_model_reads_them(tmp_path, edge, tiles):
+    # A 64-px tower: a 180 x 320 screen resized to longest edge 128 becomes 128 x 128 (2 x 2 tiles); at 192,
+    # 108 x 192 rounds up to 128 x 192 (3 rows x 2 columns). Each tile and the global view give 4 tokens.
+    src = _saved(tmp_path)
+    n = tile_screens(src, tmp_path / "tiled", edge)
+    assert n == 4 * (tiles + 1)
+    screen = Image.new("RGB", (180, 320), (40, 120, 200))
+    model, processor = load_vlm(str(tmp_path / "tiled"))
+    assert _count_image_tokens(processor, screen) == n
+    _, plain = load_vlm(str(src))
+    assert _count_image_tokens(plain, screen) == image_tokens(plain) == 4
+    # The weights are the source's, bit for bit.
+    src_model, _ = load_vlm(str(src))
+    for (k, a), (_, b) in zip(src_model.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+    # The model runs on the tiles, and a fine-tuned export (save_vlm, as train-bc writes it) keeps them.
+    enc = processor(text=["<image>Goal: x"], images=[[screen]], return_tensors="pt")
+    with torch.no_grad():
+        assert model(**enc).logits.shape[1] == enc["input_ids"].shape[1]
+    save_vlm(model, processor, tmp_path / "export")
+    _, again = load_vlm(str(tmp_path / "export"))
+    assert _count_image_tokens(again, screen) == n
+
+
+def test_tiles_reject_a_size_the_tower_cannot_cut_and_other_families(tmp_path):
+    src = _saved(tmp_path)
+    with pytest.raises(DigiqError, match="longest_edge 100 must be a multiple"):
+        tile_screens(src, tmp_path / "bad", 100)
+    with pytest.raises(DigiqError, match="longest_edge 64 must be a multiple"):
+        tile_screens(src, tmp_path / "bad", 64)
+    family, spec = parse_tiny_name("tiny:llava")
+    llava = save_vlm(*build_tiny_vlm(family, spec, seed=0), tmp_path / "llava")
+    with pytest.raises(DigiqError, match="not 'llava'"):
+        tile_screens(llava, tmp_path / "bad", 128)
+
+
+def test_behaviour_model_option_builds_the_tiled_start(tmp_path):
+    mod = _script()
+    src = _saved(tmp_path)
+    cfg = mod.Config(start=str(src), tile_longest_edge=128)
+    cfg.validate()
+    start, tokens = mod.start_folder(cfg, tmp_path / "work")
+    assert start == str(tmp_path / "work" / "start") and tokens == 20
+    saved = json.loads((Path(start) / "processor_config.json").read_text())["image_processor"]
+    assert saved["do_image_splitting"] is True and saved["size"] == {"longest_edge": 128}
+    plain, tokens = mod.start_folder(mod.Config(start=str(src)), tmp_path / "work2")
+    assert plain == str(src) and tokens == 4
+    with pytest.raises(DigiqError, match="tile_longest_edge must be >= 0"):
+        mod.Config(start=str(src), tile_longest_edge=-1).validate()
