@@ -8,7 +8,8 @@ Index 0 is always the dataset action (the official also forces it into the set: 
 samples a behaviour-cloned VLM policy (an export of ``digiq train-bc``, or any VLM folder) at ``temperature``
 (official: AutoUI at 1.2, ``get_more_actions_batched.py:77``) and re-samples invalid outputs up to
 ``max_resamples`` times (official: 3), keeping the last draw when all fail (invalid candidates get A = 0 in
-Best-of-N). ``source: sim`` uses the simulated device's scripted behaviour policy (needs ``state_key``).
+Best-of-N). ``source: sim`` (any registered environment with an offline candidate sampler) uses that
+environment's scripted behaviour policy (needs ``state_key``).
 Deterministic under ``seed``; the new dataset is written to a new folder atomically.
 """
 
@@ -28,15 +29,15 @@ from tqdm.auto import tqdm
 from digiq.actions import parse_action
 from digiq.config import check, to_dict
 from digiq.data.schema import FEATURES, dataset_info, decode_batch, load_dataset, save_dataset, undecoded_view
-from digiq.errors import DataError
+from digiq.envs.registry import config_class, get_env
 from digiq.models.policy import generate_actions, load_policy, prefill_policy, sample_actions
-from digiq.sim.behaviour import BehaviourConfig, BehaviourPolicy
-from digiq.sim.phone import SimConfig, SimPhone
 from digiq.training.accelerator import make_accelerator
 from digiq.utils.io import config_fingerprint, plan_output
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
+# The simulator's sections (YAMLs and overrides such as sim.benchmark=v2).
+SimConfig, BehaviourConfig = config_class("sim"), config_class("sim", behaviour=True)
 # Splits its work over the processes of a launcher (digiq.cli).
 DISTRIBUTED = True
 
@@ -49,8 +50,9 @@ class Config:
     output_dir: str = "data/sim_candidates"
     # Candidates per state INCLUDING the dataset action at index 0 (official: 16).
     num_candidates: int = 16
-    # policy = sample a VLM policy checkpoint; sim = the simulator's scripted behaviour policy.
-    source: Literal["policy", "sim"] = "policy"
+    # policy = sample a VLM policy checkpoint; sim (a registered environment with an offline candidate
+    # sampler) = that environment's scripted behaviour policy, at the rows' state_key.
+    source: str = "policy"
     # The policy (source=policy): an exported policy folder (runs/bc/policy) or any VLM folder / hub id.
     policy: str = ""
     # Sampling temperature of the policy (official: 1.2).
@@ -74,6 +76,8 @@ class Config:
     overwrite: bool = False
     sim: SimConfig = dataclasses.field(default_factory=SimConfig)
     behaviour: BehaviourConfig = dataclasses.field(default_factory=BehaviourConfig)
+    # The settings of a source environment without a section here, checked against its config class.
+    env_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         check(bool(self.dataset) and bool(self.output_dir), "dataset and output_dir must be set")
@@ -86,22 +90,13 @@ class Config:
             Path(self.dataset).resolve() != Path(self.output_dir).resolve(),
             "output_dir must differ from dataset",
         )
-
-
-def sim_candidates(
-    actions: list[str], state_keys: list[str], n: int, seed: int, sim: SimConfig, behaviour: BehaviourConfig
-) -> list[list[str]]:
-    """[dataset action] + n-1 draws of the scripted behaviour policy (one seeded stream, dataset order)."""
-    phone = SimPhone(sim)
-    pi = BehaviourPolicy(phone, seed=seed, config=behaviour)
-    out = []
-    for i, (a, key) in enumerate(tqdm(list(zip(actions, state_keys)), desc="candidates (sim)", unit="row")):
-        if not key:
-            raise DataError(
-                f"row {i}: empty state_key; source=sim needs a dataset collected by `digiq sim collect`"
+        if self.source != "policy":
+            spec = get_env(self.source)  # an unknown name lists the registered ones
+            check(
+                spec.candidates is not None,
+                f"source={self.source}: that environment has no offline candidate sampler; use source=policy",
             )
-        out.append([a, *(c.render() for c in pi.sample_candidates(key, n - 1))])
-    return out
+            spec.validate(*spec.settings(self))
 
 
 def policy_candidates(ds, cfg: Config, accelerator: Accelerator) -> tuple[list[list[str]], int]:
@@ -226,8 +221,12 @@ def run(cfg: Config) -> dict[str, float]:
     if cfg.max_rows:
         ds = ds.select(range(min(cfg.max_rows, len(ds))))
     actions = ds["action"]
-    if cfg.source == "sim":
-        cands = sim_candidates(actions, ds["state_key"], cfg.num_candidates, cfg.seed, cfg.sim, cfg.behaviour)
+    if cfg.source != "policy":
+        spec = get_env(cfg.source)
+        config, behaviour = spec.settings(cfg)
+        cands = spec.candidates(
+            spec.open(config), behaviour, actions, ds["state_key"], cfg.num_candidates, cfg.seed
+        )
         invalid = 0
     else:
         cands, invalid = policy_candidates(ds, cfg, accelerator)

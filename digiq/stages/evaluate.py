@@ -34,19 +34,19 @@ from digiq.config import check, save_config
 from digiq.data.schema import decode_batch, load_dataset, undecoded_view
 from digiq.data.transitions import load_transitions, successful_rows
 from digiq.envs import BUILTINS, builtin_policy_fn, evaluate_policy
-from digiq.envs.miniwob import MiniWoBConfig
-from digiq.envs.miniwob_policy import MiniWoBBehaviourConfig
+from digiq.envs.registry import config_class, get_env, validate_env
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
 from digiq.models.critic_text import build_inputs, score
 from digiq.models.policy import generate_actions, load_policy, load_policy_fn
-from digiq.sim.behaviour import BehaviourConfig
-from digiq.sim.phone import SimConfig, SimPhone
 from digiq.utils.io import atomic_write_json, config_fingerprint, plan_output, staged_output
 from digiq.utils.logging import get_logger
 from digiq.utils.stats import pearson
 
 log = get_logger(__name__)
+# The built-in environments' sections (YAMLs and overrides such as sim.benchmark=v2, miniwob.tasks=...).
+SimConfig, BehaviourConfig = config_class("sim"), config_class("sim", behaviour=True)
+MiniWoBConfig, MiniWoBBehaviourConfig = config_class("miniwob"), config_class("miniwob", behaviour=True)
 
 
 @dataclasses.dataclass
@@ -56,8 +56,9 @@ class Config:
     # online = roll out on `env` ("sim" is the old name of online); offline = metrics on a dataset (imported
     # AitW data).
     mode: Literal["online", "sim", "offline"] = "online"
-    # online: the environment: sim = the simulated phone, miniwob = MiniWoB++ in headless Chromium.
-    env: Literal["sim", "miniwob"] = "sim"
+    # online: a registered environment (digiq.envs.registry): sim = the simulated phone, miniwob = MiniWoB++
+    # in headless Chromium.
+    env: str = "sim"
     # online: split (test = held-out tasks on the simulator, fresh page seeds on MiniWoB++; val = the
     # validation goals that choose defaults, on benchmarks that have them), episodes.
     split: Literal["train", "val", "test"] = "test"
@@ -75,8 +76,9 @@ class Config:
     seed: int = 0
     # Override the export's generation cap (None = keep it); a cap bounds the cost of a junk-emitting policy.
     max_new_tokens: int | None = None
-    # online, simulator only: also report where failed episodes went wrong, from the exact Q*: per task the
-    # first non-optimal step (screen, action taken, an optimal action) and the failures counted by screen.
+    # online, environments with an exact Q* (the simulator): also report where failed episodes went wrong,
+    # from the exact Q*: per task the first non-optimal step (screen, action taken, an optimal action) and
+    # the failures counted by screen.
     trace: bool = False
     # offline: the dataset, and optionally a critic + its feature cache.
     dataset: str = ""
@@ -102,15 +104,20 @@ class Config:
     # MiniWoB++ tasks and browser, and its DOM behaviour policy (policy=behaviour, env=miniwob).
     miniwob: MiniWoBConfig = dataclasses.field(default_factory=MiniWoBConfig)
     miniwob_behaviour: MiniWoBBehaviourConfig = dataclasses.field(default_factory=MiniWoBBehaviourConfig)
+    # The settings of an environment registered without a section here, checked against its config class.
+    env_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         if self.mode == "sim":
             self.mode = "online"
+        spec = validate_env(self)
         check(bool(self.policy) or self.mode == "offline", "policy must be set")
         check(self.num_workers > 0, "num_workers must be > 0")
         check(
-            not self.trace or (self.mode == "online" and self.env == "sim"),
-            f"trace needs the simulator's exact Q* (mode=online env=sim), got mode={self.mode} env={self.env}",
+            not self.trace or (self.mode == "online" and spec.trace is not None),
+            f"trace needs an exact Q* (mode=online on an environment with one: env=sim), got "
+            f"mode={self.mode} "
+            f"env={self.env}",
         )
         check(self.num_episodes > 0 and self.batch_size > 0, "num_episodes and batch_size must be > 0")
         check(self.mode != "offline" or bool(self.dataset), "mode=offline needs dataset=<folder>")
@@ -121,9 +128,6 @@ class Config:
             "mode=offline without a policy (policy=none) reports on a critic: set critic_dir and features",
         )
         check(self.val_fraction is None or 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)")
-        self.miniwob_behaviour.validate()
-        if self.env == "miniwob":
-            self.miniwob_behaviour.check_tasks(self.miniwob.tasks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,16 +165,11 @@ def _direction(a: Action) -> str:
 
 
 def evaluate_online(cfg: Config) -> dict[str, Any]:
-    phone = SimPhone(cfg.sim) if cfg.env == "sim" else None
+    spec = get_env(cfg.env)
+    config, behaviour = spec.settings(cfg)
+    world = spec.open(config)
     if cfg.policy in BUILTINS:
-        fn = builtin_policy_fn(
-            cfg.env,
-            cfg.policy,
-            seed=cfg.seed,
-            phone=phone,
-            behaviour=cfg.behaviour,
-            miniwob_behaviour=cfg.miniwob_behaviour,
-        )
+        fn = builtin_policy_fn(cfg.env, cfg.policy, seed=cfg.seed, world=world, behaviour=behaviour)
     elif not Path(cfg.policy).exists():
         raise DataError(
             f"policy {cfg.policy!r} is neither a built-in policy ({', '.join(BUILTINS)}) nor an existing folder"
@@ -190,13 +189,12 @@ def evaluate_online(cfg: Config) -> dict[str, Any]:
         cfg.split,
         cfg.num_episodes,
         cfg.seed,
-        phone,
-        cfg.batch_size,
+        batch_size=cfg.batch_size,
         progress=True,
         env=cfg.env,
-        miniwob=cfg.miniwob,
         num_workers=cfg.num_workers,
         trace=cfg.trace,
+        world=world,
     )
     res["policy"] = cfg.policy
     res["env"] = cfg.env
