@@ -343,7 +343,7 @@ def exists_sim_collect(w: World, t: Path):
         out,
         [
             str(out),
-            "already holds a finished output",
+            "already holds a finished collect run",
         ],
     )
 
@@ -356,7 +356,7 @@ def exists_cache_features(w: World, t: Path):
         out,
         [
             str(out),
-            "already holds a finished feature cache",
+            "already holds a finished output",
         ],
     )
 
@@ -399,7 +399,7 @@ def exists_report(w: World, t: Path):
         out,
         [
             str(out),
-            "already holds a finished output",
+            "already holds a finished report run",
         ],
     )
 

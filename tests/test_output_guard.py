@@ -4,6 +4,7 @@ fingerprint is refused naming the field, overwrite replaces (staged: the old out
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from critic_mdp import make_run_inputs
 from test_cache_features_stage import make_dataset
 from test_importer import _truth, _write_pngs, raw_variant
 
-from digiq.config import load_config
+from digiq.config import ConfigError, load_config
 from digiq.data.features import FeatureCache
 from digiq.data.importer import Config as ImportConfig
 from digiq.data.importer import run as run_import
@@ -21,6 +22,7 @@ from digiq.data.schema import dataset_info, load_dataset
 from digiq.errors import DigiqError
 from digiq.models.critic import load_critic
 from digiq.stages import cache_features as cf
+from digiq.stages import collect
 from digiq.stages import train_critic as tc
 from digiq.utils.io import (
     RUN_RECORD,
@@ -203,3 +205,74 @@ def test_import_modes(tmp_path: Path) -> None:
     run_import(cfg(gamma=0.8, overwrite=True))
     assert dataset_info(out)["gamma"] == 0.8 and len(load_dataset(out)) == first.steps
     assert _hidden_siblings(out) == []
+
+
+# -- collect -------------------------------------------------------------------------------------------
+
+
+def _collect_cfg(out: Path, *extra: str) -> collect.Config:
+    base = [f"output_dir={out}", "num_trajectories=3", "num_candidates=2", "sim.width=90", "sim.height=160"]
+    return load_config(collect.Config, None, [*base, *extra])
+
+
+def test_sim_collect_modes(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    collect.run(_collect_cfg(out))
+    before = _files(out)
+    with pytest.raises(
+        FileExistsError, match=f"{out} already holds a finished collect run; pass overwrite=true"
+    ):
+        collect.run(_collect_cfg(out, "seed=1"))
+    with pytest.raises(ConfigError, match="resume is for environments collected in shards"):
+        _collect_cfg(out, "resume=true")  # the simulator collects in one go: nothing to resume
+    assert _files(out) == before
+    collect.run(_collect_cfg(out, "seed=1", "overwrite=true"))
+    assert dataset_info(out)["seed"] == 1 and _files(out) != before and _hidden_siblings(out) == []
+
+
+MINIWOB = pytest.mark.skipif(
+    importlib.util.find_spec("miniwob") is None
+    or not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()),
+    reason="needs the miniwob package, Debian's chromium and chromium-driver",
+)
+
+
+@pytest.mark.miniwob
+@MINIWOB
+def test_sharded_collect_modes(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp = tmp_path_factory.mktemp("g")  # short: Chromium's socket path limit
+    out = tmp / "mw"
+
+    def cfg(*extra: str) -> collect.Config:
+        return load_config(collect.Config, None, [
+            "env=miniwob", "miniwob.tasks=[click-button]", "num_trajectories=2", "num_candidates=2",
+            "shard_size=1", "num_workers=1", f"miniwob.scratch_dir={tmp / 'b'}", f"output_dir={out}", *extra,
+        ])  # fmt: skip
+
+    # a "kill" while the second shard is written: one finished shard, no dataset
+    real, calls = collect.episode_columns, []
+
+    def dies_on_the_second_shard(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(collect, "episode_columns", dies_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        collect.run(cfg())
+    monkeypatch.setattr(collect, "episode_columns", real)
+    assert not is_complete(out) and len(list((out / "shards").glob("shard-*"))) == 1
+    with pytest.raises(
+        FileExistsError, match=rf"{out} holds an unfinished collect run; pass --resume \(resume=true\)"
+    ):
+        collect.run(cfg())
+    with pytest.raises(OutputMismatchError, match=r"differs in: seed\)"):
+        collect.run(cfg("seed=1", "resume=true"))
+    stats = collect.run(cfg("resume=true"))
+    assert stats["collected_this_run"] == 1 and len(set(load_dataset(out)["traj_id"])) == 2
+    assert collect.run(cfg("resume=true")) == {}  # finished: nothing to resume
+    collect.run(cfg("seed=1", "overwrite=true"))
+    assert dataset_info(out)["seed"] == 1 and _hidden_siblings(out) == []

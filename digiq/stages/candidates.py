@@ -213,7 +213,11 @@ def _seed(seed: int, batch: int, attempt: int) -> int:
 
 def run(cfg: Config) -> dict[str, float]:
     plan = plan_output(
-        cfg.output_dir, "candidates", overwrite=cfg.overwrite, fingerprint=config_fingerprint(cfg)
+        cfg.output_dir,
+        "candidates",
+        overwrite=cfg.overwrite,
+        fingerprint=config_fingerprint(cfg),
+        resumable=False,
     )
     accelerator = make_accelerator(cpu=None if cfg.device == "auto" else cfg.device == "cpu")
     t0 = time.perf_counter()

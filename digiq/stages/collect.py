@@ -3,7 +3,7 @@
     digiq collect output_dir=data/sim num_trajectories=500                 # the simulated phone (default)
     digiq collect env=miniwob output_dir=data/mw num_trajectories=480 num_workers=2 num_candidates=16
     digiq collect env=miniwob output_dir=data/mw --resume                  # continue a killed collection
-    digiq sim collect ...                                                  # the same command, env=sim
+    digiq collect env=toy ...                                              # any registered environment
 
 Rows follow :data:`digiq.data.schema.FEATURES`. Candidates (``num_candidates > 0``: index 0 is the dataset
 action, then ``n - 1`` samples) come from the same scripted behaviour policy at more noise, from its own random
@@ -17,14 +17,14 @@ finished shard and collects only the missing episodes (each episode's randomness
 collection holds the same episodes on the same pages as an uninterrupted one; a real browser under CPU load is
 not bit-deterministic, see docs/miniwob.md). A browser that dies mid-episode is restarted and the episode collected
 again from its first step. The simulator collects in seconds and writes the dataset in one go, with its
-historical single random stream (the datasets of earlier releases are reproduced bit for bit).
+historical single random stream (the datasets of earlier releases are reproduced bit for bit). The
+environment comes from :mod:`digiq.envs.registry` (``sim collect`` is this command's alias with env=sim).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from digiq.config import ConfigError, check, to_dict
+from digiq.config import check, to_dict
 from digiq.data.labels import DEFAULT_EPS, DEFAULT_SCALE, screen_diff
 from digiq.data.schema import FEATURES, discounted_returns, save_dataset, undecoded_view
 from digiq.envs import per_task_success
@@ -40,7 +40,7 @@ from digiq.envs.base import Observation
 from digiq.envs.registry import EnvSpec, config_class, get_env, validate_env
 from digiq.envs.rollout import Episode, run_episodes
 from digiq.errors import DataError, DigiqError
-from digiq.utils.io import atomic_write_json, is_complete, refuse_finished
+from digiq.utils.io import OutputPlan, begin_output, is_complete, plan_output
 from digiq.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -53,7 +53,6 @@ MiniWoBConfig, MiniWoBBehaviourConfig = config_class("miniwob"), config_class("m
 CHANGE_SCALE = DEFAULT_SCALE
 CHANGE_THRESHOLD = DEFAULT_EPS
 SHARDS = "shards"
-PLAN_FILE = "collect_plan.json"
 
 
 def screen_change(png_a: bytes, png_b: bytes, scale: float = CHANGE_SCALE) -> float:
@@ -149,7 +148,8 @@ class Config:
             )
         check(
             not spec.lockstep or not self.resume,
-            f"resume is for environments collected in shards (env=miniwob); env={self.env} collects in one go",
+            f"resume is for environments collected in shards (env=miniwob); env={self.env} collects in one "
+            "go",
         )
 
 
@@ -302,30 +302,14 @@ def _finished_shards(shard_root: Path) -> list[Path]:
     return sorted(p for p in shard_root.glob("shard-*") if p.is_dir() and is_complete(p))
 
 
-def _collect_miniwob(cfg: Config) -> tuple[Any, dict[str, Any]]:
+def _collect_miniwob(cfg: Config, plan: OutputPlan) -> tuple[Any, dict[str, Any]]:
     from datasets import concatenate_datasets, load_from_disk
     from tqdm.auto import tqdm
 
     out = Path(cfg.output_dir)
     shard_root = out / SHARDS
-    plan = _plan_fingerprint(cfg)
-    if out.exists() and not is_complete(out) and any(out.iterdir()):
-        if cfg.resume:
-            saved = json.loads((out / PLAN_FILE).read_text()) if (out / PLAN_FILE).exists() else None
-            if saved != plan:
-                raise ConfigError(
-                    f"{out}: the unfinished collection there was started with another configuration; "
-                    "resume it with the same settings, or pass overwrite=true to start again"
-                )
-        elif cfg.overwrite:
-            shutil.rmtree(out)
-        else:
-            raise FileExistsError(
-                f"{out} holds an unfinished collection ({len(_finished_shards(shard_root))} finished shards): "
-                "pass resume=true (--resume) to continue it, or overwrite=true to start again"
-            )
+    begin_output(plan)  # on overwrite the old output is kept aside until the dataset replaces the shards
     shard_root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / PLAN_FILE, plan)
     # Leftovers of a shard whose writer was killed: never complete, never read.
     for junk in shard_root.glob(".shard-*"):
         shutil.rmtree(junk, ignore_errors=True)
@@ -364,6 +348,7 @@ def _collect_miniwob(cfg: Config) -> tuple[Any, dict[str, Any]]:
             Dataset.from_dict(cols, features=FEATURES),
             shard_root / f"shard-{next_shard:05d}",
             {"episodes": len(pending)},
+            overwrite=False,  # a new shard number: never a finished shard
         )
         next_shard += 1
         pending.clear()
@@ -435,9 +420,15 @@ def run(cfg: Config) -> dict:
     from datasets import Dataset
 
     spec = get_env(cfg.env)
-    if spec.lockstep or not cfg.resume:
-        refuse_finished(cfg.output_dir, cfg.overwrite)
-    elif is_complete(cfg.output_dir):
+    plan = plan_output(
+        cfg.output_dir,
+        "collect",
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        fingerprint=_plan_fingerprint(cfg),
+        resumable=not spec.lockstep,
+    )
+    if plan.finished:
         log.info("%s is already complete: nothing to resume", cfg.output_dir)
         return {}
     t0 = time.perf_counter()
@@ -445,7 +436,7 @@ def run(cfg: Config) -> dict:
         cols, stats = collect_columns(cfg)
         ds = Dataset.from_dict(cols, features=FEATURES)
     else:
-        ds, stats = _collect_miniwob(cfg)
+        ds, stats = _collect_miniwob(cfg, plan)
     info: dict[str, Any] = {
         "source": cfg.env,
         "gamma": cfg.gamma,
@@ -459,9 +450,8 @@ def run(cfg: Config) -> dict:
     info[spec.section or "env_config"] = to_dict(config)
     if behaviour is not None:
         info["behaviour"] = to_dict(behaviour)
-    # overwrite=True here also covers sharded collections, whose unfinished folder (shards) the dataset
-    # replaces.
-    save_dataset(ds, cfg.output_dir, info, overwrite=cfg.overwrite or not spec.lockstep)
+    # a sharded collection's dataset replaces its folder of shards
+    save_dataset(ds, cfg.output_dir, info, plan=plan)
     stats["seconds"] = time.perf_counter() - t0
     log.info(
         "wrote %d trajectories / %d steps to %s in %.1fs (behaviour success %.3f, screen-change fraction %.3f)",

@@ -4,11 +4,11 @@
     digiq evaluate policy=behaviour num_episodes=200             # built-ins: behaviour, optimal, random
     digiq evaluate policy=runs/bc/policy trace=true              # + where failed episodes first went wrong
     digiq evaluate env=miniwob policy=runs/mw/extract_policy/policy num_workers=2   # fresh MiniWoB++ seeds
-    digiq sim rollout policy=optimal                             # the same command (env=sim)
+    digiq evaluate env=miniwob policy=optimal                    # any registered environment
     digiq evaluate mode=offline policy=runs/bc/policy dataset=data/aitw critic_dir=runs/critic/critic \\
         features=runs/feats                                      # no emulator: offline metrics
 
-``online`` (``sim`` is its old name) runs :func:`digiq.envs.evaluate_policy` on ``env`` (Wilson 95% interval). ``offline`` reports the
+``sim rollout`` is this command's alias with env=sim. ``online`` (``sim`` is its old name) runs :func:`digiq.envs.evaluate_policy` on ``env`` (Wilson 95% interval). ``offline`` reports the
 policy's agreement with the dataset actions on successful trajectories (AitW action matching: two taps
 match within ``tap_threshold`` = 0.14 of the screen, swipes by direction, other actions by type) and, when a
 critic and its features are given, the critic's Q / V / advantage of the dataset actions and the Pearson
@@ -372,7 +372,11 @@ def screens_line(res: dict[str, Any]) -> str:
 
 def run(cfg: Config) -> dict[str, Any]:
     plan = plan_output(
-        cfg.output_dir, "evaluate", overwrite=cfg.overwrite, fingerprint=config_fingerprint(cfg)
+        cfg.output_dir,
+        "evaluate",
+        overwrite=cfg.overwrite,
+        fingerprint=config_fingerprint(cfg),
+        resumable=False,
     )
     t0 = time.perf_counter()
     res = evaluate_online(cfg) if cfg.mode in ("online", "sim") else evaluate_offline(cfg)

@@ -21,7 +21,7 @@ beta = 0.01).
 ``scorer: q_star`` replaces the learned critic by the simulator's exact Q* (V = mean Q* over the valid
 candidates of the state, a Monte-Carlo V of the candidate sampler): the extraction's upper bound given the
 candidates, useful to separate critic error from extraction error. ``scorer: q_beta`` scores with the
-behaviour policy's own Q^beta and V^beta (:class:`digiq.sim.behaviour.BehaviourValues`), the fixed point of
+behaviour policy's own Q^beta and V^beta (the simulator's ``BehaviourValues``), the fixed point of
 Digi-Q's in-sample critic: what the same extraction gives with a critic that has no approximation error.
 """
 
@@ -37,14 +37,13 @@ from tqdm.auto import tqdm
 
 from digiq.actions import parse_action
 from digiq.config import LoraConfig, ModelConfig, WandbConfig, check, save_config
-from digiq.data.schema import load_dataset, undecoded_view
+from digiq.data.schema import dataset_info, load_dataset, undecoded_view
+from digiq.envs.registry import env_for_dataset
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
 from digiq.models.critic_text import build_inputs, score
 from digiq.models.policy import best_of_n, read_spec
 from digiq.models.vlm import inference_dtype, load_vlm
-from digiq.sim.behaviour import BehaviourValues
-from digiq.sim.phone import SimPhone
 from digiq.training.accelerator import make_accelerator, train_dtype
 from digiq.training.output import begin_output, check_output
 from digiq.training.policy_loop import PolicyExamples, PolicyOptimConfig, TrainLoopConfig, train_policy
@@ -189,25 +188,40 @@ def critic_scores(
     return torch.cat(qs), torch.cat(vs), valid
 
 
-def q_star_scores(state_keys: list[str], table: list[list[str]], gamma: float, valid: torch.Tensor):
-    """Exact Q* of the simulated device; V = mean Q* over the state's valid candidates."""
-    phone = SimPhone()
+def q_star_scores(
+    state_keys: list[str],
+    table: list[list[str]],
+    gamma: float,
+    valid: torch.Tensor,
+    source: str | None = None,
+):
+    """Exact Q* of the environment that wrote the rows (``source``, the dataset's; None = the simulator);
+    V = mean Q* over the state's valid candidates."""
+    spec = env_for_dataset(source)
+    q_star = spec.require("q_star", "scorer=q_star")(spec.open())
     q = torch.zeros(len(table), len(table[0]))
     for i, (key, cands) in enumerate(zip(state_keys, table)):
         if not key:
             raise DataError(f"row {i}: empty state_key; scorer=q_star needs simulated data")
-        q[i] = torch.as_tensor(np.asarray(phone.q_star(key, cands, gamma), dtype=np.float32))
+        q[i] = torch.as_tensor(np.asarray(q_star(key, cands, gamma), dtype=np.float32))
     w = valid.float()
     v = (q * w).sum(1) / w.sum(1).clamp_min(1.0)
     return q, v
 
 
 def q_beta_scores(
-    state_keys: list[str], table: list[list[str]], gamma: float, samples: int, seed: int
+    state_keys: list[str],
+    table: list[list[str]],
+    gamma: float,
+    samples: int,
+    seed: int,
+    source: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The default behaviour policy's Q^beta on the candidates and its V^beta(s): Digi-Q's critic at its
-    fixed point (J_V backs up the dataset action, so V -> V^beta and Q -> Q^beta)."""
-    bv = BehaviourValues(SimPhone(), gamma, samples=samples, seed=seed)
+    fixed point (J_V backs up the dataset action, so V -> V^beta and Q -> Q^beta). ``source``: the
+    environment that wrote the rows (None = the simulator)."""
+    spec = env_for_dataset(source)
+    bv = spec.require("behaviour_values", "scorer=q_beta")(spec.open(), gamma, samples, seed)
     q = torch.zeros(len(table), len(table[0]))
     v = torch.zeros(len(table))
     for i, (key, cands) in enumerate(tqdm(list(zip(state_keys, table)), desc="Q^beta", leave=False)):
@@ -263,9 +277,18 @@ def run(cfg: Config) -> dict[str, Any]:
         )
         valid &= fvalid
     elif cfg.scorer == "q_star":
-        q, v = q_star_scores(cols["state_key"], table, cfg.gamma, valid)
+        q, v = q_star_scores(
+            cols["state_key"], table, cfg.gamma, valid, dataset_info(cfg.dataset).get("source")
+        )
     else:
-        q, v = q_beta_scores(cols["state_key"], table, cfg.gamma, cfg.q_beta_samples, cfg.seed)
+        q, v = q_beta_scores(
+            cols["state_key"],
+            table,
+            cfg.gamma,
+            cfg.q_beta_samples,
+            cfg.seed,
+            dataset_info(cfg.dataset).get("source"),
+        )
     rows, index, adv, weights, stats = select(q, v, valid, cfg)
     stats["num_candidates"] = float(n)
     log.info("extract-policy selection: %s", {k: round(x, 4) for k, x in stats.items()})

@@ -64,7 +64,7 @@ DISTRIBUTED = True
 
 @dataclasses.dataclass
 class Config:
-    # Dataset folder (digiq schema, written by `digiq sim collect` or `digiq import`).
+    # Dataset folder (digiq schema, written by `digiq collect` or `digiq import`).
     dataset: str = "data/sim"
     # Run folder: config.yaml, metrics, checkpoints/, model/.
     output_dir: str = "runs/finetune_vlm"

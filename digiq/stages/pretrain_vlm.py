@@ -6,7 +6,7 @@
 
 The paper starts from VLMs that already read screens (LLaVA-1.5 for the critic, AutoUI for the policy;
 arXiv:2502.15760, Sec. 5); our tiny VLMs start from random weights. This recipe trains one on an endless
-stream of randomised synthetic screens (:mod:`digiq.sim.synthetic`) and questions of general skills:
+stream of randomised synthetic screens (:mod:`digiq.data.synthetic`) and questions of general skills:
 grounding, referring, reading, toggle state, screen type, instruction parsing and copying text. It never
 sees the simulator's task solutions (no next actions, success, screen-change or value labels).
 
@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from digiq.config import ModelConfig, WandbConfig, check, save_config, to_dict
+from digiq.data.synthetic import SKILLS, Sample, is_correct, make_sample, sample_stream_item
 from digiq.envs.web_screens import (
     WEB_SKILLS,
     WebScreen,
@@ -51,7 +52,6 @@ from digiq.models.policy import (
     save_policy,
 )
 from digiq.models.vlm import load_vlm
-from digiq.sim.synthetic import SKILLS, Sample, is_correct, make_sample, sample_stream_item
 from digiq.training.accelerator import make_accelerator
 from digiq.training.checkpoint import inner, load_checkpoint
 from digiq.training.output import begin_output, check_output, finish_output
@@ -219,7 +219,7 @@ def stream_item(
     bank: list[WebScreen] | None = None,
 ) -> Sample:
     """Sample ``index`` of step ``step``: the synthetic stream's item, or a web question drawn from the same
-    random stream (without web skills it is exactly :func:`digiq.sim.synthetic.sample_stream_item`)."""
+    random stream (without web skills it is exactly :func:`digiq.data.synthetic.sample_stream_item`)."""
     if bank is None:
         return sample_stream_item(seed, step, index, skills, weights, width, height)
     rng = random.Random(f"{seed}:{step}:{index}")
@@ -288,7 +288,7 @@ def model_card(cfg: Config, metrics: dict[str, Any], command: str) -> str:
     return f"""# {name}: a tiny VLM pretrained on GUI screens
 
 A {metrics["parameters"] / 1e6:.2f}M-parameter `{cfg.model.name_or_path}` (Idefics3 classes, 16 image
-tokens) trained by `digiq pretrain-vlm` on randomised synthetic phone screens (`digiq/sim/synthetic.py`){web}
+tokens) trained by `digiq pretrain-vlm` on randomised synthetic phone screens (`digiq/data/synthetic.py`){web}
 to ground, refer, read, tell toggle states and screen types, parse AitW-style goals of made-up words and
 copy text. It never saw the simulated device's task solutions (no next actions, success, screen-change
 or value labels). It is the start of `digiq pipeline` (pi_beta and Stage 1), as AutoUI and LLaVA-1.5 are

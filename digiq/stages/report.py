@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 
 from digiq.actions import Action, action_label, parse_action
 from digiq.config import check
-from digiq.data.schema import iter_decoded_rows, load_dataset, trajectory_bounds
+from digiq.data.schema import dataset_info, iter_decoded_rows, load_dataset, trajectory_bounds
 from digiq.data.transitions import load_transitions
+from digiq.envs.registry import env_for_dataset
 from digiq.errors import DataError
 from digiq.models.critic import open_critic_and_features
 from digiq.models.critic_text import CriticInputs, build_inputs, score
-from digiq.sim.phone import SimPhone
 from digiq.utils.io import (
     OutputPlan,
     atomic_write_bytes,
@@ -74,7 +74,8 @@ class Config:
     image_format: Literal["png", "jpeg"] = "png"
     # Discount for the MC return and Q*; null = the critic's training gamma (critic.json), else 0.95.
     gamma: float | None = None
-    # Exact Q* per candidate on simulated rows (state_key set): auto = when digiq.sim is importable.
+    # Exact Q* per candidate on rows with a state_key: auto = when the dataset's environment (its
+    # digiq_dataset.json source; the simulator when it names none) has one.
     q_star: Literal["auto", "skip"] = "auto"
     # Rows per critic forward pass.
     eval_batch_size: int = 4096
@@ -346,7 +347,8 @@ def open_inputs(cfg: Config) -> ReportInputs:
     shown = bounds[: cfg.max_trajectories]
     qstar_fn = None
     if cfg.q_star == "auto" and any(tr.state_key[s] for s, _ in shown):
-        qstar_fn = SimPhone().q_star
+        spec = env_for_dataset(dataset_info(cfg.dataset).get("source"))
+        qstar_fn = spec.q_star(spec.open()) if spec.q_star is not None else None
     return ReportInputs(ds, tr, gamma, bounds, shown, critic, feats, inputs, qstar_fn)
 
 
@@ -514,7 +516,13 @@ def write_report(plan: OutputPlan, page: str, plots: dict[str, bytes], summary: 
 
 def run(cfg: Config) -> dict[str, Any]:
     """Write the report folder; returns a summary (also written to ``summary.json``)."""
-    plan = plan_output(cfg.output_dir, "report", overwrite=cfg.overwrite, fingerprint=config_fingerprint(cfg))
+    plan = plan_output(
+        cfg.output_dir,
+        "report",
+        overwrite=cfg.overwrite,
+        fingerprint=config_fingerprint(cfg),
+        resumable=False,
+    )
     inp = open_inputs(cfg)
     summary: dict[str, Any] = {
         "dataset": cfg.dataset,

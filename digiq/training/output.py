@@ -25,8 +25,9 @@ from digiq.utils.logging import get_logger
 log = get_logger(__name__)
 
 # The settings that make a run the same run: a resume with another dataset, model, seed or rendering is
-# another experiment. Run lengths, logging and checkpoint cadence may change on resume.
-IDENTITY_FIELDS = ("dataset", "features", "critic_dir", "init_policy", "model", "lora", "seed", "rendering")
+# another experiment. Run lengths, logging and checkpoint cadence may change on resume; so may the feature
+# cache's path (train-critic checks the cache's widths against its checkpoint, naming both).
+IDENTITY_FIELDS = ("dataset", "critic_dir", "init_policy", "model", "lora", "seed", "rendering")
 
 
 def run_fingerprint(cfg: Any, fields: tuple[str, ...] = IDENTITY_FIELDS) -> dict[str, Any]:

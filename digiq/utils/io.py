@@ -238,8 +238,10 @@ def plan_output(
     resume: bool = False,
     overwrite: bool = False,
     fingerprint: dict[str, Any] | None = None,
+    resumable: bool = True,
 ) -> OutputPlan:
     """Decide what to do with ``out`` and change nothing (call it first: a refused run fails fast).
+    ``resumable=False``: the stage writes in one go (its refusals do not suggest ``--resume``).
 
     Raises :class:`OutputExistsError` for a used folder without a flag, or one that holds other work, and
     :class:`OutputMismatchError` when ``resume`` meets a run of another fingerprint."""
@@ -268,12 +270,13 @@ def plan_output(
         )
     if not resume:
         if finished:
+            hint = " (or --resume to continue it)" if resumable else ""
             raise OutputExistsError(
-                f"{out} already holds a finished {stage} run; pass overwrite=true to replace it "
-                "(or --resume to continue it)"
+                f"{out} already holds a finished {stage} run; pass overwrite=true to replace it{hint}"
             )
         raise OutputExistsError(
-            f"{out} holds an unfinished {stage} run; pass --resume to continue it or overwrite=true to start over"
+            f"{out} holds an unfinished {stage} run; pass --resume (resume=true) to continue it or overwrite=true "
+            "to start over"
         )
     diff = fingerprint_diff(rec.get("fingerprint"), fingerprint) if fingerprint is not None else []
     if diff:
@@ -322,14 +325,11 @@ def finish_output(out: str | Path, info: dict[str, Any] | None = None) -> None:
 @contextlib.contextmanager
 def staged_output(plan: OutputPlan) -> Iterator[Path]:
     """:func:`staged_dir` for a planned output: the run record goes in with the rest, and the old folder
-    is swapped out only when the new one is complete."""
+    is swapped out only when the new one is complete. When it replaces an in-place run's folder (a sharded
+    collection turned into its dataset), the output that run kept aside goes once the swap is done."""
+    prior = read_run_record(plan.path)
     with staged_dir(plan.path, overwrite=plan.action != "fresh") as tmp:
         yield tmp
         write_run_record(tmp, plan)
-
-
-def refuse_finished(final: str | Path, overwrite: bool) -> None:
-    """Transitional: the old check of ``digiq.stages.collect`` until it moves to :func:`plan_output`."""
-    final = Path(final)
-    if final.exists() and not overwrite and is_complete(final):
-        raise OutputExistsError(f"{final} already holds a finished output; pass overwrite=true to replace it")
+    if prior and prior.get("replaces"):
+        shutil.rmtree(prior["replaces"], ignore_errors=True)
