@@ -399,7 +399,8 @@ def collect_plan(config: MiniWoBConfig, behaviour: Any, split: str, num: int, se
 
 
 def scripted_policy(config: MiniWoBConfig, behaviour: Any, name: str, seed: int) -> Any:
-    """``behaviour`` (the collection policy), ``optimal`` (the DOM expert) or ``random`` (its mistakes only)."""
+    """``behaviour`` (the collection policy), ``optimal`` (the DOM expert) or ``random`` (its mistakes
+    only)."""
     from digiq.envs.miniwob_policy import MiniWoBBehaviour
 
     pi = MiniWoBBehaviour(behaviour)

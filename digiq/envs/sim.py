@@ -156,7 +156,8 @@ def trace_failures(phone: SimPhone, episodes: Sequence[Any]) -> dict[str, Any]:
 
 def collect_plan(phone: SimPhone, behaviour: BehaviourConfig, split: str, num: int, seed: int) -> Plan:
     """``digiq collect``'s historical streams: a fresh permutation of the tasks per pass, one generator each
-    for the dataset actions and the candidates (the datasets of earlier releases are reproduced bit for bit)."""
+    for the dataset actions and the candidates (the datasets of earlier releases are reproduced bit for
+    bit)."""
     tasks = phone.tasks(split)
     seeds = np.random.SeedSequence(seed).spawn(3)
     order_rng = np.random.default_rng(seeds[0])

@@ -39,6 +39,7 @@ from digiq.data.schema import (
     save_dataset,
     trajectory_bounds,
 )
+from digiq.envs.registry import get_env
 from digiq.errors import DataError
 from digiq.models.shipped import GUI_TINY, resolve_model_folder
 from digiq.stages import (
@@ -117,11 +118,12 @@ class Config:
     benchmark: Literal["v1", "v2"] = "v1"
     # torch threads (0 = torch's default). On a shared 2-core machine 1-2 is fastest.
     threads: int = 0
-    # The environment data is collected on and policies are evaluated on: sim = the simulated phone;
-    # miniwob = MiniWoB++ in headless Chromium (tasks in `collect.miniwob.tasks`; evaluation uses the same
-    # tasks on fresh page seeds). On MiniWoB++ the Best-of-N candidates are drawn during collection (they need
-    # the live page), so the candidates stage is skipped and `candidates.num_candidates` sets their number.
-    env: Literal["sim", "miniwob"] = "sim"
+    # The environment data is collected on and policies are evaluated on (a registered one,
+    # digiq.envs.registry): sim = the simulated phone; miniwob = MiniWoB++ in headless Chromium (tasks in
+    # `collect.miniwob.tasks`; evaluation uses the same tasks on fresh page seeds). An environment without an
+    # offline candidate sampler (MiniWoB++: its sampler needs the live page) draws the Best-of-N candidates
+    # during collection, so the candidates stage is skipped and `candidates.num_candidates` sets their number.
+    env: str = "sim"
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
     finetune_vlm: finetune_vlm.Config = dataclasses.field(default_factory=finetune_vlm.Config)
     train_bc: train_bc.Config = dataclasses.field(default_factory=train_bc.Config)
@@ -149,9 +151,11 @@ class Config:
             f"stage1_trajectories ({self.stage1_trajectories}) must be 0 (Stage 1 on the dataset) or more than "
             f"collect.num_trajectories ({self.collect.num_trajectories})",
         )
+        spec = get_env(self.env)  # an unknown name lists the registered ones
         check(
-            self.stage1_trajectories == 0 or self.env == "sim",
-            "stage1_trajectories collects on the simulated device only (env=sim)",
+            self.stage1_trajectories == 0 or spec.lockstep,
+            f"stage1_trajectories collects on the simulated device only (env=sim; lock-step environments), "
+            f"not env={self.env}",
         )
         default_model = finetune_vlm.Config().model.name_or_path
         check(
@@ -203,13 +207,19 @@ def wire(cfg: Config) -> dict[str, Any]:
         c["collect"].policy = resolve_model_folder(cfg.collect.policy)
     c["collect"].env = c["evaluate"].env = cfg.env
     data = d["candidates"]
-    if cfg.env == "miniwob":
+    spec = get_env(cfg.env)
+    if spec.candidates is None:  # drawn during collection (see Config.env)
         c["collect"].num_candidates = c["candidates"].num_candidates
-        c["evaluate"].miniwob = dataclasses.replace(
-            c["evaluate"].miniwob, tasks=list(c["collect"].miniwob.tasks)
-        )
-        c["evaluate"].trace = False  # the trace needs the simulator's exact Q*
         data = d["collect"]
+    section = getattr(c["collect"], spec.section, None) if spec.section else None
+    if hasattr(section, "tasks"):  # evaluation runs the collected tasks (on fresh seeds)
+        setattr(
+            c["evaluate"],
+            spec.section,
+            dataclasses.replace(getattr(c["evaluate"], spec.section), tasks=list(section.tasks)),
+        )
+    if spec.trace is None:
+        c["evaluate"].trace = False  # the trace needs an exact Q*
     c["finetune_vlm"].dataset = str(d["collect"])
     if cfg.stage1_trajectories:
         # data_stage1 ends with the dataset's held-out trajectories (see _collect_stage1_data): hold out
@@ -379,8 +389,8 @@ def run(cfg: Config) -> dict[str, Any]:
         if is_complete(folder) and not forced:
             log.info("[%s] complete at %s: skipped", name, folder)
             continue
-        if name == "candidates" and cfg.env == "miniwob":
-            log.info("[candidates] drawn during collection on MiniWoB++: skipped")
+        if name == "candidates" and get_env(cfg.env).candidates is None:
+            log.info("[candidates] drawn during collection on env=%s: skipped", cfg.env)
             continue
         scfg = stage_cfgs[name]
         resumable = hasattr(scfg, "resume") and folder.exists() and not forced
