@@ -55,6 +55,9 @@ def check_output(out: str | Path, resume: bool, overwrite: bool, what: str, cfg:
 
 def begin_output(plan: OutputPlan, accelerator: Accelerator | None = None) -> None:
     """Make the run folder ready for writing, once the inputs are checked (see :func:`io.begin_output`)."""
+    if accelerator is not None:
+        # every process has looked at the folder (check_output) before the main one writes its run record
+        accelerator.wait_for_everyone()
     if accelerator is None or accelerator.is_main_process:
         io.begin_output(plan)
     if accelerator is not None:
