@@ -37,7 +37,7 @@ from digiq.data.labels import DEFAULT_EPS, DEFAULT_SCALE, screen_diff
 from digiq.data.schema import FEATURES, discounted_returns, save_dataset, undecoded_view
 from digiq.envs import per_task_success
 from digiq.envs.base import Observation
-from digiq.envs.registry import EnvSpec, config_class, get_env, validate_env
+from digiq.envs.registry import EnvSpec, config_class, get_env, registered, validate_env
 from digiq.envs.rollout import Episode, run_episodes
 from digiq.errors import DataError, DigiqError
 from digiq.utils.io import OutputPlan, begin_output, is_complete, plan_output
@@ -276,7 +276,7 @@ def _plan_fingerprint(cfg: Config) -> dict[str, Any]:
         d.pop(name, None)
     if not d["env_config"]:  # the plans of earlier releases have no such key
         d.pop("env_config")
-    section = d.get(spec.section) if spec.section else d.get("env_config")
+    section = (d.get(spec.section) if spec.section else d.get("env_config")) or {}
     for k in spec.volatile:
         section.pop(k, None)
     return d
@@ -284,8 +284,6 @@ def _plan_fingerprint(cfg: Config) -> dict[str, Any]:
 
 def _other_sections(spec: EnvSpec) -> list[str]:
     """The stage-config sections of the registered environments other than ``spec``."""
-    from digiq.envs.registry import registered
-
     out = []
     for name in registered():
         other = get_env(name)
