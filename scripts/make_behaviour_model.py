@@ -73,6 +73,9 @@ class Config:
     temperature: float = 1.0
     # Episodes per evaluation (per split, greedy and sampled).
     eval_episodes: int = 200
+    # False: greedy evaluations only (comparing screen-reading settings; sampled episodes of a weak model run
+    # to the horizon and cost most of the evaluation time).
+    eval_sampled: bool = True
     seed: int = 0
 
     def validate(self) -> None:
@@ -138,7 +141,8 @@ def run(cfg: Config) -> dict:
     policy = str(bc_dir / POLICY_DIR)
     results: dict[str, dict] = {}
     for split in _splits(cfg):
-        for name, temp in (("greedy", 0.0), ("sampled", cfg.temperature)):
+        decodings = (("greedy", 0.0), ("sampled", cfg.temperature))
+        for name, temp in decodings if cfg.eval_sampled else decodings[:1]:
             folder = work / f"eval_{split}_{name}"
             if (folder / "metrics.json").exists():
                 m = json.loads((folder / "metrics.json").read_text())

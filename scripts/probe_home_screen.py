@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +34,17 @@ from digiq.sim.phone import SimConfig, SimPhone
 
 
 def probe(
-    policy: str,
+    policy_fn: Callable[[list[dict]], list[str]],
     splits: tuple[str, ...] = ("train", "val"),
     episodes: int = 200,
     seed: int = 0,
-    batch_size: int = 32,
 ) -> dict[str, Any]:
-    """Per split: the share of greedy first actions that are Q*-optimal (``optimal``) and that open an app
-    (``on_app``), over ``episodes`` v2 episodes of ``digiq evaluate``'s seeding, plus the wrong apps opened."""
+    """Per split: the share of ``policy_fn``'s first actions that are Q*-optimal (``optimal``) and that open
+    an app (``on_app``), over ``episodes`` v2 episodes of ``digiq evaluate``'s seeding, plus the screens the
+    wrong apps opened. ``policy_fn`` is a rollout callable (batch dicts -> AutoUI strings)."""
     phone = SimPhone(SimConfig(benchmark="v2"))
     env = SimEnv(phone=phone)
-    policy_fn = load_policy_fn(policy, temperature=0.0, batch_size=batch_size, device="cpu")
-    out: dict[str, Any] = {"policy": policy, "seed": seed, "episodes": episodes}
+    out: dict[str, Any] = {"seed": seed, "episodes": episodes}
     for split in splits:
         t0 = time.perf_counter()
         rows = []
@@ -54,6 +54,7 @@ def probe(
                 {
                     "screenshot": obs.screenshot,
                     "observation": make_observation(obs.goal, None),
+                    "task": obs.goal,
                     "state_key": obs.info["state_key"],
                     "state": obs.info["state"],
                 }
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args(argv)
-    res = probe(args.policy, tuple(args.splits.split(",")), args.episodes, args.seed)
+    fn = load_policy_fn(args.policy, temperature=0.0, batch_size=32, device="cpu")
+    res = {"policy": args.policy, **probe(fn, tuple(args.splits.split(",")), args.episodes, args.seed)}
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

@@ -91,3 +91,39 @@ def test_behaviour_model_option_builds_the_tiled_start(tmp_path):
     assert plain == str(src) and tokens == 4
     with pytest.raises(DigiqError, match="tile_longest_edge must be >= 0"):
         mod.Config(start=str(src), tile_longest_edge=-1).validate()
+
+
+def _probe_script():
+    spec = importlib.util.spec_from_file_location("probe_home_screen", ROOT / "scripts/probe_home_screen.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_probe_scores_the_first_action_against_q_star():
+    from digiq.actions import Action, ActionType
+    from digiq.envs.sim import SimEnv, sim_policy_fn
+    from digiq.sim.phone import SimConfig, SimPhone
+
+    probe = _probe_script().probe
+    phone = SimPhone(SimConfig(benchmark="v2"))
+    n = 40
+    best = probe(sim_policy_fn("optimal", phone), ("val",), episodes=n)["val"]
+    assert best["optimal"] == 1.0 and best["on_app"] == 1.0 and best["wrong_app_opened"] == {}
+    home = probe(lambda b: [Action.key(ActionType.PRESS_HOME).render()] * len(b), ("val",), episodes=n)["val"]
+    assert home["optimal"] == 0.0 and home["on_app"] == 0.0
+    # Always the same grid slot: right exactly where that tap reaches the state the optimal tap reaches
+    # (the shuffled grid puts the goal's app there), counted here by stepping the device, not by Q*.
+    env = SimEnv(phone=phone)
+    starts = [env.reset(i).info["state"] for i in env.task_instances("val", n, 0)]
+    tap = phone.optimal_actions(starts[0])[0]
+    assert tap.type is ActionType.DUAL_POINT
+    same = sum(
+        phone.state_key(phone.step(s, tap)[0])
+        == phone.state_key(phone.step(s, phone.optimal_actions(s)[0])[0])
+        for s in starts
+    )
+    fixed = probe(lambda b: [tap.render()] * len(b), ("val",), episodes=n)["val"]
+    assert fixed["on_app"] == 1.0 and fixed["optimal"] == same / n
+    assert 0 < same < n
