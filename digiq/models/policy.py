@@ -936,14 +936,17 @@ def save_policy(
     spec: PolicySpec,
     extra: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Export: merged ``save_pretrained`` weights + processor + ``digiq_policy.json`` (atomic folder).
+    """Export: merged ``save_pretrained`` weights + processor + ``digiq_policy.json`` (atomic folder); a
+    finished policy at ``out_dir`` is replaced only with ``overwrite``.
 
     An FSDP-sharded model is written from ``state_dict``, gathered by
     :func:`digiq.models.vlm.export_state` on every process (see :func:`digiq.models.vlm.save_vlm`)."""
     out_dir = Path(out_dir)
     m = getattr(model, "module", model)  # DDP
-    with staged_dir(out_dir, overwrite=True) as tmp:
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
         save_vlm(m if is_peft(m) else unwrap(m), processor, tmp, merge_lora=True, state_dict=state_dict)
         atomic_write_json(tmp / POLICY_FILE, {**spec.to_json(), **(extra or {})})
     return out_dir

@@ -409,7 +409,8 @@ def run(cfg: Config) -> dict[str, Any]:
         metrics["machine"] = machine
         command = _command()
         spec = spec_for(processor)
-        save_policy(model, processor, out / MODEL_DIR, spec, {"stage": "pretrain-vlm"})
+        # this run's own model/ (a resumed run rewrites it); the run folder was guarded
+        save_policy(model, processor, out / MODEL_DIR, spec, {"stage": "pretrain-vlm"}, overwrite=True)
         record = {"command": command, "metrics": metrics, "config": to_dict(cfg)}
         atomic_write_json(out / MODEL_DIR / PRETRAINING_FILE, record)
         atomic_write_text(out / MODEL_DIR / "README.md", model_card(cfg, metrics, command))

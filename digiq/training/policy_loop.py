@@ -404,7 +404,8 @@ def train_policy(
     # Under FSDP every process takes part in gathering the shards; the main process alone writes.
     state = export_state(model, merge_lora=True)
     if is_main:
-        save_policy(model, processor, out / POLICY_DIR, spec, export_info, state_dict=state)
+        # this run's own policy/ (a resumed run rewrites it); the run folder was guarded
+        save_policy(model, processor, out / POLICY_DIR, spec, export_info, state_dict=state, overwrite=True)
         logger.log({f"final/{k}": v for k, v in fit.items()}, int(fit["steps"]))
         atomic_write_json(out / "metrics.json", metrics)
         finish_output(out, {"steps": int(fit["steps"])})
