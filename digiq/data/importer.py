@@ -772,7 +772,8 @@ def run(cfg: Config) -> ImportSummary:
         for target in [cfg.output] + ([cfg.features_output] if cfg.features_output else [])
     ]
     if all(p.finished for p in plans):
-        summary = ImportSummary(**dataset_info(output)["summary"])
+        stored = dataset_info(output)["summary"]
+        summary = ImportSummary(**stored, output=str(output), features_output=cfg.features_output)
         log.info("%s already holds this import: nothing to do", output)
         for line in ["already imported: " + summary.lines()[0], *summary.lines()[1:]]:
             print(line)  # noqa: T201 - the command's report on stdout
@@ -829,7 +830,10 @@ def run(cfg: Config) -> ImportSummary:
             "gamma": cfg.gamma,
             "traj_id_source": id_source,
             "config": to_dict(cfg),
-            "summary": dataclasses.asdict(summary),
+            # (where it was written is the config's, not the data's)
+            "summary": {
+                k: v for k, v in dataclasses.asdict(summary).items() if k not in ("output", "features_output")
+            },
         }
         save_dataset(Dataset.from_file(str(arrow)), output, info, plan=plans[0])
         if cfg.features_output:
