@@ -291,9 +291,10 @@ def plan_output(
 def begin_output(plan: OutputPlan) -> None:
     """Make ``plan.path`` ready for an in-place writer, once the inputs are checked (main process only).
 
-    ``overwrite`` moves a finished old output aside (kept until :func:`finish_output`) and deletes an
-    unfinished one; a resumed run drops the completion marker first, so a kill during it never leaves a
-    folder that looks finished."""
+    ``overwrite`` moves the old output aside to ``.<name>.replaced-*`` (deleted by :func:`finish_output`);
+    overwriting the partial output of an earlier, unfinished overwrite deletes that partial output and keeps
+    the finished one already aside. A resumed run drops the completion marker first, so a kill during it
+    never leaves a folder that looks finished."""
     out = plan.path
     old = read_run_record(out) if out.is_dir() else None
     replaces = (old or {}).get("replaces") if plan.action == "resume" else None
