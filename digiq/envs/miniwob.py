@@ -55,9 +55,16 @@ DEFAULT_TASKS = (
     "click-button-sequence",
     "navigate-tree",
 )
-# Train and test instances come from disjoint seed ranges: fresh seeds at evaluation.
+# Each split has its own page-seed range, so no two splits share a page: train (collection), test (reported
+# evaluation), val (where defaults are chosen) and demo (the behaviour model's demonstrations). Train and test
+# are the ranges of earlier releases, unchanged; val and demo were added above them.
 SEED_BLOCK = 1_000_000
 TEST_OFFSET = 1_000_000_000
+VAL_OFFSET = 2_000_000_000
+DEMO_OFFSET = 3_000_000_000
+SPLIT_OFFSETS = {"train": 0, "test": TEST_OFFSET, "val": VAL_OFFSET, "demo": DEMO_OFFSET}
+# Seeds below this keep every split inside its own range (seed * SEED_BLOCK < TEST_OFFSET).
+MAX_SEED = TEST_OFFSET // SEED_BLOCK
 TYPE_CHUNK = 64
 # Chromium launches read the environment; two launching at once must not swap each other's folders.
 _LAUNCH_LOCK = threading.Lock()
@@ -107,12 +114,14 @@ def require_miniwob(config: MiniWoBConfig) -> None:
 def task_instances(tasks: list[str], split: str, num: int, seed: int) -> list[TaskInstance]:
     """``num`` instances cycling through ``tasks`` in a seeded order, each with its own page seed.
 
-    Train seeds are ``seed * SEED_BLOCK + i`` and test seeds the same plus ``TEST_OFFSET``: the two splits
-    never share a page, and collection seeds never reach evaluation's."""
-    check(split in ("train", "test"), f"split must be train or test, got {split!r}")
+    Page seeds are ``seed * SEED_BLOCK + i`` plus the split's offset (``SPLIT_OFFSETS``: train 0, test
+    10^9, val 2 * 10^9, demo 3 * 10^9): no two splits share a page, so collection never sees an evaluation
+    page and the demonstrations never see a page of the others. The task order depends on ``seed`` only."""
+    check(split in SPLIT_OFFSETS, f"split must be one of {', '.join(SPLIT_OFFSETS)}, got {split!r}")
     check(num < SEED_BLOCK, f"at most {SEED_BLOCK - 1} instances per seed")
+    check(0 <= seed < MAX_SEED, f"seed must be in [0, {MAX_SEED}) (each split's page range), got {seed}")
     order = np.random.default_rng(seed).permutation(len(tasks))
-    base = seed * SEED_BLOCK + (TEST_OFFSET if split == "test" else 0)
+    base = seed * SEED_BLOCK + SPLIT_OFFSETS[split]
     return [TaskInstance(tasks[int(order[i % len(tasks)])], base + i) for i in range(num)]
 
 

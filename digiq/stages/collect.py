@@ -8,7 +8,11 @@
 Rows follow :data:`digiq.data.schema.FEATURES`. Candidates (``num_candidates > 0``: index 0 is the dataset
 action, then ``n - 1`` samples) come from the same scripted behaviour policy at more noise, from its own random
 stream, so the dataset actions are the same whether or not candidates are drawn. On MiniWoB++ they are drawn
-during collection because they need the live page (its DOM).
+during collection because they need the live page (its DOM). A model behaviour policy (``policy=<folder>``,
+the paper's protocol) collects without candidates on any environment: ``digiq candidates source=policy`` then
+samples them from a model on the stored screenshots.
+
+    digiq collect env=miniwob policy=data/pretrained/gui-tiny-web-agent temperature=1.0 num_workers=1 ...
 
 **Crash safety.** On MiniWoB++ finished episodes are written every ``shard_size`` episodes as complete shards
 under ``<output_dir>/shards/``; the dataset itself (and its ``_COMPLETE`` marker) appears only when every
@@ -84,8 +88,8 @@ class Config:
     # Number of trajectories; on the simulator 500 gives ~3.7k steps, enough for the critic stages on a CPU.
     num_trajectories: int = 500
     # Task split (disjoint: tasks on the simulator, page seeds on MiniWoB++; val exists on benchmarks that
-    # have validation goals).
-    split: Literal["train", "val", "test"] = "train"
+    # have validation goals; demo = MiniWoB++'s demonstration pages, which the behaviour model learns from).
+    split: Literal["train", "val", "test", "demo"] = "train"
     # Discount for mc_return (0.95 as the official default.yaml).
     gamma: float = 0.95
     # 0: leave `candidates` empty. >0: index 0 = the dataset action, then n-1 behaviour samples.
@@ -93,8 +97,9 @@ class Config:
     # The behaviour policy that collects the data. 'scripted' = the environment's scripted policy (it reads
     # privileged state: a demonstrator, or a reference row). A folder = an exported digiq policy, a pixel
     # model that reads only the screen and the prompt, sampled at `temperature`: the paper's protocol,
-    # where AutoUI collects the offline data (Digi-Q paper, Sec. 5.1). Lock-step environments (the
-    # simulator) only for now.
+    # where AutoUI collects the offline data (Digi-Q paper, Sec. 5.1). On devices collected in shards
+    # (MiniWoB++) each step is sampled with its own seed, from (seed, episode, step), so an episode does the
+    # same whichever worker runs it and after a resume.
     policy: str = "scripted"
     # Sampling temperature of a model policy (0 = greedy; the official candidate sampler uses 1.2,
     # DigiRL-agent/digiq @ 8181379, postprocess_data/get_more_actions/get_more_actions_batched.py:77).
@@ -132,11 +137,6 @@ class Config:
         check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         check(self.batch_size > 0, "batch_size must be > 0")
         if self.policy != "scripted":
-            check(
-                spec.lockstep,
-                f"policy={self.policy}: a model behaviour policy collects on env=sim only for now (lock-step "
-                f"environments), not env={self.env}",
-            )
             check(
                 self.num_candidates == 0,
                 "a model behaviour policy leaves the candidates to `digiq candidates source=policy "
@@ -197,6 +197,40 @@ def episode_columns(episodes: list[Episode], gamma: float, changes: dict | None 
             float(v) for v in discounted_returns([t.reward for t in ep.transitions], gamma)
         )
     return cols, changed
+
+
+def step_seed(seed: int, episode: int, step: int) -> int:
+    """The sampling seed of one step of a model collecting in shards: a function of the episode and step
+    only, never of which worker ran it or what else was in the batch."""
+    return int(np.random.SeedSequence([seed, 3, episode, step]).generate_state(1)[0])
+
+
+def episode_seeded_policy(folder: str, temperature: float, seed: int) -> Any:
+    """A policy folder as a rollout callable that samples each item on its own, seeded by
+    :func:`step_seed` (``temperature`` 0: greedy). Devices on worker threads fill the batch in whatever order
+    they finish, so a batch-level seed would tie an episode's actions to the scheduling; one generation per
+    item costs little at the 1-2 browsers a CPU runs."""
+    from digiq.models.policy import generate_actions, load_policy, load_policy_fn
+
+    if temperature == 0:
+        return load_policy_fn(folder, temperature=0.0)  # greedy: already a function of the screen alone
+    model, processor, spec = load_policy(folder)
+
+    def policy_fn(batch: list[dict]) -> list[str]:
+        return [
+            generate_actions(
+                model,
+                processor,
+                [b["screenshot"]],
+                [b["observation"]],
+                temperature=temperature,
+                seed=step_seed(seed, int(b["episode"]), int(b["step"])),
+                spec=spec,
+            )[0][0]
+            for b in batch
+        ]
+
+    return policy_fn
 
 
 def _plan(cfg: Config, spec: EnvSpec, world: Any) -> tuple[list, Any, Any]:
@@ -331,6 +365,8 @@ def _collect_miniwob(cfg: Config, plan: OutputPlan) -> tuple[Any, dict[str, Any]
     spec = get_env(cfg.env)
     world = spec.open(spec.settings(cfg)[0])
     instances, policy, cands = _plan(cfg, spec, world)
+    if cfg.policy != "scripted":  # a pixel model collects by sampling; candidates come offline
+        policy, cands = episode_seeded_policy(_policy_folder(cfg.policy), cfg.temperature, cfg.seed), None
     pending: list[Episode] = []
     outcomes: list[Episode] = []
     next_shard = len(_finished_shards(shard_root))

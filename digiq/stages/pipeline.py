@@ -120,9 +120,11 @@ class Config:
     threads: int = 0
     # The environment data is collected on and policies are evaluated on (a registered one,
     # digiq.envs.registry): sim = the simulated phone; miniwob = MiniWoB++ in headless Chromium (tasks in
-    # `collect.miniwob.tasks`; evaluation uses the same tasks on fresh page seeds). An environment without an
-    # offline candidate sampler (MiniWoB++: its sampler needs the live page) draws the Best-of-N candidates
-    # during collection, so the candidates stage is skipped and `candidates.num_candidates` sets their number.
+    # `collect.miniwob.tasks`; evaluation uses the same tasks on fresh page seeds). On an environment without
+    # an offline scripted sampler (MiniWoB++: its sampler needs the live page) the scripted collection draws
+    # the Best-of-N candidates itself, so the candidates stage is skipped and `candidates.num_candidates` sets
+    # their number; with candidates.source=policy (required when a model collects) the candidates stage
+    # samples them from a model on the stored screenshots, on any environment (see candidates_in_collection).
     env: str = "sim"
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
     finetune_vlm: finetune_vlm.Config = dataclasses.field(default_factory=finetune_vlm.Config)
@@ -152,6 +154,14 @@ class Config:
             f"collect.num_trajectories ({self.collect.num_trajectories})",
         )
         spec = get_env(self.env)  # an unknown name lists the registered ones
+        check(
+            self.collect.policy == "scripted"
+            or self.candidates.source == "policy"
+            or spec.candidates is not None,
+            f"collect.policy={self.collect.policy}: a model collects without candidates, and env={self.env} has "
+            "no offline scripted sampler: set candidates.source=policy (candidates from a model, "
+            "candidates_from=pi_beta|behaviour)",
+        )
         check(
             self.stage1_trajectories == 0 or spec.lockstep,
             f"stage1_trajectories collects on the simulated device only (env=sim; lock-step environments), "
@@ -191,6 +201,17 @@ FOLDERS = {
 }
 
 
+def candidates_in_collection(cfg: Config) -> bool:
+    """True when the collection draws the Best-of-N candidates (and the candidates stage is skipped): a
+    scripted collection on an environment whose scripted sampler needs the live device, unless the
+    candidates are to come from a model (candidates.source=policy)."""
+    return (
+        cfg.collect.policy == "scripted"
+        and cfg.candidates.source != "policy"
+        and get_env(cfg.env).candidates is None
+    )
+
+
 def wire(cfg: Config) -> dict[str, Any]:
     """The per-stage configs with the pipeline's paths and seed filled in (pure; nothing is run)."""
     out = Path(cfg.output_dir)
@@ -208,7 +229,7 @@ def wire(cfg: Config) -> dict[str, Any]:
     c["collect"].env = c["evaluate"].env = cfg.env
     data = d["candidates"]
     spec = get_env(cfg.env)
-    if spec.candidates is None:  # drawn during collection (see Config.env)
+    if candidates_in_collection(cfg):  # drawn during collection (see Config.env)
         c["collect"].num_candidates = c["candidates"].num_candidates
         data = d["collect"]
     section = getattr(c["collect"], spec.section, None) if spec.section else None
@@ -389,7 +410,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if is_complete(folder) and not forced:
             log.info("[%s] complete at %s: skipped", name, folder)
             continue
-        if name == "candidates" and get_env(cfg.env).candidates is None:
+        if name == "candidates" and candidates_in_collection(cfg):
             log.info("[candidates] drawn during collection on env=%s: skipped", cfg.env)
             continue
         scfg = stage_cfgs[name]
