@@ -8,6 +8,11 @@ The result reads only pixels and the prompt; `digiq pipeline` then collects its 
 (`collect.policy`, `collect.temperature`).
 
     PYTHONPATH=. python scripts/make_behaviour_model.py --config configs/behaviour-model/sim.yaml
+    PYTHONPATH=. python scripts/make_behaviour_model.py --config configs/behaviour-model/miniwob.yaml
+
+On MiniWoB++ (`demonstrations.env: miniwob`) the demonstrator is the DOM expert without mistakes on the
+demonstration pages (`split: demo`, a page-seed range no collection, validation or test episode uses), the
+start is the web-pretrained gui-tiny-web, and the model is evaluated on validation pages (`eval_splits`).
 
 Steps, each into `<work_dir>/<step>`: demonstrations (`digiq collect`, the demonstrator without mistakes,
 training goals) -> `digiq train-bc` from `start` -> `digiq evaluate` greedy and sampled at `temperature` on the
@@ -73,14 +78,20 @@ class Config:
     temperature: float = 1.0
     # Episodes per evaluation (per split, greedy and sampled).
     eval_episodes: int = 200
+    # The splits evaluated ([] = train and, where the benchmark has them, val: the simulator's goals;
+    # MiniWoB++ takes [val], its validation pages).
+    eval_splits: list[str] = dataclasses.field(default_factory=list)
     # False: greedy evaluations only (comparing screen-reading settings; sampled episodes of a weak model run
     # to the horizon and cost most of the evaluation time).
     eval_sampled: bool = True
     seed: int = 0
 
     def validate(self) -> None:
-        if self.demonstrations.split != "train":
-            raise DigiqError("demonstrations.split must be train: the behaviour model never sees other goals")
+        if self.demonstrations.split not in ("train", "demo"):
+            raise DigiqError(
+                "demonstrations.split must be train (the simulator's training goals) or demo (MiniWoB++'s "
+                "demonstration pages): the behaviour model never sees validation or test goals"
+            )
         if self.temperature <= 0:
             raise DigiqError("temperature must be > 0 (the model collects by sampling)")
         if self.tile_longest_edge < 0:
@@ -90,6 +101,8 @@ class Config:
 
 
 def _splits(cfg: Config) -> list[str]:
+    if cfg.eval_splits:
+        return list(cfg.eval_splits)
     from digiq.sim.phone import SimPhone
 
     phone = SimPhone(cfg.demonstrations.sim)
@@ -114,7 +127,7 @@ def start_folder(cfg: Config, work: Path) -> tuple[str, int]:
     return str(work / "start"), tile_screens(src, work / "start", cfg.tile_longest_edge)
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, command: str = COMMAND) -> dict:
     cfg.validate()
     t0 = time.perf_counter()
     machine = describe()  # measured first: the stage times are read against this rate
@@ -156,6 +169,9 @@ def run(cfg: Config) -> dict:
                         seed=cfg.seed,
                         output_dir=str(folder),
                         sim=cfg.demonstrations.sim,
+                        env=cfg.demonstrations.env,
+                        miniwob=cfg.demonstrations.miniwob,
+                        num_workers=cfg.demonstrations.num_workers,
                     )
                 )
             results[f"{split}/{name}"] = {
@@ -163,7 +179,7 @@ def run(cfg: Config) -> dict:
             }
     info = dataset_info(demos)
     record = {
-        "command": COMMAND,
+        "command": command,
         "config": to_dict(cfg),
         "demonstrations": {
             "trajectories": info["num_trajectories"],
@@ -197,6 +213,8 @@ def card(record: dict) -> str:
         for key, v in s.items()
     )
     secs = record["seconds"]
+    if c["demonstrations"].get("env") == "miniwob":
+        return web_card(record)
     demo_p = c["demonstrations"]["behaviour"]["p_optimal"]
     bc_train, bc_lr = c["train_bc"]["train"], c["train_bc"]["optim"]["lr"]
     m = record["machine"]
@@ -227,6 +245,42 @@ training tasks (listed in `{RECORD}`).
 """
 
 
+def web_card(record: dict) -> str:
+    """The card of a MiniWoB++ behaviour model (``demonstrations.env: miniwob``)."""
+    c, d, s = record["config"], record["demonstrations"], record["success"]
+    rows = "\n".join(
+        f"| {key.split('/')[0]} | {key.split('/')[1]} | {v['success_rate']:.3f} "
+        f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['num_episodes']} |"
+        for key, v in s.items()
+    )
+    secs, m = record["seconds"], record["machine"]
+    demo = c["demonstrations"]
+    bc_train, bc_lr = c["train_bc"]["train"], c["train_bc"]["optim"]["lr"]
+    return f"""# {Path(c["output"]).name}: the MiniWoB++ behaviour model (our web AutoUI analogue)
+
+`{c["start"]}` behaviour-cloned on the DOM expert's demonstrations of {len(d["tasks"])} MiniWoB++ tasks, on
+the **demonstration** pages (`split=demo`: page seeds that no collection, validation or test episode uses).
+It reads the screenshot and the prompt only (no DOM). `digiq pipeline --config configs/pipeline/miniwob-paper.yaml`
+collects its offline data by sampling it at temperature {c["temperature"]} (`collect.policy`,
+`collect.temperature`), as the paper's data was collected by AutoUI (Digi-Q paper, Sec. 5.1).
+
+## How it was made
+
+- command: `{record["command"]}`
+- demonstrations: {d["trajectories"]} episodes, {d["steps"]} steps, by the DOM expert (p_optimal {demo["miniwob_behaviour"]["p_optimal"]}, seed {demo["seed"]}; its success {d["demonstrator_success"]:.3f}); tasks listed in `{RECORD}`
+- screen reading: {record["image_tokens"]} image tokens per screen (tile_longest_edge {c["tile_longest_edge"]}; 0 = the start's processor)
+- behaviour cloning: seed {c["seed"]}; batch {bc_train["batch_size"]}, {bc_train["epochs"]} epochs, lr {bc_lr}
+- wall time: {secs["total"]:.0f} s in all ({secs["demonstrations"]:.0f} s demonstrations, {secs["train_bc"]:.0f} s behaviour cloning)
+- machine: {m.get("cpu", "?")}, {m.get("cores", "?")} cores, measured matmul rate {m["matmul_gflops"]:.1f} GFLOP/s
+
+## Success on MiniWoB++ (95% Wilson intervals over episodes)
+
+| pages | decoding | success | episodes |
+|---|---|---|---|
+{rows}
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="a YAML file (configs/behaviour-model/sim.yaml)")
@@ -234,7 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = load_config(Config, args.config, args.overrides)
     try:
-        run(cfg)
+        run(
+            cfg,
+            f"PYTHONPATH=. python scripts/make_behaviour_model.py --config {args.config}"
+            if args.config
+            else COMMAND,
+        )
     except DigiqError as e:
         sys.exit(f"make_behaviour_model: {e}")
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from digiq.config import ConfigError, load_config
 from digiq.envs import miniwob as mw
+from digiq.errors import DigiqError
 from digiq.stages import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,3 +176,75 @@ def test_a_model_collects_miniwob_by_sampling_with_per_step_seeds(
     goals = {t.task_id for t in mw.task_instances(cfg.miniwob.tasks, "val", 3, 2)}
     assert set(info["per_task_success"]) == goals
     assert len({a for a in ds["action"]}) > 1  # sampled, not one repeated output
+
+
+def _behaviour_script():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "make_behaviour_model", ROOT / "scripts/make_behaviour_model.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_web_behaviour_model_recipe_demonstrates_on_demo_pages_and_evaluates_on_val() -> None:
+    mod = _behaviour_script()
+    cfg = load_config(mod.Config, ROOT / "configs/behaviour-model/miniwob.yaml")
+    assert cfg.demonstrations.env == "miniwob" and cfg.demonstrations.split == "demo"
+    assert mod._splits(cfg) == ["val"] and cfg.start == "data/pretrained/gui-tiny-web"
+    # The expert on every step of every task: the tuned per-task table (noise) is cleared.
+    assert cfg.demonstrations.miniwob_behaviour.p_optimal == 1.0
+    assert cfg.demonstrations.miniwob_behaviour.p_optimal_by_task == {}
+    with pytest.raises(DigiqError, match="train .* or demo"):
+        load_config(mod.Config, ROOT / "configs/behaviour-model/miniwob.yaml", ["demonstrations.split=val"])
+
+
+@pytest.mark.miniwob
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_BROWSER, reason="needs Debian's chromium and chromium-driver")
+def test_make_behaviour_model_on_miniwob_end_to_end(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("miniwob")
+    import json
+
+    from digiq.data.schema import dataset_info, load_dataset
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    tmp = tmp_path_factory.mktemp("w")  # short: Chromium's socket path limit
+    mod = _behaviour_script()
+    start = _tiny_policy(tmp)
+    cfg = load_config(
+        mod.Config,
+        ROOT / "configs/behaviour-model/miniwob.yaml",
+        [
+            f"output={tmp / 'out'}",
+            f"work_dir={tmp / 'work'}",
+            f"start={start}",
+            "eval_episodes=2",
+            "demonstrations.num_trajectories=3",
+            "demonstrations.miniwob.tasks=[click-button]",
+            f"demonstrations.miniwob.scratch_dir={tmp / 'b'}",
+            "train_bc.train.max_steps=2",
+            "train_bc.train.batch_size=4",
+        ],
+    )
+    record = mod.run(cfg, "the command")
+    demos = tmp / "work" / "demonstrations"
+    info = dataset_info(demos)
+    assert info["split"] == "demo" and info["success_rate"] == 1.0  # the expert solves click-button
+    ds = load_dataset(demos)
+    assert len(set(ds["traj_id"])) == 3
+    assert set(record["success"]) == {"val/greedy", "val/sampled"}
+    for name in ("greedy", "sampled"):
+        m = json.loads((tmp / "work" / f"eval_val_{name}" / "metrics.json").read_text())
+        assert m["env"] == "miniwob" and m["split"] == "val" and m["num_episodes"] == 2
+    assert json.loads((tmp / "out" / mod.RECORD).read_text())["success"] == record["success"]
+    card = (tmp / "out" / "README.md").read_text()
+    assert "MiniWoB++ behaviour model" in card and "the command" in card
+    for v in record["success"].values():
+        assert f"{v['success_rate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}] | 2 |" in card
