@@ -101,6 +101,27 @@ def test_pipeline_runs_the_candidates_stage_when_a_model_collects_on_miniwob(tmp
         load_config(pipeline.Config, None, [*base, "candidates.source=sim"])
 
 
+def test_the_paper_recipe_collects_with_the_model_samples_it_and_evaluates_on_val(tmp_path: Path) -> None:
+    model = str(_tiny_policy(tmp_path))  # stands in for data/pretrained/gui-tiny-web-agent
+    cfg = load_config(
+        pipeline.Config,
+        ROOT / "configs/pipeline/miniwob-paper.yaml",
+        [f"output_dir={tmp_path / 'p'}", f"collect.policy={model}"],
+    )
+    assert cfg.env == "miniwob" and not pipeline.candidates_in_collection(cfg)
+    wired = pipeline.wire(cfg)
+    assert wired["collect"].policy == model and wired["collect"].num_candidates == 0
+    assert wired["candidates"].source == "policy" and wired["candidates"].policy == model
+    assert wired["candidates"].temperature == 1.2 and wired["candidates"].num_candidates == 16
+    assert wired["evaluate"].split == "val" and wired["evaluate"].env == "miniwob"
+    assert wired["evaluate"].miniwob.tasks == list(mw.DEFAULT_TASKS)
+    policies = pipeline._policies_to_evaluate(cfg)
+    assert policies["behaviour"] == (model, 1.0) and policies["behaviour_greedy"] == (model, 0.0)
+    assert set(policies) == {"behaviour", "behaviour_greedy", "bc", "extracted"}
+    # The scripted recipe evaluates on test pages, as its numbers in docs/miniwob.md were measured.
+    assert load_config(pipeline.Config, ROOT / "configs/pipeline/miniwob.yaml").evaluate.split == "test"
+
+
 def test_the_pipeline_skips_the_candidates_stage_only_when_collection_drew_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
