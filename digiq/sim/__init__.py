@@ -11,6 +11,7 @@ Modules:
 * :mod:`digiq.sim.tasks`     the fixed task catalogue (``Task``, ``catalogue()``)
 * :mod:`digiq.sim.layout`    ``State``, widget boxes, hit-testing
 * :mod:`digiq.sim.render`    pillow drawing of a state
+* :mod:`digiq.sim.rules`    what v1 and v2 share: canonical actions, TYPE / swipe / shop-goal rules, PNG bytes
 * :mod:`digiq.sim.phone`    ``SimPhone`` / ``SimConfig``: reset, step, render, state keys, q_star, v_star
 * :mod:`digiq.sim.behaviour` ``BehaviourPolicy`` / ``BehaviourConfig``: the noisy AutoUI-like data policy
 * :mod:`digiq.sim.v2`        benchmark v2 (``SimConfig.benchmark = "v2"``): train / val / test, randomised

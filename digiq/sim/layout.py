@@ -13,6 +13,10 @@ nothing is a visible no-op, a tap on a widget a visible change.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from digiq.sim.v2.layout import StateV2
 
 Box = tuple[float, float, float, float]
 
@@ -48,20 +52,29 @@ _ROWS = ((0.10, 0.26), (0.32, 0.48), (0.54, 0.70))
 HOME_APPS = ("shop0", "shop1", "shop2", "settings", "browser")
 
 
+def grid_box(rows: tuple[tuple[float, float], ...], cols: tuple[tuple[float, float], ...], slot: int) -> Box:
+    """Box of home-grid ``slot`` (row-major) in a grid of (y0, y1) ``rows`` and (x0, x1) ``cols``."""
+    r, c = divmod(slot, len(cols))
+    return (rows[r][0], cols[c][0], rows[r][1], cols[c][1])
+
+
+def row_box(i: int, top: float, pitch: float, height: float) -> Box:
+    """Box of row ``i`` of a full-width list whose first row starts at ``top``."""
+    y0 = top + i * pitch
+    return (y0, 0.04, y0 + height, 0.96)
+
+
 def home_icon_box(slot: int) -> Box:
-    r, c = divmod(slot, 2)
-    return (_ROWS[r][0], _COLS[c][0], _ROWS[r][1], _COLS[c][1])
+    return grid_box(_ROWS, _COLS, slot)
 
 
 def result_box(row: int) -> Box:
     """Box of the ``row``-th *visible* result (0..VISIBLE_RESULTS-1)."""
-    y0 = 0.28 + row * 0.2
-    return (y0, 0.04, y0 + 0.18, 0.96)
+    return row_box(row, 0.28, 0.2, 0.18)
 
 
 def toggle_box(i: int) -> Box:
-    y0 = 0.17 + i * 0.13
-    return (y0, 0.04, y0 + 0.11, 0.96)
+    return row_box(i, 0.17, 0.13, 0.11)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,23 +111,20 @@ def state_from_key(key: str) -> State:
     task_id, screen, shop, query, scroll, item, added, bits = parts
     if screen not in SCREENS or len(bits) != 3 or set(bits) - {"0", "1"}:
         raise ValueError(f"malformed sim state key {key!r}")
-    return State(
-        task_id,
-        screen,
-        int(shop),
-        int(query),
-        int(scroll),
-        int(item),
-        added == "1",
-        tuple(b == "1" for b in bits),  # type: ignore[arg-type]
-    )
+    return State(task_id, screen, *key_fields(shop, query, scroll, item, added, bits))  # type: ignore[arg-type]
+
+
+def key_fields(*fields: str) -> tuple:
+    """(shop, query, scroll, item, added, toggle bits) of a state key, parsed (v2's keys share them)."""
+    shop, query, scroll, item, added, bits = fields
+    return int(shop), int(query), int(scroll), int(item), added == "1", tuple(b == "1" for b in bits)
 
 
 @dataclasses.dataclass(frozen=True)
 class Widget:
     name: str
     box: Box
-    # What a tap does: "open:<app>", "focus", "submit", "result:<i>", "add", "toggle:<i>".
+    # What a tap does: "open:<app>", "focus", "submit", "result:<i>", "add", "toggle:<i>" (v2 also "page:<p>").
     effect: str
 
 
@@ -122,6 +132,13 @@ def widgets(s: State) -> list[Widget]:
     """The interactive widgets of a screen, in a fixed order."""
     if s.screen == HOME:
         return [Widget(app, home_icon_box(i), f"open:{app}") for i, app in enumerate(HOME_APPS)]
+    if s.screen == SETTINGS:
+        return [Widget(f"toggle{i}", toggle_box(i), f"toggle:{i}") for i in range(3)]
+    return shop_widgets(s)  # BROWSER: a static page, no widgets
+
+
+def shop_widgets(s: State | StateV2) -> list[Widget]:
+    """The widgets of the shop screens, the same on both benchmarks ([] on any other screen)."""
     if s.screen == SHOP:
         return [Widget("search_bar", SEARCH_BAR, "focus")]
     if s.screen == SEARCH:
@@ -136,9 +153,7 @@ def widgets(s: State) -> list[Widget]:
         return out
     if s.screen == PRODUCT:
         return [] if s.added else [Widget("add_to_cart", ADD_TO_CART, "add")]
-    if s.screen == SETTINGS:
-        return [Widget(f"toggle{i}", toggle_box(i), f"toggle:{i}") for i in range(3)]
-    return []  # BROWSER: a static page
+    return []
 
 
 def inside(point: tuple[float, float], box: Box) -> bool:
@@ -146,17 +161,24 @@ def inside(point: tuple[float, float], box: Box) -> bool:
     return box[0] <= y <= box[2] and box[1] <= x <= box[3]
 
 
+def first_hit(ws: list[Widget], point: tuple[float, float]) -> Widget | None:
+    """The first of ``ws`` whose box holds ``point``, or None."""
+    return next((w for w in ws if inside(point, w.box)), None)
+
+
 def hit(s: State, point: tuple[float, float]) -> Widget | None:
-    for w in widgets(s):
-        if inside(point, w.box):
-            return w
+    return first_hit(widgets(s), point)
+
+
+def free_point(ws: list[Widget], ys: tuple[float, ...]) -> tuple[float, float] | None:
+    """The first point of the grid ``ys`` x (0.02, 0.5, 0.98) that hits none of ``ws``, or None."""
+    for y in ys:
+        for x in (0.02, 0.5, 0.98):
+            if first_hit(ws, (y, x)) is None:
+                return (y, x)
     return None
 
 
 def empty_point(s: State) -> tuple[float, float] | None:
     """A point that hits no widget (for the canonical 'tap on nothing' action), or None."""
-    for y in (0.02, 0.5, 0.8, 0.99):
-        for x in (0.02, 0.5, 0.98):
-            if hit(s, (y, x)) is None:
-                return (y, x)
-    return None
+    return free_point(widgets(s), (0.02, 0.5, 0.8, 0.99))

@@ -40,27 +40,21 @@ from digiq.errors import DigiqError
 from digiq.sim import layout as L
 from digiq.sim.layout import State
 from digiq.sim.render import render_state
+from digiq.sim.rules import (
+    STATUS,
+    best_actions,
+    canonical_actions,
+    encode_png,
+    shop_goal,
+    swipe_scroll,
+    tap_common,
+    typed_query,
+)
 from digiq.sim.tasks import TEST_QUERIES, TRAIN_QUERIES, Task, catalogue, task_index
 from digiq.sim.v2 import layout as v2_layout
 from digiq.sim.v2.layout import StateV2, is_v2_id
 from digiq.sim.v2.phone import PhoneV2
 from digiq.sim.v2.tasks import TaskV2
-
-# Canonical swipes: finger moves up (content scrolls down the list), down, and sideways (always a no-op).
-SWIPE_UP = Action.swipe((0.75, 0.5), (0.35, 0.5))
-SWIPE_DOWN = Action.swipe((0.35, 0.5), (0.75, 0.5))
-SWIPE_SIDE = Action.swipe((0.5, 0.85), (0.5, 0.15))
-_KEYS = tuple(
-    Action.key(t)
-    for t in (
-        ActionType.PRESS_BACK,
-        ActionType.PRESS_HOME,
-        ActionType.PRESS_ENTER,
-        ActionType.STATUS_TASK_COMPLETE,
-        ActionType.STATUS_TASK_IMPOSSIBLE,
-    )
-)
-_STATUS = (ActionType.STATUS_TASK_COMPLETE, ActionType.STATUS_TASK_IMPOSSIBLE)
 
 
 @dataclasses.dataclass
@@ -159,13 +153,9 @@ class SimPhone:
             return s.screen == L.BROWSER
         if t.kind == "open_shop":
             return s.screen == L.SHOP and s.shop == t.shop
-        same = s.shop == t.shop and s.query == L.Q_OK
-        if t.kind == "search":
-            return same and s.screen == L.RESULTS
-        if t.kind == "select":
-            return same and s.screen == L.PRODUCT and s.item == t.item
-        if t.kind == "cart":
-            return same and s.screen == L.PRODUCT and s.item == t.item and s.added
+        shop = shop_goal(s, t)
+        if shop is not None:
+            return shop
         raise DigiqError(f"task {t.task_id}: unknown kind {t.kind!r}")
 
     def _effect(self, s: State, a: Action, t: Task) -> State:
@@ -175,22 +165,10 @@ class SimPhone:
             if a.is_tap:
                 w = L.hit(s, a.touch)
                 return s if w is None else self._tap(s, w.effect)
-            dy, dx = a.lift[0] - a.touch[0], a.lift[1] - a.touch[1]
-            if s.screen == L.RESULTS and abs(dy) > abs(dx):
-                scroll = min(L.MAX_SCROLL, s.scroll + 1) if dy < 0 else max(0, s.scroll - 1)
-                return r(s, scroll=scroll)
-            return s
+            move = swipe_scroll(s.screen, a)
+            return r(s, scroll=min(L.MAX_SCROLL, max(0, s.scroll + move))) if move else s
         if a.type is ActionType.TYPE:
-            if s.screen != L.SEARCH:
-                return s
-            text = a.text.strip().lower()
-            if not text:
-                q = L.Q_EMPTY
-            elif t.query and text == t.query.lower():
-                q = L.Q_OK
-            else:
-                q = L.Q_BAD
-            return r(s, query=q)
+            return r(s, query=typed_query(a, t)) if s.screen == L.SEARCH else s
         if a.type is ActionType.PRESS_HOME:
             return State(s.task_id, L.HOME, toggles=s.toggles)
         if a.type is ActionType.PRESS_BACK:
@@ -217,15 +195,10 @@ class SimPhone:
             return State(s.task_id, L.SEARCH, shop=s.shop, query=q, toggles=s.toggles)
         if kind == "submit":
             return r(s, screen=L.RESULTS, scroll=0) if s.query != L.Q_EMPTY else s
-        if kind == "result":
-            return r(s, screen=L.PRODUCT, item=int(arg), added=False)
-        if kind == "add":
-            return r(s, added=True)
-        if kind == "toggle":
-            tg = list(s.toggles)
-            tg[int(arg)] = not tg[int(arg)]
-            return r(s, toggles=tuple(tg))
-        raise AssertionError(f"unknown widget effect {effect!r}")
+        nxt = tap_common(s, kind, arg)
+        if nxt is None:
+            raise AssertionError(f"unknown widget effect {effect!r}")
+        return nxt
 
     def transition(self, state: State, action: Action | str) -> tuple[State, float, bool]:
         """One step on the step-free graph: ``(next_state, reward, terminal)`` without the horizon.
@@ -238,7 +211,7 @@ class SimPhone:
         a = parse_action(action) if isinstance(action, str) else action
         if self.is_goal(state, t):
             return state, 0.0, True
-        if a.type in _STATUS:
+        if a.type in STATUS:
             return state, 0.0, True
         nxt = self._effect(state, a, t)
         nxt = dataclasses.replace(nxt, steps=state.steps)
@@ -282,9 +255,7 @@ class SimPhone:
         data = self._png.get(key)
         if data is None:
             img = render_state(s, self.task(s.task_id), self.config.width, self.config.height)
-            buf = io.BytesIO()
-            img.save(buf, format="PNG", optimize=False, compress_level=6)
-            data = self._png[key] = buf.getvalue()
+            data = self._png[key] = encode_png(img)
         return data
 
     def render(self, state: State | str) -> Image.Image:
@@ -325,14 +296,7 @@ class SimPhone:
         if isinstance(s, StateV2):
             return self.v2.canonical_actions(s)
         t = self.task(s.task_id)
-        acts = [Action.tap((w.box[0] + w.box[2]) / 2, (w.box[1] + w.box[3]) / 2) for w in L.widgets(s)]
-        empty = L.empty_point(s)
-        if empty is not None:
-            acts.append(Action.tap(*empty))
-        acts += [SWIPE_UP, SWIPE_DOWN, SWIPE_SIDE]
-        acts += [Action.type_text(t.query), Action.type_text(t.decoy or "asdf"), Action.type_text("")]
-        acts += list(_KEYS)
-        return acts
+        return canonical_actions(L.widgets(s), L.empty_point(s), (t.query, t.decoy or "asdf", ""))
 
     @staticmethod
     def _signature(task: Task) -> bool:
@@ -374,7 +338,7 @@ class SimPhone:
                     keys.append(k)
                     states.append(nxt)
                     frontier.append(nxt)
-                row.append((index[k], a.type in _STATUS))
+                row.append((index[k], a.type in STATUS))
             while len(edges) <= index[s.abstract_key]:
                 edges.append([])
             edges[index[s.abstract_key]] = row
@@ -461,6 +425,4 @@ class SimPhone:
         if isinstance(s, StateV2):
             return self.v2.optimal_actions(s, gamma)
         acts = self.canonical_actions(s)
-        q = self.q_star(s, acts, gamma)
-        best = q.max()
-        return [a for a, v in zip(acts, q) if v >= best - 1e-12]
+        return best_actions(acts, self.q_star(s, acts, gamma))

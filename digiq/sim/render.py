@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import functools
 import zlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
 from digiq.sim import layout as L
 from digiq.sim.tasks import ALL_QUERIES, SHOPS, TOGGLES, Task
+
+if TYPE_CHECKING:
+    from digiq.sim.v2.layout import StateV2
+    from digiq.sim.v2.tasks import TaskV2
 
 SHOP_COLOURS = ((25, 90, 200), (235, 120, 20), (30, 150, 70))
 SETTINGS_COLOUR = (100, 104, 116)
@@ -66,7 +72,7 @@ def item_price(query: str, i: int) -> str:
     return f"${5 + (zlib.crc32(f'{query}:{i}'.encode()) % 90)}.99"
 
 
-def shown_query(state: L.State, task: Task) -> str:
+def shown_query(state: L.State | StateV2, task: Task | TaskV2) -> str:
     """The text in the search field: the task's query, its decoy (any wrong text), or nothing."""
     if state.query == L.Q_OK:
         return task.query
@@ -96,16 +102,20 @@ class _Canvas:
         self.d.text((round(x * self.w), round(y * self.h)), s, fill=fill, font=self.big if big else self.font)
 
 
-def _status_bar(c: _Canvas, toggles: tuple[bool, bool, bool]) -> None:
+def status_bar(c: _Canvas, toggles: tuple[bool, ...], colours: tuple, x0: float, dx: float, w: float) -> None:
+    """The clock, the battery and one fixed slot per toggle in ``colours``, drawn only when it is on; slot i
+    spans x0 + i dx .. + w."""
     c.rect(L.STATUS_BAR, BLACK)
     c.text(0.006, 0.03, "12:00", WHITE)
-    # One fixed slot per toggle, drawn only when it is on: wifi (white), bluetooth (blue), airplane (orange).
-    colours = (WHITE, (80, 140, 255), (255, 160, 40))
-    for i, on in enumerate(toggles):
-        if on:
-            x0 = 0.62 + i * 0.12
-            c.rect((0.008, x0, 0.037, x0 + 0.08), colours[i])
+    for i, colour in enumerate(colours):
+        if toggles[i]:
+            c.rect((0.008, x0 + i * dx, 0.037, x0 + i * dx + w), colour)
     c.rect((0.01, 0.93, 0.035, 0.98), (90, 220, 90))  # battery
+
+
+def _status_bar(c: _Canvas, toggles: tuple[bool, bool, bool]) -> None:
+    # wifi (white), bluetooth (blue), airplane (orange).
+    status_bar(c, toggles, (WHITE, (80, 140, 255), (255, 160, 40)), 0.62, 0.12, 0.08)
 
 
 def _header(c: _Canvas, title: str, colour) -> None:
@@ -132,6 +142,61 @@ def _keyboard(c: _Canvas) -> None:
     c.text(0.915, 0.78, "Go", WHITE, big=True)
 
 
+def draw_shop(
+    c: _Canvas,
+    s: L.State | StateV2,
+    name: str,
+    colour: tuple[int, int, int],
+    query: str,
+    swatch: Callable[[str], tuple[int, int, int]],
+    order: Sequence[int],
+) -> None:
+    """A shop screen (shop, search, results or product; v2 shares them) of the shop ``name`` in ``colour``,
+    ``query`` in the search field. ``swatch`` colours a typed query; ``order[i]`` is the product variant at
+    position i of the results list (v1: position i is variant i)."""
+    _header(c, name, colour)
+    if s.screen == L.SHOP:
+        _search_bar(c, "", f"Search {name}", colour, focused=False)
+        light = tuple(min(255, v + 120) for v in colour)
+        c.rect(L.BANNER, light)
+        c.text(0.33, 0.1, "Deals of the day", BLACK, big=True)
+    elif s.screen == L.SEARCH:
+        _search_bar(c, query, f"Search {name}", colour, focused=True)
+        if query:
+            c.rect(L.SUGGESTION, (255, 240, 170), outline=(200, 180, 80), width=2)
+            # A swatch coloured by the query: typing a different query is a visible change, not 8 px of text.
+            c.rect((L.SUGGESTION[0] + 0.02, 0.08, L.SUGGESTION[2] - 0.02, 0.28), swatch(query))
+            c.text(0.30, 0.32, query, BLACK)
+        _keyboard(c)
+    elif s.screen == L.RESULTS:
+        _search_bar(c, query, "", colour, focused=False)
+        for row in range(L.VISIBLE_RESULTS):
+            i = order[s.scroll + row]
+            box = L.result_box(row)
+            c.rect(box, (245, 245, 245), outline=(180, 180, 180), width=2)
+            c.rect((box[0] + 0.02, 0.07, box[2] - 0.02, 0.3), item_colour(query, i))
+            c.text(box[0] + 0.03, 0.34, item_name(query, i), BLACK)
+            c.text(box[0] + 0.09, 0.34, item_price(query, i), (200, 30, 30))
+        # scroll bar: where the visible window sits in the list
+        frac0 = s.scroll / L.NUM_RESULTS
+        frac1 = (s.scroll + L.VISIBLE_RESULTS) / L.NUM_RESULTS
+        c.rect((0.28 + 0.58 * frac0, 0.975, 0.28 + 0.58 * frac1, 0.995), (90, 90, 90))
+        c.text(0.89, 0.05, f"{s.scroll + 1}-{s.scroll + L.VISIBLE_RESULTS} of {L.NUM_RESULTS}", (90, 90, 90))
+    else:
+        i = order[s.item]
+        c.rect(L.PRODUCT_IMAGE, item_colour(query, i))
+        c.text(0.47, 0.08, item_name(query, i), BLACK, big=True)
+        c.text(0.54, 0.08, item_price(query, i), (200, 30, 30), big=True)
+        if s.added:
+            c.rect(L.ADD_TO_CART, ADDED)
+            c.text(0.655, 0.2, "Added to cart", BLACK, big=True)
+            c.rect((0.76, 0.08, 0.84, 0.92), (40, 40, 40))
+            c.text(0.785, 0.14, "1 item in cart", WHITE)
+        else:
+            c.rect(L.ADD_TO_CART, colour)
+            c.text(0.655, 0.25, "Add to cart", WHITE, big=True)
+
+
 def render_state(state: L.State, task: Task, width: int, height: int) -> Image.Image:
     """The RGB screenshot of ``state`` (portrait ``width`` x ``height``)."""
     s = state
@@ -148,49 +213,7 @@ def render_state(state: L.State, task: Task, width: int, height: int) -> Image.I
         colour = SHOP_COLOURS[s.shop]
         name = SHOPS[s.shop][0]
         c = _Canvas(width, height, WHITE)
-        _header(c, name, colour)
-        query = shown_query(s, task)
-        if s.screen == L.SHOP:
-            _search_bar(c, "", f"Search {name}", colour, focused=False)
-            light = tuple(min(255, v + 120) for v in colour)
-            c.rect(L.BANNER, light)
-            c.text(0.33, 0.1, "Deals of the day", BLACK, big=True)
-        elif s.screen == L.SEARCH:
-            _search_bar(c, query, f"Search {name}", colour, focused=True)
-            if query:
-                c.rect(L.SUGGESTION, (255, 240, 170), outline=(200, 180, 80), width=2)
-                # A swatch coloured by the query: typing a different query is a visible change, not 8 px of text.
-                c.rect((L.SUGGESTION[0] + 0.02, 0.08, L.SUGGESTION[2] - 0.02, 0.28), query_colour(query))
-                c.text(0.30, 0.32, query, BLACK)
-            _keyboard(c)
-        elif s.screen == L.RESULTS:
-            _search_bar(c, query, "", colour, focused=False)
-            for row in range(L.VISIBLE_RESULTS):
-                i = s.scroll + row
-                box = L.result_box(row)
-                c.rect(box, (245, 245, 245), outline=(180, 180, 180), width=2)
-                c.rect((box[0] + 0.02, 0.07, box[2] - 0.02, 0.3), item_colour(query, i))
-                c.text(box[0] + 0.03, 0.34, item_name(query, i), BLACK)
-                c.text(box[0] + 0.09, 0.34, item_price(query, i), (200, 30, 30))
-            # scroll bar: where the visible window sits in the list
-            frac0 = s.scroll / L.NUM_RESULTS
-            frac1 = (s.scroll + L.VISIBLE_RESULTS) / L.NUM_RESULTS
-            c.rect((0.28 + 0.58 * frac0, 0.975, 0.28 + 0.58 * frac1, 0.995), (90, 90, 90))
-            c.text(
-                0.89, 0.05, f"{s.scroll + 1}-{s.scroll + L.VISIBLE_RESULTS} of {L.NUM_RESULTS}", (90, 90, 90)
-            )
-        else:
-            c.rect(L.PRODUCT_IMAGE, item_colour(query, s.item))
-            c.text(0.47, 0.08, item_name(query, s.item), BLACK, big=True)
-            c.text(0.54, 0.08, item_price(query, s.item), (200, 30, 30), big=True)
-            if s.added:
-                c.rect(L.ADD_TO_CART, ADDED)
-                c.text(0.655, 0.2, "Added to cart", BLACK, big=True)
-                c.rect((0.76, 0.08, 0.84, 0.92), (40, 40, 40))
-                c.text(0.785, 0.14, "1 item in cart", WHITE)
-            else:
-                c.rect(L.ADD_TO_CART, colour)
-                c.text(0.655, 0.25, "Add to cart", WHITE, big=True)
+        draw_shop(c, s, name, colour, shown_query(s, task), query_colour, range(L.NUM_RESULTS))
     elif s.screen == L.SETTINGS:
         c = _Canvas(width, height, (236, 238, 242))
         _header(c, "Settings", SETTINGS_COLOUR)

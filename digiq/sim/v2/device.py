@@ -23,12 +23,14 @@ from collections import deque
 import numpy as np
 
 from digiq.actions import Action, ActionType
+from digiq.sim.rules import STATUS, shop_goal, swipe_scroll, tap_common, typed_query
 from digiq.sim.v2 import layout as L
 from digiq.sim.v2.layout import StateV2
 from digiq.sim.v2.tasks import BROWSER_APP, CLOCK_APP, SETTINGS_APP, SITES, TaskV2
 
-_STATUS = (ActionType.STATUS_TASK_COMPLETE, ActionType.STATUS_TASK_IMPOSSIBLE)
 # Effects that are not widget taps; each of them can be produced by some action on every screen.
+_SWIPED = {1: "scroll_down", -1: "scroll_up", 0: "noop"}
+_TYPED = {L.Q_EMPTY: "type:empty", L.Q_OK: "type:ok", L.Q_BAD: "type:bad"}
 _GLOBAL_EFFECTS = ("noop", "scroll_down", "scroll_up", "type:bad", "type:empty", "back", "home", "enter")
 
 
@@ -48,13 +50,9 @@ def is_goal(s: StateV2, t: TaskV2) -> bool:
         return s.screen == {SETTINGS_APP: L.SETTINGS, BROWSER_APP: L.BROWSER, CLOCK_APP: L.CLOCK}[t.app]
     if t.kind == "open_page":
         return s.screen == L.PAGE_SCREENS[t.page]
-    same = s.shop == t.shop and s.query == L.Q_OK
-    if t.kind == "search":
-        return same and s.screen == L.RESULTS
-    if t.kind == "select":
-        return same and s.screen == L.PRODUCT and s.item == t.item
-    if t.kind == "cart":
-        return same and s.screen == L.PRODUCT and s.item == t.item and s.added
+    shop = shop_goal(s, t)
+    if shop is not None:
+        return shop
     raise ValueError(f"task {t.task_id}: unknown kind {t.kind!r}")
 
 
@@ -64,24 +62,16 @@ def effect_of(s: StateV2, a: Action, t: TaskV2) -> str:
         if a.is_tap:
             w = L.hit(s, a.touch)
             return "noop" if w is None else w.effect
-        dy, dx = a.lift[0] - a.touch[0], a.lift[1] - a.touch[1]
-        if s.screen == L.RESULTS and abs(dy) > abs(dx):
-            return "scroll_down" if dy < 0 else "scroll_up"  # finger up: the list moves on
-        return "noop"
+        return _SWIPED[swipe_scroll(s.screen, a)]
     if a.type is ActionType.TYPE:
-        if s.screen != L.SEARCH:
-            return "noop"
-        text = a.text.strip().lower()
-        if not text:
-            return "type:empty"
-        return "type:ok" if t.query and text == t.query.lower() else "type:bad"
+        return _TYPED[typed_query(a, t)] if s.screen == L.SEARCH else "noop"
     if a.type is ActionType.PRESS_HOME:
         return "home"
     if a.type is ActionType.PRESS_BACK:
         return "back"
     if a.type is ActionType.PRESS_ENTER:
         return "enter"
-    return "status" if a.type in _STATUS else "noop"
+    return "status" if a.type in STATUS else "noop"
 
 
 def apply(s: StateV2, effect: str) -> StateV2:
@@ -100,14 +90,8 @@ def apply(s: StateV2, effect: str) -> StateV2:
         if s.screen == L.SEARCH and s.query != L.Q_EMPTY:
             return r(s, screen=L.RESULTS, scroll=0)
         return s
-    if kind == "result":
-        return r(s, screen=L.PRODUCT, item=int(arg), added=False)
-    if kind == "add":
-        return r(s, added=True)
-    if kind == "toggle":
-        tg = list(s.toggles)
-        tg[int(arg)] = not tg[int(arg)]
-        return r(s, toggles=tuple(tg))
+    if kind in ("result", "add", "toggle"):
+        return tap_common(s, kind, arg)
     if kind == "page":
         return r(s, screen=L.PAGE_SCREENS[int(arg)])
     if kind == "scroll_down":

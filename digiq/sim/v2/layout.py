@@ -17,16 +17,8 @@ from digiq.sim import layout as L1
 from digiq.sim.v2.tasks import APPS, MAIN_TOGGLES, PAGES, PREFIX, TOGGLES, TaskV2
 
 Box = L1.Box
-HOME, SHOP, SEARCH, RESULTS, PRODUCT, SETTINGS, BROWSER, CLOCK = (
-    "home",
-    "shop",
-    "search",
-    "results",
-    "product",
-    "settings",
-    "browser",
-    "clock",
-)
+HOME, SHOP, SEARCH, RESULTS, PRODUCT, SETTINGS, BROWSER = L1.SCREENS  # v1's screens, and a clock app
+CLOCK = "clock"
 PAGE_SCREENS = tuple(p.lower() for p in PAGES)  # one sub-page of the settings per entry of PAGES
 SCREENS = (HOME, SHOP, SEARCH, RESULTS, PRODUCT, SETTINGS, *PAGE_SCREENS, BROWSER, CLOCK)
 Q_EMPTY, Q_OK, Q_BAD = L1.Q_EMPTY, L1.Q_OK, L1.Q_BAD
@@ -42,6 +34,7 @@ KEYBOARD, ENTER_KEY, BANNER, PRODUCT_IMAGE, ADD_TO_CART = (
 )
 result_box = L1.result_box
 inside = L1.inside
+Widget = L1.Widget
 # Home grid: 3 x 3 slots of equal size (a uniformly random tap is equally likely to hit each).
 _COLS = ((0.05, 0.31), (0.37, 0.63), (0.69, 0.95))
 _ROWS = ((0.08, 0.23), (0.29, 0.44), (0.50, 0.65))
@@ -49,13 +42,11 @@ SETTINGS_ROWS = MAIN_TOGGLES + len(PAGES)  # 4 toggle rows, then one row per sub
 
 
 def home_slot_box(slot: int) -> Box:
-    r, c = divmod(slot, 3)
-    return (_ROWS[r][0], _COLS[c][0], _ROWS[r][1], _COLS[c][1])
+    return L1.grid_box(_ROWS, _COLS, slot)
 
 
 def settings_row_box(row: int) -> Box:
-    y0 = 0.16 + row * 0.115
-    return (y0, 0.04, y0 + 0.1, 0.96)
+    return L1.row_box(row, 0.16, 0.115, 0.1)
 
 
 PAGE_TOGGLE_BOX: Box = settings_row_box(0)
@@ -151,27 +142,9 @@ def state_from_key(key: str) -> StateV2:
     ):
         raise ValueError(f"malformed sim v2 state key {key!r}")
     try:
-        return StateV2(
-            task_id,
-            int(seed),
-            screen,
-            int(shop),
-            int(query),
-            int(scroll),
-            int(item),
-            added == "1",
-            tuple(b == "1" for b in bits),
-        )
+        return StateV2(task_id, int(seed), screen, *L1.key_fields(shop, query, scroll, item, added, bits))
     except ValueError:
         raise ValueError(f"malformed sim v2 state key {key!r}: non-integer field") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Widget:
-    name: str
-    box: Box
-    # What a tap does: "open:<app>", "focus", "submit", "result:<i>", "add", "toggle:<i>", "page:<p>".
-    effect: str
 
 
 def widgets(s: StateV2) -> list[Widget]:
@@ -193,20 +166,6 @@ def _make_widgets(s: StateV2) -> list[Widget]:
     if s.screen == HOME:
         slot = episode(s.task_id, s.seed).app_slot
         return [Widget(f"app:{APPS[a]}", home_slot_box(slot[a]), f"open:{a}") for a in range(len(APPS))]
-    if s.screen == SHOP:
-        return [Widget("search_bar", SEARCH_BAR, "focus")]
-    if s.screen == SEARCH:
-        out = [Widget("enter_key", ENTER_KEY, "submit")]
-        if s.query != Q_EMPTY:
-            out.append(Widget("suggestion", SUGGESTION, "submit"))
-        return out
-    if s.screen == RESULTS:
-        out = [Widget("search_bar", SEARCH_BAR, "focus")]
-        for row in range(VISIBLE_RESULTS):
-            out.append(Widget(f"result{s.scroll + row}", result_box(row), f"result:{s.scroll + row}"))
-        return out
-    if s.screen == PRODUCT:
-        return [] if s.added else [Widget("add_to_cart", ADD_TO_CART, "add")]
     if s.screen == SETTINGS:
         out = [
             Widget(f"toggle:{TOGGLES[i]}", settings_row_box(i), f"toggle:{i}") for i in range(MAIN_TOGGLES)
@@ -217,23 +176,16 @@ def _make_widgets(s: StateV2) -> list[Widget]:
     if s.screen in PAGE_SCREENS:
         i = MAIN_TOGGLES + PAGE_SCREENS.index(s.screen)
         return [Widget(f"toggle:{TOGGLES[i]}", PAGE_TOGGLE_BOX, f"toggle:{i}")]
-    return []  # browser, clock: static pages
+    return L1.shop_widgets(s)  # browser, clock: static pages, no widgets
 
 
 def hit(s: StateV2, point: tuple[float, float]) -> Widget | None:
-    for w in widgets(s):
-        if inside(point, w.box):
-            return w
-    return None
+    return L1.first_hit(widgets(s), point)
 
 
 def empty_point(s: StateV2) -> tuple[float, float] | None:
     """A point that hits no widget (the status bar never has one)."""
-    for y in (0.02, 0.5, 0.99):
-        for x in (0.02, 0.5, 0.98):
-            if hit(s, (y, x)) is None:
-                return (y, x)
-    return None
+    return L1.free_point(widgets(s), (0.02, 0.5, 0.99))
 
 
 def is_v2_id(task_id: str) -> bool:

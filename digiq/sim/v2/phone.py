@@ -12,28 +12,14 @@ import io
 import numpy as np
 from PIL import Image
 
-from digiq.actions import Action, ActionType, parse_action
+from digiq.actions import Action, parse_action
 from digiq.errors import DigiqError
+from digiq.sim.rules import best_actions, canonical_actions, encode_png
 from digiq.sim.v2 import device as D
 from digiq.sim.v2 import layout as L
 from digiq.sim.v2.layout import StateV2
 from digiq.sim.v2.render import render_key, render_state
 from digiq.sim.v2.tasks import SPLITS, TaskV2, catalogue, query_pool, task_index
-
-# The v1 canonical swipes and keys (the same action strings on both benchmarks).
-SWIPE_UP = Action.swipe((0.75, 0.5), (0.35, 0.5))
-SWIPE_DOWN = Action.swipe((0.35, 0.5), (0.75, 0.5))
-SWIPE_SIDE = Action.swipe((0.5, 0.85), (0.5, 0.15))
-_KEYS = tuple(
-    Action.key(t)
-    for t in (
-        ActionType.PRESS_BACK,
-        ActionType.PRESS_HOME,
-        ActionType.PRESS_ENTER,
-        ActionType.STATUS_TASK_COMPLETE,
-        ActionType.STATUS_TASK_IMPOSSIBLE,
-    )
-)
 
 
 class PhoneV2:
@@ -102,10 +88,7 @@ class PhoneV2:
         key = render_key(s, task)
         data = self._png.get(key)
         if data is None:
-            img = render_state(s, task, self.width, self.height)
-            buf = io.BytesIO()
-            img.save(buf, format="PNG", optimize=False, compress_level=6)
-            data = self._png[key] = buf.getvalue()
+            data = self._png[key] = encode_png(render_state(s, task, self.width, self.height))
         return data
 
     def render(self, s: StateV2) -> Image.Image:
@@ -118,16 +101,8 @@ class PhoneV2:
         """One action per effect available in ``s``, taps at the widgets' centres in this episode's layout;
         the order depends only on the screen (home icons are listed by app, not by slot)."""
         t = self.task(s.task_id)
-        acts = [Action.tap((w.box[0] + w.box[2]) / 2, (w.box[1] + w.box[3]) / 2) for w in L.widgets(s)]
-        empty = L.empty_point(s)
-        if empty is not None:
-            acts.append(Action.tap(*empty))
-        acts += [SWIPE_UP, SWIPE_DOWN, SWIPE_SIDE]
-        if t.query:
-            acts.append(Action.type_text(t.query))
-        acts += [Action.type_text(t.decoy or "asdf"), Action.type_text("")]
-        acts += list(_KEYS)
-        return acts
+        texts = (t.query, t.decoy or "asdf", "") if t.query else (t.decoy or "asdf", "")
+        return canonical_actions(L.widgets(s), L.empty_point(s), texts)
 
     def _graph(self, t: TaskV2) -> D.QuotientGraph:
         sig = (bool(t.query), D.tracked_toggle(t))
@@ -178,6 +153,4 @@ class PhoneV2:
 
     def optimal_actions(self, s: StateV2, gamma: float = 0.95) -> list[Action]:
         acts = self.canonical_actions(s)
-        q = self.q_star(s, acts, gamma)
-        best = q.max()
-        return [a for a, x in zip(acts, q) if x >= best - 1e-12]
+        return best_actions(acts, self.q_star(s, acts, gamma))

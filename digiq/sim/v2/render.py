@@ -33,12 +33,7 @@ def query_colour(query: str) -> tuple[int, int, int]:
     return R1.ITEM_PALETTE[ALL_QUERIES.index(query) % len(R1.ITEM_PALETTE)]
 
 
-def shown_query(state: L.StateV2, task: TaskV2) -> str:
-    if state.query == L.Q_OK:
-        return task.query
-    if state.query == L.Q_BAD:
-        return task.decoy or "asdf"
-    return ""
+shown_query = R1.shown_query
 
 
 def render_key(s: L.StateV2, task: TaskV2) -> str:
@@ -59,13 +54,7 @@ def _label_lines(name: str) -> list[str]:
 
 
 def _status_bar(c: R1._Canvas, toggles: tuple[bool, ...]) -> None:
-    c.rect(L.STATUS_BAR, R1.BLACK)
-    c.text(0.006, 0.03, "12:00", R1.WHITE)
-    for i in range(MAIN_TOGGLES):
-        if toggles[i]:
-            x0 = 0.5 + i * 0.1
-            c.rect((0.008, x0, 0.037, x0 + 0.07), _STATUS_COLOURS[i])
-    c.rect((0.01, 0.93, 0.035, 0.98), (90, 220, 90))  # battery
+    R1.status_bar(c, toggles, _STATUS_COLOURS, 0.5, 0.1, 0.07)
 
 
 def _toggle_row(c: R1._Canvas, box: L.Box, name: str, on: bool) -> None:
@@ -94,47 +83,7 @@ def render_state(s: L.StateV2, task: TaskV2, width: int, height: int) -> Image.I
         colour = SHOP_COLOURS[s.shop]
         name = SITES[s.shop][0]
         c = R1._Canvas(width, height, R1.WHITE)
-        R1._header(c, name, colour)
-        query = shown_query(s, task)
-        if s.screen == L.SHOP:
-            R1._search_bar(c, "", f"Search {name}", colour, focused=False)
-            c.rect(L.BANNER, tuple(min(255, v + 120) for v in colour))
-            c.text(0.33, 0.1, "Deals of the day", R1.BLACK, big=True)
-        elif s.screen == L.SEARCH:
-            R1._search_bar(c, query, f"Search {name}", colour, focused=True)
-            if query:
-                c.rect(L.SUGGESTION, (255, 240, 170), outline=(200, 180, 80), width=2)
-                c.rect((L.SUGGESTION[0] + 0.02, 0.08, L.SUGGESTION[2] - 0.02, 0.28), query_colour(query))
-                c.text(0.30, 0.32, query, R1.BLACK)
-            R1._keyboard(c)
-        elif s.screen == L.RESULTS:
-            R1._search_bar(c, query, "", colour, focused=False)
-            for row in range(L.VISIBLE_RESULTS):
-                v = ep.result_order[s.scroll + row]
-                box = L.result_box(row)
-                c.rect(box, (245, 245, 245), outline=(180, 180, 180), width=2)
-                c.rect((box[0] + 0.02, 0.07, box[2] - 0.02, 0.3), R1.item_colour(query, v))
-                c.text(box[0] + 0.03, 0.34, item_name(query, v), R1.BLACK)
-                c.text(box[0] + 0.09, 0.34, R1.item_price(query, v), (200, 30, 30))
-            frac0 = s.scroll / L.NUM_RESULTS
-            frac1 = (s.scroll + L.VISIBLE_RESULTS) / L.NUM_RESULTS
-            c.rect((0.28 + 0.58 * frac0, 0.975, 0.28 + 0.58 * frac1, 0.995), (90, 90, 90))
-            c.text(
-                0.89, 0.05, f"{s.scroll + 1}-{s.scroll + L.VISIBLE_RESULTS} of {L.NUM_RESULTS}", (90, 90, 90)
-            )
-        else:
-            v = ep.result_order[s.item]
-            c.rect(L.PRODUCT_IMAGE, R1.item_colour(query, v))
-            c.text(0.47, 0.08, item_name(query, v), R1.BLACK, big=True)
-            c.text(0.54, 0.08, R1.item_price(query, v), (200, 30, 30), big=True)
-            if s.added:
-                c.rect(L.ADD_TO_CART, R1.ADDED)
-                c.text(0.655, 0.2, "Added to cart", R1.BLACK, big=True)
-                c.rect((0.76, 0.08, 0.84, 0.92), (40, 40, 40))
-                c.text(0.785, 0.14, "1 item in cart", R1.WHITE)
-            else:
-                c.rect(L.ADD_TO_CART, colour)
-                c.text(0.655, 0.25, "Add to cart", R1.WHITE, big=True)
+        R1.draw_shop(c, s, name, colour, shown_query(s, task), query_colour, ep.result_order)
     elif s.screen == L.SETTINGS:
         c = R1._Canvas(width, height, (236, 238, 242))
         R1._header(c, "Settings", R1.SETTINGS_COLOUR)

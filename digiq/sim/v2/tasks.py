@@ -174,6 +174,11 @@ def _shopping(site: int, query: str, decoy: str, split: str) -> list[TaskV2]:
     return out
 
 
+def _general(split: str, kind: str, name: str, goal: str, **goal_fields: int | bool) -> TaskV2:
+    """A toggle / open_app / open_page task: id ``v2/<split>/<kind>/<name>``, the general horizon."""
+    return TaskV2(f"{PREFIX}{split}/{kind}/{name}", goal, GENERAL_HORIZON, split, kind, **goal_fields)
+
+
 def _decoy(group: tuple[str, ...], i: int) -> str:
     return group[(i + 1) % len(group)]
 
@@ -194,41 +199,16 @@ def catalogue() -> dict[str, tuple[TaskV2, ...]]:
         for target in (True, False):
             split = TOGGLE_SPLIT.get((ti, target), "train")
             value = "on" if target else "off"
+            goal = f"Turn {value} {name}"
             out[split].append(
-                TaskV2(
-                    f"{PREFIX}{split}/toggle/{_slug(name)}/{value}",
-                    f"Turn {value} {name}",
-                    GENERAL_HORIZON,
-                    split,
-                    "toggle",
-                    toggle=ti,
-                    target=target,
-                )
+                _general(split, "toggle", f"{_slug(name)}/{value}", goal, toggle=ti, target=target)
             )
     for ai, name in enumerate(APPS):
         split = APP_SPLIT.get(ai, "train")
-        out[split].append(
-            TaskV2(
-                f"{PREFIX}{split}/open_app/{_slug(name)}",
-                f"Open the {name} app",
-                GENERAL_HORIZON,
-                split,
-                "open_app",
-                app=ai,
-            )
-        )
+        out[split].append(_general(split, "open_app", _slug(name), f"Open the {name} app", app=ai))
     for pi, name in enumerate(PAGES):
         split = PAGE_SPLIT.get(pi, "train")
-        out[split].append(
-            TaskV2(
-                f"{PREFIX}{split}/open_page/{_slug(name)}",
-                f"Open the {name} settings",
-                GENERAL_HORIZON,
-                split,
-                "open_page",
-                page=pi,
-            )
-        )
+        out[split].append(_general(split, "open_page", _slug(name), f"Open the {name} settings", page=pi))
     return {s: tuple(ts) for s, ts in out.items()}
 
 
