@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,8 @@ from digiq.actions import make_observation, parse_action
 from digiq.envs.sim import TRACE_GAMMA, SimEnv
 from digiq.models.policy import load_policy_fn
 from digiq.sim.phone import SimConfig, SimPhone
+from digiq.sim.v2.layout import episode, home_slot_box
+from digiq.sim.v2.tasks import APPS
 
 
 def probe(
@@ -83,6 +86,29 @@ def probe(
     return out
 
 
+def ground(policy_fn: Callable[[list[dict]], list[str]], episodes: int = 40, seed: int = 0) -> float:
+    """Zero-shot grounding of the home grid's labels: for each of ``episodes`` val home screens and each of the
+    nine apps, the prompt 'Goal: Tap "<label>"' (the pretraining stream's ground skill, with the label as the
+    screen shows it, CamelCase split), scored by whether the tap lands in that app's slot. Chance is 1/9."""
+    phone = SimPhone(SimConfig(benchmark="v2"))
+    env = SimEnv(phone=phone)
+    rows, boxes = [], []
+    for inst in env.task_instances("val", episodes, seed):
+        obs = env.reset(inst)
+        slot = episode(inst.task_id, inst.seed).app_slot
+        for a, name in enumerate(APPS):
+            label = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)
+            rows.append(
+                {"screenshot": obs.screenshot, "observation": make_observation(f'Tap "{label}"', None)}
+            )
+            boxes.append(home_slot_box(slot[a]))
+    hits = 0
+    for text, (y0, x0, y1, x1) in zip(policy_fn(rows), boxes):
+        act = parse_action(text)
+        hits += act.touch is not None and y0 <= act.touch[0] <= y1 and x0 <= act.touch[1] <= x1
+    return hits / len(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("policy", help="an exported policy folder (e.g. <work_dir>/bc/policy)")
@@ -92,9 +118,14 @@ def main(argv: list[str] | None = None) -> None:
         "--splits", default="train,val", help="comma-separated (never test: defaults are chosen on val)"
     )
     ap.add_argument("--out", default="", help="also write the JSON here")
+    ap.add_argument(
+        "--ground", type=int, default=0, help="also zero-shot grounding on this many val home screens"
+    )
     args = ap.parse_args(argv)
     fn = load_policy_fn(args.policy, temperature=0.0, batch_size=32, device="cpu")
     res = {"policy": args.policy, **probe(fn, tuple(args.splits.split(",")), args.episodes, args.seed)}
+    if args.ground:
+        res["ground"] = {"accuracy": ground(fn, args.ground, args.seed), "screens": args.ground}
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

@@ -127,3 +127,14 @@ def test_probe_scores_the_first_action_against_q_star():
     fixed = probe(lambda b: [tap.render()] * len(b), ("val",), episodes=n)["val"]
     assert fixed["on_app"] == 1.0 and fixed["optimal"] == same / n
     assert 0 < same < n
+
+
+def test_zero_shot_grounding_is_one_ninth_for_a_fixed_tap():
+    # Each screen has one app in every slot, so a fixed tap hits exactly one of the nine labels.
+    from digiq.actions import Action
+
+    probe = _probe_script()
+    assert probe.ground(lambda b: [Action.tap(0.3, 0.5).render()] * len(b), episodes=5) == pytest.approx(
+        1 / 9
+    )
+    assert probe.ground(lambda b: ["junk"] * len(b), episodes=5) == 0.0
