@@ -103,3 +103,32 @@ def test_missing_shard_incomplete_and_bad_manifest(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match="not found"):
         FeatureCache.open(tmp_path / "nope")
+
+
+def test_unfinished_outputs_name_what_to_rerun(tmp_path: Path) -> None:
+    """The feature cache, the dataset loader and the generic guard share one check: a folder without the
+    completion marker is refused with the reader's own error type and re-run hint, a file is 'not found'."""
+    import re
+
+    from digiq.data.schema import load_dataset
+    from digiq.utils.io import require_complete
+
+    folder, a_file = tmp_path / "half", tmp_path / "file"
+    folder.mkdir()
+    a_file.write_text("x")
+    cases = [
+        (FeatureCache.open, DataError, "feature cache", "re-run `digiq cache-features`"),
+        (load_dataset, DataError, "dataset", "re-run the stage that wrote it"),
+        (
+            lambda p: require_complete(p, "critic"),
+            FileNotFoundError,
+            "critic",
+            "the stage that writes it was",
+        ),
+    ]
+    for read, error, what, hint in cases:
+        with pytest.raises(error) as e:
+            read(folder)
+        assert str(e.value).startswith(f"{what} at {folder} is incomplete (no _COMPLETE marker): {hint}")
+        with pytest.raises(error, match=re.escape(f"{what} not found: {a_file}")):
+            read(a_file)

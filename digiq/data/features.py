@@ -27,7 +27,12 @@ from typing import Any
 import torch
 
 from digiq.errors import DataError
-from digiq.utils.io import atomic_save_safetensors, atomic_write_json, is_complete, staged_dir
+from digiq.utils.io import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    require_complete,
+    staged_dir,
+)
 
 FORMAT = "digiq-features-v1"
 MANIFEST = "manifest.json"
@@ -195,13 +200,7 @@ class FeatureCache:
     @classmethod
     def open(cls, path: str | Path, check_finite: bool = True) -> FeatureCache:
         """Read every shard into one contiguous tensor pair, checking the manifest against the shards."""
-        path = Path(path)
-        if not path.is_dir():
-            raise DataError(f"feature cache not found: {path}")
-        if not is_complete(path):
-            raise DataError(
-                f"feature cache at {path} is incomplete (no _COMPLETE marker): re-run `digiq cache-features`"
-            )
+        path = require_complete(path, "feature cache", DataError, "re-run `digiq cache-features`")
         mpath = path / MANIFEST
         try:
             manifest = json.loads(mpath.read_text())

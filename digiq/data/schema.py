@@ -29,7 +29,13 @@ import numpy as np
 from datasets import Dataset, Features, Image, List, Value, load_from_disk
 
 from digiq.errors import DataError, where
-from digiq.utils.io import OutputPlan, atomic_write_json, is_complete, staged_dir, staged_output
+from digiq.utils.io import (
+    OutputPlan,
+    atomic_write_json,
+    require_complete,
+    staged_dir,
+    staged_output,
+)
 
 FEATURES = Features(
     {
@@ -166,13 +172,7 @@ def save_dataset(
 
 def load_dataset(path: str | Path, validate: bool = True) -> Dataset:
     """Load a dataset written by :func:`save_dataset`; refuses folders whose writer did not finish."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"dataset not found: {path}")
-    if not is_complete(path):
-        raise DataError(
-            f"dataset at {path} is incomplete (no _COMPLETE marker): re-run the stage that wrote it"
-        )
+    path = require_complete(path, "dataset", DataError, "re-run the stage that wrote it")
     try:
         ds = load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - datasets raises many types for a broken folder

@@ -148,16 +148,19 @@ def staged_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def require_complete(directory: str | Path, what: str) -> Path:
-    """Return ``directory`` if it is a finished output, else raise a message that says what is missing."""
+def require_complete(
+    directory: str | Path,
+    what: str,
+    error: type[Exception] = FileNotFoundError,
+    rerun: str = "the stage that writes it was interrupted; re-run it (with --resume where supported)",
+) -> Path:
+    """Return ``directory`` if it is a finished output folder, else raise ``error`` with a message that says what
+    is missing and, for an unfinished one, ``rerun`` (what to do about it)."""
     directory = Path(directory)
-    if not directory.exists():
-        raise FileNotFoundError(f"{what} not found: {directory}")
+    if not directory.is_dir():
+        raise error(f"{what} not found: {directory}")
     if not is_complete(directory):
-        raise FileNotFoundError(
-            f"{what} at {directory} is incomplete (no {COMPLETE_MARKER} marker): the stage that writes it was "
-            "interrupted; re-run it (with --resume where supported)"
-        )
+        raise error(f"{what} at {directory} is incomplete (no {COMPLETE_MARKER} marker): {rerun}")
     return directory
 
 
