@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 from digiq.config import load_config
 from digiq.data.features import FeatureCache, write_cache
 from digiq.data.transitions import load_transitions
+from digiq.envs.registry import get_env
 from digiq.errors import DataError
 from digiq.models.critic import load_critic
 from digiq.stages import pipeline
 from digiq.stages import train_critic as tc
 from digiq.training.checkpoint import latest_checkpoint
-from digiq.training.critic_metrics import candidate_ranking, sim_screens
+from digiq.training.critic_metrics import candidate_ranking, screens
 from digiq.utils.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,8 +89,14 @@ def test_candidate_ranking_per_group_top1() -> None:
         "train/search/buynow_com/yoga_mat|home|-1|0|0|0|0|100",
         "test/open_browser|browser|-1|0|0|0|0|100",
     ]
-    assert sim_screens(keys) == ["home", "browser"]
-    assert sim_screens(["s3"]) is None  # not the simulator's keys (e.g. the tiny MDP's): no groups
+    sim = get_env("sim")
+    screen_of = sim.screen(sim.open())
+    phone = sim.open()
+    v2_key = phone.state_key(phone.reset(phone.v2.tasks("val")[0], seed=3))
+    assert screens(screen_of, keys) == ["home", "browser"]
+    assert screens(screen_of, [v2_key]) == ["home"]  # both benchmarks' keys
+    assert screens(screen_of, ["s3"]) is None  # not the simulator's keys (e.g. the tiny MDP's): no groups
+    assert screens(None, keys) is None  # an environment without screens: no groups
 
 
 class _Interrupted(Exception):

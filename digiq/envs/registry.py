@@ -57,7 +57,10 @@ class EnvSpec:
 
     * ``candidates(world, behaviour, actions, state_keys, n, seed)`` -> ``[action, n-1 samples]`` per row,
       offline from the rows' ``state_key`` (``digiq candidates source=<env>``);
-    * ``q_star(world)`` -> ``fn(state_key, actions, gamma)``: exact Q* (oracle scorer, report rows);
+    * ``q_star(world)`` -> ``fn(state_key, actions, gamma)``: exact Q* (oracle scorer, report rows,
+      train-critic's Q* validation metrics);
+    * ``screen(world)`` -> ``fn(state_key)``: the kind of screen a state shows (train-critic's Q* agreement
+      per screen; raises ValueError or DigiqError on a key that is not the environment's);
     * ``behaviour_values(world, gamma, samples, seed)`` -> an object with ``q(key, actions)`` and ``v(key)``
       of the scripted behaviour policy (extract-policy ``scorer=q_beta``);
     * ``trace(world, episodes)`` -> where recorded failed episodes first went wrong (``evaluate trace=true``).
@@ -86,6 +89,7 @@ class EnvSpec:
     check: Callable[[Any, Any], None] | None = None
     candidates: Callable[..., list[list[str]]] | None = None
     q_star: Callable[[Any], Callable[[str, Sequence[Any], float], Sequence[float]]] | None = None
+    screen: Callable[[Any], Callable[[str], str]] | None = None
     behaviour_values: Callable[[Any, float, int, int], Any] | None = None
     trace: Callable[[Any, Sequence[Any]], dict[str, Any]] | None = None
 

@@ -221,6 +221,7 @@ register_env(
         lockstep=True,
         candidates=offline_candidates,
         q_star=lambda phone: phone.q_star,
+        screen=lambda phone: lambda key: phone.state_from_key(key).screen,
         behaviour_values=_behaviour_values,
         trace=trace_failures,
     )

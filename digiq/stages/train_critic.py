@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 
 from digiq.config import OptimConfig, WandbConfig, check, save_config, to_dict
 from digiq.data.labels import dataset_labels
+from digiq.data.schema import dataset_info
+from digiq.envs.registry import env_for_dataset
 from digiq.errors import DataError
 from digiq.models.change_probe import noop_candidates
 from digiq.models.critic import Critic, CriticArch, CriticNetConfig, save_critic
@@ -204,7 +206,7 @@ def _resume_state(resume_from: Path, arch: CriticArch, features: str) -> tuple[A
 def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     """Train the critic; returns the final validation metrics (also written to metrics.json).
 
-    ``q_star_fn`` overrides the exact-Q* source for validation (default: the simulated device).
+    ``q_star_fn`` overrides the exact-Q* source for validation (default: the dataset's environment's).
     """
     out = Path(cfg.output_dir)
     # Mixed precision is applied by this stage (torch.autocast), not by accelerate: accelerate's state is a
@@ -297,10 +299,11 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
     use_bf16 = resolve_mixed_precision(cfg.mixed_precision, cpu=device.type != "cuda") == "bf16"
     learner.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    # ---- validation set-up (exact Q* on simulated data, main process) ---------------------------
-    qs = QStarSet()  # exact Q* of the simulated validation rows (main process)
+    # ---- validation set-up (exact Q* where the dataset's environment has one, main process) ----------
+    qs = QStarSet()  # exact Q* of the validation rows where the environment has one (main process)
     if is_main and cfg.q_star == "auto":
-        qs = QStarSet.build(tr, val_rows, N, cfg.gamma, q_star_fn)
+        env = env_for_dataset(dataset_info(cfg.dataset).get("source"))
+        qs = QStarSet.build(tr, val_rows, N, cfg.gamma, q_star_fn, env)
     validate = functools.partial(
         validation_metrics, critic, data, val_rows, cfg.gamma, cfg.eval_batch_size, qs
     )

@@ -1,5 +1,6 @@
 """train-critic's validation metrics: TD error and return correlations on the held-out rows, and, where the
-rows come from the simulated device, how the critic ranks each state's candidates against the exact Q*.
+dataset's environment has an exact Q* (the registry's ``q_star`` capability: the simulated device), how the
+critic ranks each state's candidates against it.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import numpy as np
 import torch
 
 from digiq.data.transitions import Transitions
+from digiq.envs.registry import EnvSpec
+from digiq.errors import DigiqError
 from digiq.models.critic import Critic
 from digiq.models.critic_text import score
-from digiq.sim.layout import state_from_key
-from digiq.sim.phone import SimPhone
 from digiq.training.critic_data import StagedTensors
 from digiq.utils.logging import get_logger
 from digiq.utils.stats import pearson, spearman
@@ -42,7 +43,7 @@ def q_star_table(
 
 
 class QStarSet:
-    """The validation rows that have an exact Q* (simulated data), their Q* table and their screens."""
+    """The validation rows that have an exact Q*, their Q* table and their screens."""
 
     def __init__(
         self, rows: np.ndarray | None = None, table: np.ndarray | None = None, groups: list[str] | None = None
@@ -57,17 +58,21 @@ class QStarSet:
         num_candidates: int,
         gamma: float,
         q_star_fn: QStarFn | None,
+        env: EnvSpec,
     ) -> QStarSet:
-        """Rows with a state key and all ``num_candidates`` candidates; ``q_star_fn`` None = the simulated
-        device's exact Q*. Empty where no row qualifies or the keys are not the simulator's."""
+        """Rows with a state key and all ``num_candidates`` candidates, scored by ``q_star_fn`` (None: the exact
+        Q* of ``env``, the dataset's environment) and grouped by ``env``'s screens. Empty where no row
+        qualifies, or there is no exact Q*, or the keys are not the environment's."""
         N = num_candidates
         sim_rows = [r for r in val_rows.tolist() if tr.state_key[r] and len(tr.candidates[r]) == N and N >= 2]
-        if not sim_rows:
+        if not sim_rows or (q_star_fn is None and env.q_star is None):
             return cls()
         try:
-            fn = q_star_fn or SimPhone().q_star
+            world = env.open() if env.q_star is not None or env.screen is not None else None
+            fn = q_star_fn or env.q_star(world)  # type: ignore[misc]
             rows, table = q_star_table(tr, np.asarray(sim_rows), N, gamma, fn)
-            return cls(rows, table, sim_screens([tr.state_key[int(r)] for r in rows]))
+            screen_of = env.screen(world) if env.screen is not None else None
+            return cls(rows, table, screens(screen_of, [tr.state_key[int(r)] for r in rows]))
         except Exception as e:  # noqa: BLE001 - a metric source must not kill the training run
             log.warning("exact Q* unavailable for these state keys (%s): skipping the Q* metrics", e)
             return cls()
@@ -179,10 +184,12 @@ def candidate_ranking(
     return metrics, np.asarray(agree, dtype=bool)
 
 
-def sim_screens(state_keys: Sequence[str]) -> list[str] | None:
-    """The simulator's screen of each state key (``home``, ``search``, ...); None if a key is not the
-    simulator's."""
+def screens(screen_of: Callable[[str], str] | None, state_keys: Sequence[str]) -> list[str] | None:
+    """The screen of each state key (``home``, ``search``, ...) by an environment's ``screen`` capability;
+    None where there is none or a key is not the environment's (e.g. a hand-made MDP's)."""
+    if screen_of is None:
+        return None
     try:
-        return [state_from_key(k).screen for k in state_keys]
-    except ValueError:
+        return [screen_of(k) for k in state_keys]
+    except (ValueError, DigiqError):
         return None
