@@ -28,7 +28,6 @@ Digi-Q's in-sample critic: what the same extraction gives with a critic that has
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -44,12 +43,17 @@ from digiq.models.critic import open_critic_and_features
 from digiq.models.critic_text import build_inputs, score
 from digiq.models.policy import best_of_n, read_spec
 from digiq.models.vlm import inference_dtype, load_vlm
-from digiq.training.accelerator import make_accelerator, train_dtype
-from digiq.training.output import begin_output, check_output
-from digiq.training.policy_loop import PolicyExamples, PolicyOptimConfig, TrainLoopConfig, train_policy
+from digiq.training.accelerator import train_dtype
+from digiq.training.output import begin_output
+from digiq.training.policy_loop import (
+    PolicyExamples,
+    PolicyOptimConfig,
+    TrainLoopConfig,
+    start_policy_run,
+    train_policy,
+)
 from digiq.utils.io import atomic_save_safetensors
 from digiq.utils.logging import get_logger
-from digiq.utils.seed import set_seed
 
 log = get_logger(__name__)
 # Splits its work over the processes of a launcher (digiq.cli).
@@ -259,12 +263,8 @@ def select(
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    out = Path(cfg.output_dir)
-    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, name="train.mixed_precision")
-    is_main = accelerator.is_main_process
-    plan = check_output(out, cfg.resume, cfg.overwrite, "extract-policy", cfg)
-    resume_from = plan.resume_from
-    set_seed(cfg.seed)
+    out, accelerator, plan = start_policy_run(cfg, "extract-policy")
+    is_main, resume_from = accelerator.is_main_process, plan.resume_from
     ds = load_dataset(cfg.dataset)
     cols = ds.select_columns(["action", "candidates", "state_key"])
     actions = cols["action"]

@@ -16,7 +16,6 @@ policy's action format (:mod:`digiq.models.policy`). Outputs in ``output_dir``: 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -28,17 +27,17 @@ from digiq.data.transitions import successful_rows
 from digiq.errors import DataError
 from digiq.models.policy import ACTION_FORMATS, PolicySpec
 from digiq.models.vlm import load_vlm
-from digiq.training.accelerator import make_accelerator, train_dtype
-from digiq.training.output import begin_output, check_output
+from digiq.training.accelerator import train_dtype
+from digiq.training.output import begin_output
 from digiq.training.policy_loop import (
     PolicyExamples,
     PolicyOptimConfig,
     TrainLoopConfig,
+    start_policy_run,
     train_policy,
     warn_long_targets,
 )
 from digiq.utils.logging import get_logger
-from digiq.utils.seed import set_seed
 
 log = get_logger(__name__)
 # Splits its work over the processes of a launcher (digiq.cli).
@@ -135,12 +134,8 @@ def bc_examples(cfg: Config) -> PolicyExamples:
 
 
 def run(cfg: Config) -> dict[str, float]:
-    out = Path(cfg.output_dir)
-    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, name="train.mixed_precision")
-    is_main = accelerator.is_main_process
-    plan = check_output(out, cfg.resume, cfg.overwrite, "train-bc", cfg)
-    resume_from = plan.resume_from
-    set_seed(cfg.seed)
+    out, accelerator, plan = start_policy_run(cfg, "train-bc")
+    is_main, resume_from = accelerator.is_main_process, plan.resume_from
     examples = bc_examples(cfg)
     dtype = train_dtype(cfg.model.dtype, accelerator, frozen_base=cfg.lora.enabled)
     model, processor = load_vlm(dataclasses.replace(cfg.model, dtype=dtype), cfg.lora, for_training=True)

@@ -39,12 +39,14 @@ from digiq.models.policy import (
     weighted_nll,
 )
 from digiq.models.vlm import export_state
+from digiq.training.accelerator import make_accelerator
 from digiq.training.checkpoint import inner, load_checkpoint, save_checkpoint
 from digiq.training.data_order import epoch_order
-from digiq.training.output import finish_output
+from digiq.training.output import check_output, finish_output
 from digiq.training.schedule import make_scheduler
-from digiq.utils.io import atomic_write_json
+from digiq.utils.io import OutputPlan, atomic_write_json
 from digiq.utils.logging import MetricsLogger, get_logger
+from digiq.utils.seed import set_seed
 
 log = get_logger(__name__)
 # The exported policy inside a train-bc / extract-policy output_dir.
@@ -295,6 +297,17 @@ def train_steps(
             )  # fmt: skip
     bar.close()
     return losses, last_kl
+
+
+def start_policy_run(cfg: Any, stage: str) -> tuple[Path, Accelerator, OutputPlan]:
+    """What a policy trainer (train-bc, extract-policy) does before it reads any input: the accelerator at
+    ``cfg.train.mixed_precision``, the output guard of ``cfg.output_dir`` (a refused run fails fast) and the
+    seeds. Returns (output folder, accelerator, output plan)."""
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, name="train.mixed_precision")
+    plan = check_output(out, cfg.resume, cfg.overwrite, stage, cfg)
+    set_seed(cfg.seed)
+    return out, accelerator, plan
 
 
 def fit_policy(
