@@ -56,7 +56,7 @@ def test_sample_step_matches_model() -> None:
 
 
 def test_value_iteration_below_contraction_bound() -> None:
-    res = T.run_value_iteration(gamma=0.9, iters=40, seed=3)
+    res = T.run_value_iteration(T.TabularConfig(gamma=0.9, vi_iters=40), seed=3)
     c = res.tables["value-iteration"]
     for init in ("zero", "random"):
         err, bound = c[f"error_{init}_init"], c[f"bound_{init}_init"]
@@ -76,7 +76,7 @@ def test_backup_sweeps_move_one_state_per_sweep() -> None:
 
 
 def test_q_learning_per_visit_converges_others_do_not() -> None:
-    res = T.run_q_learning(steps=30_000, seeds=4, seed=0)
+    res = T.run_q_learning(T.TabularConfig(steps=30_000, seeds=4), seed=0)
     s, c = res.summary, res.tables["q-learning"]
     assert c["visit_mean"][0] == pytest.approx(np.abs(q_star(branching_mdp(), 0.9)).max())
     assert s["final_error_visit_mean"] < 0.1  # from 0.88 at t = 0
@@ -108,7 +108,7 @@ def test_minimax_floor_is_the_optimum() -> None:
 
 
 def test_function_approximation_stays_above_projection_floor() -> None:
-    res = T.run_function_approximation(steps=20_000, seeds=4, seed=0)
+    res = T.run_function_approximation(T.TabularConfig(steps=20_000, seeds=4), seed=0)
     s, c = res.summary, res.tables["function-approximation"]
     assert np.all(c["sup_error_min"] >= s["floor_minimax_sup"] - 1e-12)  # a theorem
     assert s["min_rms_error_over_training"] >= s["floor_l2_projection_rms"] - 1e-12  # a theorem
@@ -190,7 +190,7 @@ def test_chain_learning_reduces_error_and_changes_params() -> None:
 
 @pytest.mark.slow
 def test_deeper_chains_give_larger_final_error() -> None:
-    s = C.run_chain_depth(seed=0).summary  # the full experiment 4 (about 2 s)
+    s = C.run_chain_depth(C.ChainConfig(), seed=0).summary  # the full experiment 4 (about 2 s)
     assert s["n_params"] == 257
     assert s["final_error_depth2"] < s["final_error_depth8"] < s["final_error_depth32"]
     assert s["final_error_depth32"] > 0.05
@@ -200,7 +200,9 @@ def test_deeper_chains_give_larger_final_error() -> None:
 def test_larger_gamma_gives_larger_error_from_bootstrapping() -> None:
     """gamma 0.99 -> 0.999: larger final error, and the part that bootstrapping adds (TD minus the same
     network regressed on Q*) grows. (gamma = 0.9 is fit-limited, not bootstrap-limited: see docs/theory.md.)"""
-    s = C.run_discount(depth=32, steps=15_000, seeds=3, seed=0).summary
+    s = C.run_discount(
+        C.ChainConfig(discount_depth=32, discount_steps=15_000, discount_seeds=3), seed=0
+    ).summary
     assert s["final_error_gamma0.999"] > s["final_error_gamma0.99"]
     assert s["final_start_error_gamma0.999"] > s["final_start_error_gamma0.99"]
     assert s["bootstrap_excess_gamma0.999"] > s["bootstrap_excess_gamma0.99"]

@@ -20,11 +20,56 @@ held fixed. All runs of a sweep (depths x gammas x seeds x n) train in lock-step
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Literal
+
 import numpy as np
 
 from digiq.theory.common import Result, log_points
 from digiq.theory.mdp import chain_mdp, value_iteration
 from digiq.theory.mlp import Adam, forward, grad_mse, init_mlp, n_params, sgd_
+
+
+@dataclasses.dataclass
+class ChainConfig:
+    """Knobs of experiments 4-6 (``digiq theory``'s ``chain.*``)."""
+
+    # Hidden units of the 1-hidden-layer ReLU critic (64 -> 257 parameters with input (s, a), one output).
+    hidden: int = 64
+    # Step size.
+    alpha: float = 5e-4
+    # 'adam' (default) or plain 'sgd' on 0.5 (Q - y)^2, one transition per step.
+    optimizer: Literal["adam", "sgd"] = "adam"
+    # Exploration of the epsilon-greedy behaviour policy.
+    epsilon: float = 0.3
+    # Experiment 4: chain depths, discount, steps, seeds.
+    depths: tuple[int, ...] = (2, 8, 32)
+    depth_gamma: float = 0.9
+    depth_steps: int = 10_000
+    depth_seeds: int = 3
+    # Experiment 5: discounts, chain depth, steps, seeds, and the depth of the backup picture.
+    gammas: tuple[float, ...] = (0.9, 0.99, 0.999)
+    discount_depth: int = 64
+    discount_steps: int = 60_000
+    discount_seeds: int = 5
+    backup_depth: int = 5
+    # Experiment 6: n values (a Monte-Carlo curve is always added), chain depth, discount, steps, seeds.
+    ns: tuple[int, ...] = (1, 4, 16)
+    nstep_depth: int = 32
+    nstep_gamma: float = 0.99
+    nstep_steps: int = 20_000
+    nstep_seeds: int = 3
+    # Window of the Monte-Carlo target in steps (0 = 8 x depth; longer episodes are bootstrapped).
+    mc_window: int = 0
+    # Add Digi-Q's TD critic (Q and V heads, EMA targets, V(s) <- Q_targ(s, a_data)) to experiment 6.
+    nstep_digiq_td: bool = True
+    # EMA rate of its target networks (official: 0.1 per optimiser step).
+    digiq_tau: float = 0.1
+
+
+def _net(c: ChainConfig) -> dict[str, Any]:
+    """The critic and data settings every chain experiment passes to :func:`train_chain`."""
+    return dict(alpha=c.alpha, epsilon=c.epsilon, hidden=c.hidden, optimizer=c.optimizer)
 
 
 def chain_q_star(depth: int, gamma: float) -> np.ndarray:
@@ -216,32 +261,13 @@ def _bands(cols: dict[str, np.ndarray], prefix: str, err: np.ndarray) -> None:
     cols[f"{prefix}_max"] = err.max(1)
 
 
-def run_chain_depth(
-    depths: tuple[int, ...] = (2, 8, 32),
-    gamma: float = 0.9,
-    steps: int = 10_000,
-    seeds: int = 3,
-    seed: int = 0,
-    alpha: float = 5e-4,
-    epsilon: float = 0.3,
-    hidden: int = 64,
-    optimizer: str = "adam",
-) -> Result:
+def run_chain_depth(c: ChainConfig, seed: int = 0) -> Result:
     """Experiment 4: error vs steps per depth (Q-learning and the supervised-on-Q* baseline), and the final
     per-state bias Q_theta(s, forward) - Q*(s, forward) vs the distance to the terminal."""
+    depths, gamma, steps, seeds = c.depths, c.depth_gamma, c.depth_steps, c.depth_seeds
     d = np.tile(np.repeat(np.asarray(depths), seeds), 2)
     oracle = np.repeat([False, True], len(depths) * seeds)
-    out = train_chain(
-        d,
-        np.full(len(d), gamma),
-        steps,
-        seed,
-        alpha=alpha,
-        epsilon=epsilon,
-        hidden=hidden,
-        optimizer=optimizer,
-        oracle=oracle,
-    )
+    out = train_chain(d, np.full(len(d), gamma), steps, seed, oracle=oracle, **_net(c))
     err, fin = out["errors"], _final(out["errors"])
     cols: dict[str, np.ndarray] = {"step": out["record_at"]}
     bias_cols: dict[str, list] = {
@@ -284,39 +310,19 @@ def backup_sweeps(depth: int = 5, gamma: float = 0.9) -> np.ndarray:
     return value_iteration(chain_mdp(depth), gamma, depth).max(-1)
 
 
-def run_discount(
-    gammas: tuple[float, ...] = (0.9, 0.99, 0.999),
-    depth: int = 64,
-    steps: int = 60_000,
-    seeds: int = 5,
-    seed: int = 0,
-    alpha: float = 5e-4,
-    epsilon: float = 0.3,
-    hidden: int = 64,
-    optimizer: str = "adam",
-    backup_depth: int = 5,
-) -> Result:
-    """Experiment 5: chain-``depth`` for several gammas (bands over seeds), each next to the same network
-    regressed on Q* directly (``oracle``), plus the D-sweep backup picture on a ``backup_depth`` chain.
+def run_discount(c: ChainConfig, seed: int = 0) -> Result:
+    """Experiment 5: a chain of ``discount_depth`` for several gammas (bands over seeds), each next to the same
+    network regressed on Q* directly (``oracle``), plus the D-sweep backup picture on a ``backup_depth`` chain.
 
     The sup-norm error mixes two things: how hard Q* is to *fit* (gamma = 0.9 makes gamma^(D-1-s) a sharp
     exponential near the goal) and what *bootstrapping* adds (errors in the target are re-used, amplified
     by up to min(D, 1/(1-gamma))). The oracle run measures the first; ``bootstrap_excess`` = TD - oracle the
     second."""
+    gammas, depth, steps, seeds = c.gammas, c.discount_depth, c.discount_steps, c.discount_seeds
     n = len(gammas) * seeds
     g = np.tile(np.repeat(np.asarray(gammas, dtype=float), seeds), 2)
     oracle = np.repeat([False, True], n)
-    out = train_chain(
-        np.full(len(g), depth),
-        g,
-        steps,
-        seed,
-        alpha=alpha,
-        epsilon=epsilon,
-        hidden=hidden,
-        optimizer=optimizer,
-        oracle=oracle,
-    )
+    out = train_chain(np.full(len(g), depth), g, steps, seed, oracle=oracle, **_net(c))
     err, fin, fin_start = out["errors"], _final(out["errors"]), _final(out["errors_start"])
     cols: dict[str, np.ndarray] = {"step": out["record_at"]}
     summary: dict = {"depth": depth, "steps": steps, "seeds": seeds}
@@ -331,6 +337,7 @@ def run_discount(
         summary[f"bootstrap_excess_gamma{gm:g}"] = float(fin[sl].mean() - fin[so].mean())
         summary[f"final_start_error_gamma{gm:g}"] = float(fin_start[sl].mean())
         summary[f"q_star_start_gamma{gm:g}"] = float(gm ** (depth - 1))
+    backup_depth = c.backup_depth
     V = backup_sweeps(backup_depth, gammas[0])
     backup = {
         "sweep": np.repeat(np.arange(V.shape[0]), V.shape[1]),
@@ -346,27 +353,16 @@ def run_discount(
 # --------------------------------------------------------------------------------------------------
 
 
-def run_n_step(
-    ns: tuple[int, ...] = (1, 4, 16),
-    depth: int = 32,
-    gamma: float = 0.99,
-    steps: int = 20_000,
-    seeds: int = 3,
-    seed: int = 0,
-    alpha: float = 5e-4,
-    epsilon: float = 0.3,
-    hidden: int = 64,
-    optimizer: str = "adam",
-    mc_window: int = 0,
-    digiq_td: bool = True,
-    tau: float = 0.1,
-) -> Result:
+def run_n_step(c: ChainConfig, seed: int = 0) -> Result:
     """Experiment 6: horizon reduction. n-step targets for each n in ``ns``, a Monte-Carlo target (Digi-Q's
     'mc' critic loss: regression on the discounted return) over a window of ``mc_window`` steps (0 = 8 * depth;
-    the rare longer episode is bootstrapped), and optionally Digi-Q's TD critic (Q and V heads, EMA targets,
-    in-sample V backup; see :func:`train_chain`). Both Digi-Q losses evaluate the *behaviour* policy (no max),
-    so against Q* they carry the off-policy gap of the epsilon-greedy data."""
-    mcw = mc_window or 8 * depth
+    the rare longer episode is bootstrapped), and optionally (``nstep_digiq_td``) Digi-Q's TD critic (Q and V
+    heads, EMA targets at rate ``digiq_tau``, in-sample V backup; see :func:`train_chain`). Both Digi-Q losses
+    evaluate the *behaviour* policy (no max), so against Q* they carry the off-policy gap of the
+    epsilon-greedy data."""
+    ns, depth, gamma, steps, seeds = c.ns, c.nstep_depth, c.nstep_gamma, c.nstep_steps, c.nstep_seeds
+    digiq_td = c.nstep_digiq_td
+    mcw = c.mc_window or 8 * depth
     labels = [f"n{n}" for n in ns] + ["mc"] + (["digiq_td"] if digiq_td else [])
     n_list = [*ns, mcw] + ([1] if digiq_td else [])
     n_arr = np.repeat(np.asarray(n_list), seeds)
@@ -377,12 +373,9 @@ def run_n_step(
         steps,
         seed,
         n_steps=n_arr,
-        alpha=alpha,
-        epsilon=epsilon,
-        hidden=hidden,
-        optimizer=optimizer,
         digiq_td=use_v,
-        tau=tau,
+        tau=c.digiq_tau,
+        **_net(c),
     )
     err = out["errors"]
     fin = _final(err)

@@ -22,67 +22,14 @@ from typing import Literal
 
 from digiq.config import ConfigError, check, save_config
 from digiq.theory import chain, tabular
+from digiq.theory.chain import ChainConfig
 from digiq.theory.common import Result, summary_json, write_result
 from digiq.theory.plots import plot_result
+from digiq.theory.tabular import TabularConfig
 
 POSITIONAL = "experiment"
 
 EXPERIMENTS = ("value-iteration", "q-learning", "function-approximation", "chain-depth", "discount", "n-step")
-
-
-@dataclasses.dataclass
-class TabularConfig:
-    # Discount of the depth-3 branching MDP (experiments 1-3).
-    gamma: float = 0.9
-    # Probability that an action leaves the state unchanged ("the tap did nothing"); > 0 makes the MDP cyclic.
-    p_stay: float = 0.2
-    # Value-iteration sweeps.
-    vi_iters: int = 30
-    # Environment steps per run for Q-learning and function approximation.
-    steps: int = 100_000
-    # Independent runs (seeds) per curve.
-    seeds: int = 8
-    # Exploration of the epsilon-greedy behaviour policy.
-    epsilon: float = 0.2
-    # Step size of the 'constant' Q-learning schedule.
-    constant_alpha: float = 0.1
-    # Step size of linear semi-gradient Q-learning.
-    fa_alpha: float = 0.02
-
-
-@dataclasses.dataclass
-class ChainConfig:
-    # Hidden units of the 1-hidden-layer ReLU critic (64 -> 257 parameters with input (s, a), one output).
-    hidden: int = 64
-    # Step size.
-    alpha: float = 5e-4
-    # 'adam' (default) or plain 'sgd' on 0.5 (Q - y)^2, one transition per step.
-    optimizer: Literal["adam", "sgd"] = "adam"
-    # Exploration of the epsilon-greedy behaviour policy.
-    epsilon: float = 0.3
-    # Experiment 4: chain depths, discount, steps, seeds.
-    depths: tuple[int, ...] = (2, 8, 32)
-    depth_gamma: float = 0.9
-    depth_steps: int = 10_000
-    depth_seeds: int = 3
-    # Experiment 5: discounts, chain depth, steps, seeds, and the depth of the backup picture.
-    gammas: tuple[float, ...] = (0.9, 0.99, 0.999)
-    discount_depth: int = 64
-    discount_steps: int = 60_000
-    discount_seeds: int = 5
-    backup_depth: int = 5
-    # Experiment 6: n values (a Monte-Carlo curve is always added), chain depth, discount, steps, seeds.
-    ns: tuple[int, ...] = (1, 4, 16)
-    nstep_depth: int = 32
-    nstep_gamma: float = 0.99
-    nstep_steps: int = 20_000
-    nstep_seeds: int = 3
-    # Window of the Monte-Carlo target in steps (0 = 8 x depth; longer episodes are bootstrapped).
-    mc_window: int = 0
-    # Add Digi-Q's TD critic (Q and V heads, EMA targets, V(s) <- Q_targ(s, a_data)) to experiment 6.
-    nstep_digiq_td: bool = True
-    # EMA rate of its target networks (official: 0.1 per optimiser step).
-    digiq_tau: float = 0.1
 
 
 @dataclasses.dataclass
@@ -125,42 +72,21 @@ class Config:
             check(getattr(c, f"{name}_seeds") > 0, f"chain.{name}_seeds must be > 0")
 
 
+_TABULAR = {
+    "value-iteration": tabular.run_value_iteration,
+    "q-learning": tabular.run_q_learning,
+    "function-approximation": tabular.run_function_approximation,
+}
+_CHAIN = {"chain-depth": chain.run_chain_depth, "discount": chain.run_discount, "n-step": chain.run_n_step}
+
+
 def run_experiment(name: str, cfg: Config) -> Result:
     """Run one experiment with the knobs of ``cfg`` (no files written)."""
 
-    t, c, seed = cfg.tabular, cfg.chain, cfg.seed
-    nn = dict(alpha=c.alpha, epsilon=c.epsilon, hidden=c.hidden, optimizer=c.optimizer)
-    if name == "value-iteration":
-        return tabular.run_value_iteration(t.gamma, t.vi_iters, seed, t.p_stay)
-    if name == "q-learning":
-        return tabular.run_q_learning(t.gamma, t.steps, t.seeds, seed, t.epsilon, t.constant_alpha, t.p_stay)
-    if name == "function-approximation":
-        return tabular.run_function_approximation(
-            t.gamma, t.steps, t.seeds, seed, t.fa_alpha, t.epsilon, t.p_stay
-        )
-    if name == "chain-depth":
-        return chain.run_chain_depth(c.depths, c.depth_gamma, c.depth_steps, c.depth_seeds, seed, **nn)
-    if name == "discount":
-        return chain.run_discount(
-            c.gammas,
-            c.discount_depth,
-            c.discount_steps,
-            c.discount_seeds,
-            seed,
-            backup_depth=c.backup_depth,
-            **nn,
-        )
-    if name == "n-step":
-        return chain.run_n_step(
-            c.ns,
-            c.nstep_depth,
-            c.nstep_gamma,
-            c.nstep_steps,
-            c.nstep_seeds,
-            seed,
-            mc_window=c.mc_window,
-            **nn,
-        )
+    if name in _TABULAR:
+        return _TABULAR[name](cfg.tabular, cfg.seed)
+    if name in _CHAIN:
+        return _CHAIN[name](cfg.chain, cfg.seed)
     raise ConfigError(f"unknown experiment {name!r}; choose one of {list(EXPERIMENTS)} or 'all'")
 
 

@@ -5,6 +5,7 @@ and step-size schedules are a leading batch axis), so each experiment is a singl
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -12,15 +13,40 @@ import numpy as np
 from digiq.theory.common import Result, log_points
 from digiq.theory.mdp import TabularMDP, branching_mdp, q_star, sample_step, value_iteration
 
+
+@dataclasses.dataclass
+class TabularConfig:
+    """Knobs of experiments 1-3 (``digiq theory``'s ``tabular.*``)."""
+
+    # Discount of the depth-3 branching MDP (experiments 1-3).
+    gamma: float = 0.9
+    # Probability that an action leaves the state unchanged ("the tap did nothing"); > 0 makes the MDP cyclic.
+    p_stay: float = 0.2
+    # Value-iteration sweeps.
+    vi_iters: int = 30
+    # Environment steps per run for Q-learning and function approximation.
+    steps: int = 100_000
+    # Independent runs (seeds) per curve.
+    seeds: int = 8
+    # Exploration of the epsilon-greedy behaviour policy.
+    epsilon: float = 0.2
+    # Step size of the 'constant' Q-learning schedule.
+    constant_alpha: float = 0.1
+    # Step size of linear semi-gradient Q-learning.
+    fa_alpha: float = 0.02
+
+
 # --------------------------------------------------------------------------------------------------
 # 1. value iteration
 # --------------------------------------------------------------------------------------------------
 
 
-def run_value_iteration(gamma: float = 0.9, iters: int = 30, seed: int = 0, p_stay: float = 0.2) -> Result:
+def run_value_iteration(t: TabularConfig, seed: int = 0) -> Result:
     """||T^k Q_0 - Q*||_inf against the contraction bound gamma^k ||Q_0 - Q*||_inf, from Q_0 = 0 and from a
-    random Q_0 ~ U[-2, 2]. T is a gamma-contraction in sup norm, so the bound must hold at every k."""
-    mdp = branching_mdp(p_stay)
+    random Q_0 ~ U[-2, 2] (``t.vi_iters`` sweeps). T is a gamma-contraction in sup norm, so the bound must hold
+    at every k."""
+    gamma, iters = t.gamma, t.vi_iters
+    mdp = branching_mdp(t.p_stay)
     qs = q_star(mdp, gamma)
     rng = np.random.default_rng(seed)
     k = np.arange(iters + 1)
@@ -100,17 +126,10 @@ def tabular_q_learning(
     return rec, errors, Q
 
 
-def run_q_learning(
-    gamma: float = 0.9,
-    steps: int = 100_000,
-    seeds: int = 8,
-    seed: int = 0,
-    epsilon: float = 0.2,
-    constant_alpha: float = 0.1,
-    p_stay: float = 0.2,
-) -> Result:
-    """Experiment 2: the ||Q_t - Q*||_inf staircase for the three step-size schedules, ``seeds`` runs each."""
-    mdp = branching_mdp(p_stay)
+def run_q_learning(t: TabularConfig, seed: int = 0) -> Result:
+    """Experiment 2: the ||Q_t - Q*||_inf staircase for the three step-size schedules, ``t.seeds`` runs each."""
+    gamma, steps, seeds, epsilon, constant_alpha = t.gamma, t.steps, t.seeds, t.epsilon, t.constant_alpha
+    mdp = branching_mdp(t.p_stay)
     schedules = [sch for sch in SCHEDULES for _ in range(seeds)]
     rec, errors, _ = tabular_q_learning(
         mdp, gamma, steps, schedules, seed, epsilon=epsilon, constant_alpha=constant_alpha
@@ -208,17 +227,11 @@ def semi_gradient_q_learning(
     return rec, qs_rec, theta
 
 
-def run_function_approximation(
-    gamma: float = 0.9,
-    steps: int = 100_000,
-    seeds: int = 8,
-    seed: int = 0,
-    alpha: float = 0.02,
-    epsilon: float = 0.2,
-    p_stay: float = 0.2,
-) -> Result:
-    """Experiment 3: semi-gradient Q-learning with 3 cosine features vs the projection floor."""
-    mdp = branching_mdp(p_stay)
+def run_function_approximation(t: TabularConfig, seed: int = 0) -> Result:
+    """Experiment 3: semi-gradient Q-learning with 3 cosine features (step size ``t.fa_alpha``) vs the
+    projection floor."""
+    gamma, steps, seeds, alpha, epsilon = t.gamma, t.steps, t.seeds, t.fa_alpha, t.epsilon
+    mdp = branching_mdp(t.p_stay)
     qs = q_star(mdp, gamma)
     phi = cosine_features(mdp)
     pq = least_squares_projection(phi, qs)
