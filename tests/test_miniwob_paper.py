@@ -168,6 +168,7 @@ def test_a_model_collects_miniwob_by_sampling_with_per_step_seeds(
         temperature=1.0,
         seed=2,
         shard_size=2,
+        num_workers=2,  # batches of two screens: each item still samples at its own step's seed
         miniwob=mw.MiniWoBConfig(
             tasks=["click-button", "focus-text"], max_steps=3, scratch_dir=str(tmp_path / "b")
         ),
