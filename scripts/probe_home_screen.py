@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from digiq.actions import make_observation, parse_action
 from digiq.envs.sim import TRACE_GAMMA, SimEnv
 from digiq.models.policy import load_policy_fn
@@ -109,6 +111,56 @@ def ground(policy_fn: Callable[[list[dict]], list[str]], episodes: int = 40, see
     return hits / len(rows)
 
 
+def fit_slot_probe(x: torch.Tensor, slots: torch.Tensor, n_train: int, steps: int = 300) -> list[float]:
+    """Per app, a linear softmax classifier from ``x`` (screens x features) to the app's grid slot, fitted on the
+    first ``n_train`` screens; returns the held-out accuracy per app (``slots``: screens x apps)."""
+    torch.manual_seed(0)
+    mu, sd = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
+    x = (x - mu) / sd
+    out = []
+    for a in range(slots.shape[1]):
+        w = torch.zeros(x.shape[1], 9, requires_grad=True)
+        b = torch.zeros(9, requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=1e-2)
+        for _ in range(steps):
+            opt.zero_grad()
+            logits = x[:n_train] @ w + b
+            loss = torch.nn.functional.cross_entropy(logits, slots[:n_train, a]) + 1e-3 * w.pow(2).sum()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out.append(float(((x[n_train:] @ w + b).argmax(1) == slots[n_train:, a]).float().mean()))
+    return out
+
+
+def image_token_probe(folder: str, n_train: int = 1500, n_test: int = 500) -> list[float]:
+    """Do the model's frozen image tokens (after the connector, what the language model reads) say where each
+    app is? A linear probe per app from a home screen's tokens to that app's slot, trained on ``n_train``
+    training-goal screens, scored on ``n_test`` validation-goal screens. Idefics3-family models only."""
+    from digiq.models.vlm import load_vlm
+
+    phone = SimPhone(SimConfig(benchmark="v2"))
+    env = SimEnv(phone=phone)
+    model, processor = load_vlm(folder)
+    model.eval()
+    insts = env.task_instances("train", n_train, 5) + env.task_instances("val", n_test, 5)
+    feats, slots = [], []
+    for i in range(0, len(insts), 100):
+        chunk = insts[i : i + 100]
+        enc = processor.image_processor(
+            images=[[env.reset(x).screenshot] for x in chunk], return_tensors="pt"
+        )
+        with torch.no_grad():
+            f = model.model.get_image_features(
+                pixel_values=enc["pixel_values"], pixel_attention_mask=enc["pixel_attention_mask"]
+            )
+        f = getattr(f, "pooler_output", f)
+        f = torch.stack(list(f)) if isinstance(f, (list, tuple)) else f
+        feats.append(f.reshape(len(chunk), -1))
+        slots += [list(episode(x.task_id, x.seed).app_slot) for x in chunk]
+    return fit_slot_probe(torch.cat(feats), torch.tensor(slots), n_train)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("policy", help="an exported policy folder (e.g. <work_dir>/bc/policy)")
@@ -124,6 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     fn = load_policy_fn(args.policy, temperature=0.0, batch_size=32, device="cpu")
     res = {"policy": args.policy, **probe(fn, tuple(args.splits.split(",")), args.episodes, args.seed)}
+    if args.tokens:
+        acc = image_token_probe(args.policy)
+        res["image_tokens"] = {
+            "slot_accuracy_per_app": [round(a, 3) for a in acc],
+            "mean": sum(acc) / len(acc),
+        }
     if args.ground:
         res["ground"] = {"accuracy": ground(fn, args.ground, args.seed), "screens": args.ground}
     text = json.dumps(res, indent=1)

@@ -138,3 +138,15 @@ def test_zero_shot_grounding_is_one_ninth_for_a_fixed_tap():
         1 / 9
     )
     assert probe.ground(lambda b: ["junk"] * len(b), episodes=5) == 0.0
+
+
+def test_slot_probe_reads_linearly_coded_slots_and_not_noise():
+    fit = _probe_script().fit_slot_probe
+    g = torch.Generator().manual_seed(0)
+    slots = torch.stack([torch.randperm(9, generator=g) for _ in range(400)])  # screens x apps
+    coded = torch.nn.functional.one_hot(slots, 9).float().reshape(400, -1) + 0.1 * torch.randn(
+        400, 81, generator=g
+    )
+    assert min(fit(coded, slots, 300)) > 0.9
+    noise = torch.randn(400, 81, generator=g)
+    assert max(fit(noise, slots, 300)) < 0.3
