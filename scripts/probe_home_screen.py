@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         "--splits", default="train,val", help="comma-separated (never test: defaults are chosen on val)"
     )
     ap.add_argument("--out", default="", help="also write the JSON here")
+    ap.add_argument("--tokens", action="store_true", help="also the linear probe of the frozen image tokens")
     ap.add_argument(
         "--ground", type=int, default=0, help="also zero-shot grounding on this many val home screens"
     )
