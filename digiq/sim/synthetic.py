@@ -19,6 +19,11 @@ Skills (each a question in the chat template with a short text answer):
   the overlay cursor on an app: is it that app? -> ``yes`` / ``no``), and whether a typed text is the goal's
   quoted query (ignoring case) -> ``yes`` / ``no``. Reading and comparing, the pieces a critic needs to
   tell a candidate that serves the goal from one that does not; never a step of a task.
+* ``grid`` (in ``GRID_SKILLS``, weight 0 unless a config asks): a full 3 x 3 app grid drawn as benchmark v2's
+  home screen is (its slots, font, two-line CamelCase labels, dock), the tiles in random order, and a goal
+  naming one made-up app ('Tap "Blorf Zap"', 'Open the BlorfZap app', 'Go to blorfzap.com, ...') -> ``tap y
+  x`` (the tile's centre): binding a goal's name to the tile that shows it. v2's own apps appear only as
+  distractor tiles, never in the text, so no v2 goal (train, val or test) or its first action is in it.
 
 What it never contains: the simulator's task solutions. No question is about a catalogue task, no answer is
 a next action of a task, a success, a screen-change or a value label; the goal sites and queries are made-up
@@ -38,8 +43,14 @@ from digiq.models.prompts import render_image
 from digiq.sim import render as R
 from digiq.sim.layout import Box, inside
 from digiq.sim.tasks import ALL_QUERIES, SHOPS, TOGGLES
+from digiq.sim.v2.layout import home_slot_box as v2_home_slot_box
+from digiq.sim.v2.render import APP_COLOURS as V2_APP_COLOURS
+from digiq.sim.v2.render import _label_lines as v2_label_lines
+from digiq.sim.v2.tasks import APPS as V2_APPS
 
 SKILLS = ("ground", "refer", "read", "state", "screen", "parse", "type", "match")
+# Skills outside SKILLS: existing tests and evaluations iterate SKILLS, and these are opt-in.
+GRID_SKILLS = ("grid",)
 SCREEN_KINDS = ("home", "list", "search", "settings", "product", "browser")
 
 _SYLLABLES = (
@@ -334,7 +345,9 @@ def make_sample(rng: random.Random, skill: str, width: int = 180, height: int = 
         return Sample(s.image, f'Goal: Type "{text}"\nPrevious: none\nAction:', f"type {text}", skill)
     if skill == "match":
         return _match_sample(rng, width, height)
-    raise ValueError(f"unknown pretraining skill {skill!r}; expected one of {SKILLS}")
+    if skill == "grid":
+        return _grid_sample(rng, width, height)
+    raise ValueError(f"unknown pretraining skill {skill!r}; expected one of {SKILLS + GRID_SKILLS}")
 
 
 # What may follow the query in an AitW-style shopping goal.
@@ -386,6 +399,59 @@ def _match_sample(rng: random.Random, width: int, height: int) -> Sample:
     return Sample(img, f"Goal: {goal}\nIs the cursor on the app that opens the site?", answer, "match")
 
 
+# v2's home-screen apps, lower case: never a grid target nor in a grid question (they are distractor tiles).
+_V2_APP_WORDS = {a.lower() for a in V2_APPS}
+
+
+def _grid_app_name(rng: random.Random) -> str:
+    """A made-up app name for the grid skill: never a catalogue shop (v1's or v2's) nor a v2 app."""
+    while True:
+        name = _app_name(rng)
+        if name.lower() not in _V2_APP_WORDS:
+            return name
+
+
+def grid_screen(rng: random.Random, width: int = 180, height: int = 320) -> tuple[Screen, list[str]]:
+    """A v2-like home grid: 9 tiles in random order, some of them v2's apps in their own colours, the rest
+    (at least one) made-up apps in random ones; returns the screen and the made-up names."""
+    n_v2 = rng.randint(0, 8)
+    v2 = rng.sample(range(len(V2_APPS)), n_v2)
+    made = _distinct(rng, 9 - n_v2, _grid_app_name)
+    tiles = [(V2_APPS[a], V2_APP_COLOURS[a]) for a in v2] + [(m, rng.choice(V2_APP_COLOURS)) for m in made]
+    rng.shuffle(tiles)
+
+    def draw(c: R._Canvas, r: random.Random) -> Screen:
+        c.img.paste(R.HOME_BG, (0, 0, c.w, c.h))
+        small = R._font(max(7, round(c.h * 0.028)))  # v2's label font (digiq/sim/v2/render.py)
+        els = []
+        for slot, (name, colour) in enumerate(tiles):
+            box = v2_home_slot_box(slot)
+            c.rect(box, colour, outline=R.WHITE, width=2)
+            for k, line in enumerate(v2_label_lines(name)):
+                y = box[0] + 0.03 + k * 0.04
+                c.d.text((round((box[1] + 0.02) * c.w), round(y * c.h)), line, fill=R.WHITE, font=small)
+            els.append(Element(name, box))
+        c.rect((0.8, 0.08, 0.86, 0.92), (60, 70, 90))  # v2's dock (decoration)
+        return Screen(c.img, "home", "", elements=els)
+
+    return _draw(rng, width, height, draw), made
+
+
+def _grid_sample(rng: random.Random, width: int, height: int) -> Sample:
+    """A goal naming one made-up app of :func:`grid_screen` -> a tap on its tile's centre."""
+    s, made = grid_screen(rng, width, height)
+    target = rng.choice([e for e in s.elements if e.label in made])
+    form = rng.random()
+    if form < 0.4:  # the label as the tile shows it, as the probe of the home grid asks
+        goal = f'Tap "{" ".join(v2_label_lines(target.label))}"'
+    elif form < 0.7:
+        goal = f"Open the {target.label} app"
+    else:
+        goal = _shop_goal(f"{target.label.lower()}.com", phrase(rng), rng.choice(_SHOP_TAILS))
+    y, x = _centre(target.box)
+    return Sample(s.image, f"Goal: {goal}\nPrevious: none\nAction:", f"tap {_pt(y, x)}", "grid", target.box)
+
+
 def sample_stream_item(
     seed: int, step: int, index: int, skills: list[str], weights: list[float], width: int, height: int
 ) -> Sample:
@@ -399,7 +465,7 @@ def sample_stream_item(
 def is_correct(sample: Sample, prediction: str) -> bool:
     """Grounding: the predicted tap lies in the widget; every other skill: the text matches (any case)."""
     pred = prediction.strip().lower()
-    if sample.skill in ("ground", "web_ground") and sample.box is not None:
+    if sample.skill in ("ground", "web_ground", "grid") and sample.box is not None:
         parts = pred.split()
         if len(parts) != 3 or parts[0] != "tap":
             return False

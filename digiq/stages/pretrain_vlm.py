@@ -52,6 +52,7 @@ from digiq.models.policy import (
     save_policy,
 )
 from digiq.models.vlm import load_vlm
+from digiq.sim.synthetic import GRID_SKILLS
 from digiq.training.accelerator import make_accelerator
 from digiq.training.checkpoint import inner, load_checkpoint
 from digiq.training.output import begin_output, check_output, finish_output
@@ -62,7 +63,7 @@ from digiq.utils.logging import MetricsLogger, get_logger
 from digiq.utils.machine import describe
 from digiq.utils.seed import set_seed
 
-ALL_SKILLS = (*SKILLS, *WEB_SKILLS)
+ALL_SKILLS = (*SKILLS, *GRID_SKILLS, *WEB_SKILLS)
 log = get_logger(__name__)
 DISTRIBUTED = True
 MODEL_DIR = "model"
@@ -92,6 +93,9 @@ class SkillWeights:
     # Which home-screen app a goal's site names (by name, or is the overlay cursor on it), and whether a
     # typed text is the goal's query. 0 keeps the shipped gui-tiny's stream (configs/pretrain-vlm/gui-tiny.yaml).
     match: float = 0.0
+    # A goal naming a made-up app on a v2-like shuffled 3 x 3 app grid -> a tap on its tile (v2's apps are only
+    # distractors). 0 keeps the shipped gui-tiny's stream; configs/pretrain-vlm/gui-tiny-grid.yaml uses it.
+    grid: float = 0.0
     # Grounding and referring on real web pages: MiniWoB++ screens of tasks outside the pipeline's list, labels
     # from the DOM (`web`; needs chromium: pip install -e ".[miniwob]"). 0 = no browser needed.
     web_ground: float = 0.0
@@ -397,7 +401,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if is_main:
         model.eval()
         # The synthetic skills it was trained on (a skill of weight 0 would only add a 0 to the mean).
-        trained = [sk for sk in cfg.skills.as_lists()[0] if sk in SKILLS]
+        trained = [sk for sk in cfg.skills.as_lists()[0] if sk not in WEB_SKILLS]
         samples = evaluation_samples(
             cfg.eval_seed, cfg.eval_per_skill, cfg.width, cfg.height, eval_bank, trained
         )
