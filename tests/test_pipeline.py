@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "p"
-    cfg = load_config(pipeline.Config, ROOT / "configs/pipeline/smoke.yaml", [f"output_dir={out}"])
+    smoke = _smaller_smoke(tmp_path)
+    cfg = load_config(pipeline.Config, smoke, [f"output_dir={out}"])
     summary = pipeline.run(cfg)
     for stage, folder in pipeline.FOLDERS.items():
         assert is_complete(out / folder), stage
@@ -68,15 +69,25 @@ def test_pipeline_smoke_then_skip(tmp_path: Path, monkeypatch) -> None:
     assert after["machine"] == before["machine"]  # nothing ran: the times keep the machine they ran on
 
     # Forcing a stage re-runs it and every later stage.
-    cfg2 = load_config(
-        pipeline.Config, ROOT / "configs/pipeline/smoke.yaml", [f"output_dir={out}", "force=[evaluate]"]
-    )
+    cfg2 = load_config(pipeline.Config, smoke, [f"output_dir={out}", "force=[evaluate]"])
     pipeline.run(cfg2)
     again = json.loads((out / "summary.json").read_text())
     assert again["stages"]["train_critic"] == before["stages"]["train_critic"]
 
     # scripts/ablate.py on the finished run: every arm, one seed.
-    _run_ablation(out, tmp_path / "ablation", monkeypatch)
+    _run_ablation(out, smoke, tmp_path / "ablation", monkeypatch)
+
+
+def _smaller_smoke(tmp_path: Path) -> Path:
+    """configs/pipeline/smoke.yaml with the recipe's 1024-wide critic heads cut to 64 and 20 trajectories
+    instead of 30: the pipeline and scripts/ablate.py train six critics and cache features twice here, and
+    no assertion depends on those sizes."""
+    smoke = yaml.safe_load((ROOT / "configs/pipeline/smoke.yaml").read_text())
+    smoke["train_critic"]["critic"] = {"q_hidden": [64, 64], "v_hidden": [64, 64]}
+    smoke["collect"]["num_trajectories"] = 20
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(smoke))
+    return path
 
 
 def _load_ablate():
@@ -88,13 +99,13 @@ def _load_ablate():
     return ablate
 
 
-def _run_ablation(pipe: Path, out: Path, monkeypatch) -> None:
+def _run_ablation(pipe: Path, config: Path, out: Path, monkeypatch) -> None:
     import torch
 
     from digiq.data.features import FeatureCache
 
     ablate = _load_ablate()
-    argv = ["--pipeline", str(pipe), "--config", str(ROOT / "configs/pipeline/smoke.yaml")]
+    argv = ["--pipeline", str(pipe), "--config", str(config)]
     # benchmark v1 has no validation goals: its tables need the explicit --split test
     argv += ["--out", str(out), "--seeds", "0", "--ns", "1", "2", "--episodes", "4", "--split", "test"]
     argv += ["--pre-stage1"]
