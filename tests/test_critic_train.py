@@ -231,7 +231,7 @@ def test_noop_backup_values_unexecuted_noops_at_gamma_v(tmp_path: Path, loss: st
     gaps = {}
     for on in (False, True):
         out = tmp_path / f"{loss}-{on}"
-        metrics = tc.run(_cfg(ds, feats, out, f"critic_loss={loss}", "epochs=6", f"noop.enabled={str(on).lower()}"),
+        metrics = tc.run(_cfg(ds, feats, out, f"critic_loss={loss}", "epochs=4", f"noop.enabled={str(on).lower()}"),
                          q_star_fn=q_star_fn(qs))  # fmt: skip
         critic = load_critic(out / "critic")
         with torch.no_grad():
