@@ -353,13 +353,21 @@ def test_pipeline_sigkill_mid_stage_then_resume(tmp_path: Path) -> None:
     from digiq.stages.pipeline import FOLDERS, STAGES
 
     out = tmp_path / "p"
-    args = ["pipeline", "--config", "configs/pipeline/smoke.yaml", f"output_dir={out}"]
+    # 20 trajectories instead of the smoke run's 30: fewer rows to fine-tune on and cache features for
+    args = [
+        "pipeline",
+        "--config",
+        "configs/pipeline/smoke.yaml",
+        f"output_dir={out}",
+        "collect.num_trajectories=20",
+    ]
     critic = out / FOLDERS["train_critic"]
 
     def in_train_critic(_: str) -> bool:  # epoch 1 of 2 checkpointed, the stage not finished
         return latest_checkpoint(critic) is not None and not is_complete(critic)
 
-    k = kill_when(args, in_train_critic, timeout=540)
+    # the critic's epoch takes seconds: polling every 50 ms catches it and leaves the 2 cores to the run
+    k = kill_when(args, in_train_critic, timeout=540, poll=0.05)
     assert k.killed, k.stderr[-2000:]
     before_kill = STAGES[: STAGES.index("train_critic")]
     assert all(is_complete(out / FOLDERS[s]) for s in before_kill)
