@@ -18,6 +18,9 @@ OFFLINE = {
 }
 for _key, _value in OFFLINE.items():
     os.environ.setdefault(_key, _value)
+# One torch thread per process unless the caller says otherwise: the suite's models are tiny, and on a 2-core
+# machine two-thread pools oversubscribe the cores as soon as a test starts a second process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
