@@ -205,19 +205,31 @@ def run(cfg: Config, command: str = COMMAND) -> dict:
     return record
 
 
-def card(record: dict) -> str:
-    c, d, s = record["config"], record["demonstrations"], record["success"]
-    rows = "\n".join(
+def _success_rows(record: dict) -> str:
+    """The card's success table rows: split, decoding, rate [95% interval], episodes."""
+    return "\n".join(
         f"| {key.split('/')[0]} | {key.split('/')[1]} | {v['success_rate']:.3f} "
         f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['num_episodes']} |"
-        for key, v in s.items()
+        for key, v in record["success"].items()
     )
-    secs = record["seconds"]
+
+
+def _made_with(record: dict) -> str:
+    """The card's lines after the demonstrations line: screen reading, cloning, wall time, machine."""
+    c, secs, m = record["config"], record["seconds"], record["machine"]
+    bc_train, bc_lr = c["train_bc"]["train"], c["train_bc"]["optim"]["lr"]
+    return f"""- screen reading: {record["image_tokens"]} image tokens per screen (tile_longest_edge {c["tile_longest_edge"]}; 0 = the start's processor)
+- behaviour cloning: seed {c["seed"]}; batch {bc_train["batch_size"]}, {bc_train["epochs"]} epochs, lr {bc_lr}
+- wall time: {secs["total"]:.0f} s in all ({secs["demonstrations"]:.0f} s demonstrations, {secs["train_bc"]:.0f} s behaviour cloning)
+- machine: {m.get("cpu", "?")}, {m.get("cores", "?")} cores, measured matmul rate {m["matmul_gflops"]:.1f} GFLOP/s"""
+
+
+def card(record: dict) -> str:
+    c, d = record["config"], record["demonstrations"]
     if c["demonstrations"].get("env") == "miniwob":
         return web_card(record)
     demo_p = c["demonstrations"]["behaviour"]["p_optimal"]
-    bc_train, bc_lr = c["train_bc"]["train"], c["train_bc"]["optim"]["lr"]
-    m = record["machine"]
+    rows = _success_rows(record)
     return f"""# gui-tiny-agent: the simulated device's behaviour model (our AutoUI analogue)
 
 `{c["start"]}` behaviour-cloned on demonstrations of the simulated device's **training** goals. It reads
@@ -230,10 +242,7 @@ training tasks (listed in `{RECORD}`).
 
 - command: `{record["command"]}`
 - demonstrations: {d["trajectories"]} trajectories, {d["steps"]} steps, by the scripted demonstrator (p_optimal {demo_p}, seed {c["demonstrations"]["seed"]}; its success {d["demonstrator_success"]:.3f})
-- screen reading: {record["image_tokens"]} image tokens per screen (tile_longest_edge {c["tile_longest_edge"]}; 0 = the start's processor)
-- behaviour cloning: seed {c["seed"]}; batch {bc_train["batch_size"]}, {bc_train["epochs"]} epochs, lr {bc_lr}
-- wall time: {secs["total"]:.0f} s in all ({secs["demonstrations"]:.0f} s demonstrations, {secs["train_bc"]:.0f} s behaviour cloning)
-- machine: {m.get("cpu", "?")}, {m.get("cores", "?")} cores, measured matmul rate {m["matmul_gflops"]:.1f} GFLOP/s
+{_made_with(record)}
 
 ## Success on the simulated device (95% Wilson intervals over episodes)
 
@@ -247,15 +256,9 @@ training tasks (listed in `{RECORD}`).
 
 def web_card(record: dict) -> str:
     """The card of a MiniWoB++ behaviour model (``demonstrations.env: miniwob``)."""
-    c, d, s = record["config"], record["demonstrations"], record["success"]
-    rows = "\n".join(
-        f"| {key.split('/')[0]} | {key.split('/')[1]} | {v['success_rate']:.3f} "
-        f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['num_episodes']} |"
-        for key, v in s.items()
-    )
-    secs, m = record["seconds"], record["machine"]
+    c, d = record["config"], record["demonstrations"]
     demo = c["demonstrations"]
-    bc_train, bc_lr = c["train_bc"]["train"], c["train_bc"]["optim"]["lr"]
+    rows = _success_rows(record)
     return f"""# {Path(c["output"]).name}: the MiniWoB++ behaviour model (our web AutoUI analogue)
 
 `{c["start"]}` behaviour-cloned on the DOM expert's demonstrations of {len(d["tasks"])} MiniWoB++ tasks, on
@@ -268,10 +271,7 @@ collects its offline data by sampling it at temperature {c["temperature"]} (`col
 
 - command: `{record["command"]}`
 - demonstrations: {d["trajectories"]} episodes, {d["steps"]} steps, by the DOM expert (p_optimal {demo["miniwob_behaviour"]["p_optimal"]}, seed {demo["seed"]}; its success {d["demonstrator_success"]:.3f}); tasks listed in `{RECORD}`
-- screen reading: {record["image_tokens"]} image tokens per screen (tile_longest_edge {c["tile_longest_edge"]}; 0 = the start's processor)
-- behaviour cloning: seed {c["seed"]}; batch {bc_train["batch_size"]}, {bc_train["epochs"]} epochs, lr {bc_lr}
-- wall time: {secs["total"]:.0f} s in all ({secs["demonstrations"]:.0f} s demonstrations, {secs["train_bc"]:.0f} s behaviour cloning)
-- machine: {m.get("cpu", "?")}, {m.get("cores", "?")} cores, measured matmul rate {m["matmul_gflops"]:.1f} GFLOP/s
+{_made_with(record)}
 
 ## Success on MiniWoB++ (95% Wilson intervals over episodes)
 
