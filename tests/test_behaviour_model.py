@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from script_helpers import load_script
 
 from digiq.errors import DigiqError
 from digiq.models.screen_tiles import image_tokens, tile_screens
@@ -21,13 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "make_behaviour_model", ROOT / "scripts/make_behaviour_model.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("make_behaviour_model")
 
 
 def _saved(tmp_path: Path, name: str = "tiny:idefics3@image_size=64,patch=16,hidden=32,layers=1") -> Path:
@@ -94,11 +87,7 @@ def test_behaviour_model_option_builds_the_tiled_start(tmp_path):
 
 
 def _probe_script():
-    spec = importlib.util.spec_from_file_location("probe_home_screen", ROOT / "scripts/probe_home_screen.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("probe_home_screen")
 
 
 def test_probe_scores_the_first_action_against_q_star():

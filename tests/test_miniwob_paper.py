@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from script_helpers import load_script
 
 from digiq.config import ConfigError, load_config
 from digiq.envs import miniwob as mw
@@ -201,16 +202,7 @@ def test_a_model_collects_miniwob_by_sampling_with_per_step_seeds(
 
 
 def _behaviour_script():
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location(
-        "make_behaviour_model", ROOT / "scripts/make_behaviour_model.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("make_behaviour_model")
 
 
 def test_the_web_behaviour_model_recipe_demonstrates_on_demo_pages_and_evaluates_on_val() -> None:

@@ -4,13 +4,12 @@ pages in headless Chromium its success agrees with the card."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from script_helpers import load_script
 
 from digiq.config import load_config, to_dict
 from digiq.envs.miniwob import DEFAULT_TASKS
@@ -28,13 +27,7 @@ Z_99 = 2.5758293035489
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "make_behaviour_model", REPO_ROOT / "scripts/make_behaviour_model.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("make_behaviour_model")
 
 
 def _record() -> dict:
