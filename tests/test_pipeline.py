@@ -280,6 +280,22 @@ def test_candidates_from_the_behaviour_model_or_pi_beta(tmp_path: Path) -> None:
         load_config(pipeline.Config, None, [f"collect.policy={model}", "candidates_from=behaviour"])
 
 
+def test_actor_from_the_behaviour_model_or_pi_beta(tmp_path: Path) -> None:
+    """The paper fine-tunes the model that collected the data (AutoUI): actor_from=behaviour starts Stage 3
+    there. pi_beta is still trained and evaluated (a baseline row); the default starts from it."""
+    model = resolve_model_folder(GUI_TINY)
+    base = [f"output_dir={tmp_path}", f"collect.policy={model}", "candidates.source=policy"]
+    cfg = load_config(pipeline.Config, None, [*base, "actor_from=behaviour"])
+    wired = pipeline.wire(cfg)
+    pi_beta = str(tmp_path / "bc" / "policy")
+    assert wired["extract_policy"].init_policy == model == wired["collect"].policy
+    assert wired["candidates"].policy == pi_beta  # candidates_from is its own switch
+    assert "train_bc" in cfg.stages and pipeline._policies_to_evaluate(cfg)["bc"] == (pi_beta, None)
+    assert pipeline.wire(load_config(pipeline.Config, None, base))["extract_policy"].init_policy == pi_beta
+    with pytest.raises(ConfigError, match="actor_from=behaviour .*set collect.policy to a policy folder"):
+        load_config(pipeline.Config, None, ["actor_from=behaviour"])
+
+
 def test_benchmark_v2_and_a_model_behaviour_policy_are_wired(tmp_path: Path) -> None:
     """benchmark=v2 reaches every stage that steps the device; a model that collected the data is evaluated as
     it collected (sampled at collect.temperature) and greedy."""

@@ -113,6 +113,11 @@ class Config:
     # (collect.policy, a policy folder), as the paper samples AutoUI. candidates.source=sim ignores it: the
     # simulator's scripted sampler reads the optimal actions, an oracle-backed reference.
     candidates_from: Literal["pi_beta", "behaviour"] = "pi_beta"
+    # Where the actor that Stage 3 extracts (extract_policy.init_policy) starts: 'pi_beta' = the behaviour
+    # clone of the data; 'behaviour' = the model that collected the data (collect.policy, a policy folder),
+    # as the paper fine-tunes AutoUI (arXiv:2502.15760, Sec. 5.1). pi_beta is trained and evaluated either
+    # way (a baseline row).
+    actor_from: Literal["pi_beta", "behaviour"] = "pi_beta"
     # The simulated device's benchmark (env=sim): v1 (32 test goals, fixed starts) or v2 (train / val / test
     # goals, randomised starts; docs/benchmark_v2.md). Sets the `sim.benchmark` of every stage that steps it.
     benchmark: Literal["v1", "v2"] = "v1"
@@ -143,6 +148,11 @@ class Config:
             self.candidates_from == "pi_beta" or self.collect.policy != "scripted",
             "candidates_from=behaviour samples the model that collected the data: set collect.policy to a "
             "policy folder (the scripted policy is no model)",
+        )
+        check(
+            self.actor_from == "pi_beta" or self.collect.policy != "scripted",
+            "actor_from=behaviour starts the actor from the model that collected the data: set collect.policy "
+            "to a policy folder (the scripted policy is no model)",
         )
         check(
             self.candidates_from == "pi_beta" or self.candidates.source == "policy",
@@ -217,7 +227,7 @@ def wire(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     d = {k: out / v for k, v in FOLDERS.items()}
     c = {name: dataclasses.replace(getattr(cfg, name)) for name in STAGES}
-    policy = str(d["train_bc"] / POLICY_DIR)  # pi_beta: Stage 1's start, the candidates', Stage 3's
+    policy = str(d["train_bc"] / POLICY_DIR)  # pi_beta: Stage 1's start, the candidates', the actor's
     for name in STAGES:
         if hasattr(c[name], "seed"):
             c[name].seed = cfg.seed
@@ -280,7 +290,7 @@ def wire(cfg: Config) -> dict[str, Any]:
     c["extract_policy"].dataset = str(data)
     c["extract_policy"].features = str(d["cache_features"])
     c["extract_policy"].critic_dir = str(d["train_critic"] / "critic")
-    c["extract_policy"].init_policy = policy
+    c["extract_policy"].init_policy = c["collect"].policy if cfg.actor_from == "behaviour" else policy
     c["extract_policy"].output_dir = str(d["extract_policy"])
     c["extract_policy"].gamma = c["collect"].gamma
     c["evaluate"].output_dir = str(d["evaluate"])
