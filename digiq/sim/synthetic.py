@@ -24,6 +24,10 @@ Skills (each a question in the chat template with a short text answer):
   naming one made-up app ('Tap "Blorf Zap"', 'Open the BlorfZap app', 'Go to blorfzap.com, ...') -> ``tap y
   x`` (the tile's centre): binding a goal's name to the tile that shows it. v2's own apps appear only as
   distractor tiles, never in the text, so no v2 goal (train, val or test) or its first action is in it.
+* ``grid_colour`` (in ``GRID_SKILLS``, weight 0 unless a config asks): the same grid with 9 distinct named
+  colours (``GRID_COLOURS``) and made-up labels, and a goal naming a colour ('Tap the teal tile') -> ``tap y
+  x``: the pointer from a goal's word to the tile, on a cue 16 image tokens carry. Colours only, never an
+  app, site or goal of v2.
 
 What it never contains: the simulator's task solutions. No question is about a catalogue task, no answer is
 a next action of a task, a success, a screen-change or a value label; the goal sites and queries are made-up
@@ -50,7 +54,7 @@ from digiq.sim.v2.tasks import APPS as V2_APPS
 
 SKILLS = ("ground", "refer", "read", "state", "screen", "parse", "type", "match")
 # Skills outside SKILLS: existing tests and evaluations iterate SKILLS, and these are opt-in.
-GRID_SKILLS = ("grid",)
+GRID_SKILLS = ("grid", "grid_colour")
 SCREEN_KINDS = ("home", "list", "search", "settings", "product", "browser")
 
 _SYLLABLES = (
@@ -347,6 +351,8 @@ def make_sample(rng: random.Random, skill: str, width: int = 180, height: int = 
         return _match_sample(rng, width, height)
     if skill == "grid":
         return _grid_sample(rng, width, height)
+    if skill == "grid_colour":
+        return _grid_colour_sample(rng, width, height)
     raise ValueError(f"unknown pretraining skill {skill!r}; expected one of {SKILLS + GRID_SKILLS}")
 
 
@@ -419,6 +425,14 @@ def grid_screen(rng: random.Random, width: int = 180, height: int = 320) -> tupl
     made = _distinct(rng, 9 - n_v2, _grid_app_name)
     tiles = [(V2_APPS[a], V2_APP_COLOURS[a]) for a in v2] + [(m, rng.choice(V2_APP_COLOURS)) for m in made]
     rng.shuffle(tiles)
+    return _grid_drawing(rng, width, height, tiles), made
+
+
+def _grid_drawing(
+    rng: random.Random, width: int, height: int, tiles: list[tuple[str, tuple[int, int, int]]]
+) -> Screen:
+    """v2's home screen (digiq/sim/v2/render.py) with ``tiles`` (label, fill) in slot order; draws nothing
+    from ``rng`` but the status bar's toggles."""
 
     def draw(c: R._Canvas, r: random.Random) -> Screen:
         c.img.paste(R.HOME_BG, (0, 0, c.w, c.h))
@@ -434,7 +448,7 @@ def grid_screen(rng: random.Random, width: int = 180, height: int = 320) -> tupl
         c.rect((0.8, 0.08, 0.86, 0.92), (60, 70, 90))  # v2's dock (decoration)
         return Screen(c.img, "home", "", elements=els)
 
-    return _draw(rng, width, height, draw), made
+    return _draw(rng, width, height, draw)
 
 
 def _grid_sample(rng: random.Random, width: int, height: int) -> Sample:
@@ -452,6 +466,44 @@ def _grid_sample(rng: random.Random, width: int, height: int) -> Sample:
     return Sample(s.image, f"Goal: {goal}\nPrevious: none\nAction:", f"tap {_pt(y, x)}", "grid", target.box)
 
 
+# Named tile colours of the grid_colour skill, each at least 72 apart in RGB from every other (jittered by at
+# most 12 per channel when drawn, so two names never meet). Several sit on v2's app colours (so the colour a
+# goal names is one the frozen image tokens already separate on v2's home screen); none is a v2 app's name.
+GRID_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (205, 40, 55), "orange": (240, 125, 20), "yellow": (230, 200, 30), "lime": (150, 215, 60),
+    "green": (30, 150, 70), "teal": (20, 130, 140), "cyan": (60, 200, 235), "blue": (25, 90, 200),
+    "navy": (20, 30, 120), "purple": (130, 60, 170), "pink": (235, 110, 180), "brown": (150, 100, 20),
+    "grey": (100, 104, 116), "black": (40, 40, 40),
+}  # fmt: skip
+_GRID_COLOUR_JITTER = 12
+# The goal's forms: a colour word is the only cue (the labels are illegible at 128 px).
+_GRID_COLOUR_GOALS = ("Tap the {} tile", "Open the {} app", "Tap the {} icon")
+
+
+def grid_colour_screen(rng: random.Random, width: int = 180, height: int = 320) -> tuple[Screen, list[str]]:
+    """A v2-like home grid whose 9 tiles have 9 distinct named colours (of :data:`GRID_COLOURS`) and made-up
+    app labels; returns the screen and each slot's colour name."""
+    names = rng.sample(sorted(GRID_COLOURS), 9)
+    labels = _distinct(rng, 9, _grid_app_name)
+    j = _GRID_COLOUR_JITTER
+    tiles = [
+        (label, tuple(max(0, min(255, v + rng.randint(-j, j))) for v in GRID_COLOURS[n]))
+        for label, n in zip(labels, names)
+    ]
+    return _grid_drawing(rng, width, height, tiles), names  # type: ignore[arg-type]
+
+
+def _grid_colour_sample(rng: random.Random, width: int, height: int) -> Sample:
+    """A goal naming one tile's colour on :func:`grid_colour_screen` -> a tap on its centre: the pointer from
+    a word of the goal to an image token and its coordinates, with no app, site or goal of v2 in the text."""
+    s, names = grid_colour_screen(rng, width, height)
+    slot = rng.randrange(9)
+    goal = rng.choice(_GRID_COLOUR_GOALS).format(names[slot])
+    box = s.elements[slot].box
+    y, x = _centre(box)
+    return Sample(s.image, f"Goal: {goal}\nPrevious: none\nAction:", f"tap {_pt(y, x)}", "grid_colour", box)
+
+
 def sample_stream_item(
     seed: int, step: int, index: int, skills: list[str], weights: list[float], width: int, height: int
 ) -> Sample:
@@ -465,7 +517,7 @@ def sample_stream_item(
 def is_correct(sample: Sample, prediction: str) -> bool:
     """Grounding: the predicted tap lies in the widget; every other skill: the text matches (any case)."""
     pred = prediction.strip().lower()
-    if sample.skill in ("ground", "web_ground", "grid") and sample.box is not None:
+    if sample.skill in ("ground", "web_ground", "grid", "grid_colour") and sample.box is not None:
         parts = pred.split()
         if len(parts) != 3 or parts[0] != "tap":
             return False

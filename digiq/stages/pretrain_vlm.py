@@ -96,6 +96,9 @@ class SkillWeights:
     # A goal naming a made-up app on a v2-like shuffled 3 x 3 app grid -> a tap on its tile (v2's apps are only
     # distractors). 0 keeps the shipped gui-tiny's stream; configs/pretrain-vlm/gui-tiny-grid.yaml uses it.
     grid: float = 0.0
+    # A goal naming a tile's colour on the same grid of 9 distinct named colours -> a tap on it (colours only,
+    # no v2 app). 0 keeps the shipped gui-tiny's stream; configs/pretrain-vlm/gui-tiny-colour.yaml uses it.
+    grid_colour: float = 0.0
     # Grounding and referring on real web pages: MiniWoB++ screens of tasks outside the pipeline's list, labels
     # from the DOM (`web`; needs chromium: pip install -e ".[miniwob]"). 0 = no browser needed.
     web_ground: float = 0.0
