@@ -433,6 +433,7 @@ def _register() -> None:
             plan=collect_plan,
             scripted_policy=scripted_policy,
             lockstep=False,
+            fresh_episodes=True,  # task_instances: one page seed per episode
             volatile=("scratch_dir",),
             check=lambda config, behaviour: behaviour.check_tasks(config.tasks),
         )

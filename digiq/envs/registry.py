@@ -83,6 +83,10 @@ class EnvSpec:
     # devices (browsers, emulators) on worker threads, each taking its next episode as soon as one ends;
     # their collection is written in shards and resumable.
     lockstep: bool = True
+    # True: every evaluation episode is a fresh instance (MiniWoB++: its own page seed), so episodes are
+    # independent outcomes and a success rate's interval is over episodes. False (the simulator): a goal's
+    # repeated episodes are one outcome, and intervals cluster over goals.
+    fresh_episodes: bool = False
     # Settings that do not change what is collected (scratch paths): a resumed collection may change them.
     volatile: tuple[str, ...] = ()
     # Extra checks of the settings before any work (MiniWoB++: every task has a scripted policy).
