@@ -135,10 +135,16 @@ def _run_ablation(pipe: Path, config: Path, out: Path, monkeypatch) -> None:
             other = {k for k in base["critic"] if got["critic"][k] != base["critic"][k]}
             assert other == {"q_param"}, arm
         assert diff == want, (arm, diff)
-    # Filtered BC imitated the successful trajectories only, from pi_beta's start.
+    # Filtered BC imitated the successful trajectories only, from the actor start of the extraction arms
+    # (actor_from=pi_beta: pi_beta itself), with pi_beta's other model settings.
     fbc = yaml.safe_load((out / "s0/filtered_bc/config.yaml").read_text())
     bc = yaml.safe_load((pipe / "bc" / "config.yaml").read_text())
-    assert fbc["trajectories"] == "successful" and fbc["model"] == bc["model"]
+    ex = yaml.safe_load((out / "s0/extract_td_n2/config.yaml").read_text())
+    assert fbc["trajectories"] == "successful" and fbc["model"]["name_or_path"] == ex["init_policy"]
+    assert ex["init_policy"] == str(pipe / "bc" / "policy")
+    assert {k: v for k, v in fbc["model"].items() if k != "name_or_path"} == {
+        k: v for k, v in bc["model"].items() if k != "name_or_path"
+    }
     # The oracle row is labelled as one.
     md = (out / "ablation.md").read_text()
     assert "[oracle] exact Q* over the same candidates" in md and "Split: **test**" in md
