@@ -14,6 +14,11 @@ grid of the nine apps shuffled per episode, so one greedy action per episode tel
 
     PYTHONPATH=. python scripts/probe_home_screen.py runs/behaviour_model/bc/policy --episodes 200
 
+``--colour N`` (a pretrained VLM folder) adds the pretraining stream's ``grid_colour`` skill ('Tap the teal
+tile' on a grid of 9 distinct named colours): greedy accuracy on N fresh questions, the probability the model
+gives the named slot among the nine, and a linear probe per colour of the frozen image tokens (is the
+colour's slot in what the language model reads?).
+
 Episodes are those of ``digiq evaluate`` at the same seed (``SimEnv.task_instances``), so the first actions
 are the ones its greedy rollouts take. Prints one JSON object (and writes it to ``--out`` when given).
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import time
 from collections.abc import Callable
@@ -32,7 +38,8 @@ import torch
 
 from digiq.actions import make_observation, parse_action
 from digiq.envs.sim import TRACE_GAMMA, SimEnv
-from digiq.models.policy import load_policy_fn
+from digiq.models.policy import build_chat_training_batch, load_policy_fn
+from digiq.sim import synthetic as S
 from digiq.sim.phone import SimConfig, SimPhone
 from digiq.sim.v2.layout import episode, home_slot_box
 from digiq.sim.v2.tasks import APPS
@@ -147,18 +154,68 @@ def image_token_probe(folder: str, n_train: int = 1500, n_test: int = 500) -> li
     feats, slots = [], []
     for i in range(0, len(insts), 100):
         chunk = insts[i : i + 100]
-        enc = processor.image_processor(
-            images=[[env.reset(x).screenshot] for x in chunk], return_tensors="pt"
-        )
-        with torch.no_grad():
-            f = model.model.get_image_features(
-                pixel_values=enc["pixel_values"], pixel_attention_mask=enc["pixel_attention_mask"]
-            )
-        f = getattr(f, "pooler_output", f)
-        f = torch.stack(list(f)) if isinstance(f, (list, tuple)) else f
-        feats.append(f.reshape(len(chunk), -1))
+        feats.append(image_features(model, processor, [env.reset(x).screenshot for x in chunk]))
         slots += [list(episode(x.task_id, x.seed).app_slot) for x in chunk]
     return fit_slot_probe(torch.cat(feats), torch.tensor(slots), n_train)
+
+
+def image_features(model: Any, processor: Any, images: list) -> torch.Tensor:
+    """What an Idefics3-family language model reads of each screen: its image tokens after the connector,
+    flattened (screens x features)."""
+    enc = processor.image_processor(images=[[im] for im in images], return_tensors="pt")
+    with torch.no_grad():
+        f = model.model.get_image_features(
+            pixel_values=enc["pixel_values"], pixel_attention_mask=enc["pixel_attention_mask"]
+        )
+    f = getattr(f, "pooler_output", f)
+    f = torch.stack(list(f)) if isinstance(f, (list, tuple)) else f
+    return f.reshape(len(images), -1)
+
+
+def colour_token_probe(
+    features: Callable[[list], torch.Tensor], n_train: int = 2000, n_test: int = 500
+) -> dict[str, float]:
+    """Is "where is the <colour> tile" in the image tokens? On fresh screens of the pretraining stream's
+    ``grid_colour`` skill (9 distinct named colours on v2's grid), per palette colour a linear probe
+    (:func:`fit_slot_probe`) from ``features(images)`` to that colour's slot, fitted on the first ``n_train``
+    screens that hold the colour, scored on the rest. Chance is 1/9."""
+    screens = [S.grid_colour_screen(random.Random(f"probe:{k}"), 180, 320) for k in range(n_train + n_test)]
+    x = torch.cat([features([s.image for s, _ in screens[i : i + 100]]) for i in range(0, len(screens), 100)])
+    out = {}
+    for c in sorted(S.GRID_COLOURS):
+        idx = [k for k, (_, names) in enumerate(screens) if c in names]
+        n_fit = sum(k < n_train for k in idx)
+        slots = torch.tensor([[screens[k][1].index(c)] for k in idx])
+        out[c] = fit_slot_probe(x[idx], slots, n_fit)[0]
+    return out
+
+
+def slot_probabilities(model: Any, processor: Any, sample: S.Sample) -> torch.Tensor:
+    """The model's distribution over the nine grid slots for a grid question: the likelihood of each answer
+    ``tap y x`` at a slot's centre (summed over its tokens), normalised over the nine."""
+    answers = [f"tap {S._pt(*S._centre(home_slot_box(i)))}" for i in range(9)]
+    batch = build_chat_training_batch(processor, [sample.image] * 9, [sample.question] * 9, answers)
+    labels = batch.pop("labels")[:, 1:]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(**batch).logits[:, :-1].float(), -1)
+    keep = labels != -100
+    ll = (logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep).sum(1)
+    return torch.softmax(ll, 0)
+
+
+def colour_pointer(model: Any, processor: Any, n: int, n_likelihood: int = 96) -> dict[str, float]:
+    """The ``grid_colour`` skill on ``n`` fresh questions (pretrain-vlm's evaluation seed and scoring): greedy
+    accuracy, and on the first ``n_likelihood`` the mean probability :func:`slot_probabilities` gives the named
+    tile's slot (chance 1/9; it moves before greedy accuracy does)."""
+    from digiq.stages.pretrain_vlm import evaluate, evaluation_samples
+
+    samples = evaluation_samples(20261130, n, 180, 320, skills=["grid_colour"])
+    acc = evaluate(model, processor, samples)["acc/grid_colour"]
+    named = [
+        float(slot_probabilities(model, processor, s)[[home_slot_box(i) for i in range(9)].index(s.box)])
+        for s in samples[:n_likelihood]
+    ]
+    return {"accuracy": acc, "p_named_slot": sum(named) / len(named), "questions": n}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,6 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--ground", type=int, default=0, help="also zero-shot grounding on this many val home screens"
     )
+    ap.add_argument(
+        "--colour",
+        type=int,
+        default=0,
+        help="also the grid_colour skill on this many fresh questions and its linear probe of the image tokens",
+    )
     args = ap.parse_args(argv)
     fn = load_policy_fn(args.policy, temperature=0.0, batch_size=32, device="cpu")
     res = {"policy": args.policy, **probe(fn, tuple(args.splits.split(",")), args.episodes, args.seed)}
@@ -185,6 +248,17 @@ def main(argv: list[str] | None = None) -> None:
         }
     if args.ground:
         res["ground"] = {"accuracy": ground(fn, args.ground, args.seed), "screens": args.ground}
+    if args.colour:
+        from digiq.models.vlm import load_vlm
+
+        model, processor = load_vlm(args.policy)
+        model.eval()
+        res["grid_colour"] = colour_pointer(model, processor, args.colour)
+        per = colour_token_probe(lambda ims: image_features(model, processor, ims))
+        res["grid_colour"]["image_tokens"] = {
+            "slot_accuracy_per_colour": {c: round(a, 3) for c, a in per.items()},
+            "mean": sum(per.values()) / len(per),
+        }
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

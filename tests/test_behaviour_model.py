@@ -15,6 +15,7 @@ from digiq.errors import DigiqError
 from digiq.models.screen_tiles import image_tokens, tile_screens
 from digiq.models.tiny import parse_tiny_name
 from digiq.models.vlm import build_tiny_vlm, load_vlm, save_vlm
+from digiq.sim.v2.layout import home_slot_box
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,3 +140,56 @@ def test_slot_probe_reads_linearly_coded_slots_and_not_noise():
     assert min(fit(coded, slots, 300)) > 0.9
     noise = torch.randn(400, 81, generator=g)
     assert max(fit(noise, slots, 300)) < 0.3
+
+
+def _tile_colours(images: list) -> torch.Tensor:
+    """Ideal features of a grid_colour screen: per slot, the one-hot of the palette colour nearest its fill."""
+    import math
+
+    from digiq.sim import synthetic as S
+
+    names = sorted(S.GRID_COLOURS)
+    rows = []
+    for im in images:
+        w, h = im.size
+        row = []
+        for slot in range(9):
+            y0, x0, y1, _ = home_slot_box(slot)
+            px = im.getpixel((round((x0 + 0.05) * w), round((y1 - 0.02) * h)))
+            near = min(names, key=lambda n: math.dist(S.GRID_COLOURS[n], px))
+            row.append(names.index(near))
+        rows.append(torch.nn.functional.one_hot(torch.tensor(row), len(names)).float().reshape(-1))
+    return torch.stack(rows)
+
+
+def test_colour_token_probe_finds_each_colour_from_its_pixels_and_not_from_noise():
+    probe = _probe_script().colour_token_probe
+    ideal = probe(_tile_colours, n_train=800, n_test=150)
+    assert len(ideal) == 14 and min(ideal.values()) > 0.9, ideal
+    g = torch.Generator().manual_seed(0)
+    noise = probe(lambda ims: torch.randn(len(ims), 126, generator=g), n_train=800, n_test=150)
+    assert sum(noise.values()) / len(noise) < 0.25, noise
+
+
+def test_slot_probabilities_are_the_answers_likelihoods(tmp_path: Path):
+    import random
+
+    from digiq.models.policy import build_chat_training_batch
+    from digiq.sim import synthetic as S
+
+    model, processor = load_vlm(str(_saved(tmp_path)))
+    model.eval()
+    sample = S.make_sample(random.Random(3), "grid_colour")
+    p = _probe_script().slot_probabilities(model, processor, sample)
+    assert p.shape == (9,) and float(p.sum()) == pytest.approx(1.0, abs=1e-5)
+    # the same likelihoods from the model's own loss, one answer at a time (mean over its tokens)
+    ll = []
+    for i in range(9):
+        y, x = S._centre(home_slot_box(i))
+        batch = build_chat_training_batch(
+            processor, [sample.image], [sample.question], [f"tap {S._pt(y, x)}"]
+        )
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with torch.no_grad():
+            ll.append(-float(model(**batch).loss) * n)
+    assert torch.allclose(p, torch.softmax(torch.tensor(ll), 0), atol=1e-4)
