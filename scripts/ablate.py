@@ -44,13 +44,13 @@ import numpy as np
 import yaml
 
 from digiq.config import ConfigError, load_config, to_dict
-from digiq.envs.registry import get_env
+from digiq.envs.registry import episode_unit, get_env
 from digiq.errors import DigiqError
 from digiq.stages import cache_features, evaluate, extract_policy, pipeline, train_bc, train_critic
 from digiq.training.policy_loop import POLICY_DIR
 from digiq.utils.io import is_complete
 from digiq.utils.logging import read_metrics
-from digiq.utils.stats import clustered_success, wilson_interval
+from digiq.utils.stats import unit_success
 
 METHODS = {
     "behaviour_greedy": "[reference] behaviour model, greedy",
@@ -123,11 +123,6 @@ def select_arms(requested: list[str] | None, pcfg: pipeline.Config, pre_stage1: 
         raise SystemExit(f"--arms: this pipeline run cannot have {', '.join(bad)}")
     wanted = set(requested or DEFAULT_ARMS) - set(unavailable)
     return [a for a in METHODS if a in wanted or (a == "td_pre" and pre_stage1)]
-
-
-def episode_unit(env: str) -> str:
-    """'page' where every evaluation episode is a fresh instance (independent outcomes), else 'goal'."""
-    return "page" if get_env(env).fresh_episodes else "goal"
 
 
 def _evaluate(
@@ -407,12 +402,7 @@ def pooled(rs: list[dict], unit: str = "goal") -> tuple[float, float, float, int
     (seed, goal) units, each counted once with its own success fraction (repeated episodes of a deterministic
     goal are one outcome). ``unit='page'``: over episodes, Wilson's interval on the pooled counts (every
     episode a fresh page, an independent outcome)."""
-    cells = [tuple(v) for r in rs for v in (r.get("per_task") or {}).values()]
-    if unit == "page":
-        k, n = sum(c[0] for c in cells), sum(c[1] for c in cells)
-        lo, hi = wilson_interval(k, n)
-        return (k / n if n else 0.0), lo, hi, n
-    return clustered_success(cells)
+    return unit_success([tuple(v) for r in rs for v in (r.get("per_task") or {}).values()], unit)
 
 
 # unit -> (what the success is over, the count column's name)

@@ -344,3 +344,36 @@ def test_summary_intervals_are_over_goals() -> None:
     lo, hi = wilson_interval(20, 32)
     assert f"| bc | 0.625 | [{lo:.3f}, {hi:.3f}] | 32 | 96 |" in md
     assert "| policy | val success (mean over goals) |" in md
+
+
+def test_summary_intervals_on_fresh_pages_are_wilson_over_episodes(tmp_path: Path) -> None:
+    """MiniWoB++ gives every episode its own page (EnvSpec.fresh_episodes): 31 successes in 120 episodes over
+    12 tasks is Wilson's interval on 31 / 120, not one clustered over the 12 tasks; summary.md's columns and
+    summary.json's success table say so. The simulator's results keep the goal clustering and headers."""
+    import math
+
+    wins = [10, 10, 5, 3, 2, 1, 0, 0, 0, 0, 0, 0]  # 31 of 120, uneven over the tasks
+    per_task = {f"t{i}": [w, 10] for i, w in enumerate(wins)}
+    m = {"success_rate": 31 / 120, "ci_low": 0.0, "ci_high": 1.0, "num_episodes": 120, "per_task": per_task}
+    m.update(split="val", env="miniwob")
+    summary = {"stages": {"evaluate": {"metrics": pipeline._short({"extracted": m})}}}
+    z, n, p = 1.959963984540054, 120, 31 / 120  # Wilson by hand
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    lo, hi = centre - half, centre + half
+    assert (lo, hi) == pytest.approx((0.1884, 0.3433), abs=5e-5)
+    # as the pipeline writes them: a re-run with nothing left to do rewrites summary.json and summary.md
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    pipeline.run(load_config(pipeline.Config, None, [f"output_dir={tmp_path}", "stages=[]", "env=miniwob"]))
+    md = (tmp_path / "summary.md").read_text()
+    assert "| policy | val success (over episodes) | 95% Wilson over pages | pages | episodes |" in md
+    assert f"| extracted | 0.258 | [{lo:.3f}, {hi:.3f}] | 120 | 120 |" in md
+    row = json.loads((tmp_path / "summary.json").read_text())["success"]["extracted"]
+    assert row["unit"] == "page" and row["units"] == 120
+    assert (row["success_rate"], row["ci_low"], row["ci_high"]) == pytest.approx((p, lo, hi))
+    # The same results on the simulator: 12 goals, each its own success fraction (much wider).
+    sim = {"stages": {"evaluate": {"metrics": {"extracted": {**m, "env": "sim"}}}}}
+    md_sim = pipeline.render_summary(sim)
+    assert "| policy | val success (mean over goals) | 95% CI over goals | goals | episodes |" in md_sim
+    goal = pipeline.success_table(sim)["extracted"]
+    assert goal["unit"] == "goal" and goal["units"] == 12 and goal["ci_high"] - goal["ci_low"] > 2 * (hi - lo)

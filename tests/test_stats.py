@@ -41,3 +41,13 @@ def test_fractional_units_are_covered_conservatively() -> None:
 def test_no_units() -> None:
     assert clustered_success([]) == (0.0, 0.0, 1.0, 0)
     assert clustered_success([(0, 0)]) == (0.0, 0.0, 1.0, 0)
+
+
+def test_unit_success_pools_pages_and_clusters_goals() -> None:
+    from digiq.utils.stats import unit_success
+
+    cells = [(3, 3)] * 20 + [(0, 3)] * 12
+    assert unit_success(cells, "page") == pytest.approx((60 / 96, *wilson_interval(60, 96), 96))
+    assert unit_success(cells, "goal") == pytest.approx(clustered_success(cells))
+    with pytest.raises(ValueError, match="'episode'"):
+        unit_success(cells, "episode")

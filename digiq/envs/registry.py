@@ -179,6 +179,12 @@ def get_env(name: str) -> EnvSpec:
     return _REGISTRY[name]
 
 
+def episode_unit(name: str) -> str:
+    """The outcome unit of success intervals on environment ``name``: 'page' where every evaluation episode
+    is a fresh instance (``fresh_episodes``: independent outcomes), else 'goal'."""
+    return "page" if get_env(name).fresh_episodes else "goal"
+
+
 def config_class(name: str, behaviour: bool = False) -> type:
     """The settings class of environment ``name`` (``behaviour``: its behaviour policy's), to type a stage
     config's section."""

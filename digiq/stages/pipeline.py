@@ -39,7 +39,7 @@ from digiq.data.schema import (
     save_dataset,
     trajectory_bounds,
 )
-from digiq.envs.registry import get_env
+from digiq.envs.registry import DEFAULT_ENV, episode_unit, get_env
 from digiq.errors import DataError
 from digiq.models.shipped import GUI_TINY, resolve_model_folder
 from digiq.stages import (
@@ -57,7 +57,7 @@ from digiq.training.policy_loop import POLICY_DIR
 from digiq.utils.io import atomic_write_json, atomic_write_text, is_complete, mark_complete
 from digiq.utils.logging import get_logger
 from digiq.utils.machine import describe, matmul_gflops
-from digiq.utils.stats import clustered_success
+from digiq.utils.stats import unit_success
 
 log = get_logger("pipeline")
 
@@ -446,10 +446,35 @@ def run(cfg: Config) -> dict[str, Any]:
     summary["total_seconds"] = round(sum(s.get("seconds", 0.0) for s in summary["stages"].values()), 1)
     if machine is not None:
         machine["matmul_gflops_end"] = round(matmul_gflops(), 1)
+    summary["success"] = success_table(summary)
     atomic_write_json(summary_path, summary)
     atomic_write_text(out / "summary.md", render_summary(summary))
     print(render_summary(summary))  # noqa: T201 - the CLI result
     return summary
+
+
+# unit -> (what the success is over, the interval's column, the count column)
+UNIT_COLUMNS = {
+    "goal": ("mean over goals", "95% CI over goals", "goals"),
+    "page": ("over episodes", "95% Wilson over pages", "pages"),
+}
+
+
+def success_table(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each evaluated policy's success with a 95% interval over its environment's outcome unit: over goals
+    on the simulator (a goal's repeated greedy episodes are one outcome), Wilson over episodes where every
+    episode is a fresh page (``EnvSpec.fresh_episodes``, MiniWoB++)."""
+    ev = summary.get("stages", {}).get("evaluate", {}).get("metrics", {})
+    table = {}
+    for label, m in ev.items():
+        if isinstance(m, dict) and "success_rate" in m:
+            unit = episode_unit(m.get("env") or DEFAULT_ENV)  # older results hold no env: the sim's
+            cells = [tuple(v) for v in (m.get("per_task") or {}).values()]
+            rate, lo, hi, n = (
+                unit_success(cells, unit) if cells else (m["success_rate"], m["ci_low"], m["ci_high"], "")
+            )
+            table[label] = {"success_rate": rate, "ci_low": lo, "ci_high": hi, "unit": unit, "units": n}
+    return table
 
 
 def render_summary(summary: dict[str, Any]) -> str:
@@ -458,20 +483,22 @@ def render_summary(summary: dict[str, Any]) -> str:
     ev = summary.get("stages", {}).get("evaluate", {}).get("metrics", {})
     if ev:
         traced = any(isinstance(m, dict) and "first_mistake_screens" in m for m in ev.values())
-        # Intervals over goals, not episodes: a goal's repeated greedy episodes are one outcome.
         splits = {m.get("split") for m in ev.values() if isinstance(m, dict)} - {None}
         split = splits.pop() if len(splits) == 1 else "test"
-        head = f"| policy | {split} success (mean over goals) | 95% CI over goals | goals | episodes |"
+        table = success_table(summary)
+        units = {row["unit"] for row in table.values()}
+        if len(units) > 1:
+            raise DataError(f"evaluate results of environments with different outcome units: {sorted(units)}")
+        over, interval, count = UNIT_COLUMNS[units.pop() if units else "goal"]
+        head = f"| policy | {split} success ({over}) | {interval} | {count} | episodes |"
         lines += [head + " failed episodes by first-mistake screen |" if traced else head]
         lines.append("|---|---|---|---|---|---|" if traced else "|---|---|---|---|---|")
         for label, m in ev.items():
-            if isinstance(m, dict) and "success_rate" in m:
-                units = [tuple(v) for v in (m.get("per_task") or {}).values()]
-                rate, lo, hi, goals = (
-                    clustered_success(units) if units else (m["success_rate"], m["ci_low"], m["ci_high"], "")
-                )
+            if label in table:
+                t = table[label]
                 row = (
-                    f"| {label} | {rate:.3f} | [{lo:.3f}, {hi:.3f}] | {goals} | {m.get('num_episodes', '')} |"
+                    f"| {label} | {t['success_rate']:.3f} | [{t['ci_low']:.3f}, {t['ci_high']:.3f}] | "
+                    f"{t['units']} | {m.get('num_episodes', '')} |"
                 )
                 lines.append(row + f" {evaluate.screens_line(m)} |" if traced else row)
         lines.append("")
@@ -509,4 +536,4 @@ def render_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Config", "STAGES", "FOLDERS", "run", "wire", "render_summary", "to_dict"]
+__all__ = ["Config", "STAGES", "FOLDERS", "run", "wire", "render_summary", "success_table", "to_dict"]

@@ -82,6 +82,22 @@ def clustered_success(
     return total / k, lo, hi, k
 
 
+def unit_success(
+    cells: Sequence[tuple[int, int]], unit: str, z: float = 1.959963984540054
+) -> tuple[float, float, float, int]:
+    """Success of ``(successes, episodes)`` cells with a 95% interval over the environment's outcome unit:
+    ``(rate, lo, hi, units)``. ``unit='goal'``: :func:`clustered_success` (a goal's repeated episodes are one
+    outcome). ``unit='page'``: every episode is a fresh instance, an independent outcome, so Wilson's interval
+    on the pooled counts and ``units`` = episodes. The unit is :func:`digiq.envs.registry.episode_unit`'s."""
+    if unit == "page":
+        k, n = sum(c[0] for c in cells), sum(c[1] for c in cells)
+        lo, hi = wilson_interval(k, n, z)
+        return (k / n if n else 0.0), lo, hi, n
+    if unit != "goal":
+        raise ValueError(f"unit must be 'goal' or 'page', got {unit!r}")
+    return clustered_success(cells, z)
+
+
 def _wilson_real(successes: float, n: int, z: float) -> tuple[float, float]:
     p = successes / n
     denom = 1 + z * z / n
