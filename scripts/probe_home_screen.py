@@ -190,6 +190,36 @@ def colour_token_probe(
     return out
 
 
+def token_position_probe(
+    features: Callable[[list], torch.Tensor], n_tokens: int, n_train: int = 500, n_test: int = 100
+) -> float:
+    """Does each image token know where it is? A linear softmax classifier from ONE token's features (a slice
+    of ``features(images)``, screens x (n_tokens * d)) to that token's index, fitted on the tokens of
+    ``n_train`` fresh ``grid_colour`` screens, scored on ``n_test`` more. Writing ``tap y x`` after attending
+    to the right token needs its position in its value, which the slot probes above cannot tell (they see
+    every token at its own index). Chance is 1 / n_tokens."""
+    screens = [
+        S.grid_colour_screen(random.Random(f"pos:{k}"), 180, 320)[0].image for k in range(n_train + n_test)
+    ]
+    x = torch.cat([features(screens[i : i + 100]) for i in range(0, len(screens), 100)])
+    x = x.reshape(len(screens) * n_tokens, -1)
+    y = torch.arange(n_tokens).repeat(len(screens))
+    fit = n_train * n_tokens
+    torch.manual_seed(0)
+    mu, sd = x[:fit].mean(0), x[:fit].std(0) + 1e-6
+    x = (x - mu) / sd
+    w = torch.zeros(x.shape[1], n_tokens, requires_grad=True)
+    b = torch.zeros(n_tokens, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x[:fit] @ w + b, y[:fit]) + 1e-4 * w.pow(2).sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((x[fit:] @ w + b).argmax(1) == y[fit:]).float().mean())
+
+
 def slot_probabilities(model: Any, processor: Any, sample: S.Sample) -> torch.Tensor:
     """The model's distribution over the nine grid slots for a grid question: the likelihood of each answer
     ``tap y x`` at a slot's centre (summed over its tokens), normalised over the nine."""
@@ -237,9 +267,16 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="also the grid_colour skill on this many fresh questions and its linear probe of the image tokens",
     )
+    ap.add_argument(
+        "--positions",
+        action="store_true",
+        help="also whether each frozen image token, alone, tells its own index (a linear probe)",
+    )
     args = ap.parse_args(argv)
     fn = load_policy_fn(args.policy, temperature=0.0, batch_size=32, device="cpu")
-    res = {"policy": args.policy, **probe(fn, tuple(args.splits.split(",")), args.episodes, args.seed)}
+    res: dict[str, Any] = {"policy": args.policy}
+    if args.episodes:  # --episodes 0: only the probes asked for below
+        res.update(probe(fn, tuple(args.splits.split(",")), args.episodes, args.seed))
     if args.tokens:
         acc = image_token_probe(args.policy)
         res["image_tokens"] = {
@@ -258,6 +295,16 @@ def main(argv: list[str] | None = None) -> None:
         res["grid_colour"]["image_tokens"] = {
             "slot_accuracy_per_colour": {c: round(a, 3) for c, a in per.items()},
             "mean": sum(per.values()) / len(per),
+        }
+    if args.positions:
+        from digiq.models.vlm import load_vlm
+
+        model, processor = load_vlm(args.policy)
+        model.eval()
+        n_tokens = int(getattr(processor, "image_seq_len", 16))
+        res["token_positions"] = {
+            "accuracy": token_position_probe(lambda ims: image_features(model, processor, ims), n_tokens),
+            "chance": 1 / n_tokens,
         }
     text = json.dumps(res, indent=1)
     print(text)

@@ -171,6 +171,18 @@ def test_colour_token_probe_finds_each_colour_from_its_pixels_and_not_from_noise
     assert sum(noise.values()) / len(noise) < 0.25, noise
 
 
+def test_token_position_probe_reads_positions_only_where_the_tokens_carry_them():
+    probe = _probe_script().token_position_probe
+    g = torch.Generator().manual_seed(0)
+
+    # each of 16 tokens: a one-hot of its own index plus noise, or noise alone
+    def with_pos(ims: list) -> torch.Tensor:
+        return (torch.eye(16) + 0.15 * torch.randn(len(ims), 16, 16, generator=g)).reshape(len(ims), -1)
+
+    assert probe(with_pos, 16, n_train=60, n_test=20) > 0.9
+    assert probe(lambda ims: torch.randn(len(ims), 16 * 16, generator=g), 16, n_train=60, n_test=20) < 0.15
+
+
 def test_slot_probabilities_are_the_answers_likelihoods(tmp_path: Path):
     import random
 
