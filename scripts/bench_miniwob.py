@@ -1,4 +1,4 @@
-"""MiniWoB++ throughput with 1 and 2 browser workers, measured side by side (issue #13's 1.5x target).
+"""MiniWoB++ throughput with 1 and 2 browser workers, measured side by side.
 
     python scripts/bench_miniwob.py [--episodes 48] [--rounds 2] [--out /tmp/bench_miniwob.json]
 

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from script_helpers import load_script
 
 from digiq.models.shipped import resolve_model_folder
@@ -165,10 +166,12 @@ def test_the_default_actor_start_is_the_pipeline_configs(ablate, tmp_path: Path,
     pipe = _fake_pipeline(tmp_path)
     argv = ["--pipeline", str(pipe), "--config", str(PAPER), "--out", str(tmp_path / "a"), "--seeds", "0"]
     ablate.main([*argv, "--ns", "4", "--episodes", "4", "--arms", "filtered_bc", "td"])
-    pi_beta = str(pipe / "bc" / "policy")  # miniwob-paper.yaml leaves actor_from at pi_beta
+    pi_beta = str(pipe / "bc" / "policy")  # miniwob-paper.yaml's actor_from is pi_beta
+    recipe = yaml.safe_load(PAPER.read_text())
     stages = {folder: cfg for _, folder, cfg in runs}
     assert stages["filtered_bc"].model.name_or_path == pi_beta
-    assert stages["extract_td_n4"].init_policy == pi_beta and stages["extract_td_n4"].threshold == 0.1
+    assert stages["extract_td_n4"].init_policy == pi_beta
+    assert stages["extract_td_n4"].threshold == recipe["extract_policy"]["threshold"]
 
 
 def test_arms_a_scripted_collection_cannot_have_are_refused(ablate, tmp_path: Path, monkeypatch) -> None:

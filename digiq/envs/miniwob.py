@@ -40,7 +40,7 @@ from digiq.config import check
 from digiq.envs.base import EnvCrashed, Observation, StepResult, TaskInstance
 from digiq.errors import DigiqError
 
-# The issue #13 task list: the click / type / form kinds the scripted behaviour policy covers.
+# The task list: the click / type / form kinds the scripted behaviour policy covers.
 DEFAULT_TASKS = (
     "click-button",
     "click-link",

@@ -1,5 +1,5 @@
 """Web screens for pretraining: MiniWoB++ pages of tasks *outside* the pipeline's task list, with grounding and
-referring labels read from the DOM (issue #13: the model has seen web pages, not the tasks it will solve).
+referring labels read from the DOM (the model has seen web pages, not the tasks it will solve).
 
 ``collect_web_screens`` opens each task of ``WebScreensConfig.tasks`` on a run of page seeds, and keeps the
 first screen and, half of the time, the screen after one click on a random visible element (menus open, tabs

@@ -1,4 +1,4 @@
-"""The simulated Android device: the embedded default data source (issue #2, item 5).
+"""The simulated Android device: the embedded default data source.
 
 A real small environment, not a mock: pillow-rendered portrait screens (home screen with three shop
 apps, Settings and a Browser; shop apps with a search bar, keyboard, results list and product pages with

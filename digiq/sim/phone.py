@@ -1,6 +1,6 @@
 """The simulated Android device: dynamics, judge, rendering cache and exact Q*/V* by value iteration.
 
-Design (issue #2, item 5):
+Design:
 
 * **State.** A :class:`~digiq.sim.layout.State` (task, screen, shop, search-field contents, scroll, product,
   added-to-cart, three toggles). Every wrong typed text collapses to one "wrong query" state (rendered as
