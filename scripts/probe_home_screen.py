@@ -118,26 +118,36 @@ def ground(policy_fn: Callable[[list[dict]], list[str]], episodes: int = 40, see
     return hits / len(rows)
 
 
+def _linear_probe(
+    x: torch.Tensor, y: torch.Tensor, n_train: int, n_classes: int, l2: float, steps: int
+) -> float:
+    """Held-out accuracy of a linear softmax classifier from (normalised) ``x`` to ``y``, fitted on the first
+    ``n_train`` rows from zero weights with Adam and an L2 penalty ``l2``."""
+    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = x[:n_train] @ w + b
+        loss = torch.nn.functional.cross_entropy(logits, y[:n_train]) + l2 * w.pow(2).sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((x[n_train:] @ w + b).argmax(1) == y[n_train:]).float().mean())
+
+
+def _normalised(x: torch.Tensor, n_train: int) -> torch.Tensor:
+    """``x`` standardised with the mean and spread of its first ``n_train`` rows."""
+    mu, sd = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
+    return (x - mu) / sd
+
+
 def fit_slot_probe(x: torch.Tensor, slots: torch.Tensor, n_train: int, steps: int = 300) -> list[float]:
     """Per app, a linear softmax classifier from ``x`` (screens x features) to the app's grid slot, fitted on the
     first ``n_train`` screens; returns the held-out accuracy per app (``slots``: screens x apps)."""
     torch.manual_seed(0)
-    mu, sd = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
-    x = (x - mu) / sd
-    out = []
-    for a in range(slots.shape[1]):
-        w = torch.zeros(x.shape[1], 9, requires_grad=True)
-        b = torch.zeros(9, requires_grad=True)
-        opt = torch.optim.Adam([w, b], lr=1e-2)
-        for _ in range(steps):
-            opt.zero_grad()
-            logits = x[:n_train] @ w + b
-            loss = torch.nn.functional.cross_entropy(logits, slots[:n_train, a]) + 1e-3 * w.pow(2).sum()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            out.append(float(((x[n_train:] @ w + b).argmax(1) == slots[n_train:, a]).float().mean()))
-    return out
+    x = _normalised(x, n_train)
+    return [_linear_probe(x, slots[:, a], n_train, 9, 1e-3, steps) for a in range(slots.shape[1])]
 
 
 def image_token_probe(folder: str, n_train: int = 1500, n_test: int = 500) -> list[float]:
@@ -206,18 +216,7 @@ def token_position_probe(
     y = torch.arange(n_tokens).repeat(len(screens))
     fit = n_train * n_tokens
     torch.manual_seed(0)
-    mu, sd = x[:fit].mean(0), x[:fit].std(0) + 1e-6
-    x = (x - mu) / sd
-    w = torch.zeros(x.shape[1], n_tokens, requires_grad=True)
-    b = torch.zeros(n_tokens, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=1e-2)
-    for _ in range(300):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x[:fit] @ w + b, y[:fit]) + 1e-4 * w.pow(2).sum()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return float(((x[fit:] @ w + b).argmax(1) == y[fit:]).float().mean())
+    return _linear_probe(_normalised(x, fit), y, fit, n_tokens, 1e-4, 300)
 
 
 def slot_probabilities(model: Any, processor: Any, sample: S.Sample) -> torch.Tensor:
@@ -285,25 +284,26 @@ def main(argv: list[str] | None = None) -> None:
         }
     if args.ground:
         res["ground"] = {"accuracy": ground(fn, args.ground, args.seed), "screens": args.ground}
-    if args.colour:
+    if args.colour or args.positions:  # both read the model's own image features: load it once
         from digiq.models.vlm import load_vlm
 
         model, processor = load_vlm(args.policy)
         model.eval()
+
+        def features(ims: list) -> torch.Tensor:
+            return image_features(model, processor, ims)
+
+    if args.colour:
         res["grid_colour"] = colour_pointer(model, processor, args.colour)
-        per = colour_token_probe(lambda ims: image_features(model, processor, ims))
+        per = colour_token_probe(features)
         res["grid_colour"]["image_tokens"] = {
             "slot_accuracy_per_colour": {c: round(a, 3) for c, a in per.items()},
             "mean": sum(per.values()) / len(per),
         }
     if args.positions:
-        from digiq.models.vlm import load_vlm
-
-        model, processor = load_vlm(args.policy)
-        model.eval()
         n_tokens = int(getattr(processor, "image_seq_len", 16))
         res["token_positions"] = {
-            "accuracy": token_position_probe(lambda ims: image_features(model, processor, ims), n_tokens),
+            "accuracy": token_position_probe(features, n_tokens),
             "chance": 1 / n_tokens,
         }
     text = json.dumps(res, indent=1)
