@@ -64,17 +64,8 @@ METHODS = {
     "q_star": "[oracle] exact Q* over the same candidates",
     "td_pre": "Digi-Q TD, pre-Stage-1 features",
 }
-DEFAULT_ARMS = (
-    "behaviour_greedy",
-    "behaviour_sampled",
-    "pi_beta",
-    "filtered_bc",
-    "td",
-    "mc",
-    "td_paper",
-    "mc_paper",
-    "q_star",
-)
+# Every arm but td_pre, which runs with --pre-stage1 (one extra feature pass).
+DEFAULT_ARMS = tuple(a for a in METHODS if a != "td_pre")
 BEHAVIOUR_ARMS = ("behaviour_greedy", "behaviour_sampled")
 CRITIC_ARMS = ("td", "mc", "td_paper", "mc_paper", "td_pre")
 
@@ -175,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--arms",
         nargs="+",
-        choices=[a for a in METHODS if a != "td_pre"],
+        choices=DEFAULT_ARMS,
         default=None,
         help="which arms to run (default: all that this pipeline run can have)",
     )

@@ -144,16 +144,12 @@ class Config:
         for s in [*self.stages, *self.force]:
             check(s in STAGES, f"unknown stage {s!r}; stages are {list(STAGES)}")
         check(self.threads >= 0, "threads must be >= 0")
-        check(
-            self.candidates_from == "pi_beta" or self.collect.policy != "scripted",
-            "candidates_from=behaviour samples the model that collected the data: set collect.policy to a "
-            "policy folder (the scripted policy is no model)",
-        )
-        check(
-            self.actor_from == "pi_beta" or self.collect.policy != "scripted",
-            "actor_from=behaviour starts the actor from the model that collected the data: set collect.policy "
-            "to a policy folder (the scripted policy is no model)",
-        )
+        for key, does in (("candidates_from", "samples"), ("actor_from", "starts the actor from")):
+            check(
+                getattr(self, key) == "pi_beta" or self.collect.policy != "scripted",
+                f"{key}=behaviour {does} the model that collected the data: set collect.policy to a policy "
+                "folder (the scripted policy is no model)",
+            )
         check(
             self.candidates_from == "pi_beta" or self.candidates.source == "policy",
             "candidates_from=behaviour needs candidates.source=policy",
