@@ -68,3 +68,33 @@ def noop_q_loss(
     per row by ``weight`` (0 = the row has no such action); mean over the batch, sum over twins."""
     _check("noop_q_loss", q_pred, v_state_target=v_state_target, weight=weight)
     return _reduce(weight * (q_pred - gamma * v_state_target.detach()) ** 2)
+
+
+def conservative_penalty(
+    q_candidates: torch.Tensor, q_data: torch.Tensor, valid: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """CQL's regulariser over a finite candidate set (Kumar et al. 2020, Eq. 4, with the sampled candidates as
+    the action set): ``tau * logsumexp_j(Q(s, a_j) / tau) - Q(s, a_data)``, mean over the batch, summed over
+    any twin dim.
+
+    ``q_candidates`` (B, N) or (B, N, T) over every stored candidate of the row (the dataset action
+    included), ``q_data`` (B,) or (B, T) the dataset action's, ``valid`` (B, N) bool or None (all valid).
+    Minimising it lowers Q where no episode recorded an outcome and raises it on the executed action.
+    """
+    if q_candidates.dim() < 2:
+        raise ShapeError(
+            f"conservative_penalty: q_candidates must be (B, N[, T]), got {tuple(q_candidates.shape)}"
+        )
+    _check("conservative_penalty", q_data, q_candidates_column=q_candidates.select(1, 0))
+    if temperature <= 0:
+        raise ValueError(f"conservative_penalty: temperature must be > 0, got {temperature}")
+    scaled = q_candidates / temperature
+    if valid is not None:
+        if tuple(valid.shape) != tuple(q_candidates.shape[:2]):
+            raise ShapeError(
+                f"conservative_penalty: valid has shape {tuple(valid.shape)}, expected {tuple(q_candidates.shape[:2])}"
+            )
+        mask = valid.reshape(*valid.shape, *([1] * (q_candidates.dim() - 2)))
+        scaled = scaled.masked_fill(~mask, float("-inf"))
+    soft_max = temperature * torch.logsumexp(scaled, dim=1)
+    return _reduce(soft_max - q_data)

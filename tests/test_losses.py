@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from digiq.losses import ShapeError, mc_loss, noop_q_loss, td_q_loss, td_target, td_v_loss
+from digiq.losses import (
+    ShapeError,
+    conservative_penalty,
+    mc_loss,
+    noop_q_loss,
+    td_q_loss,
+    td_target,
+    td_v_loss,
+)
 
 
 def test_td_q_loss_hand_computed() -> None:
@@ -73,3 +83,36 @@ def test_noop_q_loss_hand_computed_and_weighted() -> None:
     assert q.grad[2].abs().sum() == 0  # weight 0 rows get no gradient
     with pytest.raises(ShapeError):
         noop_q_loss(q, v[:, :1], 0.9, w)
+
+
+def test_conservative_penalty_hand_computed() -> None:
+    # row 0: log(e^1 + e^0) - 1 = log(1 + e^-1); row 1: log(2 e^2) - 2 = log 2
+    q = torch.tensor([[1.0, 0.0], [2.0, 2.0]], requires_grad=True)
+    got = conservative_penalty(q, q[:, 0], None, 1.0)
+    assert got.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(2)) / 2)
+    # the gradient lowers the candidates by their softmax weight and raises the dataset action by 1 - its weight
+    got.backward()
+    w0 = math.exp(1) / (math.exp(1) + 1)
+    assert torch.allclose(q.grad, torch.tensor([[(w0 - 1) / 2, (1 - w0) / 2], [-0.25, 0.25]]))
+    # a masked candidate drops out: row 1 scores its dataset action alone (penalty 0)
+    valid = torch.tensor([[True, True], [True, False]])
+    got = conservative_penalty(q.detach(), q.detach()[:, 0], valid, 1.0)
+    assert got.item() == pytest.approx(math.log(1 + math.exp(-1)) / 2)
+    # temperature 0.5: 0.5 log(e^2 + 1) - 1 and 0.5 log 2
+    got = conservative_penalty(q.detach(), q.detach()[:, 0], None, 0.5)
+    assert got.item() == pytest.approx((0.5 * math.log(1 + math.exp(-2)) + 0.5 * math.log(2)) / 2)
+
+
+def test_conservative_penalty_twins_sum_and_shape_checks() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 4, 2, generator=g)  # (B, N, T)
+    both = conservative_penalty(q, q[:, 0], None, 1.0)
+    per = [conservative_penalty(q[..., t], q[:, 0, t], None, 1.0) for t in range(2)]
+    assert both.item() == pytest.approx(sum(p.item() for p in per))
+    assert conservative_penalty(q, q[:, 0], None, 1.0).item() >= 0  # logsumexp >= any member
+    with pytest.raises(ShapeError):
+        conservative_penalty(q, q[:, 0, 0], None, 1.0)  # (B,) against (B, T) twins
+    with pytest.raises(ShapeError):
+        conservative_penalty(q, q[:, 0], torch.ones(5, 3, dtype=torch.bool), 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        conservative_penalty(q, q[:, 0], None, 0.0)

@@ -88,6 +88,21 @@ class NoopBackupConfig:
 
 
 @dataclasses.dataclass
+class ConservativeConfig:
+    # Beyond the paper: CQL's regulariser (Kumar et al. 2020, Eq. 4) with the stored candidates as the action
+    # set, tau * logsumexp_j Q(s, a_j) / tau - Q(s, a_data). The TD backup fits Q on executed actions only, so
+    # a candidate no episode tried gets whatever value its features generalise to, and Best-of-N imitates the
+    # candidates the critic over-rates (on MiniWoB++ most kept states imitated an unseen candidate,
+    # docs/miniwob.md). 0 = off (the paper's critic).
+    weight: float = 0.0
+    temperature: float = 1.0
+
+    def validate(self, where: str = "conservative") -> None:
+        check(self.weight >= 0, f"{where}.weight must be >= 0, got {self.weight}")
+        check(self.temperature > 0, f"{where}.temperature must be > 0, got {self.temperature}")
+
+
+@dataclasses.dataclass
 class CriticOptimConfig(OptimConfig):
     """Adam for the heads. A subclass (not a default_factory) so partial overrides keep these defaults."""
 
@@ -124,6 +139,7 @@ class Config:
     epochs: int = 20
     critic: CriticNetConfig = dataclasses.field(default_factory=CriticNetConfig)
     noop: NoopBackupConfig = dataclasses.field(default_factory=NoopBackupConfig)
+    conservative: ConservativeConfig = dataclasses.field(default_factory=ConservativeConfig)
     optim: CriticOptimConfig = dataclasses.field(default_factory=CriticOptimConfig)
     # Mixed precision for the heads ('auto': bf16 on a bf16 GPU, 'no' on the CPU); features keep the cache
     # dtype in memory.
@@ -172,6 +188,12 @@ class Config:
                 not self.critic.text.encoder,
                 "noop.enabled reads the cached features alone; it does not support critic.text.encoder",
             )
+        self.conservative.validate("conservative")
+        check(
+            self.conservative.weight == 0 or not self.critic.text.encoder,
+            "conservative.weight > 0 scores every stored candidate from the cached features; it does not "
+            "support critic.text.encoder",
+        )
         self.optim.validate("optim")
 
 
@@ -185,6 +207,7 @@ def objective(cfg: Config) -> Objective:
     return Objective(
         loss=cfg.critic_loss, gamma=cfg.gamma, tau=cfg.tau, target_pairing=cfg.critic.target_pairing,
         aggregate=cfg.critic.aggregate, noop_weight=cfg.noop.weight, max_grad_norm=cfg.optim.max_grad_norm,
+        conservative_weight=cfg.conservative.weight, conservative_temperature=cfg.conservative.temperature,
     )  # fmt: skip
 
 
@@ -232,6 +255,8 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
         cd.require_candidates("backup_action=candidate")
     if cfg.noop.enabled:
         cd.require_candidates("noop.enabled")
+    if cfg.conservative.weight > 0:
+        cd.require_candidates("conservative.weight > 0")
     arch = cfg.critic.arch(cd.features.state_dim, cd.features.action_dim)
     ck = None
     if resume_from is not None:

@@ -10,7 +10,8 @@ against a hand computation:
   dueling Q (beyond the paper) V backs up ``r + gamma (1-d) V_targ(s')`` instead;
 * :func:`mc_objective`: both heads regress on the discounted return (the paper's ablation);
 * :func:`backup_targets`: which target head backs up which online head (per-head or twin-aggregated);
-* :func:`noop_objective`: the no-op backup ``(Q(s, a) - gamma V_targ(s))^2`` (beyond the paper).
+* :func:`noop_objective`: the no-op backup ``(Q(s, a) - gamma V_targ(s))^2`` (beyond the paper);
+* :func:`digiq.losses.conservative_penalty`: CQL's regulariser over the stored candidates (beyond the paper).
 
 The stage (``digiq train-critic``) is the recipe around it: data, model set-up, loop, checkpoints.
 """
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from digiq.losses import mc_loss, noop_q_loss, td_q_loss, td_target, td_v_loss
+from digiq.losses import conservative_penalty, mc_loss, noop_q_loss, td_q_loss, td_target, td_v_loss
 from digiq.models.critic import Critic, aggregate_twins, make_target, soft_update
 from digiq.models.critic_text import gather
 from digiq.training.critic_data import SampledBatch, StagedTensors
@@ -44,6 +45,10 @@ class Objective:
     aggregate: Literal["min", "max", "mean"] = "min"
     # Weight of the no-op term against J_Q (used when a batch carries no-op candidates).
     noop_weight: float = 10.0
+    # Weight of CQL's regulariser over the stored candidates (0 = off, the paper's critic) and its softmax
+    # temperature.
+    conservative_weight: float = 0.0
+    conservative_temperature: float = 1.0
     # Gradient clipping over the trainable parameters (0 = none).
     max_grad_norm: float = 1.0
 
@@ -173,7 +178,16 @@ class CriticLearner:
         idx, backup_col, noop_col = batch.idx, batch.backup_col, batch.noop_col
         inputs = data.critic_inputs()
         b = gather(inputs, idx, 0, self.critic.text)  # a fine-tuned encoder: one pass per encoder, with grads
-        if noop_col is None:
+        conservative = obj.conservative_weight > 0
+        q_cands = None
+        if conservative:
+            # Every stored candidate of the row (column 0 is the dataset action) in the one forward, which
+            # also serves the no-op candidate; no text inputs (the stage refuses a text encoder).
+            qc, v = self.model(b.state, inputs.actions[idx], b.state_text, None)  # (B, N, T), (B, T)
+            q, q_cands = qc[:, 0], qc
+            if noop_col is not None:
+                q_noop = qc[torch.arange(len(idx), device=qc.device), noop_col]
+        elif noop_col is None:
             q, v = self.model(b.state, b.action, b.state_text, b.action_text)  # (B, T) each
         else:
             pair = torch.stack([b.action, inputs.actions[idx, noop_col]], dim=1)  # (B, 2, Da)
@@ -211,6 +225,14 @@ class CriticLearner:
             ln = noop_objective(q_noop, v_s, data.noop[idx, noop_col], obj.gamma, pairing, obj.aggregate)
             loss = loss + obj.noop_weight * ln
             parts["loss_noop"] = ln.detach()
+        if q_cands is not None:
+            valid = None
+            if data.valid is not None:
+                valid = data.valid[idx].clone()
+                valid[:, 0] = True  # the executed action always counts (and keeps the logsumexp finite)
+            lc = conservative_penalty(q_cands.float(), q.float(), valid, obj.conservative_temperature)
+            loss = loss + obj.conservative_weight * lc
+            parts["loss_conservative"] = lc.detach()
         return loss, parts
 
     def step(self, data: StagedTensors, batch: SampledBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
