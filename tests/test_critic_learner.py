@@ -124,6 +124,10 @@ ARMS = {
     "td_conservative_noop": (CONSERVATIVE, {"q_input": "state_action"}, BACKUP_COL, NOOP_COL),
     "mc_conservative": ({"loss": "mc", **CONSERVATIVE}, {}, None, None),
 }
+# The conservative term's columns (the dataset action first) where an arm draws a subset (num_candidates=2).
+CONSERVATIVE_COLS = {
+    "td_conservative_noop": T([[0, 2], [0, 1], [0, 1], [0, 2], [0, 2], [0, 1], [0, 1], [0, 2]])
+}
 
 
 def _learner(arm: str, init_seed: int = 1) -> CriticLearner:
@@ -137,7 +141,7 @@ def _learner(arm: str, init_seed: int = 1) -> CriticLearner:
 
 def _step(learner: CriticLearner, data: StagedTensors, arm: str) -> tuple[torch.Tensor, dict]:
     _, _, col, ncol = ARMS[arm]
-    return learner.step(data, SampledBatch(IDX, col, ncol))
+    return learner.step(data, SampledBatch(IDX, col, ncol, CONSERVATIVE_COLS.get(arm)))
 
 
 def test_learner_needs_target_heads_for_td() -> None:
@@ -209,16 +213,19 @@ def test_load_state_dict_refuses_a_state_without_target_heads() -> None:
 
 def _reference_step(
     critic: Critic, target: Critic | None, opt: torch.optim.Optimizer, data: StagedTensors, obj: Objective,
-    col: torch.Tensor | None, ncol: torch.Tensor | None,
+    col: torch.Tensor | None, ncol: torch.Tensor | None, ccols: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The update spelled out with tensor ops: every formula written out, no digiq.losses and no learner."""
     i = IDX
     s, a = data.state[i], data.actions[i, 0]
     if obj.conservative_weight > 0:
-        qc, v = critic(s, data.actions[i])  # (B, N, T): every candidate, the dataset action first
-        q = qc[:, 0]
+        cand = data.actions[i] if ccols is None else data.actions[i.unsqueeze(1), ccols]
         if ncol is not None:
-            q_noop = qc[torch.arange(len(i)), ncol]
+            cand = torch.cat([cand, data.actions[i, ncol].unsqueeze(1)], 1)
+        qc, v = critic(s, cand)  # (B, K[+1], T): the dataset action first, the no-op candidate last
+        if ncol is not None:
+            qc, q_noop = qc[:, :-1], qc[:, -1]
+        q = qc[:, 0]
     elif ncol is None:
         q, v = critic(s, a)
     else:
@@ -253,7 +260,7 @@ def _reference_step(
         loss = loss + obj.noop_weight * ((w * (q_noop.float() - GAMMA * v_s) ** 2).sum() / B)
     if obj.conservative_weight > 0:
         tau_c = obj.conservative_temperature
-        ok = data.valid[i].clone()
+        ok = (data.valid[i] if ccols is None else data.valid[i.unsqueeze(1), ccols]).clone()
         ok[:, 0] = True
         scaled = (qc.float() / tau_c).masked_fill(~ok.unsqueeze(-1), float("-inf"))
         soft_max = tau_c * torch.logsumexp(scaled, dim=1)
@@ -275,8 +282,11 @@ def test_learner_equals_the_spelled_out_update_bitwise(arm: str) -> None:
     ref = _learner(arm)  # same seed: the same initial weights
     _, _, col, ncol = ARMS[arm]
     for _ in range(3):
-        loss, _ = learner.step(data, SampledBatch(IDX, col, ncol))
-        ref_loss = _reference_step(ref.critic, ref.target, ref.optimizer, data, ref.objective, col, ncol)
+        ccols = CONSERVATIVE_COLS.get(arm)
+        loss, _ = learner.step(data, SampledBatch(IDX, col, ncol, ccols))
+        ref_loss = _reference_step(
+            ref.critic, ref.target, ref.optimizer, data, ref.objective, col, ncol, ccols
+        )
         assert torch.equal(loss, ref_loss)
     assert _state_equal(learner.state_dict(), ref.state_dict())
 
@@ -308,3 +318,33 @@ def test_pinned_pre_learner_values(arm: str) -> None:
 def test_objective_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         Objective().gamma = 0.5  # type: ignore[misc]
+
+
+# ---- the row sampler's draw for the conservative term --------------------------------------------------
+
+
+def test_sampler_draws_the_dataset_action_and_distinct_valid_others() -> None:
+    from digiq.training.critic_data import RowSampler
+
+    data = _data()
+    data.actions, data.noop = torch.zeros(ROWS, 5, 4), None
+    data.valid = T([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 1, 1, 0]] * 2).bool()
+    rows = torch.arange(ROWS).numpy()
+    sampler = RowSampler(rows, 64, data, False, seed=3, rank=0, conservative_candidates=3)
+    sampler.start_epoch(0)
+    b = sampler.draw("cpu")
+    cols = b.conservative_cols
+    assert cols.shape == (64, 3) and (cols[:, 0] == 0).all()
+    assert all(len(set(r[1:].tolist())) == 2 and 0 not in r[1:].tolist() for r in cols)
+    for r, c in zip(b.idx.tolist(), cols.tolist()):
+        valid_others = int(data.valid[r, 1:].sum())
+        # a row draws its valid candidates before any invalid one
+        assert int(data.valid[r, c[1:]].sum()) == min(2, valid_others)
+    # the same (seed, rank, epoch) replays the same draw (a resumed epoch), and without the term none is drawn
+    again = RowSampler(rows, 64, data, False, seed=3, rank=0, conservative_candidates=3)
+    again.start_epoch(0)
+    assert torch.equal(again.draw("cpu").conservative_cols, cols)
+    plain = RowSampler(rows, 64, data, False, seed=3, rank=0)
+    plain.start_epoch(0)
+    pb = plain.draw("cpu")
+    assert pb.conservative_cols is None and torch.equal(pb.idx, b.idx)  # rows drawn first, unchanged

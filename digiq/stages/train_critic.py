@@ -96,9 +96,17 @@ class ConservativeConfig:
     # docs/miniwob.md). 0 = off (the paper's critic).
     weight: float = 0.0
     temperature: float = 1.0
+    # Candidates per row in the term: the dataset action and num_candidates - 1 others drawn uniformly per step
+    # (CQL samples its action set too); 0 = every stored candidate. Scoring all 16 makes each step's Q forward
+    # 16 times larger.
+    num_candidates: int = 0
 
     def validate(self, where: str = "conservative") -> None:
         check(self.weight >= 0, f"{where}.weight must be >= 0, got {self.weight}")
+        check(
+            self.num_candidates == 0 or self.num_candidates >= 2,
+            f"{where}.num_candidates must be 0 (all) or >= 2 (the dataset action and another), got {self.num_candidates}",
+        )
         check(self.temperature > 0, f"{where}.temperature must be > 0, got {self.temperature}")
 
 
@@ -346,7 +354,10 @@ def run(cfg: Config, q_star_fn: QStarFn | None = None) -> dict[str, float]:
 
     # ---- train loop ----------------------------------------------------------------------------------
     backup_candidate = cfg.critic_loss == "td" and cfg.backup_action == "candidate"
-    sampler = RowSampler(train_rows, cfg.batch_size // world, data, backup_candidate, cfg.seed, rank)
+    sampler = RowSampler(
+        train_rows, cfg.batch_size // world, data, backup_candidate, cfg.seed, rank,
+        conservative_candidates=cfg.conservative.num_candidates if cfg.conservative.weight > 0 else 0,
+    )  # fmt: skip
     step = start_step
     metrics: dict[str, float] = {}
     bar = tqdm(total=total, initial=start_step, disable=not is_main, desc="train-critic")

@@ -135,6 +135,9 @@ class SampledBatch:
     idx: torch.Tensor  # (B,) rows
     backup_col: torch.Tensor | None = None  # (B,) backup_action=candidate: the a' of V's target
     noop_col: torch.Tensor | None = None  # (B,) noop.enabled: one candidate backed up as a no-op
+    # (B, K) conservative.num_candidates: the columns the conservative term scores, the dataset action (0)
+    # first; None = every stored candidate.
+    conservative_cols: torch.Tensor | None = None
 
 
 class RowSampler:
@@ -149,6 +152,7 @@ class RowSampler:
         backup_candidate: bool,
         seed: int,
         rank: int,
+        conservative_candidates: int = 0,
     ) -> None:
         self.rows = torch.as_tensor(train_rows)
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
@@ -156,13 +160,18 @@ class RowSampler:
         self.backup_candidate = backup_candidate
         self.valid = None if data.valid is None else data.valid.cpu().float()
         self.noop = None if data.noop is None else data.noop.cpu()
+        # Draw the dataset action plus this many - 1 others per row for the conservative term (0 = all N).
+        self.conservative_candidates = (
+            conservative_candidates if conservative_candidates < self.num_candidates else 0
+        )
         self.gen = torch.Generator(device="cpu")
 
     def start_epoch(self, epoch: int) -> None:
         self.gen.manual_seed(self.seed * 1_000_003 + self.rank * 7_919 + epoch)
 
     def draw(self, device: torch.device | str) -> SampledBatch:
-        """The next batch; the draws happen in a fixed order (rows, backup column, no-op column)."""
+        """The next batch; the draws happen in a fixed order (rows, backup column, no-op column, the
+        conservative term's columns)."""
         gen, B = self.gen, self.batch_size
         idx = self.rows[torch.randint(len(self.rows), (B,), generator=gen)]
         col = None
@@ -177,4 +186,13 @@ class RowSampler:
             w = self.noop[idx]  # advanced indexing copies: the mask itself is not written
             w[w.sum(1) == 0, 0] = 1.0  # a row without no-ops draws column 0, whose weight is 0
             ncol = torch.multinomial(w, 1, generator=gen).squeeze(1).to(device, non_blocking=True)
-        return SampledBatch(idx.to(device, non_blocking=True), col, ncol)
+        ccols = None
+        if self.conservative_candidates:
+            # Uniform over the other candidates, valid ones first: an invalid column is drawn only when a row
+            # has too few valid ones, and the term masks it.
+            w = torch.ones(B, self.num_candidates - 1) if self.valid is None else self.valid[idx, 1:] + 1e-6
+            others = 1 + torch.multinomial(
+                w, self.conservative_candidates - 1, replacement=False, generator=gen
+            )
+            ccols = torch.cat([torch.zeros(B, 1, dtype=torch.long), others], 1).to(device, non_blocking=True)
+        return SampledBatch(idx.to(device, non_blocking=True), col, ncol, ccols)

@@ -173,6 +173,7 @@ class CriticLearner:
         ``batch.backup_col`` (B,): the candidate a' of V's TD target (None: the dataset action).
         ``batch.noop_col`` (B,): one candidate per row to back up as a no-op (its weight is ``data.noop``),
         scored in the same forward as the dataset action.
+        ``batch.conservative_cols`` (B, K): the candidates the conservative term scores (None: all of them).
         """
         obj, target = self.objective, self.target
         idx, backup_col, noop_col = batch.idx, batch.backup_col, batch.noop_col
@@ -183,10 +184,14 @@ class CriticLearner:
         if conservative:
             # Every stored candidate of the row (column 0 is the dataset action) in the one forward, which
             # also serves the no-op candidate; no text inputs (the stage refuses a text encoder).
-            qc, v = self.model(b.state, inputs.actions[idx], b.state_text, None)  # (B, N, T), (B, T)
-            q, q_cands = qc[:, 0], qc
+            ccols = batch.conservative_cols
+            cand = inputs.actions[idx] if ccols is None else inputs.actions[idx.unsqueeze(1), ccols]
+            if noop_col is not None:  # the no-op candidate rides in the same forward, as the last column
+                cand = torch.cat([cand, inputs.actions[idx, noop_col].unsqueeze(1)], 1)
+            qc, v = self.model(b.state, cand, b.state_text, None)  # (B, K[+1], T), (B, T)
             if noop_col is not None:
-                q_noop = qc[torch.arange(len(idx), device=qc.device), noop_col]
+                qc, q_noop = qc[:, :-1], qc[:, -1]
+            q, q_cands = qc[:, 0], qc
         elif noop_col is None:
             q, v = self.model(b.state, b.action, b.state_text, b.action_text)  # (B, T) each
         else:
@@ -228,7 +233,12 @@ class CriticLearner:
         if q_cands is not None:
             valid = None
             if data.valid is not None:
-                valid = data.valid[idx].clone()
+                valid = (
+                    data.valid[idx]
+                    if batch.conservative_cols is None
+                    else data.valid[idx.unsqueeze(1), batch.conservative_cols]
+                )
+                valid = valid.clone()
                 valid[:, 0] = True  # the executed action always counts (and keeps the logsumexp finite)
             lc = conservative_penalty(q_cands.float(), q.float(), valid, obj.conservative_temperature)
             loss = loss + obj.conservative_weight * lc
