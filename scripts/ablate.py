@@ -10,7 +10,8 @@ that collected the data (the paper fine-tunes AutoUI, Sec. 5.1); Filtered BC and
 - `filtered_bc`: BC on the successful trajectories of the same data, from the actor start (Table 1's baseline);
 - `td` / `mc`: the pipeline's critic trained with TD / with the MC return, all else equal (its no-op backup
   and dueling head included); TD over every N, MC at the largest N;
-- `td_paper` / `mc_paper`: the same pair with the paper's critic (no no-op backup, a direct Q head);
+- `td_paper` / `mc_paper`: the same pair with the paper's critic (no no-op backup, a direct Q head, no
+  conservative term);
 - `q_star`, an **oracle reference** (simulator only): the exact Q* scores the same candidates, the ceiling of
   extraction over them; it reads privileged state, so it is a reference row, never a method;
 - `td_pre` (`--pre-stage1`): TD on features of the VLM before Stage 1 (the paper's off-the-shelf arm).
@@ -75,6 +76,7 @@ def critic_overrides(arm: str, tc: train_critic.Config) -> dict:
     paper = {
         "noop": dataclasses.replace(tc.noop, enabled=False),
         "critic": dataclasses.replace(tc.critic, q_param="direct"),
+        "conservative": dataclasses.replace(tc.conservative, weight=0.0),
     }
     return {
         "td": {"critic_loss": "td"},

@@ -132,6 +132,8 @@ def _run_ablation(pipe: Path, config: Path, out: Path, monkeypatch) -> None:
         if arm.endswith("_paper"):
             want |= {"noop", "critic"}
             assert got["noop"]["enabled"] is False and got["critic"]["q_param"] == "direct", arm
+            assert got["conservative"]["weight"] == 0, arm
+            want |= {"conservative"} if base["conservative"]["weight"] else set()
             other = {k for k in base["critic"] if got["critic"][k] != base["critic"][k]}
             assert other == {"q_param"}, arm
         assert diff == want, (arm, diff)
