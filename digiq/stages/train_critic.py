@@ -13,6 +13,7 @@ heads regress on the discounted return, recomputed from the rewards with ``gamma
 ``trainer.py:148-152,173-175``; ``critic.aggregate: max`` alone does not reproduce it), ``noop.enabled``
 (beyond the paper; the pipeline's default) adds ``noop.weight * (Q(s, a) - gamma V_targ(s))^2`` for the
 candidates a linear probe on the Stage-1 labels reads as leaving the screen unchanged, and
+``conservative.weight`` (beyond the paper, off by default) adds CQL's regulariser over the stored candidates, and
 ``critic.frame_stack`` / ``q_input`` / ``text`` give the official critic's inputs
 (:mod:`digiq.models.critic_text`, ``configs/train-critic/official-aitw.yaml``).
 
