@@ -11,10 +11,14 @@ policy. The script then compares the critic's scores with these values state by 
 
 - ``top1``: the critic's argmax is a best candidate by rollout value (ties count), over the *informative*
   states, those whose candidates do not all have one value;
+  ``dataset_top1`` / ``random_top1`` the same for the dataset action and (in expectation) a uniform pick;
 - ``pick_value`` / ``dataset_value`` / ``random_value`` / ``best_value``: the mean rollout value of the critic's
-  pick, of the dataset action, of a uniformly drawn valid candidate and of the best candidate (the ceiling of
+  pick, of the dataset action, of a uniform pick (in expectation) and of the best candidate (the ceiling of
   Best-of-N over these candidates);
-- ``spearman``: rank correlation of critic scores and rollout values within a state, averaged.
+- ``spearman``: rank correlation (ties averaged) of critic scores and rollout values within an informative
+  state, averaged;
+- ``--probe``: the same for a ridge regression fit on the rollout values themselves from the candidates'
+  features (other states' values, 5 folds): whether the features hold the ranking at all.
 
 The rollouts read the page seed, privileged information no method may use: this is a measurement, an oracle
 reference, never an input to training. Rows come from the critic's held-out trajectories by default (its
@@ -23,10 +27,11 @@ reference, never an input to training. Rows come from the critic's held-out traj
     PYTHONPATH=. python scripts/candidate_values.py --pipeline runs/miniwob-paper --states 60 \\
         --out runs/miniwob-paper/candidate_values
     PYTHONPATH=. python scripts/candidate_values.py --pipeline runs/miniwob-paper \\
-        --critic runs/other/critic/critic --out runs/other/candidate_values      # another critic, same rollouts
+        --critic runs/other/critic/critic --out runs/miniwob-paper/candidate_values   # another critic, same rollouts
 
-Rollout values are cached in ``<out>/rollouts_<continuation>.json`` by (row, candidate text): scoring another
-critic on the same rows plays nothing again. Metrics go to ``<out>/metrics_<continuation>_<critic run>.json``.
+Outcomes (success, steps) are cached in ``<out>/rollouts_<continuation>.json`` by (row, candidate text), under
+the dataset's fingerprint and the continuation: scoring another critic on the same rows plays nothing again.
+Metrics go to ``<out>/metrics_<continuation>_<name>.json`` (``--name``, default the critic's run folder).
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
 from digiq.actions import parse_action
@@ -99,61 +103,158 @@ class RolloutPolicy:
         return out
 
 
-def rollout_value(episode: Episode, prefix_len: int, gamma: float) -> float:
+Outcome = tuple[bool, int]  # (success, steps from the candidate to the episode's end)
+
+
+def rollout_outcome(episode: Episode, prefix_len: int) -> Outcome | None:
+    """(success, steps taken from the candidate on), or None when the episode ended before the candidate."""
+    if episode.steps <= prefix_len:
+        return None
+    return bool(episode.success), int(episode.steps - prefix_len)
+
+
+def outcome_value(outcome: Outcome, gamma: float) -> float:
     """gamma^(steps after the candidate) on success, else 0: the candidate's discounted return."""
-    return float(gamma ** (episode.steps - 1 - prefix_len)) if episode.success else 0.0
+    success, steps = outcome
+    return float(gamma ** (steps - 1)) if success else 0.0
 
 
-def ranking_metrics(
-    values: np.ndarray, scores: np.ndarray, known: np.ndarray, rng: np.random.Generator
-) -> dict[str, float]:
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (rollout values tie often: every failure is 0)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def ranking_metrics(values: np.ndarray, scores: np.ndarray, known: np.ndarray) -> dict[str, float]:
     """Compare critic ``scores`` with rollout ``values`` (both (R, N)) over the candidates ``known`` (R, N)
     bool: played out, parsed, and their state rebuilt. Column 0 is the dataset action. Rows with fewer than two
-    known candidates are skipped."""
-    top1, pick, data, rand, best, rho = [], [], [], [], [], []
+    known candidates, or without the dataset action, are skipped. Top-1 and Spearman count *informative* rows
+    only (candidates of more than one value); the random pick is the exact expectation over the columns."""
+    top1, data1, rand1, pick, data, rand, best, rho = [], [], [], [], [], [], [], []
     for v, s, m in zip(values, scores, known):
         idx = np.flatnonzero(m)
         if len(idx) < 2 or not m[0]:
             continue
         vv, ss = v[idx], s[idx]
         j = int(np.argmax(ss))
+        is_best = vv >= vv.max() - 1e-9
         if np.ptp(vv) > 0:  # a state whose candidates all have one value cannot be ranked wrong
-            top1.append(vv[j] >= vv.max() - 1e-9)
+            top1.append(is_best[j])
+            data1.append(is_best[0])
+            rand1.append(is_best.mean())
+            rho.append(0.0 if np.ptp(ss) == 0 else float(np.corrcoef(_ranks(vv), _ranks(ss))[0, 1]))
         pick.append(vv[j])
         data.append(v[0])
-        rand.append(vv[int(rng.integers(len(idx)))])
+        rand.append(vv.mean())
         best.append(vv.max())
-        if np.ptp(vv) > 0 and np.ptp(ss) > 0:
-            rv = np.argsort(np.argsort(vv)).astype(float)
-            rs = np.argsort(np.argsort(ss)).astype(float)
-            rho.append(float(np.corrcoef(rv, rs)[0, 1]))
     n = len(pick)
     if n == 0:
         raise DigiqError("no state has the dataset action and another candidate played out")
+
+    def mean(x: list) -> float:
+        return float(np.mean(x)) if x else math.nan
+
     return {
         "states": float(n),
         "informative_states": float(len(top1)),
-        "top1": float(np.mean(top1)) if top1 else math.nan,
-        "pick_value": float(np.mean(pick)),
-        "dataset_value": float(np.mean(data)),
-        "random_value": float(np.mean(rand)),
-        "best_value": float(np.mean(best)),
-        "spearman": float(np.mean(rho)) if rho else math.nan,
-        "spearman_states": float(len(rho)),
+        "top1": mean(top1),
+        "dataset_top1": mean(data1),
+        "random_top1": mean(rand1),
+        "spearman": mean(rho),
+        "pick_value": mean(pick),
+        "dataset_value": mean(data),
+        "random_value": mean(rand),
+        "best_value": mean(best),
     }
 
 
-def _critic_scores(critic_dir: str, features: str, ds: Any, dataset: str, n: int) -> np.ndarray:
+def ridge_probe(
+    feats: np.ndarray,
+    values: np.ndarray,
+    known: np.ndarray,
+    folds: int = 5,
+    alpha: float = 0.1,
+    seed: int = 0,
+) -> np.ndarray:
+    """Scores from a ridge regression of the rollout values on the candidates' features (R, N, D), centred
+    within each state (only differences between a state's candidates remain), fit on the other states of
+    ``folds`` folds. Asks whether the features hold the ranking at all, given its answers on other states."""
+    rows = np.flatnonzero(known.sum(1) >= 2)
+    x = feats - (feats * known[..., None]).sum(1, keepdims=True) / np.maximum(known.sum(1), 1)[:, None, None]
+    out = np.zeros(values.shape)
+    rng = np.random.default_rng(seed)
+    for part in np.array_split(rng.permutation(rows), folds):
+        train = np.setdiff1d(rows, part)
+        a, b = x[train][known[train]], values[train][known[train]]
+        mu, sd = a.mean(0), a.std(0) + 1e-6
+        a = (a - mu) / sd
+        w = np.linalg.solve(a.T @ a + alpha * len(a) * np.eye(a.shape[1]), a.T @ (b - b.mean()))
+        out[part] = ((x[part] - mu) / sd) @ w
+    return out
+
+
+def plan_rollouts(
+    rows: Sequence[int],
+    traj: np.ndarray,
+    step: np.ndarray,
+    actions: Sequence[str],
+    table: Sequence[Sequence[str]],
+    instances: Sequence[TaskInstance],
+    done: dict[str, dict[str, Any]],
+) -> list[Rollout]:
+    """One rollout per distinct parsable candidate of each row not yet in ``done``, after the episode's own
+    actions before the row. Rows must be sorted by (traj_id, step_id) with steps 0, 1, ... (as collect
+    writes them); the row's episode is instance ``traj_id`` of the collection's instance list."""
+    plays = []
+    for r in map(int, rows):
+        t, k = int(traj[r]), int(step[r])
+        first = r - k
+        if (
+            first < 0
+            or not (traj[first : r + 1] == t).all()
+            or not (step[first : r + 1] == np.arange(k + 1)).all()
+        ):
+            raise DigiqError(
+                f"row {r} (trajectory {t}, step {k}): its episode's earlier steps are not the rows before it"
+            )
+        prefix = tuple(actions[first:r])
+        for c in dict.fromkeys(table[r]):  # each distinct candidate once
+            if c in done.get(str(r), {}) or not parse_action(c).is_valid:
+                continue
+            plays.append(Rollout(r, c, instances[t], prefix))
+    return plays
+
+
+def _critic_scores(critic_dir: str, features: str, ds: Any, dataset: str, n: int) -> tuple[np.ndarray, Any]:
+    from digiq.data.features import FeatureCache
     from digiq.stages.extract_policy import critic_scores
 
     q, _, _ = critic_scores(critic_dir, features, ds, dataset, n, list(ds["candidates"]))
-    return q.numpy()
+    return q.numpy(), FeatureCache.open(features)
+
+
+def _read_cache(path: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rollouts already played for this dataset and continuation; refuses a cache of others."""
+    if not path.exists():
+        return {}
+    got = json.loads(path.read_text())
+    if got.get("meta") != meta:
+        raise SystemExit(
+            f"{path} holds rollouts of {got.get('meta')}, not {meta}: use another --out or delete the file"
+        )
+    return got["rows"]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", required=True, help="a finished `digiq pipeline` output_dir")
     ap.add_argument("--critic", help="critic folder to score (default: <pipeline>/critic/critic)")
+    ap.add_argument("--features", help="the feature cache that critic reads (default: <pipeline>/features)")
     ap.add_argument("--continuation", choices=("expert", "policy"), default="expert",
                     help="who finishes the episode after the candidate: the environment's scripted expert "
                     "(default; the values are then the expert's Q, the analogue of the simulator's Q*) or "
@@ -162,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--states", type=int, default=60, help="rows to measure (drawn with --seed)")
     ap.add_argument("--rows", choices=("heldout", "train"), default="heldout",
                     help="the critic's held-out trajectories (default) or its training ones")  # fmt: skip
+    ap.add_argument("--probe", action="store_true",
+                    help="also fit a ridge probe of the rollout values on the features (5 folds over states)")  # fmt: skip
+    ap.add_argument("--name", help="metrics file name (default: from the critic's path)")
     ap.add_argument("--workers", type=int, default=2, help="environments (browsers) in parallel")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
@@ -172,9 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     from digiq.models.policy import load_policy_fn
 
     pipe = Path(args.pipeline)
-    dataset, features = pipe / "data_candidates", pipe / "features"
-    critic_dir = args.critic or str(pipe / "critic" / "critic")
-    crit_cfg = yaml.safe_load((pipe / "critic" / "config.yaml").read_text())
+    dataset, features = pipe / "data_candidates", Path(args.features or pipe / "features")
+    critic_dir = Path(args.critic or pipe / "critic" / "critic")
+    # gamma and the held-out split of the critic being scored (its run folder's resolved config)
+    cfg_path = critic_dir.parent / "config.yaml"
+    crit_cfg = yaml.safe_load(
+        (cfg_path if cfg_path.exists() else pipe / "critic" / "config.yaml").read_text()
+    )
     info = dataset_info(str(pipe / "data"))
     ccfg = info["config"]
     spec = env_for_dataset(info.get("source"))
@@ -186,35 +294,27 @@ def main(argv: list[str] | None = None) -> None:
     gamma = float(crit_cfg["gamma"])
     train_rows, val_rows = split_by_trajectory(ds, float(crit_cfg["val_fraction"]))
     pool = np.asarray(val_rows if args.rows == "heldout" else train_rows)
-    rng = np.random.default_rng(args.seed)
-    rows = np.sort(rng.choice(pool, size=min(args.states, len(pool)), replace=False))
+    rows = np.sort(
+        np.random.default_rng(args.seed).choice(pool, size=min(args.states, len(pool)), replace=False)
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    policy = args.policy or str(pipe / "bc" / "policy")
+    meta = {"dataset": ds._fingerprint, "continuation": args.continuation,
+            "policy": policy if args.continuation == "policy" else "scripted expert"}  # fmt: skip
     cache_path = out / f"rollouts_{args.continuation}.json"
-    cache: dict[str, dict[str, Any]] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache = _read_cache(cache_path, meta)
 
     cols = ds.select_columns(["traj_id", "step_id", "action", "candidates"])
     traj, step = np.asarray(cols["traj_id"]), np.asarray(cols["step_id"])
-    actions, table = cols["action"], cols["candidates"]
-    world = spec.open(config)
-    envs = spec.make(world, args.workers)
+    table = cols["candidates"]
+    plays: list[Rollout] = []
+    envs: list[Any] = []
     try:
+        envs = spec.make(spec.open(config), args.workers)
         instances = envs[0].task_instances(ccfg["split"], int(ccfg["num_trajectories"]), int(ccfg["seed"]))
-        plays: list[Rollout] = []
-        screens: list[np.ndarray] = []
-        for r in rows:
-            t, k = int(traj[r]), int(step[r])
-            first = int(r) - k  # rows are sorted by (traj_id, step_id)
-            prefix = tuple(actions[first + i] for i in range(k))
-            shot = np.asarray(ds[int(r)]["screenshot"])
-            for c in dict.fromkeys(table[r]):  # each distinct candidate once
-                if str(int(r)) in cache and c in cache[str(int(r))]:
-                    continue
-                if not parse_action(c).is_valid:
-                    continue
-                plays.append(Rollout(int(r), c, instances[t], prefix))
-                screens.append(shot)
+        plays = plan_rollouts(rows, traj, step, cols["action"], table, instances, cache)
         print(f"{len(rows)} states, {len(plays)} rollouts to play ({spec.name}, {args.workers} workers)")
         if plays:
             if args.continuation == "expert":
@@ -224,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 cont = scripted(config, behaviour, "optimal", args.seed)
             else:
-                cont = load_policy_fn(args.policy or str(pipe / "bc" / "policy"), temperature=0.0)
+                cont = load_policy_fn(policy, temperature=0.0)
+            screens = [np.asarray(ds[p.row]["screenshot"]) for p in plays]
             pol = RolloutPolicy(plays, cont, screens)
             from tqdm.auto import tqdm
 
@@ -233,9 +334,9 @@ def main(argv: list[str] | None = None) -> None:
                     envs, [p.instance for p in plays], pol, threads=True, group_by_task=True, progress=bar
                 )
             for i, (p, ep) in enumerate(zip(plays, eps)):
-                cell = cache.setdefault(str(p.row), {})
-                cell[p.candidate] = None if i in pol.mismatch else rollout_value(ep, len(p.prefix), gamma)
-            atomic_write_json(cache_path, cache)
+                got = None if i in pol.mismatch else rollout_outcome(ep, len(p.prefix))
+                cache.setdefault(str(p.row), {})[p.candidate] = got
+            atomic_write_json(cache_path, {"meta": meta, "rows": cache})
     finally:
         for e in envs:
             e.close()
@@ -245,22 +346,32 @@ def main(argv: list[str] | None = None) -> None:
     dropped = 0
     for i, r in enumerate(rows):
         cell = cache.get(str(int(r)), {})
-        if table[r][0] in cell and cell[table[r][0]] is None:
+        if cell.get(table[r][0], 0) is None:  # played, but the state was not rebuilt
             dropped += 1
             continue
         for j, c in enumerate(table[r]):
             if cell.get(c) is not None:
-                values[i, j], known[i, j] = cell[c], True
-    scores = _critic_scores(critic_dir, str(features), ds, str(dataset), n)[rows]
-    res = ranking_metrics(values, scores, known, np.random.default_rng(args.seed))
+                values[i, j], known[i, j] = outcome_value(cell[c], gamma), True
+    scores, fc = _critic_scores(str(critic_dir), str(features), ds, str(dataset), n)
+    res: dict[str, Any] = ranking_metrics(values, scores[rows], known)
+    if args.probe:
+        probe = ridge_probe(fc.actions[rows].float().numpy(), values, known, seed=args.seed)
+        res.update(
+            {
+                f"probe_{k}": v
+                for k, v in ranking_metrics(values, probe, known).items()
+                if k in ("top1", "spearman", "pick_value")
+            }
+        )
+    played = sum(len(c) for c in cache.values())
     res.update(
-        rows_drawn=float(len(rows)), rows_not_rebuilt=float(dropped), critic=critic_dir, split_rows=args.rows,
-        continuation=args.continuation,
+        rows_drawn=float(len(rows)), rows_not_rebuilt=float(dropped), rollouts=float(played),
+        critic=str(critic_dir), features=str(features), split_rows=args.rows, continuation=args.continuation,
     )  # fmt: skip
-    atomic_write_json(out / f"metrics_{args.continuation}_{Path(critic_dir).parent.name}.json", res)
+    name = args.name or "_".join(critic_dir.parts[-3:-1])
+    atomic_write_json(out / f"metrics_{args.continuation}_{name}.json", res)
     print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()

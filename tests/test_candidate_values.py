@@ -80,7 +80,9 @@ def test_rollout_values_equal_the_closed_form() -> None:
     screens = [np.asarray(Image.new("RGB", (4, 4), (60, 0, 0)))] * 4
     pol = cv.RolloutPolicy(plays, _forward, screens)
     eps = run_episodes([LineEnv(), LineEnv()], [p.instance for p in plays], pol, threads=True)
-    got = [cv.rollout_value(e, len(p.prefix), GAMMA) for p, e in zip(plays, eps)]
+    outcomes = [cv.rollout_outcome(e, len(p.prefix)) for p, e in zip(plays, eps)]
+    assert outcomes == [(True, 2), (True, 4), (True, 4), (True, 2)]
+    got = [cv.outcome_value(o, GAMMA) for o in outcomes]
     assert got == pytest.approx([GAMMA**1, GAMMA**3, GAMMA**3, GAMMA**1])
     assert pol.mismatch == set()
     # A stored screen the replay does not reach (position 2 instead of 1) marks the rollout.
@@ -89,12 +91,34 @@ def test_rollout_values_equal_the_closed_form() -> None:
     assert bad.mismatch == {0}
 
 
-def test_a_failed_rollout_is_worth_zero() -> None:
+def test_a_failed_rollout_is_worth_zero_and_one_that_ends_early_is_dropped() -> None:
     cv = _script()
     play = cv.Rollout(0, BWD, TaskInstance("line", 0), ())
     pol = cv.RolloutPolicy([play], lambda b: [BWD] * len(b))  # never moves forward: the episode times out
     (ep,) = run_episodes([LineEnv()], [play.instance], pol)
-    assert not ep.success and cv.rollout_value(ep, 0, GAMMA) == 0.0
+    assert not ep.success and cv.outcome_value(cv.rollout_outcome(ep, 0), GAMMA) == 0.0
+    # from position 1 a prefix of two forward taps wins on its second step: the candidate is never taken
+    early = cv.Rollout(0, BWD, TaskInstance("line", 1), (FWD, FWD, FWD))
+    (ep,) = run_episodes([LineEnv()], [early.instance], cv.RolloutPolicy([early], _forward))
+    assert ep.steps == 2 and cv.rollout_outcome(ep, 3) is None
+
+
+def test_plan_rollouts_replays_the_episode_before_the_row() -> None:
+    cv = _script()
+    traj, step = np.array([0, 0, 0, 1, 1]), np.array([0, 1, 2, 0, 1])
+    actions = ["a0", "a1", "a2", "b0", "b1"]
+    table = [[FWD, FWD, BWD]] * 3 + [[BWD, "not an action", FWD]] * 2
+    inst = [TaskInstance("line", 0), TaskInstance("line", 1)]
+    plays = cv.plan_rollouts([2, 3], traj, step, actions, table, inst, {"3": {BWD: [True, 1]}})
+    # row 2: its episode's two earlier actions, each distinct candidate once; row 3: BWD already played and
+    # the unparsable candidate skipped
+    assert [(p.row, p.candidate, p.instance.seed, p.prefix) for p in plays] == [
+        (2, FWD, 0, ("a0", "a1")),
+        (2, BWD, 0, ("a0", "a1")),
+        (3, FWD, 1, ()),
+    ]
+    with pytest.raises(Exception, match="earlier steps"):
+        cv.plan_rollouts([1], traj, np.array([0, 2, 2, 0, 1]), actions, table, inst, {})
 
 
 def test_ranking_metrics_by_hand() -> None:
@@ -103,14 +127,43 @@ def test_ranking_metrics_by_hand() -> None:
     scores = np.array([[0.1, 0.9, 0.0], [0.0, 0.5, 0.2], [0.2, 0.1, 0.9], [0.5, 0.0, 0.0]])
     # the last row has its dataset action unknown (not rebuilt): skipped
     known = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 0], [0, 1, 1]], dtype=bool)
-    m = cv.ranking_metrics(values, scores, known, np.random.default_rng(0))
+    m = cv.ranking_metrics(values, scores, known)
     # picks: row 0 col 1 (best), row 1 col 1 (not best), row 2 col 0 among the known (0.3, ties the best);
-    # row 2's known candidates share one value, so top-1 counts rows 0 and 1 only
+    # row 2's known candidates share one value, so top-1 and Spearman count rows 0 and 1 only
     assert m["states"] == 3 and m["informative_states"] == 2 and m["top1"] == pytest.approx(1 / 2)
+    assert m["dataset_top1"] == pytest.approx(1 / 2) and m["random_top1"] == pytest.approx(1 / 3)
     assert m["pick_value"] == pytest.approx((1.0 + 0.2 + 0.3) / 3)
     assert m["dataset_value"] == pytest.approx((0.5 + 1.0 + 0.3) / 3)
+    assert m["random_value"] == pytest.approx((1.5 / 3 + 2.1 / 3 + 0.3) / 3)
     assert m["best_value"] == pytest.approx((1.0 + 1.0 + 0.3) / 3)
-    # Spearman: row 0 ranks agree (1), row 1 values rank (2, 0, 1) and scores (0, 2, 1): -1; row 2's two known
-    # values tie: no ranking to compare
-    assert m["spearman_states"] == 2 and m["spearman"] == pytest.approx(0.0)
-    assert m["random_value"] <= m["best_value"]
+    # Spearman: row 0 ranks agree (1), row 1 values rank (2, 0, 1) and scores (0, 2, 1): -1
+    assert m["spearman"] == pytest.approx(0.0)
+
+
+def test_spearman_averages_tied_ranks() -> None:
+    cv = _script()
+    # values tie at 0 for three failures; the critic orders the winner first and the failures arbitrarily.
+    # With tied ranks averaged, any order of the failures gives the same correlation (1/sqrt(1) * ...)
+    values = np.array([[0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    known = np.ones((2, 4), dtype=bool)
+    a = cv.ranking_metrics(values, np.array([[0.1, 0.2, 0.3, 0.9], [0.9, 0.3, 0.2, 0.1]]), known)
+    b = cv.ranking_metrics(values, np.array([[0.3, 0.2, 0.1, 0.9], [0.9, 0.1, 0.2, 0.3]]), known)
+    assert a["spearman"] == pytest.approx(b["spearman"])
+    # ranks (1, 1, 1, 3.5) against (0, 1, 2, 3) (0-based, ties averaged): Pearson = 3 / sqrt(15) / 1 ...
+    r = np.corrcoef([1, 1, 1, 3], [0, 1, 2, 3])[0, 1]
+    assert a["spearman"] == pytest.approx(r) and a["top1"] == 1.0
+
+
+def test_ridge_probe_reads_a_feature_that_carries_the_value() -> None:
+    cv = _script()
+    rng = np.random.default_rng(0)
+    R, N, D = 60, 6, 5
+    values = rng.integers(0, 3, size=(R, N)).astype(float)
+    known = np.ones((R, N), dtype=bool)
+    noise = rng.normal(size=(R, N, D))
+    carries = noise.copy()
+    carries[..., 2] = values + 0.01 * rng.normal(size=(R, N))  # one dimension is the value
+    good = cv.ranking_metrics(values, cv.ridge_probe(carries, values, known), known)
+    blind = cv.ranking_metrics(values, cv.ridge_probe(noise, values, known), known)
+    assert good["top1"] == 1.0 and good["spearman"] > 0.8  # < 1: three value levels tie, scores do not
+    assert blind["top1"] < 0.7 and abs(blind["spearman"]) < 0.2

@@ -188,8 +188,8 @@ class RowSampler:
             ncol = torch.multinomial(w, 1, generator=gen).squeeze(1).to(device, non_blocking=True)
         ccols = None
         if self.conservative_candidates:
-            # Uniform over the other candidates, valid ones first: an invalid column is drawn only when a row
-            # has too few valid ones, and the term masks it.
+            # Uniform over the other valid candidates; an invalid column (weight 1e-6) is drawn almost only when
+            # a row has too few valid ones, and the term masks it.
             w = torch.ones(B, self.num_candidates - 1) if self.valid is None else self.valid[idx, 1:] + 1e-6
             others = 1 + torch.multinomial(
                 w, self.conservative_candidates - 1, replacement=False, generator=gen

@@ -182,8 +182,8 @@ class CriticLearner:
         conservative = obj.conservative_weight > 0
         q_cands = None
         if conservative:
-            # Every stored candidate of the row (column 0 is the dataset action) in the one forward, which
-            # also serves the no-op candidate; no text inputs (the stage refuses a text encoder).
+            # The term's candidates (all stored ones, or the drawn subset; column 0 is the dataset action) in
+            # the one forward, the no-op candidate appended to it; no text inputs (the stage refuses them).
             ccols = batch.conservative_cols
             cand = inputs.actions[idx] if ccols is None else inputs.actions[idx.unsqueeze(1), ccols]
             if noop_col is not None:  # the no-op candidate rides in the same forward, as the last column
