@@ -1,6 +1,7 @@
 """The pretraining stream's opt-in ``grid_colour`` skill: a goal naming a tile's colour on a v2-like 3 x 3 grid
 of 9 distinct named colours -> a tap on that tile. Its text names colours only (never a v2 app, site or goal),
-and with weight 0 (every config but gui-tiny-colour.yaml) the stream is the one the shipped model saw."""
+and with weight 0 (every config but gui-tiny-colour*.yaml) the stream is the one the shipped model saw.
+``grid_colour_tiles`` < 9 colours only that many tiles (an easier stage); 9 draws exactly what it always drew."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import random
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from digiq.config import load_config
@@ -97,7 +99,8 @@ def test_stream_names_colours_only_never_a_v2_app_or_goal() -> None:
 def test_only_the_colour_config_uses_the_skill_and_the_grid_stream_is_unchanged() -> None:
     for f in sorted((ROOT / "configs/pretrain-vlm").glob("*.yaml")):
         skills = yaml.safe_load(f.read_text()).get("skills", {})
-        assert (skills.get("grid_colour", 0) > 0) == (f.name == "gui-tiny-colour.yaml"), f.name
+        uses = f.name in ("gui-tiny-colour.yaml", "gui-tiny-colour2.yaml")
+        assert (skills.get("grid_colour", 0) > 0) == uses, f.name
     cfg = load_config(pretrain_vlm.Config, ROOT / "configs/pretrain-vlm/gui-tiny-colour.yaml")
     assert cfg.model.name_or_path == "data/pretrained/gui-tiny" and cfg.skills.grid_colour > 0
     assert cfg.skills.grid == 0 and not cfg.export_dir  # a research run, never written over a shipped model
@@ -110,3 +113,80 @@ def test_only_the_colour_config_uses_the_skill_and_the_grid_stream_is_unchanged(
     assert h.hexdigest() == "bc1c04144c16d2f19ebe95c9eb524bf7d59184d183c928f711d082fb8e02cce9"
     samples = pretrain_vlm.evaluation_samples(1, 3, 90, 160, skills=["grid_colour"])
     assert [s.skill for s in samples] == ["grid_colour"] * 3
+
+
+def _stream_hash(**kw: int) -> str:
+    h = hashlib.sha256()
+    for k in range(60):
+        s = S.make_sample(random.Random(f"colour:{k}"), "grid_colour", 90, 160, **kw)
+        h.update(s.image.tobytes())
+        h.update(f"{s.question}|{s.answer}|{s.box}\n".encode())
+    for i in range(60):
+        s = S.sample_stream_item(3, i, i % 32, ["ground", "grid_colour"], [1.0, 1.0], 90, 160, **kw)
+        h.update(s.image.tobytes())
+        h.update(f"{s.question}|{s.answer}|{s.box}\n".encode())
+    return h.hexdigest()
+
+
+def test_nine_coloured_tiles_draw_the_stream_gui_tiny_colour_was_trained_on() -> None:
+    # pixels, questions and answers of 120 samples, hashed with the code before the tiles knob existed
+    pinned = "6c4a45606b90b0381d44843d0dc5bbfbe643110e5623e23bfb00921d2606eea6"
+    assert _stream_hash() == pinned
+    assert _stream_hash(grid_colour_tiles=9) == pinned
+    assert _stream_hash(grid_colour_tiles=2) != pinned
+
+
+def test_two_coloured_tiles_the_goal_names_one_and_the_answer_taps_it() -> None:
+    neutral_near = min(math.dist(S.GRID_NEUTRAL, c) for c in S.GRID_COLOURS.values())
+    assert neutral_near > 2 * math.sqrt(3) * S._GRID_COLOUR_JITTER
+    slots, named_slots = [0] * 9, [0] * 9
+    for k in range(200):
+        screen, names = S.grid_colour_screen(random.Random(k), 180, 320, coloured=2)
+        s = S.make_sample(random.Random(k), "grid_colour", 180, 320, grid_colour_tiles=2)
+        assert s.image.tobytes() == screen.image.tobytes()
+        coloured = [i for i, n in enumerate(names) if n]
+        assert len(coloured) == 2 and len({names[i] for i in coloured}) == 2
+        # the pixels agree: two tiles in their named colours, seven in the one neutral fill
+        for i, e in enumerate(screen.elements):
+            fill = _fill(screen, e.box)
+            if names[i]:
+                assert _nearest(fill) == names[i] and math.dist(fill, S.GRID_COLOURS[names[i]]) <= 21
+            else:
+                assert fill == S.GRID_NEUTRAL
+        m = GOAL.match(s.question)
+        assert m, s.question
+        verb, y, x = s.answer.split()
+        hit = [i for i, e in enumerate(screen.elements) if inside((float(y), float(x)), e.box)]
+        assert verb == "tap" and len(hit) == 1 and screen.elements[hit[0]].box == s.box
+        assert names[hit[0]] == m.group(1) and hit[0] in coloured
+        # the answer is the tile's centre
+        b = s.box
+        assert (float(y), float(x)) == (round((b[0] + b[2]) / 2, 2), round((b[1] + b[3]) / 2, 2))
+        for i in coloured:
+            slots[i] += 1
+        named_slots[hit[0]] += 1
+    assert min(slots) > 20 and min(named_slots) > 8  # the coloured tiles and the target move over the grid
+    # the evaluation questions follow the knob too
+    ev = pretrain_vlm.evaluation_samples(1, 5, 90, 160, skills=["grid_colour"], grid_colour_tiles=2)
+    for i, s in enumerate(ev):
+        _, names = S.grid_colour_screen(random.Random(f"eval:1:grid_colour:{i}"), 90, 160, coloured=2)
+        assert sum(bool(n) for n in names) == 2 and GOAL.match(s.question).group(1) in names
+
+
+@pytest.mark.parametrize("bad", [0, 1, 10, 2.0, True])
+def test_a_tile_count_outside_two_to_nine_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match=rf"grid_colour_tiles must be an integer in \[2, 9\], got {bad!r}"):
+        S.make_sample(random.Random(0), "grid_colour", 90, 160, grid_colour_tiles=bad)  # type: ignore[arg-type]
+    cfg = pretrain_vlm.Config()
+    cfg.grid_colour_tiles = bad  # type: ignore[assignment]
+    with pytest.raises(Exception, match=r"grid_colour_tiles must be an integer in \[2, 9\]"):
+        cfg.validate()
+
+
+def test_the_two_tile_config_is_the_colour_run_at_two_tiles() -> None:
+    base = load_config(pretrain_vlm.Config, ROOT / "configs/pretrain-vlm/gui-tiny-colour.yaml")
+    two = load_config(pretrain_vlm.Config, ROOT / "configs/pretrain-vlm/gui-tiny-colour2.yaml")
+    assert base.grid_colour_tiles == 9 and two.grid_colour_tiles == 2
+    assert (two.skills, two.train, two.optim, two.seed) == (base.skills, base.train, base.optim, base.seed)
+    assert two.model.name_or_path == "data/pretrained/gui-tiny" and not two.export_dir
+    assert two.output_dir != base.output_dir and not two.output_dir.startswith("data/")

@@ -293,8 +293,11 @@ def _hit(screen: Screen, y: float, x: float) -> Element | None:
     return None
 
 
-def make_sample(rng: random.Random, skill: str, width: int = 180, height: int = 320) -> Sample:
-    """One question of ``skill`` on a fresh random screen."""
+def make_sample(
+    rng: random.Random, skill: str, width: int = 180, height: int = 320, grid_colour_tiles: int = 9
+) -> Sample:
+    """One question of ``skill`` on a fresh random screen (``grid_colour_tiles``: how many tiles of a
+    ``grid_colour`` screen carry a named colour)."""
     if skill == "ground":
         s = random_screen(rng, width, height)
         e = rng.choice(s.elements)
@@ -352,7 +355,7 @@ def make_sample(rng: random.Random, skill: str, width: int = 180, height: int = 
     if skill == "grid":
         return _grid_sample(rng, width, height)
     if skill == "grid_colour":
-        return _grid_colour_sample(rng, width, height)
+        return _grid_colour_sample(rng, width, height, grid_colour_tiles)
     raise ValueError(f"unknown pretraining skill {skill!r}; expected one of {SKILLS + GRID_SKILLS}")
 
 
@@ -476,28 +479,49 @@ GRID_COLOURS: dict[str, tuple[int, int, int]] = {
     "grey": (100, 104, 116), "black": (40, 40, 40),
 }  # fmt: skip
 _GRID_COLOUR_JITTER = 12
+# The uncoloured tiles' fill when a grid_colour screen colours fewer than 9: a beige at least 97 from every
+# named colour (and far from the background), never named in a goal.
+GRID_NEUTRAL = (215, 205, 185)
 # The goal's forms: a colour word is the only cue (the labels are illegible at 128 px).
 _GRID_COLOUR_GOALS = ("Tap the {} tile", "Open the {} app", "Tap the {} icon")
 
 
-def grid_colour_screen(rng: random.Random, width: int = 180, height: int = 320) -> tuple[Screen, list[str]]:
-    """A v2-like home grid whose 9 tiles have 9 distinct named colours (of :data:`GRID_COLOURS`) and made-up
-    app labels; returns the screen and each slot's colour name."""
-    names = rng.sample(sorted(GRID_COLOURS), 9)
+def grid_colour_screen(
+    rng: random.Random, width: int = 180, height: int = 320, coloured: int = 9
+) -> tuple[Screen, list[str]]:
+    """A v2-like home grid whose tiles have distinct named colours (of :data:`GRID_COLOURS`) and made-up app
+    labels; returns the screen and each slot's colour name. ``coloured`` < 9 colours that many random slots
+    and draws the rest in :data:`GRID_NEUTRAL` (named ``""``: never in a goal), an easier stage of the
+    skill; 9 draws exactly what it always drew."""
+    check_grid_colour_tiles(coloured)
+    names = rng.sample(sorted(GRID_COLOURS), coloured)
+    if coloured < 9:
+        slots = rng.sample(range(9), coloured)
+        by_slot = dict(zip(slots, names))
+        names = [by_slot.get(slot, "") for slot in range(9)]
     labels = _distinct(rng, 9, _grid_app_name)
     j = _GRID_COLOUR_JITTER
     tiles = [
-        (label, tuple(max(0, min(255, v + rng.randint(-j, j))) for v in GRID_COLOURS[n]))
+        (
+            label,
+            tuple(max(0, min(255, v + rng.randint(-j, j))) for v in GRID_COLOURS[n]) if n else GRID_NEUTRAL,
+        )
         for label, n in zip(labels, names)
     ]
     return _grid_drawing(rng, width, height, tiles), names  # type: ignore[arg-type]
 
 
-def _grid_colour_sample(rng: random.Random, width: int, height: int) -> Sample:
+def check_grid_colour_tiles(coloured: int) -> None:
+    """Refuse a number of coloured tiles outside [2, 9] (1 would need no colour word at all)."""
+    if isinstance(coloured, bool) or not isinstance(coloured, int) or not 2 <= coloured <= 9:
+        raise ValueError(f"grid_colour_tiles must be an integer in [2, 9], got {coloured!r}")
+
+
+def _grid_colour_sample(rng: random.Random, width: int, height: int, coloured: int = 9) -> Sample:
     """A goal naming one tile's colour on :func:`grid_colour_screen` -> a tap on its centre: the pointer from
     a word of the goal to an image token and its coordinates, with no app, site or goal of v2 in the text."""
-    s, names = grid_colour_screen(rng, width, height)
-    slot = rng.randrange(9)
+    s, names = grid_colour_screen(rng, width, height, coloured)
+    slot = rng.randrange(9) if coloured == 9 else rng.choice([k for k, n in enumerate(names) if n])
     goal = rng.choice(_GRID_COLOUR_GOALS).format(names[slot])
     box = s.elements[slot].box
     y, x = _centre(box)
@@ -505,13 +529,20 @@ def _grid_colour_sample(rng: random.Random, width: int, height: int) -> Sample:
 
 
 def sample_stream_item(
-    seed: int, step: int, index: int, skills: list[str], weights: list[float], width: int, height: int
+    seed: int,
+    step: int,
+    index: int,
+    skills: list[str],
+    weights: list[float],
+    width: int,
+    height: int,
+    grid_colour_tiles: int = 9,
 ) -> Sample:
     """Sample ``index`` of optimiser step ``step``: a pure function of its arguments, so a resumed run sees
     exactly the data an uninterrupted one would."""
     rng = random.Random(f"{seed}:{step}:{index}")
     skill = rng.choices(skills, weights)[0]
-    return make_sample(rng, skill, width, height)
+    return make_sample(rng, skill, width, height, grid_colour_tiles)
 
 
 def is_correct(sample: Sample, prediction: str) -> bool:

@@ -145,6 +145,9 @@ class Config:
     # 16 px patches: 16 image tokens), so the result is a drop-in start for train-bc and finetune-vlm.
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name_or_path=TINY_POLICY))
     skills: SkillWeights = dataclasses.field(default_factory=SkillWeights)
+    # How many of a grid_colour screen's 9 tiles carry a distinct named colour (the rest one neutral fill):
+    # 2 is the skill's easiest stage (tap the named one of two coloured tiles); 9 is the full skill.
+    grid_colour_tiles: int = 9
     # The web screens of skills.web_ground / web_refer (collected once into <output_dir>/web_screens).
     web: WebScreensConfig = dataclasses.field(default_factory=WebScreensConfig)
     # Screen size of the generated screens (the simulated device's, sim.SimConfig).
@@ -173,6 +176,10 @@ class Config:
             not self.export_dir or Path(self.export_dir).resolve() != (Path(self.output_dir) / MODEL_DIR).resolve(),
             "export_dir must differ from <output_dir>/model",
         )  # fmt: skip
+        check(
+            type(self.grid_colour_tiles) is int and 2 <= self.grid_colour_tiles <= 9,
+            f"grid_colour_tiles must be an integer in [2, 9], got {self.grid_colour_tiles!r}",
+        )
         self.skills.validate()
         if self.skills.uses_web:
             self.web.validate()
@@ -202,7 +209,15 @@ class _StepData(torch.utils.data.Dataset):
         idx = range(self.rank * local, (self.rank + 1) * local)
         samples = [
             stream_item(
-                self.cfg.seed, step, i, self.skills, self.weights, self.cfg.width, self.cfg.height, self.bank
+                self.cfg.seed,
+                step,
+                i,
+                self.skills,
+                self.weights,
+                self.cfg.width,
+                self.cfg.height,
+                self.bank,
+                self.cfg.grid_colour_tiles,
             )
             for i in idx
         ]
@@ -224,16 +239,17 @@ def stream_item(
     width: int,
     height: int,
     bank: list[WebScreen] | None = None,
+    grid_colour_tiles: int = 9,
 ) -> Sample:
     """Sample ``index`` of step ``step``: the synthetic stream's item, or a web question drawn from the same
     random stream (without web skills it is exactly :func:`digiq.data.synthetic.sample_stream_item`)."""
     if bank is None:
-        return sample_stream_item(seed, step, index, skills, weights, width, height)
+        return sample_stream_item(seed, step, index, skills, weights, width, height, grid_colour_tiles)
     rng = random.Random(f"{seed}:{step}:{index}")
     skill = rng.choices(skills, weights)[0]
     if skill in WEB_SKILLS:
         return make_web_sample(rng, skill, bank)
-    return make_sample(rng, skill, width, height)
+    return make_sample(rng, skill, width, height, grid_colour_tiles)
 
 
 def evaluation_samples(
@@ -243,11 +259,12 @@ def evaluation_samples(
     height: int = 320,
     bank: list[WebScreen] | None = None,
     skills: Sequence[str] = SKILLS,
+    grid_colour_tiles: int = 9,
 ) -> list[Sample]:
     """``per_skill`` fresh questions of each synthetic skill in ``skills`` (and of the web skills on the
     held-out web screens, when given), a pure function of ``seed``."""
     out = [
-        make_sample(random.Random(f"eval:{seed}:{skill}:{i}"), skill, width, height)
+        make_sample(random.Random(f"eval:{seed}:{skill}:{i}"), skill, width, height, grid_colour_tiles)
         for skill in skills
         for i in range(per_skill)
     ]
@@ -406,7 +423,13 @@ def run(cfg: Config) -> dict[str, Any]:
         # The synthetic skills it was trained on (a skill of weight 0 would only add a 0 to the mean).
         trained = [sk for sk in cfg.skills.as_lists()[0] if sk not in WEB_SKILLS]
         samples = evaluation_samples(
-            cfg.eval_seed, cfg.eval_per_skill, cfg.width, cfg.height, eval_bank, trained
+            cfg.eval_seed,
+            cfg.eval_per_skill,
+            cfg.width,
+            cfg.height,
+            eval_bank,
+            trained,
+            cfg.grid_colour_tiles,
         )
         if bank is not None:
             metrics["web_screens"] = bank_summary(out / "web_screens")
