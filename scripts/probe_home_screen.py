@@ -17,7 +17,9 @@ grid of the nine apps shuffled per episode, so one greedy action per episode tel
 ``--colour N`` (a pretrained VLM folder) adds the pretraining stream's ``grid_colour`` skill ('Tap the teal
 tile' on a grid of 9 distinct named colours): greedy accuracy on N fresh questions, the probability the model
 gives the named slot among the nine, and a linear probe per colour of the frozen image tokens (is the
-colour's slot in what the language model reads?).
+colour's slot in what the language model reads?, always on 9-colour screens). ``--colour-tiles K`` asks
+the questions on screens with only K coloured tiles (the rest one neutral fill): also the share of greedy
+taps on a coloured tile and the named slot's probability among the K coloured ones (chance 1/K).
 
 Episodes are those of ``digiq evaluate`` at the same seed (``SimEnv.task_instances``), so the first actions
 are the ones its greedy rollouts take. Prints one JSON object (and writes it to ``--out`` when given).
@@ -232,19 +234,63 @@ def slot_probabilities(model: Any, processor: Any, sample: S.Sample) -> torch.Te
     return torch.softmax(ll, 0)
 
 
-def colour_pointer(model: Any, processor: Any, n: int, n_likelihood: int = 96) -> dict[str, float]:
+def _compact_tap(text: str) -> tuple[float, float] | None:
+    """The point of a compact ``tap y x`` answer (as :func:`digiq.sim.synthetic.is_correct` reads it)."""
+    parts = text.strip().lower().split()
+    try:
+        return (float(parts[1]), float(parts[2])) if len(parts) == 3 and parts[0] == "tap" else None
+    except ValueError:
+        return None
+
+
+def colour_pointer(
+    model: Any, processor: Any, n: int, n_likelihood: int = 96, tiles: int = 9
+) -> dict[str, float]:
     """The ``grid_colour`` skill on ``n`` fresh questions (pretrain-vlm's evaluation seed and scoring): greedy
     accuracy, and on the first ``n_likelihood`` the mean probability :func:`slot_probabilities` gives the named
-    tile's slot (chance 1/9; it moves before greedy accuracy does)."""
-    from digiq.stages.pretrain_vlm import evaluate, evaluation_samples
+    tile's slot (chance 1/9; it moves before greedy accuracy does). With ``tiles`` < 9 coloured tiles (the
+    rest neutral) also: the share of greedy taps on a coloured tile, the probability mass on the coloured
+    slots, and the named slot's probability among the coloured ones (chance 1 / tiles)."""
+    from digiq.models.policy import generate_texts
+    from digiq.stages.pretrain_vlm import evaluation_samples, spec_for
 
-    samples = evaluation_samples(20261130, n, 180, 320, skills=["grid_colour"])
-    acc = evaluate(model, processor, samples)["acc/grid_colour"]
-    named = [
-        float(slot_probabilities(model, processor, s)[[home_slot_box(i) for i in range(9)].index(s.box)])
-        for s in samples[:n_likelihood]
-    ]
-    return {"accuracy": acc, "p_named_slot": sum(named) / len(named), "questions": n}
+    seed = 20261130
+    samples = evaluation_samples(seed, n, 180, 320, skills=["grid_colour"], grid_colour_tiles=tiles)
+    # Each question's slot colours: its screen is the first thing its generator draws (checked on the pixels).
+    names = []
+    for i, s in enumerate(samples):
+        screen, slot_names = S.grid_colour_screen(
+            random.Random(f"eval:{seed}:grid_colour:{i}"), 180, 320, tiles
+        )
+        assert screen.image.tobytes() == s.image.tobytes(), i
+        names.append(slot_names)
+    boxes = [home_slot_box(i) for i in range(9)]
+    hits, on_coloured = [], []
+    for b in range(0, n, 32):
+        chunk = samples[b : b + 32]
+        texts = generate_texts(
+            model, processor, [s.image for s in chunk], ["" for _ in chunk], spec_for(processor),
+            temperature=0.0, user_texts=[s.question for s in chunk],
+        )  # fmt: skip
+        for k, (s, out) in enumerate(zip(chunk, texts, strict=True)):
+            hits.append(S.is_correct(s, out[0]))
+            tap = _compact_tap(out[0])
+            on_coloured.append(
+                tap is not None and any(names[b + k][j] and S.inside(tap, boxes[j]) for j in range(9))
+            )
+    named, mass, among = [], [], []
+    for s, slot_names in zip(samples[:n_likelihood], names):
+        p = slot_probabilities(model, processor, s)
+        coloured = [j for j in range(9) if slot_names[j]]
+        named.append(float(p[boxes.index(s.box)]))
+        mass.append(float(p[coloured].sum()))
+        among.append(named[-1] / mass[-1])
+    res = {"accuracy": sum(hits) / n, "p_named_slot": sum(named) / len(named), "questions": n, "tiles": tiles}
+    if tiles < 9:
+        res["greedy_on_coloured"] = sum(on_coloured) / n
+        res["p_coloured_slots"] = sum(mass) / len(mass)
+        res["p_named_among_coloured"] = sum(among) / len(among)
+    return res
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,6 +311,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="also the grid_colour skill on this many fresh questions and its linear probe of the image tokens",
+    )
+    ap.add_argument(
+        "--colour-tiles",
+        type=int,
+        default=9,
+        help="how many of the grid_colour questions' 9 tiles are coloured (2-9; the rest neutral)",
     )
     ap.add_argument(
         "--positions",
@@ -294,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             return image_features(model, processor, ims)
 
     if args.colour:
-        res["grid_colour"] = colour_pointer(model, processor, args.colour)
+        res["grid_colour"] = colour_pointer(model, processor, args.colour, tiles=args.colour_tiles)
         per = colour_token_probe(features)
         res["grid_colour"]["image_tokens"] = {
             "slot_accuracy_per_colour": {c: round(a, 3) for c, a in per.items()},
