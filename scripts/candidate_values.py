@@ -54,6 +54,7 @@ from digiq.envs.base import TaskInstance
 from digiq.envs.registry import env_for_dataset
 from digiq.envs.rollout import Episode, run_episodes
 from digiq.errors import DigiqError
+from digiq.training.critic_metrics import candidate_ranking
 from digiq.utils.io import atomic_write_json
 
 
@@ -119,58 +120,42 @@ def outcome_value(outcome: Outcome, gamma: float) -> float:
     return float(gamma ** (steps - 1)) if success else 0.0
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged (rollout values tie often: every failure is 0)."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for v in np.unique(x):
-        tie = x == v
-        ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
 def ranking_metrics(values: np.ndarray, scores: np.ndarray, known: np.ndarray) -> dict[str, float]:
     """Compare critic ``scores`` with rollout ``values`` (both (R, N)) over the candidates ``known`` (R, N)
     bool: played out, parsed, and their state rebuilt. Column 0 is the dataset action. Rows with fewer than two
-    known candidates, or without the dataset action, are skipped. Top-1 and Spearman count *informative* rows
-    only (candidates of more than one value); the random pick is the exact expectation over the columns."""
-    top1, data1, rand1, pick, data, rand, best, rho = [], [], [], [], [], [], [], []
-    for v, s, m in zip(values, scores, known):
-        idx = np.flatnonzero(m)
-        if len(idx) < 2 or not m[0]:
-            continue
-        vv, ss = v[idx], s[idx]
-        j = int(np.argmax(ss))
-        is_best = vv >= vv.max() - 1e-9
-        if np.ptp(vv) > 0:  # a state whose candidates all have one value cannot be ranked wrong
-            top1.append(is_best[j])
-            data1.append(is_best[0])
-            rand1.append(is_best.mean())
-            rho.append(0.0 if np.ptp(ss) == 0 else float(np.corrcoef(_ranks(vv), _ranks(ss))[0, 1]))
-        pick.append(vv[j])
-        data.append(v[0])
+    known candidates, or without the dataset action, are skipped. Top-1 and Spearman are train-critic's
+    :func:`~digiq.training.critic_metrics.candidate_ranking` over the *informative* rows only (candidates of
+    more than one value); the random pick is the exact expectation over the columns."""
+    rows = [r for r, m in enumerate(known) if m.sum() >= 2 and m[0]]
+    if not rows:
+        raise DigiqError("no state has the dataset action and another candidate played out")
+    pick, rand, best = [], [], []
+    for r in rows:
+        idx = np.flatnonzero(known[r])
+        vv = values[r, idx]
+        pick.append(vv[int(np.argmax(scores[r, idx]))])
         rand.append(vv.mean())
         best.append(vv.max())
-    n = len(pick)
-    if n == 0:
-        raise DigiqError("no state has the dataset action and another candidate played out")
-
-    def mean(x: list) -> float:
-        return float(np.mean(x)) if x else math.nan
-
-    return {
-        "states": float(n),
-        "informative_states": float(len(top1)),
-        "top1": mean(top1),
-        "dataset_top1": mean(data1),
-        "random_top1": mean(rand1),
-        "spearman": mean(rho),
-        "pick_value": mean(pick),
-        "dataset_value": mean(data),
-        "random_value": mean(rand),
-        "best_value": mean(best),
-    }
+    # a state whose candidates all have one value cannot be ranked wrong
+    informative = [r for r in rows if np.ptp(values[r, known[r]]) > 0]
+    res = {"states": float(len(rows)), "informative_states": float(len(informative))}
+    if informative:
+        ranked, _ = candidate_ranking(scores[informative], values[informative], known[informative])
+        res.update(
+            top1=ranked["val/qstar_top1_agreement"],
+            dataset_top1=ranked["val/qstar_dataset_action_optimal"],
+            random_top1=ranked["val/qstar_random_optimal"],
+            spearman=ranked["val/qstar_spearman"],
+        )
+    else:
+        res.update(top1=math.nan, dataset_top1=math.nan, random_top1=math.nan, spearman=math.nan)
+    res.update(
+        pick_value=float(np.mean(pick)),
+        dataset_value=float(np.mean(values[rows, 0])),
+        random_value=float(np.mean(rand)),
+        best_value=float(np.mean(best)),
+    )
+    return res
 
 
 def ridge_probe(
@@ -230,12 +215,11 @@ def plan_rollouts(
     return plays
 
 
-def _critic_scores(critic_dir: str, features: str, ds: Any, dataset: str, n: int) -> tuple[np.ndarray, Any]:
-    from digiq.data.features import FeatureCache
+def _critic_scores(critic_dir: str, features: str, ds: Any, dataset: str, n: int) -> np.ndarray:
     from digiq.stages.extract_policy import critic_scores
 
     q, _, _ = critic_scores(critic_dir, features, ds, dataset, n, list(ds["candidates"]))
-    return q.numpy(), FeatureCache.open(features)
+    return q.numpy()
 
 
 def _read_cache(path: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -352,10 +336,13 @@ def main(argv: list[str] | None = None) -> None:
         for j, c in enumerate(table[r]):
             if cell.get(c) is not None:
                 values[i, j], known[i, j] = outcome_value(cell[c], gamma), True
-    scores, fc = _critic_scores(str(critic_dir), str(features), ds, str(dataset), n)
+    scores = _critic_scores(str(critic_dir), str(features), ds, str(dataset), n)
     res: dict[str, Any] = ranking_metrics(values, scores[rows], known)
     if args.probe:
-        probe = ridge_probe(fc.actions[rows].float().numpy(), values, known, seed=args.seed)
+        from digiq.data.features import FeatureCache
+
+        feats = FeatureCache.open(str(features)).actions[rows].float().numpy()
+        probe = ridge_probe(feats, values, known, seed=args.seed)
         res.update(
             {
                 f"probe_{k}": v
