@@ -246,15 +246,23 @@ def test_noop_backup_values_unexecuted_noops_at_gamma_v(tmp_path: Path, loss: st
     assert gaps[True] < 0.5 * gaps[False], gaps
 
 
+def _single_candidate_cache(ds: Path, feats: Path, out: Path) -> Path:
+    """A copy of the feature cache ``feats`` that keeps only the dataset action (N = 1)."""
+    fc = FeatureCache.open(feats)
+    write_cache(out, fc.state, fc.actions[:, :1], meta={"dataset": str(ds), "model": "one-hot", "layer": 0})
+    return out
+
+
 def test_noop_backup_refuses_text_inputs_and_single_candidates(mdp_inputs, tmp_path: Path) -> None:
     ds, feats, *_ = mdp_inputs
     with pytest.raises(ValueError, match="noop.enabled"):
         _cfg(ds, feats, tmp_path / "a", "noop.enabled=true", "critic.text.encoder=x").validate()
-    one = tmp_path / "one"
-    fc = FeatureCache.open(feats)
-    write_cache(one, fc.state, fc.actions[:, :1], meta={"dataset": str(ds), "model": "one-hot", "layer": 0})
     with pytest.raises(DataError, match="N=1"):
-        tc.run(_cfg(ds, one, tmp_path / "b", "noop.enabled=true"))
+        tc.run(
+            _cfg(
+                ds, _single_candidate_cache(ds, feats, tmp_path / "one"), tmp_path / "b", "noop.enabled=true"
+            )
+        )
 
 
 @pytest.mark.slow
@@ -314,8 +322,6 @@ def test_conservative_term_refuses_text_inputs_and_single_candidates(mdp_inputs,
         _cfg(ds, feats, tmp_path / "a", "conservative.weight=1", "critic.text.encoder=x").validate()
     with pytest.raises(ValueError, match="temperature"):
         _cfg(ds, feats, tmp_path / "a", "conservative.weight=1", "conservative.temperature=0").validate()
-    one = tmp_path / "one"
-    fc = FeatureCache.open(feats)
-    write_cache(one, fc.state, fc.actions[:, :1], meta={"dataset": str(ds), "model": "one-hot", "layer": 0})
+    one = _single_candidate_cache(ds, feats, tmp_path / "one")
     with pytest.raises(DataError, match="conservative"):
         tc.run(_cfg(ds, one, tmp_path / "b", "conservative.weight=1"))
