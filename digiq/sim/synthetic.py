@@ -43,6 +43,7 @@ import random
 from PIL import Image
 
 from digiq.actions import Action
+from digiq.config import check
 from digiq.models.prompts import render_image
 from digiq.sim import render as R
 from digiq.sim.layout import Box, inside
@@ -513,8 +514,8 @@ def grid_colour_screen(
 
 def check_grid_colour_tiles(coloured: int) -> None:
     """Refuse a number of coloured tiles outside [2, 9] (1 would need no colour word at all)."""
-    if isinstance(coloured, bool) or not isinstance(coloured, int) or not 2 <= coloured <= 9:
-        raise ValueError(f"grid_colour_tiles must be an integer in [2, 9], got {coloured!r}")
+    ok = isinstance(coloured, int) and not isinstance(coloured, bool) and 2 <= coloured <= 9
+    check(ok, f"grid_colour_tiles must be an integer in [2, 9], got {coloured!r}")
 
 
 def _grid_colour_sample(rng: random.Random, width: int, height: int, coloured: int = 9) -> Sample:

@@ -52,7 +52,7 @@ from digiq.models.policy import (
     save_policy,
 )
 from digiq.models.vlm import load_vlm
-from digiq.sim.synthetic import GRID_SKILLS
+from digiq.sim.synthetic import GRID_SKILLS, check_grid_colour_tiles
 from digiq.training.accelerator import make_accelerator
 from digiq.training.checkpoint import inner, load_checkpoint
 from digiq.training.output import begin_output, check_output, finish_output
@@ -176,10 +176,7 @@ class Config:
             not self.export_dir or Path(self.export_dir).resolve() != (Path(self.output_dir) / MODEL_DIR).resolve(),
             "export_dir must differ from <output_dir>/model",
         )  # fmt: skip
-        check(
-            type(self.grid_colour_tiles) is int and 2 <= self.grid_colour_tiles <= 9,
-            f"grid_colour_tiles must be an integer in [2, 9], got {self.grid_colour_tiles!r}",
-        )
+        check_grid_colour_tiles(self.grid_colour_tiles)
         self.skills.validate()
         if self.skills.uses_web:
             self.web.validate()
